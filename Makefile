@@ -1,0 +1,38 @@
+# The single entry point: `make demo`, `make test`. Both work on a fresh clone.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.phema-deps
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: demo test build lint bench clean
+
+# Python environment with the runtime and dev dependencies (torch included, installed once).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.2" "numpy>=1.24" "safetensors>=0.4" "tqdm>=4.60" \
+		"matplotlib>=3.7" "pytest>=8" "ruff>=0.6" "mpmath>=1.3" "maturin>=1.7,<2"
+	touch $(STAMP)
+
+# The extension in release mode, installed editable into the venv.
+build: $(STAMP)
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --quiet
+
+demo: build
+	$(VENV)/bin/phema demo
+
+test: build
+	cargo test --release --quiet
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	cargo fmt --check
+	cargo clippy --release --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+bench: build
+	$(PY) benches/bench_solve.py
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,50 @@
+"""phema: post-hoc EMA of neural-network weights.
+
+Track a couple of power-function averages during training (`PostHocEMA`), then rebuild the
+weights any EMA length or classic decay would have given (`solve`, `reconstruct`), out-of-core.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from phema._core import StoreError
+from phema._core import __version__ as __version__
+from phema.solve import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamma, solve
+from phema.store import SnapshotRecord, Store, open_store
+
+if TYPE_CHECKING:
+    from phema.reconstruct import load_into, reconstruct, reconstruct_state_dict
+    from phema.tracker import PostHocEMA
+
+__all__ = [
+    "PostHocEMA",
+    "Solution",
+    "SnapshotRecord",
+    "Store",
+    "StoreError",
+    "Target",
+    "gamma_to_sigma_rel",
+    "load_into",
+    "open_store",
+    "reconstruct",
+    "reconstruct_state_dict",
+    "sigma_rel_to_gamma",
+    "solve",
+]
+
+# Names whose modules import torch: loaded on first use so `import phema` and the CLI stay fast.
+_LAZY = {
+    "PostHocEMA": "phema.tracker",
+    "reconstruct": "phema.reconstruct",
+    "reconstruct_state_dict": "phema.reconstruct",
+    "load_into": "phema.reconstruct",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'phema' has no attribute {name!r}")

@@ -1,0 +1,256 @@
+"""The `phema` command line: inspect, solve, reconstruct, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+from phema import _core
+
+
+class UserError(Exception):
+    """A mistake in the command line or its input: reported as one line, no traceback."""
+
+
+def parse_list(text: str) -> list[float]:
+    """`0.05,0.1` or an inclusive range `a:b:step` (both may be mixed: `0.01:0.05:0.01,0.2`)."""
+    out: list[float] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if ":" in part:
+                a, b, step = (float(x) for x in part.split(":"))
+                if step <= 0 or b < a:
+                    raise UserError(f"range {part!r}: need start <= stop and step > 0")
+                n = int(math.floor((b - a) / step + 1e-9)) + 1
+                out.extend(round(a + i * step, 12) for i in range(n))
+            else:
+                out.append(float(part))
+        except ValueError:
+            raise UserError(f"{part!r} is not a number or a:b:step range") from None
+    if not out:
+        raise UserError(f"{text!r} is an empty list")
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    """`500MB`, `2GB`, `1.5G`, `4096` -> bytes."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+    for suffix in sorted(scale, key=len, reverse=True):
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * scale[suffix])
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise UserError(f"shard size {text!r} is not a size like 500MB or 2GB") from None
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from phema.store import open_store
+
+    store = open_store(args.store, strict=False)
+    print(f"store {store.path}: {len(store)} snapshots, {_size(sum(s.size for s in store.snapshots))}")
+    if store.snapshots:
+        by_profile: dict[float, list] = {}
+        for s in store.snapshots:
+            by_profile.setdefault(s.gamma if s.gamma is not None else math.inf, []).append(s)
+        rows = []
+        for gamma, snaps in sorted(by_profile.items()):
+            ts = [s.t for s in snaps]
+            rows.append(
+                [
+                    snaps[0].kind,
+                    "-" if gamma == math.inf else f"{snaps[0].sigma_rel:.4f}",
+                    "-" if gamma == math.inf else f"{gamma:.4f}",
+                    str(len(snaps)),
+                    f"{min(ts):g} .. {max(ts):g}",
+                    ",".join(sorted({s.dtype for s in snaps})),
+                    _size(sum(s.size for s in snaps)),
+                ]
+            )
+        print(_table(rows, ["kind", "sigma_rel", "gamma", "count", "t range", "dtype", "size"]))
+        print(f"tensors per snapshot: {store.snapshots[0].n_tensors}")
+        if args.verbose:
+            print()
+            rows = [[f"{s.t:g}", f"{s.sigma_rel or 0:.4f}", s.dtype, _size(s.size), s.name]
+                    for s in store.snapshots]
+            print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
+    for path, why in store.ignored:
+        print(f"note: ignored {path}: {why}")
+    for p in store.problems:
+        print(f"problem: {p}")
+    return 1 if store.problems else 0
+
+
+def _targets(args: argparse.Namespace) -> dict:
+    kw = {
+        "sigma_rels": parse_list(args.sigma_rel) if args.sigma_rel else None,
+        "betas": parse_list(args.beta) if args.beta else None,
+        "halflives": parse_list(args.halflife) if args.halflife else None,
+        "dt": args.dt,
+        "at": args.at,
+        "noise": "auto" if args.noise is None else args.noise,
+    }
+    if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"]):
+        raise UserError("give at least one target: --sigma-rel, --beta or --halflife")
+    return kw
+
+
+def _report_rows(sol, extra: list[list[str]] | None = None) -> list[list[str]]:
+    rows = []
+    for k, r in enumerate(sol.rows()):
+        row = [
+            r["target"],
+            f"{r['sigma_rel']:.4f}",
+            f"{r['fit_error']:.2e}",
+            f"{r['gain']:.2f}",
+            str(r["snapshots_used"]),
+        ]
+        if r["regularized"]:
+            row[2] += f" (lstsq {r['lstsq_fit_error']:.1e}, gain {r['lstsq_gain']:.1f})"
+        rows.append(row + (extra[k] if extra else []))
+    return rows
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from phema.solve import solve
+    from phema.store import open_store
+
+    store = open_store(args.store)
+    sol = solve(store, **_targets(args))
+    if args.json:
+        print(sol.to_json())
+        return 0
+    print(f"{len(store)} snapshots, target time t={sol.targets[0].t:g}")
+    print(_table(_report_rows(sol), ["target", "sigma_rel", "fit error", "gain", "snapshots"]))
+    for n in sol.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from phema.reconstruct import reconstruct
+    from phema.solve import solve
+    from phema.store import normalize_dtype, open_store
+
+    if args.threads:
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    normalize_dtype(args.dtype)
+    store = open_store(args.store)
+    kw = _targets(args)
+    sol = solve(store, **kw)
+    paths = reconstruct(
+        store,
+        out=args.out,
+        dtype=args.dtype,
+        at=kw["at"],
+        shard_size=parse_size(args.shard_size) if args.shard_size else None,
+        progress=sys.stderr.isatty() and not args.quiet,
+        solution=sol,
+    )
+    stats = reconstruct.last_stats  # type: ignore[attr-defined]
+    outputs = _outputs_per_target(sol, paths, args.out)
+    rows = _report_rows(sol, [[o] for o in outputs])
+    print(_table(rows, ["target", "sigma_rel", "fit error", "gain", "snapshots", "output"]))
+    print(f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files")
+    for n in sol.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def _outputs_per_target(sol, paths: list[str], out: str) -> list[str]:
+    result = []
+    for target in sol.targets:
+        mine = [p for p in paths if os.path.relpath(p, out).startswith(target.label)]
+        result.append(os.path.relpath(mine[0], out) if len(mine) == 1 else f"{target.label}/ ({len(mine)} files)")
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from phema.demo.run import run_demo
+
+    run_demo(out=args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `phema`."""
+    p = argparse.ArgumentParser(
+        prog="phema",
+        description="Post-hoc EMA: rebuild the weights any EMA length would have given.",
+    )
+    p.add_argument("--version", action="version", version=f"phema {_core.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("inspect", help="what a store holds: times, profiles, sizes, problems")
+    s.add_argument("store")
+    s.add_argument("-v", "--verbose", action="store_true", help="list every snapshot")
+    s.set_defaults(func=cmd_inspect)
+
+    def targets(s: argparse.ArgumentParser) -> None:
+        s.add_argument("store")
+        s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
+        s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
+        s.add_argument("--halflife", help="classic EMA half-lives in time units")
+        s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
+        s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")
+        s.add_argument("--noise", type=float, help="snapshot rounding noise (default: from dtype; 0 = plain least squares)")
+
+    s = sub.add_parser("solve", help="weights, fit error and gain per target")
+    targets(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_solve)
+
+    s = sub.add_parser("reconstruct", help="write the averaged weights for every target")
+    targets(s)
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--dtype", default="f16", help="f16 (default), bf16 or f32")
+    s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
+    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
+    s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")
+    s.add_argument("--steps", type=int, default=None, help="training steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `phema` and `python -m phema`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, OSError) as e:
+        # One line naming the value or file at fault; StoreError is a ValueError.
+        print(f"phema {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"phema {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,237 @@
+"""Target profiles and the least-squares solve (EDM2 appendix C.3), a typed front for the Rust core."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import numpy as np
+
+from phema import _core
+
+NOISE_BY_DTYPE = {"F16": _core.NOISE_FLOAT16, "BF16": _core.NOISE_BFLOAT16, "F32": _core.NOISE_FLOAT32}
+
+
+@overload
+def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
+@overload
+def sigma_rel_to_gamma(sigma_rel: Sequence[float] | np.ndarray) -> np.ndarray: ...
+def sigma_rel_to_gamma(sigma_rel: Any) -> Any:
+    """Exponent `gamma` of the power profile with relative width `sigma_rel` (scalar or sequence)."""
+    if np.ndim(sigma_rel) == 0:
+        return _core.sigma_rel_to_gamma(float(sigma_rel))
+    return np.array([_core.sigma_rel_to_gamma(float(s)) for s in np.ravel(sigma_rel)])
+
+
+@overload
+def gamma_to_sigma_rel(gamma: float) -> float: ...
+@overload
+def gamma_to_sigma_rel(gamma: Sequence[float] | np.ndarray) -> np.ndarray: ...
+def gamma_to_sigma_rel(gamma: Any) -> Any:
+    """Relative width `sigma_rel` of the power profile with exponent `gamma` (scalar or sequence)."""
+    if np.ndim(gamma) == 0:
+        return _core.gamma_to_sigma_rel(float(gamma))
+    return np.array([_core.gamma_to_sigma_rel(float(g)) for g in np.ravel(gamma)])
+
+
+@dataclass(frozen=True)
+class Target:
+    """One requested averaging profile: a power EMA (`sigma_rel`/`gamma`) or a classic decay
+    (`beta` per `dt` time units, or a `halflife`), ending at time `t`."""
+
+    kind: str  # "sigma_rel" | "gamma" | "beta" | "halflife"
+    value: float
+    t: float
+    dt: float = 1.0
+
+    def spec(self) -> tuple[str, float, float, float]:
+        """The `(kind, t, value, dt)` tuple the Rust core takes."""
+        if self.kind == "sigma_rel":
+            return ("power", self.t, sigma_rel_to_gamma(self.value), self.dt)
+        if self.kind == "gamma":
+            return ("power", self.t, self.value, self.dt)
+        return (self.kind, self.t, self.value, self.dt)
+
+    @property
+    def label(self) -> str:
+        """Short name used in file names and tables, e.g. `sigma_rel-0.080` or `beta-0.9999`."""
+        v = self.value
+        text = {"sigma_rel": f"{v:.3f}", "gamma": f"{v:.3f}"}.get(self.kind, f"{v:g}")
+        return f"{self.kind}-{text}"
+
+    def metadata(self) -> dict[str, str]:
+        """Metadata keys describing this target (SPEC §2 style)."""
+        sigma_rel, initial = _core.profile_info(self.spec())
+        meta = {"phema.target.kind": self.kind, f"phema.{self.kind}": repr(self.value)}
+        meta["phema.t"] = _format_t(self.t)
+        meta["phema.sigma_rel"] = repr(sigma_rel)
+        if self.kind == "beta":
+            meta["phema.dt"] = repr(self.dt)
+        if initial > 0:
+            meta["phema.initial_mass"] = repr(initial)
+        if self.kind in ("sigma_rel", "gamma"):
+            meta["phema.gamma"] = repr(self.spec()[2])
+        return meta
+
+
+def _format_t(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else repr(float(t))
+
+
+@dataclass
+class Solution:
+    """Snapshot weights for every target, with the fit report of SPEC §1."""
+
+    targets: list[Target]
+    snapshots: list[Any]
+    weights: np.ndarray  # [n_snapshots, n_targets]
+    fit_error: np.ndarray
+    gain: np.ndarray
+    norm: np.ndarray
+    mass: np.ndarray
+    initial_mass: np.ndarray
+    sigma_rel: np.ndarray  # equivalent sigma_rel of every target
+    regularized: np.ndarray
+    lstsq_fit_error: np.ndarray
+    lstsq_gain: np.ndarray
+    rank_deficient: np.ndarray
+    noise: float
+    notes: list[str] = field(default_factory=list)
+
+    def used(self, k: int) -> np.ndarray:
+        """Indices of the snapshots with non-zero weight for target `k`."""
+        return np.flatnonzero(self.weights[:, k])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per target, for tables and JSON."""
+        out = []
+        for k, target in enumerate(self.targets):
+            out.append(
+                {
+                    "target": target.label,
+                    "kind": target.kind,
+                    "value": target.value,
+                    "t": target.t,
+                    "sigma_rel": float(self.sigma_rel[k]),
+                    "fit_error": float(self.fit_error[k]),
+                    "gain": float(self.gain[k]),
+                    "norm": float(self.norm[k]),
+                    "mass": float(self.mass[k]),
+                    "initial_mass": float(self.initial_mass[k]),
+                    "regularized": bool(self.regularized[k]),
+                    "lstsq_fit_error": float(self.lstsq_fit_error[k]),
+                    "lstsq_gain": float(self.lstsq_gain[k]),
+                    "snapshots_used": int(len(self.used(k))),
+                }
+            )
+        return out
+
+    def to_json(self) -> str:
+        """The fit report and weights as JSON."""
+        return json.dumps(
+            {"targets": self.rows(), "weights": self.weights.tolist(), "notes": self.notes},
+            indent=2,
+        )
+
+
+def _field(record: Any, name: str) -> Any:
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def make_targets(
+    t: float,
+    sigma_rels: Iterable[float] | None = None,
+    gammas: Iterable[float] | None = None,
+    betas: Iterable[float] | None = None,
+    halflives: Iterable[float] | None = None,
+    dt: float = 1.0,
+) -> list[Target]:
+    """Targets ending at time `t`, in the order sigma_rels, gammas, betas, halflives."""
+    out: list[Target] = []
+    for kind, values in (
+        ("sigma_rel", sigma_rels),
+        ("gamma", gammas),
+        ("beta", betas),
+        ("halflife", halflives),
+    ):
+        for v in _as_list(values):
+            out.append(Target(kind, float(v), float(t), float(dt)))
+    if not out:
+        raise ValueError("no target given: pass sigma_rels, gammas, betas or halflives")
+    return out
+
+
+def _as_list(values: Iterable[float] | float | None) -> list[float]:
+    if values is None:
+        return []
+    if np.ndim(values) == 0:
+        return [float(values)]  # type: ignore[arg-type]
+    return [float(v) for v in values]  # type: ignore[union-attr]
+
+
+def solve(
+    snapshots: Any,
+    sigma_rels: Iterable[float] | float | None = None,
+    gammas: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
+    halflives: Iterable[float] | float | None = None,
+    dt: float = 1.0,
+    at: float | None = None,
+    noise: float | str = "auto",
+) -> Solution:
+    """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target.
+
+    `at` is the target time (default: the last snapshot's). `noise` is the relative rounding noise
+    of the snapshots: "auto" takes it from their dtype (fp16 when unknown); 0 gives the plain
+    least-squares solution of the paper.
+    """
+    records = list(getattr(snapshots, "snapshots", snapshots))
+    if not records:
+        raise ValueError("no snapshots to solve with")
+    ts, gs = [], []
+    for r in records:
+        t, g = _field(r, "t"), _field(r, "gamma")
+        if t is None or g is None:
+            kind = _field(r, "kind")
+            raise ValueError(
+                f"snapshot {_field(r, 'path') or r!r} has no t/gamma"
+                + (f" (kind {kind!r} cannot be solved for yet)" if kind else "")
+            )
+        ts.append(float(t))
+        gs.append(float(g))
+    t_last = max(ts)
+    if at is None:
+        at = t_last
+    elif not (0 < at <= t_last * (1 + 1e-12)):
+        raise ValueError(f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})")
+    targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
+    if isinstance(noise, str):
+        if noise != "auto":
+            raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
+        dtypes = {_field(r, "dtype") or "F16" for r in records}
+        noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
+    raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise))
+    notes = []
+    for k, tg in enumerate(targets):
+        if raw["initial_mass"][k] > 1e-3:
+            notes.append(
+                f"{tg.label}: a classic EMA would leave {raw['initial_mass'][k]:.1%} of its mass on "
+                "the initial weights; no snapshot holds them, so the target is renormalized on (0, t]"
+            )
+        if raw["rank_deficient"][k]:
+            notes.append(f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used")
+    for k, tg in enumerate(targets):
+        if not math.isfinite(raw["fit_error"][k]):
+            raise ValueError(f"{tg.label}: the solver produced a non-finite fit")
+    return Solution(
+        targets=targets,
+        snapshots=records,
+        noise=float(noise),
+        notes=notes,
+        **{k: v for k, v in raw.items()},
+    )

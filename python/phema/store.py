@@ -1,0 +1,132 @@
+"""The snapshot store (SPEC §2): a directory of safetensors files, listed by their headers."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phema import _core
+
+_DTYPES = {
+    "float16": "F16",
+    "f16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float32": "F32",
+    "f32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+}
+
+
+def normalize_dtype(name: str) -> str:
+    """`float16`, `fp16`, `f16`, `torch.float16`... to the safetensors name (`F16`, `BF16`, `F32`)."""
+    key = str(name).lower().removeprefix("torch.")
+    if key.upper() in ("F16", "BF16", "F32"):
+        return key.upper()
+    if key not in _DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of float16, bfloat16, float32")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One stored average: when, which profile, where, how big."""
+
+    t: float
+    gamma: float | None
+    sigma_rel: float | None
+    kind: str
+    path: str
+    dtype: str  # the dtype most float tensors are stored in
+    size: int  # bytes on disk
+    n_tensors: int
+    metadata: Mapping[str, str] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        """The file name."""
+        return os.path.basename(self.path)
+
+
+@dataclass
+class Store:
+    """A listed store: snapshots sorted by time (then gamma), and what was skipped or is wrong."""
+
+    path: str
+    snapshots: list[SnapshotRecord]
+    ignored: list[tuple[str, str]]
+    problems: list[str]
+    headers: Any = field(repr=False)  # _core.Headers, in the order of `snapshots`
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    @property
+    def tensors(self) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype, shape) of the tensors of the first snapshot."""
+        if not self.snapshots:
+            return []
+        return self.headers.select([0]).describe()[0]["tensors"]
+
+    @property
+    def gammas(self) -> list[float]:
+        """The distinct profiles stored."""
+        return sorted({s.gamma for s in self.snapshots if s.gamma is not None})
+
+
+def _record(r: dict[str, Any]) -> SnapshotRecord:
+    floats = [d for _, d, _ in r["tensors"] if d in ("F16", "BF16", "F32", "F64")]
+    dtype = Counter(floats).most_common(1)[0][0] if floats else "F16"
+    gamma = r["gamma"]
+    return SnapshotRecord(
+        t=r["t"],
+        gamma=gamma,
+        sigma_rel=_core.gamma_to_sigma_rel(gamma) if gamma is not None else None,
+        kind=r["kind"],
+        path=r["path"],
+        dtype=dtype,
+        size=r["file_size"],
+        n_tensors=len(r["tensors"]),
+        metadata=r["metadata"],
+    )
+
+
+def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
+    """Lists the snapshots in `path`, reading headers only.
+
+    With `strict` (the default) any problem (a corrupt file, two snapshots with the same
+    `(t, gamma)`, disagreeing tensors) raises `StoreError` naming the files; otherwise the problems
+    are listed in `Store.problems`.
+    """
+    headers, records, ignored, problems = _core.scan_store(os.fspath(path))
+    if strict and problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise _core.StoreError(problems[0] + more)
+    return Store(
+        path=os.fspath(path),
+        snapshots=[_record(r) for r in records],
+        ignored=ignored,
+        problems=problems,
+        headers=headers,
+    )
+
+
+def write_snapshot(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray],
+    dtype: str = "float16",
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Writes one safetensors file crash-safely: float32 arrays stored as `dtype`, others as they
+    are. Returns the tensors kept in fp32 because they exceed the fp16 range."""
+    items = [(name, np.ascontiguousarray(a)) for name, a in tensors.items()]
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    return _core.write_snapshot(os.fspath(path), items, normalize_dtype(dtype), meta)

@@ -1,0 +1,556 @@
+//! The Python extension `phema._core`: type conversion and releasing the interpreter around long
+//! work. No logic of its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use numpy::{
+    IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArray1,
+    PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use safetensors::Dtype;
+
+use crate::engine::{self, Progress, Sink};
+use crate::error::PhemaError;
+use crate::profile::{self, Profile};
+use crate::solve::{self as solver, SolveOptions};
+use crate::store::{self, Header};
+use crate::writer::{self, FileSink, OutputRequest, TensorData};
+
+create_exception!(
+    _core,
+    StoreError,
+    PyValueError,
+    "A store, snapshot or output file is unusable; the message names the file."
+);
+
+fn err(e: PhemaError) -> PyErr {
+    match e {
+        PhemaError::Io { .. } | PhemaError::Corrupt { .. } | PhemaError::Store(_) => {
+            StoreError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn parse_dtype(name: &str) -> PyResult<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| PyValueError::new_err(format!("unknown safetensors dtype {name:?}")))
+}
+
+fn dtype_name(d: Dtype) -> String {
+    serde_json::to_value(d)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{d:?}"))
+}
+
+/// `gamma` of the power profile with relative width `sigma_rel`.
+#[pyfunction]
+fn sigma_rel_to_gamma(sigma_rel: f64) -> PyResult<f64> {
+    profile::sigma_rel_to_gamma(sigma_rel).map_err(err)
+}
+
+/// Relative width `sigma_rel` of the power profile with exponent `gamma`.
+#[pyfunction]
+fn gamma_to_sigma_rel(gamma: f64) -> PyResult<f64> {
+    profile::gamma_to_sigma_rel(gamma).map_err(err)
+}
+
+/// A profile from `(kind, t, value, dt)`: kind `power` (value = gamma), `beta` (value = beta per
+/// `dt`) or `halflife` (value = half-life).
+fn make_profile(kind: &str, t: f64, value: f64, dt: f64) -> PyResult<Profile> {
+    match kind {
+        "power" => Profile::power(t, value),
+        "beta" => Profile::from_beta(t, value, dt),
+        "halflife" => Profile::from_halflife(t, value),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown profile kind {other:?} (power, beta, halflife)"
+            )))
+        }
+    }
+    .map_err(err)
+}
+
+type ProfileSpec = (String, f64, f64, f64);
+
+/// Density of a profile at the times `tau` (for plots).
+#[pyfunction]
+fn profile_density<'py>(
+    py: Python<'py>,
+    spec: ProfileSpec,
+    tau: PyReadonlyArray1<'py, f64>,
+) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
+    let p = make_profile(&spec.0, spec.1, spec.2, spec.3)?;
+    let v: Vec<f64> = tau.as_slice()?.iter().map(|&x| p.density(x)).collect();
+    Ok(v.into_pyarray(py))
+}
+
+/// Equivalent `sigma_rel` and initial-weight mass of a profile.
+#[pyfunction]
+fn profile_info(spec: ProfileSpec) -> PyResult<(f64, f64)> {
+    let p = make_profile(&spec.0, spec.1, spec.2, spec.3)?;
+    Ok((p.sigma_rel(), p.initial_mass()))
+}
+
+/// Solves for the snapshot weights of every target; returns a dict of numpy arrays.
+#[pyfunction]
+fn solve<'py>(
+    py: Python<'py>,
+    snapshot_t: Vec<f64>,
+    snapshot_gamma: Vec<f64>,
+    targets: Vec<ProfileSpec>,
+    noise: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    if snapshot_t.len() != snapshot_gamma.len() {
+        return Err(PyValueError::new_err(
+            "snapshot_t and snapshot_gamma differ in length",
+        ));
+    }
+    let snaps = snapshot_t
+        .iter()
+        .zip(&snapshot_gamma)
+        .map(|(&t, &g)| Profile::power(t, g).map_err(err))
+        .collect::<PyResult<Vec<_>>>()?;
+    let targets = targets
+        .iter()
+        .map(|s| make_profile(&s.0, s.1, s.2, s.3))
+        .collect::<PyResult<Vec<_>>>()?;
+    let fits = py
+        .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise }))
+        .map_err(err)?;
+    let n = snaps.len();
+    let k = fits.len();
+    let mut w = vec![0.0; n * k];
+    for (j, f) in fits.iter().enumerate() {
+        for i in 0..n {
+            w[i * k + j] = f.weights[i];
+        }
+    }
+    let out = PyDict::new(py);
+    out.set_item("weights", w.into_pyarray(py).reshape([n, k])?)?;
+    let col = |f: fn(&solver::TargetFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
+    out.set_item("fit_error", col(|f| f.fit_error).into_pyarray(py))?;
+    out.set_item("gain", col(|f| f.gain).into_pyarray(py))?;
+    out.set_item("norm", col(|f| f.norm).into_pyarray(py))?;
+    out.set_item("mass", col(|f| f.mass).into_pyarray(py))?;
+    out.set_item("initial_mass", col(|f| f.initial_mass).into_pyarray(py))?;
+    out.set_item("sigma_rel", col(|f| f.target.sigma_rel()).into_pyarray(py))?;
+    out.set_item(
+        "lstsq_fit_error",
+        col(|f| f.lstsq_fit_error).into_pyarray(py),
+    )?;
+    out.set_item("lstsq_gain", col(|f| f.lstsq_gain).into_pyarray(py))?;
+    let flags = |f: fn(&solver::TargetFit) -> bool| fits.iter().map(f).collect::<Vec<bool>>();
+    out.set_item("regularized", flags(|f| f.regularized).into_pyarray(py))?;
+    out.set_item(
+        "rank_deficient",
+        flags(|f| f.rank_deficient).into_pyarray(py),
+    )?;
+    Ok(out)
+}
+
+/// Writes one snapshot file crash-safely; returns the names of tensors kept in fp32 because they
+/// exceed the fp16 range.
+#[pyfunction]
+fn write_snapshot(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, Bound<'_, PyUntypedArray>)>,
+    dtype: &str,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<Vec<String>> {
+    let dtype = parse_dtype(dtype)?;
+    let f32_dtype = numpy::dtype::<f32>(py);
+    // Borrow every array first (under the interpreter), then write without it.
+    enum Held<'py> {
+        F32(PyReadonlyArrayDyn<'py, f32>),
+        Raw(Dtype, PyReadonlyArrayDyn<'py, u8>),
+    }
+    let mut held = Vec::with_capacity(tensors.len());
+    for (name, arr) in &tensors {
+        let shape = arr.shape().to_vec();
+        if arr.dtype().is_equiv_to(&f32_dtype) {
+            let a = arr.cast::<PyArrayDyn<f32>>()?.readonly();
+            held.push((name.clone(), shape, Held::F32(a)));
+        } else {
+            let d = numpy_to_safetensors(&arr.dtype().str()?.to_string()).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "tensor `{name}`: numpy dtype {} cannot be stored",
+                    arr.dtype()
+                ))
+            })?;
+            let bytes = arr
+                .call_method1("reshape", (-1,))?
+                .call_method1("view", ("uint8",))?;
+            let a = bytes.cast_into::<PyArrayDyn<u8>>()?.readonly();
+            held.push((name.clone(), shape, Held::Raw(d, a)));
+        }
+    }
+    let mut data = Vec::with_capacity(held.len());
+    for (name, shape, h) in &held {
+        let d = match h {
+            Held::F32(a) => TensorData::F32(a.as_slice().map_err(|_| {
+                PyValueError::new_err(format!("tensor `{name}` is not C-contiguous"))
+            })?),
+            Held::Raw(d, a) => TensorData::Raw(*d, a.as_slice()?),
+        };
+        data.push((name.clone(), shape.clone(), d));
+    }
+    py.detach(|| writer::write_snapshot(&path, &data, dtype, &metadata))
+        .map_err(err)
+}
+
+/// numpy `dtype.str` (e.g. `<i8`) to the safetensors dtype storing the same bytes.
+fn numpy_to_safetensors(s: &str) -> Option<Dtype> {
+    Some(match s.trim_start_matches(['<', '=', '|']) {
+        "f2" => Dtype::F16,
+        "f4" => Dtype::F32,
+        "f8" => Dtype::F64,
+        "i1" => Dtype::I8,
+        "i2" => Dtype::I16,
+        "i4" => Dtype::I32,
+        "i8" => Dtype::I64,
+        "u1" => Dtype::U8,
+        "u2" => Dtype::U16,
+        "u4" => Dtype::U32,
+        "u8" => Dtype::U64,
+        "b1" => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// Progress of a running combination, readable (and cancellable) from another Python thread.
+#[pyclass(frozen)]
+struct EngineProgress(Arc<Progress>);
+
+#[pymethods]
+impl EngineProgress {
+    #[new]
+    fn new() -> Self {
+        EngineProgress(Arc::new(Progress::default()))
+    }
+    /// Snapshot bytes processed so far.
+    #[getter]
+    fn bytes_done(&self) -> u64 {
+        self.0.bytes_done.load(Ordering::Relaxed)
+    }
+    /// Asks the engine to stop at the next chunk; it then fails with "cancelled".
+    fn cancel(&self) {
+        self.0.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Parsed headers of a set of safetensors files, in the order given.
+#[pyclass(frozen)]
+struct Headers(Vec<Header>);
+
+fn header_dict<'py>(py: Python<'py>, h: &Header) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", h.path.to_string_lossy())?;
+    d.set_item("metadata", h.metadata.clone())?;
+    d.set_item("file_size", h.file_size)?;
+    let tensors = PyList::empty(py);
+    for t in &h.tensors {
+        tensors.append((t.name.clone(), dtype_name(t.dtype), t.shape.clone()))?;
+    }
+    d.set_item("tensors", tensors)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl Headers {
+    /// Reads the headers of these files (data is not touched).
+    #[new]
+    fn new(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Self> {
+        let headers = py
+            .detach(|| {
+                paths
+                    .iter()
+                    .map(|p| store::read_header(p))
+                    .collect::<crate::Result<Vec<_>>>()
+            })
+            .map_err(err)?;
+        Ok(Headers(headers))
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+
+    /// One dict per file: path, metadata, file_size, tensors [(name, dtype, shape)].
+    fn describe<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.0.iter().map(|h| header_dict(py, h)).collect()
+    }
+
+    /// The files at these positions.
+    fn select(&self, indices: Vec<usize>) -> PyResult<Headers> {
+        indices
+            .iter()
+            .map(|&i| {
+                self.0
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| PyValueError::new_err(format!("no file at index {i}")))
+            })
+            .collect::<PyResult<Vec<_>>>()
+            .map(Headers)
+    }
+
+    /// Writes `sum_i weights[i, k] * file_i` for every target `k` to the requested outputs
+    /// (dicts with path, dtype, metadata, shard_size); returns (paths per target, stats).
+    fn combine_to_files<'py>(
+        &self,
+        py: Python<'py>,
+        weights: PyReadonlyArray2<'py, f64>,
+        outputs: Vec<Bound<'py, PyDict>>,
+        progress: &EngineProgress,
+    ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
+        let w = rows(&weights)?;
+        let requests = outputs
+            .iter()
+            .map(output_request)
+            .collect::<PyResult<Vec<_>>>()?;
+        let k = requests.len();
+        let headers = &self.0;
+        let progress = Arc::clone(&progress.0);
+        let (paths, stats) = py
+            .detach(|| {
+                let first = w
+                    .iter()
+                    .position(|r| r.iter().any(|&x| x != 0.0))
+                    .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
+                let sink = FileSink::create(&headers[first].tensors, &requests)?;
+                let stats = engine::combine(headers, &w, k, &sink, &progress)?;
+                Ok::<_, PhemaError>((sink.finish()?, stats))
+            })
+            .map_err(err)?;
+        let paths = paths
+            .into_iter()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .collect();
+        Ok((paths, stats_dict(py, &stats)?))
+    }
+
+    /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
+    /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of target `k`
+    /// as float32 (float tensors) or in its stored dtype (others).
+    fn combine_to_memory<'py>(
+        &self,
+        py: Python<'py>,
+        weights: PyReadonlyArray2<'py, f64>,
+        buffers: Vec<Vec<Bound<'py, PyArrayDyn<u8>>>>,
+        progress: &EngineProgress,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let w = rows(&weights)?;
+        let mut held = Vec::with_capacity(buffers.len());
+        for per_target in &buffers {
+            let mut v = Vec::with_capacity(per_target.len());
+            for b in per_target {
+                v.push(b.readwrite());
+            }
+            held.push(v);
+        }
+        let mut slices: Vec<Vec<SharedSlice>> = Vec::with_capacity(held.len());
+        for per_target in held.iter_mut() {
+            let mut v = Vec::with_capacity(per_target.len());
+            for b in per_target.iter_mut() {
+                let s = b
+                    .as_slice_mut()
+                    .map_err(|_| PyValueError::new_err("output buffers must be C-contiguous"))?;
+                v.push(SharedSlice(s.as_mut_ptr(), s.len()));
+            }
+            slices.push(v);
+        }
+        let headers = &self.0;
+        let k = slices.len();
+        let progress = Arc::clone(&progress.0);
+        let sink = MemorySink(slices);
+        let stats = py
+            .detach(|| {
+                let first = w
+                    .iter()
+                    .position(|r| r.iter().any(|&x| x != 0.0))
+                    .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
+                sink.check(&headers[first].tensors)?;
+                engine::combine(headers, &w, k, &sink, &progress)
+            })
+            .map_err(err)?;
+        stats_dict(py, &stats)
+    }
+}
+
+fn rows(weights: &PyReadonlyArray2<'_, f64>) -> PyResult<Vec<Vec<f64>>> {
+    let a = weights.as_array();
+    Ok(a.rows().into_iter().map(|r| r.to_vec()).collect())
+}
+
+fn output_request(d: &Bound<'_, PyDict>) -> PyResult<OutputRequest> {
+    let get = |k: &str| {
+        d.get_item(k)?
+            .ok_or_else(|| PyValueError::new_err(format!("output lacks `{k}`")))
+    };
+    let shard: Option<u64> = match d.get_item("shard_size")? {
+        Some(v) if !v.is_none() => Some(v.extract()?),
+        _ => None,
+    };
+    Ok(OutputRequest {
+        path: get("path")?.extract()?,
+        dtype: parse_dtype(&get("dtype")?.extract::<String>()?)?,
+        metadata: get("metadata")?.extract()?,
+        shard_size: shard,
+    })
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &engine::Stats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("read", s.read.clone())?;
+    d.set_item("bytes_read", s.bytes_read)?;
+    Ok(d)
+}
+
+/// A raw view of a numpy buffer that outlives the interpreter lock: the engine writes disjoint
+/// ranges from several threads while the arrays are borrowed (and so kept alive) by the caller.
+#[derive(Clone, Copy)]
+struct SharedSlice(*mut u8, usize);
+// SAFETY: see above; every write is bounds-checked against the length and ranges are disjoint.
+unsafe impl Send for SharedSlice {}
+unsafe impl Sync for SharedSlice {}
+
+struct MemorySink(Vec<Vec<SharedSlice>>);
+
+impl MemorySink {
+    fn check(&self, layout: &[store::TensorEntry]) -> crate::Result<()> {
+        for per_target in &self.0 {
+            if per_target.len() != layout.len() {
+                return Err(PhemaError::Invalid(format!(
+                    "{} buffers for {} tensors",
+                    per_target.len(),
+                    layout.len()
+                )));
+            }
+            for (b, t) in per_target.iter().zip(layout) {
+                let want = if store::is_float(t.dtype) {
+                    t.numel() * 4
+                } else {
+                    t.nbytes as usize
+                };
+                if b.1 != want {
+                    return Err(PhemaError::Invalid(format!(
+                        "buffer for `{}` has {} bytes, expected {want}",
+                        t.name, b.1
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        target: usize,
+        tensor: usize,
+        byte_offset: usize,
+        src: &[u8],
+    ) -> crate::Result<()> {
+        let b = self.0[target][tensor];
+        if byte_offset + src.len() > b.1 {
+            return Err(PhemaError::Invalid("output buffer too small".into()));
+        }
+        // SAFETY: in bounds (checked above); the engine writes disjoint ranges.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.0.add(byte_offset), src.len()) };
+        Ok(())
+    }
+}
+
+impl Sink for MemorySink {
+    fn put_f32(
+        &self,
+        target: usize,
+        tensor: usize,
+        off: usize,
+        values: &[f32],
+    ) -> crate::Result<()> {
+        // SAFETY: reinterpreting f32 as its bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) };
+        self.write(target, tensor, off * 4, bytes)
+    }
+    fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> crate::Result<()> {
+        self.write(target, tensor, 0, bytes)
+    }
+}
+
+/// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems).
+#[pyfunction]
+fn scan_store<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(
+    Headers,
+    Vec<Bound<'py, PyDict>>,
+    Vec<(String, String)>,
+    Vec<String>,
+)> {
+    if !Path::new(&path).is_dir() {
+        return Err(StoreError::new_err(format!(
+            "{}: not a directory (a store is a directory of snapshots)",
+            path.display()
+        )));
+    }
+    let scan = py.detach(|| store::scan(&path)).map_err(err)?;
+    let mut records = Vec::with_capacity(scan.snapshots.len());
+    for s in &scan.snapshots {
+        let d = header_dict(py, &s.header)?;
+        d.set_item("t", s.t)?;
+        match s.kind {
+            store::Kind::Power { gamma } => {
+                d.set_item("kind", "power")?;
+                d.set_item("gamma", gamma)?;
+            }
+            store::Kind::Raw => {
+                d.set_item("kind", "raw")?;
+                d.set_item("gamma", py.None())?;
+            }
+        }
+        records.push(d);
+    }
+    let ignored = scan
+        .ignored
+        .iter()
+        .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
+        .collect();
+    let headers = Headers(scan.snapshots.into_iter().map(|s| s.header).collect());
+    Ok((headers, records, ignored, scan.problems))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("StoreError", m.py().get_type::<StoreError>())?;
+    m.add("NOISE_FLOAT16", solver::NOISE_FLOAT16)?;
+    m.add("NOISE_BFLOAT16", solver::NOISE_BFLOAT16)?;
+    m.add("NOISE_FLOAT32", solver::NOISE_FLOAT32)?;
+    m.add("CHUNK", engine::CHUNK)?;
+    m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
+    m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
+    m.add_function(wrap_pyfunction!(profile_density, m)?)?;
+    m.add_function(wrap_pyfunction!(profile_info, m)?)?;
+    m.add_function(wrap_pyfunction!(solve, m)?)?;
+    m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_store, m)?)?;
+    m.add_class::<Headers>()?;
+    m.add_class::<EngineProgress>()?;
+    Ok(())
+}

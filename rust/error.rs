@@ -1,0 +1,56 @@
+//! The one error type of the crate: every variant names the value or file at fault.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in phema's core, phrased for the person who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum PhemaError {
+    /// A numeric argument outside its valid range (or NaN).
+    #[error("{name}={value} is out of range: {expected}")]
+    OutOfRange {
+        /// The argument's name as the user wrote it.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// What would have been accepted.
+        expected: String,
+    },
+    /// An argument that is malformed in some other way.
+    #[error("{0}")]
+    Invalid(String),
+    /// The solver cannot serve a target with the snapshots it has.
+    #[error("{0}")]
+    Unsolvable(String),
+    /// A file could not be read, written or renamed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A file that should be a safetensors snapshot is truncated or corrupt.
+    #[error("{path}: not a valid safetensors file ({reason})")]
+    Corrupt {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A store whose contents contradict each other (duplicates, disagreeing tensors).
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Result with [`PhemaError`].
+pub type Result<T> = std::result::Result<T, PhemaError>;
+
+impl PhemaError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PhemaError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

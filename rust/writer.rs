@@ -1,0 +1,518 @@
+//! Crash-safe safetensors output: the header is known before any data, so it is written first and
+//! tensor data is filled in place (from any thread) as it completes; the file appears under its
+//! final name only after everything was written and synced.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use safetensors::tensor::TensorInfo;
+use safetensors::Dtype;
+
+use crate::engine::Sink;
+use crate::error::{PhemaError, Result};
+use crate::store::{is_float, TensorEntry};
+
+/// Name, dtype and shape of one tensor to be written.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    /// Tensor name (as in `state_dict()`).
+    pub name: String,
+    /// Stored dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Bytes of data the tensor takes.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// A safetensors file being written under a temporary name in its final directory.
+///
+/// Dropping it without [`SafetensorsWriter::finish`] removes the temporary file, so an error
+/// anywhere leaves nothing behind.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    /// Absolute file offset of each tensor's data.
+    offsets: Vec<u64>,
+    finished: bool,
+}
+
+/// The temporary name used while `path` is written: hidden, and not ending in `.safetensors`, so a
+/// killed writer never leaves something a store mistakes for a snapshot.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+impl SafetensorsWriter {
+    /// Creates the temporary file, writes the header and reserves the data.
+    pub fn create(
+        path: &Path,
+        tensors: &[TensorSpec],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| PhemaError::Invalid(e.to_string()))?,
+        );
+        let mut offset = 0usize;
+        let mut relative = Vec::with_capacity(tensors.len());
+        for spec in tensors {
+            if header.contains_key(&spec.name) {
+                return Err(PhemaError::Invalid(format!(
+                    "tensor name `{}` appears twice",
+                    spec.name
+                )));
+            }
+            let end = offset + spec.nbytes();
+            let info = TensorInfo {
+                dtype: spec.dtype,
+                shape: spec.shape.clone(),
+                data_offsets: (offset, end),
+            };
+            header.insert(
+                spec.name.clone(),
+                serde_json::to_value(info).map_err(|e| PhemaError::Invalid(e.to_string()))?,
+            );
+            relative.push(offset);
+            offset = end;
+        }
+        let mut json =
+            serde_json::to_vec(&header).map_err(|e| PhemaError::Invalid(e.to_string()))?;
+        // Pad with spaces so tensor data starts 8-byte aligned, as safetensors recommends.
+        while json.len() % 8 != 0 {
+            json.push(b' ');
+        }
+        let data_start = 8 + json.len() as u64;
+        let tmp = temporary_path(path);
+        let io = |e| PhemaError::io(&tmp, e);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| PhemaError::io(&tmp, e))?;
+        let writer = SafetensorsWriter {
+            path: path.to_path_buf(),
+            tmp: tmp.clone(),
+            file: file.try_clone().map_err(io)?,
+            offsets: relative.iter().map(|&o| data_start + o as u64).collect(),
+            finished: false,
+        };
+        file.write_all(&(json.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(&json))
+            .and_then(|_| file.set_len(data_start + offset as u64))
+            .map_err(io)?;
+        Ok(writer)
+    }
+
+    /// Writes `bytes` at `byte_offset` inside tensor `index`'s data. Safe to call from many
+    /// threads at once for disjoint ranges.
+    pub fn write_at(&self, index: usize, byte_offset: usize, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(bytes, self.offsets[index] + byte_offset as u64)
+            .map_err(|e| PhemaError::io(&self.tmp, e))
+    }
+
+    /// Writes f32 values converted to `dtype` at element `elem_offset` of tensor `index`.
+    pub fn write_f32_at(
+        &self,
+        index: usize,
+        dtype: Dtype,
+        elem_offset: usize,
+        values: &[f32],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        encode_f32(values, dtype, scratch);
+        self.write_at(index, elem_offset * dtype.bitsize() / 8, scratch)
+    }
+
+    /// Syncs the data, renames the file to its final name and syncs the directory.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.file
+            .sync_all()
+            .map_err(|e| PhemaError::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| PhemaError::io(&self.path, e))?;
+        self.finished = true;
+        sync_dir(&self.path);
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// fsync of the directory holding `path`, so a rename survives a crash. Best effort: some
+/// file systems refuse to sync directories, and the data itself is already synced.
+pub fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64).
+pub fn encode_f32(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        Dtype::F16 => {
+            let mut h = vec![f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        Dtype::BF16 => {
+            let mut h = vec![bf16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        Dtype::F64 => out.extend(values.iter().flat_map(|&v| (v as f64).to_le_bytes())),
+        _ => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+    }
+}
+
+/// Largest finite fp16 value.
+const F16_MAX: f32 = 65504.0;
+
+/// Data of one tensor handed to [`write_snapshot`].
+#[derive(Debug)]
+pub enum TensorData<'a> {
+    /// Float values to be stored in the snapshot's dtype.
+    F32(&'a [f32]),
+    /// Anything else, stored byte for byte with its own dtype (integer buffers, say).
+    Raw(Dtype, &'a [u8]),
+}
+
+/// Writes one snapshot file: f32 tensors converted to `dtype`, others as they are.
+///
+/// A tensor with finite values beyond the fp16 range is stored in fp32 instead (its name is
+/// returned); NaN or infinity is an error naming the tensor, and nothing is written.
+pub fn write_snapshot(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, TensorData<'_>)],
+    dtype: Dtype,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<String>> {
+    if !matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
+        return Err(PhemaError::Invalid(format!(
+            "snapshot dtype {dtype:?} is not one of float16, bfloat16, float32"
+        )));
+    }
+    let mut promoted = Vec::new();
+    let mut specs = Vec::with_capacity(tensors.len());
+    for (name, shape, data) in tensors {
+        let n: usize = shape.iter().product();
+        let stored = match data {
+            TensorData::F32(v) => {
+                if v.len() != n {
+                    return Err(PhemaError::Invalid(format!(
+                        "tensor `{name}`: {} values for shape {shape:?}",
+                        v.len()
+                    )));
+                }
+                let mut max = 0.0f32;
+                for &x in v.iter() {
+                    if !x.is_finite() {
+                        return Err(PhemaError::Invalid(format!(
+                            "tensor `{name}` holds NaN or infinity: refusing to store it"
+                        )));
+                    }
+                    max = max.max(x.abs());
+                }
+                if dtype == Dtype::F16 && max > F16_MAX {
+                    promoted.push(name.clone());
+                    Dtype::F32
+                } else {
+                    dtype
+                }
+            }
+            TensorData::Raw(d, bytes) => {
+                if bytes.len() * 8 != n * d.bitsize() {
+                    return Err(PhemaError::Invalid(format!(
+                        "tensor `{name}`: {} bytes for shape {shape:?} of {d:?}",
+                        bytes.len()
+                    )));
+                }
+                *d
+            }
+        };
+        specs.push(TensorSpec {
+            name: name.clone(),
+            dtype: stored,
+            shape: shape.clone(),
+        });
+    }
+    let writer = SafetensorsWriter::create(path, &specs, metadata)?;
+    let mut scratch = Vec::new();
+    const CHUNK: usize = 1 << 20;
+    for (index, ((_, _, data), spec)) in tensors.iter().zip(&specs).enumerate() {
+        match data {
+            TensorData::F32(v) => {
+                for (c, chunk) in v.chunks(CHUNK).enumerate() {
+                    writer.write_f32_at(index, spec.dtype, c * CHUNK, chunk, &mut scratch)?;
+                }
+            }
+            TensorData::Raw(_, bytes) => writer.write_at(index, 0, bytes)?,
+        }
+    }
+    writer.finish()?;
+    Ok(promoted)
+}
+
+/// One output to produce: a single file, or a directory of shards with a Hugging Face style
+/// `model.safetensors.index.json` when `shard_size` is set and the tensors do not fit in one.
+#[derive(Clone, Debug)]
+pub struct OutputRequest {
+    /// The `.safetensors` file, or the directory when `shard_size` is set.
+    pub path: PathBuf,
+    /// Dtype of the float tensors (non-float tensors keep theirs).
+    pub dtype: Dtype,
+    /// `__metadata__` of every file written.
+    pub metadata: BTreeMap<String, String>,
+    /// Largest shard in bytes.
+    pub shard_size: Option<u64>,
+}
+
+/// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
+fn shard_name(i: usize, n: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+}
+
+struct TargetFiles {
+    writers: Vec<SafetensorsWriter>,
+    /// For every layout tensor: (writer, index inside it, stored dtype).
+    place: Vec<(usize, usize, Dtype)>,
+    index: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// Output files of every target, filled by the engine through [`Sink`].
+pub struct FileSink {
+    targets: Vec<TargetFiles>,
+}
+
+impl FileSink {
+    /// Creates every output file (under temporary names) for tensors laid out as `layout`.
+    pub fn create(layout: &[TensorEntry], requests: &[OutputRequest]) -> Result<Self> {
+        let mut targets = Vec::with_capacity(requests.len());
+        for req in requests {
+            if !matches!(req.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
+                return Err(PhemaError::Invalid(format!(
+                    "output dtype {:?} is not one of float16, bfloat16, float32",
+                    req.dtype
+                )));
+            }
+            let specs: Vec<TensorSpec> = layout
+                .iter()
+                .map(|t| TensorSpec {
+                    name: t.name.clone(),
+                    dtype: if is_float(t.dtype) {
+                        req.dtype
+                    } else {
+                        t.dtype
+                    },
+                    shape: t.shape.clone(),
+                })
+                .collect();
+            // Greedy sharding in layout order: a tensor larger than a shard gets one of its own.
+            let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+            let mut size = 0u64;
+            for (i, s) in specs.iter().enumerate() {
+                let b = s.nbytes() as u64;
+                if let Some(limit) = req.shard_size {
+                    if size > 0 && size + b > limit {
+                        shards.push(Vec::new());
+                        size = 0;
+                    }
+                }
+                shards.last_mut().expect("never empty").push(i);
+                size += b;
+            }
+            let n = shards.len();
+            let paths: Vec<PathBuf> = match (req.shard_size, n) {
+                (None, _) => vec![req.path.clone()],
+                (Some(_), 1) => vec![req.path.join("model.safetensors")],
+                (Some(_), _) => (0..n).map(|i| req.path.join(shard_name(i, n))).collect(),
+            };
+            if req.shard_size.is_some() {
+                std::fs::create_dir_all(&req.path).map_err(|e| PhemaError::io(&req.path, e))?;
+            }
+            let mut place = vec![(0, 0, Dtype::F32); specs.len()];
+            let mut writers = Vec::with_capacity(n);
+            let mut weight_map = serde_json::Map::new();
+            for (w, (members, path)) in shards.iter().zip(&paths).enumerate() {
+                let sub: Vec<TensorSpec> = members.iter().map(|&i| specs[i].clone()).collect();
+                for (j, &i) in members.iter().enumerate() {
+                    place[i] = (w, j, specs[i].dtype);
+                    let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                    weight_map.insert(specs[i].name.clone(), file.unwrap_or_default().into());
+                }
+                writers.push(SafetensorsWriter::create(path, &sub, &req.metadata)?);
+            }
+            let index = (n > 1).then(|| {
+                let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
+                let json = serde_json::json!({
+                    "metadata": {"total_size": total},
+                    "weight_map": weight_map,
+                });
+                let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
+                (req.path.join("model.safetensors.index.json"), bytes)
+            });
+            targets.push(TargetFiles {
+                writers,
+                place,
+                index,
+            });
+        }
+        Ok(FileSink { targets })
+    }
+
+    /// Completes every file and returns, per target, the paths written (the index first when
+    /// sharded). Called only after the engine succeeded; dropping the sink instead removes all.
+    pub fn finish(self) -> Result<Vec<Vec<PathBuf>>> {
+        let mut out = Vec::with_capacity(self.targets.len());
+        for t in self.targets {
+            let mut paths = Vec::new();
+            if let Some((path, bytes)) = &t.index {
+                let tmp = temporary_path(path);
+                std::fs::write(&tmp, bytes)
+                    .and_then(|_| std::fs::rename(&tmp, path))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        PhemaError::io(path, e)
+                    })?;
+                paths.push(path.clone());
+            }
+            for w in t.writers {
+                paths.push(w.finish()?);
+            }
+            out.push(paths);
+        }
+        Ok(out)
+    }
+}
+
+impl Sink for FileSink {
+    fn put_f32(
+        &self,
+        target: usize,
+        tensor: usize,
+        elem_offset: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        let t = &self.targets[target];
+        let (w, j, dtype) = t.place[tensor];
+        let mut scratch = Vec::with_capacity(values.len() * 4);
+        t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut scratch)
+    }
+
+    fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()> {
+        let t = &self.targets[target];
+        let (w, j, _) = t.place[tensor];
+        t.writers[w].write_at(j, 0, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::SafeTensors;
+
+    fn meta() -> BTreeMap<String, String> {
+        BTreeMap::from([("format".to_string(), "pt".to_string())])
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_the_safetensors_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let w: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 100.0).collect();
+        let big = [1e5f32, -3.0];
+        let steps = 7i64.to_le_bytes();
+        let tensors = vec![
+            ("w".to_string(), vec![10, 100], TensorData::F32(&w)),
+            ("big".to_string(), vec![2], TensorData::F32(&big)),
+            (
+                "steps".to_string(),
+                vec![],
+                TensorData::Raw(Dtype::I64, &steps),
+            ),
+        ];
+        let promoted = write_snapshot(&path, &tensors, Dtype::F16, &meta()).unwrap();
+        assert_eq!(promoted, vec!["big".to_string()]);
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("w").unwrap();
+        assert_eq!(t.dtype(), Dtype::F16);
+        assert_eq!(t.shape(), &[10, 100]);
+        for (i, c) in t.data().chunks(2).enumerate() {
+            let v = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            assert!((v - w[i]).abs() <= w[i].abs() * 1e-3, "{i}");
+        }
+        assert_eq!(st.tensor("big").unwrap().dtype(), Dtype::F32);
+        assert_eq!(st.tensor("steps").unwrap().data(), &steps);
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap()["format"], "pt");
+        // Only the final file is left.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn nan_is_refused_and_nothing_is_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let bad = [1.0f32, f32::NAN];
+        let tensors = vec![("layer.bias".to_string(), vec![2], TensorData::F32(&bad))];
+        let err = write_snapshot(&path, &tensors, Dtype::F16, &meta()).unwrap_err();
+        assert!(err.to_string().contains("layer.bias"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn dropped_writer_removes_its_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let spec = TensorSpec {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+        };
+        let w = SafetensorsWriter::create(&path, &[spec], &meta()).unwrap();
+        assert!(temporary_path(&path).exists());
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn unwritable_directory_is_an_error_naming_the_file() {
+        let path = Path::new("/nonexistent-dir/x.safetensors");
+        let err = write_snapshot(path, &[], Dtype::F16, &meta()).unwrap_err();
+        assert!(err.to_string().contains("nonexistent-dir"), "{err}");
+    }
+}
