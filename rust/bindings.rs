@@ -11,7 +11,7 @@ use numpy::{
     PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use safetensors::Dtype;
@@ -32,9 +32,8 @@ create_exception!(
 
 fn err(e: PhemaError) -> PyErr {
     match e {
-        PhemaError::Io { .. } | PhemaError::Corrupt { .. } | PhemaError::Store(_) => {
-            StoreError::new_err(e.to_string())
-        }
+        PhemaError::Io { .. } => PyOSError::new_err(e.to_string()),
+        PhemaError::Corrupt { .. } | PhemaError::Store(_) => StoreError::new_err(e.to_string()),
         _ => PyValueError::new_err(e.to_string()),
     }
 }
@@ -98,6 +97,14 @@ fn profile_density<'py>(
 fn profile_info(spec: ProfileSpec) -> PyResult<(f64, f64)> {
     let p = make_profile(&spec.0, spec.1, spec.2, spec.3)?;
     Ok((p.sigma_rel(), p.initial_mass()))
+}
+
+/// `<p, q>`: the integral of the product of two profiles.
+#[pyfunction]
+fn inner(p: ProfileSpec, q: ProfileSpec) -> PyResult<f64> {
+    let p = make_profile(&p.0, p.1, p.2, p.3)?;
+    let q = make_profile(&q.0, q.1, q.2, q.3)?;
+    Ok(profile::inner(&p, &q))
 }
 
 /// Solves for the snapshot weights of every target; returns a dict of numpy arrays.
@@ -181,7 +188,8 @@ fn write_snapshot(
             let a = arr.cast::<PyArrayDyn<f32>>()?.readonly();
             held.push((name.clone(), shape, Held::F32(a)));
         } else {
-            let d = numpy_to_safetensors(&arr.dtype().str()?.to_string()).ok_or_else(|| {
+            let code: String = arr.dtype().getattr("str")?.extract()?;
+            let d = numpy_to_safetensors(&code).ok_or_else(|| {
                 PyValueError::new_err(format!(
                     "tensor `{name}`: numpy dtype {} cannot be stored",
                     arr.dtype()
@@ -548,6 +556,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;
     m.add_function(wrap_pyfunction!(profile_info, m)?)?;
     m.add_function(wrap_pyfunction!(solve, m)?)?;
+    m.add_function(wrap_pyfunction!(inner, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(scan_store, m)?)?;
     m.add_class::<Headers>()?;

@@ -146,9 +146,19 @@ impl SafetensorsWriter {
 
     /// Syncs the data, renames the file to its final name and syncs the directory.
     pub fn finish(mut self) -> Result<PathBuf> {
+        self.sync()?;
+        self.commit()
+    }
+
+    /// Flushes the data to disk under the temporary name.
+    fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
-            .map_err(|e| PhemaError::io(&self.tmp, e))?;
+            .map_err(|e| PhemaError::io(&self.tmp, e))
+    }
+
+    /// Renames the synced file to its final name.
+    fn commit(&mut self) -> Result<PathBuf> {
         std::fs::rename(&self.tmp, &self.path).map_err(|e| PhemaError::io(&self.path, e))?;
         self.finished = true;
         sync_dir(&self.path);
@@ -395,24 +405,44 @@ impl FileSink {
 
     /// Completes every file and returns, per target, the paths written (the index first when
     /// sharded). Called only after the engine succeeded; dropping the sink instead removes all.
-    pub fn finish(self) -> Result<Vec<Vec<PathBuf>>> {
+    pub fn finish(mut self) -> Result<Vec<Vec<PathBuf>>> {
+        // All data reaches the disk before any file takes its final name; if a rename then
+        // fails, the outputs already renamed are removed again so no partial set is left.
+        for t in &self.targets {
+            for w in &t.writers {
+                w.sync()?;
+            }
+        }
+        let mut done: Vec<PathBuf> = Vec::new();
         let mut out = Vec::with_capacity(self.targets.len());
-        for t in self.targets {
-            let mut paths = Vec::new();
-            if let Some((path, bytes)) = &t.index {
-                let tmp = temporary_path(path);
-                std::fs::write(&tmp, bytes)
-                    .and_then(|_| std::fs::rename(&tmp, path))
-                    .map_err(|e| {
+        let result = (|| {
+            for t in &mut self.targets {
+                let mut paths = Vec::new();
+                if let Some((path, bytes)) = &t.index {
+                    let tmp = temporary_path(path);
+                    let written =
+                        std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+                    if let Err(e) = written {
                         let _ = std::fs::remove_file(&tmp);
-                        PhemaError::io(path, e)
-                    })?;
-                paths.push(path.clone());
+                        return Err(PhemaError::io(path, e));
+                    }
+                    done.push(path.clone());
+                    paths.push(path.clone());
+                }
+                for w in &mut t.writers {
+                    let p = w.commit()?;
+                    done.push(p.clone());
+                    paths.push(p);
+                }
+                out.push(paths);
             }
-            for w in t.writers {
-                paths.push(w.finish()?);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in &done {
+                let _ = std::fs::remove_file(p);
             }
-            out.push(paths);
+            return Err(e);
         }
         Ok(out)
     }

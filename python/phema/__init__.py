@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from phema._core import StoreError
 from phema._core import __version__ as __version__
-from phema.solve import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamma, solve
+from phema.solver import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamma, solve
 from phema.store import SnapshotRecord, Store, open_store
 
 if TYPE_CHECKING:
-    from phema.reconstruct import load_into, reconstruct, reconstruct_state_dict
+    from phema.reconstruction import load_into, reconstruct, reconstruct_state_dict
     from phema.tracker import PostHocEMA
 
 __all__ = [
@@ -36,9 +36,9 @@ __all__ = [
 # Names whose modules import torch: loaded on first use so `import phema` and the CLI stay fast.
 _LAZY = {
     "PostHocEMA": "phema.tracker",
-    "reconstruct": "phema.reconstruct",
-    "reconstruct_state_dict": "phema.reconstruct",
-    "load_into": "phema.reconstruct",
+    "reconstruct": "phema.reconstruction",
+    "reconstruct_state_dict": "phema.reconstruction",
+    "load_into": "phema.reconstruction",
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -72,7 +71,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from phema.store import open_store
 
     store = open_store(args.store, strict=False)
-    print(f"store {store.path}: {len(store)} snapshots, {_size(sum(s.size for s in store.snapshots))}")
+    print(
+        f"store {store.path}: {len(store)} snapshots, {_size(sum(s.size for s in store.snapshots))}"
+    )
     if store.snapshots:
         by_profile: dict[float, list] = {}
         for s in store.snapshots:
@@ -95,8 +96,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"tensors per snapshot: {store.snapshots[0].n_tensors}")
         if args.verbose:
             print()
-            rows = [[f"{s.t:g}", f"{s.sigma_rel or 0:.4f}", s.dtype, _size(s.size), s.name]
-                    for s in store.snapshots]
+            rows = [
+                [f"{s.t:g}", f"{s.sigma_rel or 0:.4f}", s.dtype, _size(s.size), s.name]
+                for s in store.snapshots
+            ]
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
     for path, why in store.ignored:
         print(f"note: ignored {path}: {why}")
@@ -136,7 +139,7 @@ def _report_rows(sol, extra: list[list[str]] | None = None) -> list[list[str]]:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from phema.solve import solve
+    from phema.solver import solve
     from phema.store import open_store
 
     store = open_store(args.store)
@@ -152,8 +155,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from phema.reconstruct import reconstruct
-    from phema.solve import solve
+    from phema.reconstruction import reconstruct
+    from phema.solver import solve
     from phema.store import normalize_dtype, open_store
 
     if args.threads:
@@ -175,7 +178,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     outputs = _outputs_per_target(sol, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
     print(_table(rows, ["target", "sigma_rel", "fit error", "gain", "snapshots", "output"]))
-    print(f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files")
+    print(
+        f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files"
+    )
     for n in sol.notes:
         print(f"note: {n}")
     return 0
@@ -185,7 +190,11 @@ def _outputs_per_target(sol, paths: list[str], out: str) -> list[str]:
     result = []
     for target in sol.targets:
         mine = [p for p in paths if os.path.relpath(p, out).startswith(target.label)]
-        result.append(os.path.relpath(mine[0], out) if len(mine) == 1 else f"{target.label}/ ({len(mine)} files)")
+        result.append(
+            os.path.relpath(mine[0], out)
+            if len(mine) == 1
+            else f"{target.label}/ ({len(mine)} files)"
+        )
     return result
 
 
@@ -218,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--halflife", help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
         s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")
-        s.add_argument("--noise", type=float, help="snapshot rounding noise (default: from dtype; 0 = plain least squares)")
+        s.add_argument(
+            "--noise",
+            type=float,
+            help="snapshot rounding noise (default: from dtype; 0 = plain least squares)",
+        )
 
     s = sub.add_parser("solve", help="weights, fit error and gain per target")
     targets(s)

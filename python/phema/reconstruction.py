@@ -11,24 +11,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phema import _core
-from phema.solve import Solution, _format_t, solve
+from phema.solver import Solution, _format_t, solve
 from phema.store import Store, normalize_dtype, open_store
 
 if TYPE_CHECKING:
     import torch
 
-_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                 "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                 "BOOL": "bool"}
+_TORCH_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def _run_engine(
-    call: Callable[[Any], Any], total_bytes: int, progress: bool, desc: str
-) -> Any:
+def _run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, desc: str) -> Any:
     """Runs the engine (which releases the interpreter) in a worker thread while this thread shows
     progress; Ctrl-C cancels the engine cleanly instead of leaving it running."""
     handle = _core.EngineProgress()
@@ -217,9 +224,11 @@ def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch
 
     sd, meta = _load_source(source)
     target = getattr(model, "_orig_mod", model)
-    target = getattr(target, "module", target) if isinstance(
-        target, torch.nn.parallel.DistributedDataParallel
-    ) else target
+    target = (
+        getattr(target, "module", target)
+        if isinstance(target, torch.nn.parallel.DistributedDataParallel)
+        else target
+    )
     own = target.state_dict()
     tied = json.loads(meta.get("phema.tied", "{}"))
     for alias, canonical in tied.items():

@@ -12,7 +12,11 @@ import numpy as np
 
 from phema import _core
 
-NOISE_BY_DTYPE = {"F16": _core.NOISE_FLOAT16, "BF16": _core.NOISE_BFLOAT16, "F32": _core.NOISE_FLOAT32}
+NOISE_BY_DTYPE = {
+    "F16": _core.NOISE_FLOAT16,
+    "BF16": _core.NOISE_BFLOAT16,
+    "F32": _core.NOISE_FLOAT32,
+}
 
 
 @overload
@@ -224,7 +228,9 @@ def solve(
                 "the initial weights; no snapshot holds them, so the target is renormalized on (0, t]"
             )
         if raw["rank_deficient"][k]:
-            notes.append(f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used")
+            notes.append(
+                f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used"
+            )
     for k, tg in enumerate(targets):
         if not math.isfinite(raw["fit_error"][k]):
             raise ValueError(f"{tg.label}: the solver produced a non-finite fit")

@@ -1,0 +1,60 @@
+"""Shared fixtures: small synthetic stores written through phema's own writer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import phema
+from phema.store import write_snapshot
+
+SIGMA_RELS = (0.05, 0.10)
+
+
+def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
+    """SPEC §2 metadata of a power snapshot."""
+    return {
+        "phema.version": "1",
+        "phema.kind": "power",
+        "phema.t": str(t),
+        "phema.gamma": repr(gamma),
+        "phema.sigma_rel": repr(phema.gamma_to_sigma_rel(gamma)),
+    }
+
+
+def make_store(
+    path: str | os.PathLike[str],
+    times: list[int],
+    shapes: dict[str, tuple[int, ...]],
+    seed: int = 0,
+    dtype: str = "float16",
+) -> dict[tuple[float, float], dict[str, np.ndarray]]:
+    """Writes snapshots with random contents; returns {(t, gamma): tensors} as stored (fp32)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    written = {}
+    for t in times:
+        for s in SIGMA_RELS:
+            g = phema.sigma_rel_to_gamma(s)
+            tensors = {
+                n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()
+            }
+            tensors["step"] = np.array([t], dtype=np.int64)
+            write_snapshot(
+                os.path.join(path, f"{t:012d}-{s:.3f}.safetensors"),
+                tensors,
+                dtype=dtype,
+                metadata=snapshot_metadata(t, g),
+            )
+            written[(float(t), g)] = tensors
+    return written
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """8 times x 2 profiles of a model with a few tensors, one crossing an engine chunk."""
+    shapes = {"layer.weight": (64, 33), "layer.bias": (33,), "big": (phema._core.CHUNK + 77,)}
+    data = make_store(tmp_path / "store", [100 * i for i in range(1, 9)], shapes)
+    return tmp_path / "store", data
