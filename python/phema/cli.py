@@ -7,8 +7,12 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from phema import _core
+
+if TYPE_CHECKING:
+    from phema.solver import Solution
 
 
 class UserError(Exception):
@@ -122,7 +126,7 @@ def _targets(args: argparse.Namespace) -> dict:
     return kw
 
 
-def _report_rows(sol, extra: list[list[str]] | None = None) -> list[list[str]]:
+def _report_rows(sol: Solution, extra: list[list[str]] | None = None) -> list[list[str]]:
     rows = []
     for k, r in enumerate(sol.rows()):
         row = [
@@ -186,7 +190,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs_per_target(sol, paths: list[str], out: str) -> list[str]:
+def _outputs_per_target(sol: Solution, paths: list[str], out: str) -> list[str]:
     result = []
     for target in sol.targets:
         mine = [p for p in paths if os.path.relpath(p, out).startswith(target.label)]

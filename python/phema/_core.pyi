@@ -1,0 +1,57 @@
+"""Type stubs of the Rust extension `phema._core` (rust/bindings.rs)."""
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+
+__version__: str
+NOISE_FLOAT16: float
+NOISE_BFLOAT16: float
+NOISE_FLOAT32: float
+CHUNK: int
+
+ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value, dt)
+
+class StoreError(ValueError):
+    """A store, snapshot or output file is unusable; the message names the file."""
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
+def gamma_to_sigma_rel(gamma: float) -> float: ...
+def profile_density(spec: ProfileSpec, tau: np.ndarray) -> np.ndarray: ...
+def profile_info(spec: ProfileSpec) -> tuple[float, float]: ...
+def inner(p: ProfileSpec, q: ProfileSpec) -> float: ...
+def solve(
+    snapshot_t: Sequence[float],
+    snapshot_gamma: Sequence[float],
+    targets: Sequence[ProfileSpec],
+    noise: float,
+) -> dict[str, np.ndarray]: ...
+def write_snapshot(
+    path: str | PathLike[str],
+    tensors: Sequence[tuple[str, np.ndarray]],
+    dtype: str,
+    metadata: Mapping[str, str],
+) -> list[str]: ...
+def scan_store(
+    path: str | PathLike[str],
+) -> tuple[Headers, list[dict[str, Any]], list[tuple[str, str]], list[str]]: ...
+
+class EngineProgress:
+    def __init__(self) -> None: ...
+    @property
+    def bytes_done(self) -> int: ...
+    def cancel(self) -> None: ...
+
+class Headers:
+    def __init__(self, paths: Sequence[str | PathLike[str]]) -> None: ...
+    def __len__(self) -> int: ...
+    def describe(self) -> list[dict[str, Any]]: ...
+    def select(self, indices: Sequence[int]) -> Headers: ...
+    def combine_to_files(
+        self, weights: np.ndarray, outputs: Sequence[Mapping[str, Any]], progress: EngineProgress
+    ) -> tuple[list[list[str]], dict[str, Any]]: ...
+    def combine_to_memory(
+        self, weights: np.ndarray, buffers: Sequence[Sequence[np.ndarray]], progress: EngineProgress
+    ) -> dict[str, Any]: ...
