@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use safetensors::Dtype;
 
-use crate::engine::{self, Progress, Sink};
+use crate::engine::{self, Progress, Sink, Source};
 use crate::error::PhemaError;
 use crate::profile::{self, Profile};
 use crate::solve::{self as solver, SolveOptions};
@@ -256,17 +256,25 @@ impl EngineProgress {
     }
 }
 
-/// Parsed headers of a set of safetensors files, in the order given.
+/// Parsed headers of a set of inputs (checkpoints of one or more safetensors files each), in
+/// the order given.
 #[pyclass(frozen)]
-struct Headers(Vec<Header>);
+struct Sources(Vec<Source>);
 
-fn header_dict<'py>(py: Python<'py>, h: &Header) -> PyResult<Bound<'py, PyDict>> {
+fn source_dict<'py>(py: Python<'py>, s: &Source) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("path", h.path.to_string_lossy())?;
-    d.set_item("metadata", h.metadata.clone())?;
-    d.set_item("file_size", h.file_size)?;
+    let first: &Header = &s.files[0];
+    d.set_item("path", first.path.to_string_lossy())?;
+    let files: Vec<String> = s
+        .files
+        .iter()
+        .map(|h| h.path.to_string_lossy().into_owned())
+        .collect();
+    d.set_item("files", files)?;
+    d.set_item("metadata", first.metadata.clone())?;
+    d.set_item("file_size", s.size())?;
     let tensors = PyList::empty(py);
-    for t in &h.tensors {
+    for (_, t) in s.tensors() {
         tensors.append((t.name.clone(), dtype_name(t.dtype), t.shape.clone()))?;
     }
     d.set_item("tensors", tensors)?;
@@ -274,32 +282,42 @@ fn header_dict<'py>(py: Python<'py>, h: &Header) -> PyResult<Bound<'py, PyDict>>
 }
 
 #[pymethods]
-impl Headers {
-    /// Reads the headers of these files (data is not touched).
+impl Sources {
+    /// Reads the headers of these inputs, each a list of files (data is not touched).
     #[new]
-    fn new(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Self> {
-        let headers = py
+    fn new(py: Python<'_>, inputs: Vec<Vec<PathBuf>>) -> PyResult<Self> {
+        let sources = py
             .detach(|| {
-                paths
+                inputs
                     .iter()
-                    .map(|p| store::read_header(p))
+                    .map(|files| {
+                        let files = files
+                            .iter()
+                            .map(|p| store::read_header(p))
+                            .collect::<crate::Result<Vec<_>>>()?;
+                        if files.is_empty() {
+                            return Err(PhemaError::Invalid("an input without files".into()));
+                        }
+                        Ok(Source { files })
+                    })
                     .collect::<crate::Result<Vec<_>>>()
             })
             .map_err(err)?;
-        Ok(Headers(headers))
+        Ok(Sources(sources))
     }
 
     fn __len__(&self) -> usize {
         self.0.len()
     }
 
-    /// One dict per file: path, metadata, file_size, tensors [(name, dtype, shape)].
+    /// One dict per input: path (of its first file), files, metadata (of its first file),
+    /// file_size (total), tensors [(name, dtype, shape)].
     fn describe<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.0.iter().map(|h| header_dict(py, h)).collect()
+        self.0.iter().map(|s| source_dict(py, s)).collect()
     }
 
-    /// The files at these positions.
-    fn select(&self, indices: Vec<usize>) -> PyResult<Headers> {
+    /// The inputs at these positions.
+    fn select(&self, indices: Vec<usize>) -> PyResult<Sources> {
         indices
             .iter()
             .map(|&i| {
@@ -309,17 +327,20 @@ impl Headers {
                     .ok_or_else(|| PyValueError::new_err(format!("no file at index {i}")))
             })
             .collect::<PyResult<Vec<_>>>()
-            .map(Headers)
+            .map(Sources)
     }
 
-    /// Writes `sum_i weights[i, k] * file_i` for every target `k` to the requested outputs
+    /// Writes `sum_i weights[i, k] * input_i` for every target `k` to the requested outputs
     /// (dicts with path, dtype, metadata, shard_size); returns (paths per target, stats).
+    /// Non-float tensors come from input `copy_from` (default: the last input read).
+    #[pyo3(signature = (weights, outputs, progress, copy_from=None))]
     fn combine_to_files<'py>(
         &self,
         py: Python<'py>,
         weights: PyReadonlyArray2<'py, f64>,
         outputs: Vec<Bound<'py, PyDict>>,
         progress: &EngineProgress,
+        copy_from: Option<usize>,
     ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
         let w = rows(&weights)?;
         let requests = outputs
@@ -335,8 +356,8 @@ impl Headers {
                     .iter()
                     .position(|r| r.iter().any(|&x| x != 0.0))
                     .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                let sink = FileSink::create(&headers[first].tensors, &requests)?;
-                let stats = engine::combine(headers, &w, k, &sink, &progress)?;
+                let sink = FileSink::create(&engine::layout_of(&headers[first]), &requests)?;
+                let stats = engine::combine(headers, &w, k, copy_from, &sink, &progress)?;
                 Ok::<_, PhemaError>((sink.finish()?, stats))
             })
             .map_err(err)?;
@@ -391,8 +412,8 @@ impl Headers {
                     .iter()
                     .position(|r| r.iter().any(|&x| x != 0.0))
                     .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                sink.check(&headers[first].tensors)?;
-                engine::combine(headers, &w, k, &sink, &progress)
+                sink.check(&engine::layout_of(&headers[first]))?;
+                engine::combine(headers, &w, k, None, &sink, &progress)
             })
             .map_err(err)?;
         stats_dict(py, &stats)
@@ -425,6 +446,7 @@ fn stats_dict<'py>(py: Python<'py>, s: &engine::Stats) -> PyResult<Bound<'py, Py
     let d = PyDict::new(py);
     d.set_item("read", s.read.clone())?;
     d.set_item("bytes_read", s.bytes_read)?;
+    d.set_item("raw_mismatch", s.raw_mismatch.clone())?;
     Ok(d)
 }
 
@@ -500,17 +522,17 @@ impl Sink for MemorySink {
     }
 }
 
-/// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems).
-#[pyfunction]
-fn scan_store<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-) -> PyResult<(
-    Headers,
+/// What `scan_store` returns: the sources, their records, ignored files and problems.
+type ScanResult<'py> = (
+    Sources,
     Vec<Bound<'py, PyDict>>,
     Vec<(String, String)>,
     Vec<String>,
-)> {
+);
+
+/// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems).
+#[pyfunction]
+fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
     if !Path::new(&path).is_dir() {
         return Err(StoreError::new_err(format!(
             "{}: not a directory (a store is a directory of snapshots)",
@@ -520,7 +542,7 @@ fn scan_store<'py>(
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
     for s in &scan.snapshots {
-        let d = header_dict(py, &s.header)?;
+        let d = source_dict(py, &Source::single(s.header.clone()))?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -539,7 +561,12 @@ fn scan_store<'py>(
         .iter()
         .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
         .collect();
-    let headers = Headers(scan.snapshots.into_iter().map(|s| s.header).collect());
+    let headers = Sources(
+        scan.snapshots
+            .into_iter()
+            .map(|s| Source::single(s.header))
+            .collect(),
+    );
     Ok((headers, records, ignored, scan.problems))
 }
 
@@ -559,7 +586,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inner, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(scan_store, m)?)?;
-    m.add_class::<Headers>()?;
+    m.add_class::<Sources>()?;
     m.add_class::<EngineProgress>()?;
     Ok(())
 }

@@ -50,88 +50,143 @@ pub struct Stats {
     pub read: Vec<usize>,
     /// Snapshot bytes read.
     pub bytes_read: u64,
+    /// Non-float tensors whose contents differ between the inputs read.
+    pub raw_mismatch: Vec<String>,
 }
 
-/// Checks that every input holds the same tensors as `layout` (names, shapes, float or not).
-pub fn check_layout(layout: &[TensorEntry], inputs: &[&Header]) -> Result<()> {
-    for h in inputs {
-        if h.tensors.len() != layout.len() {
-            let missing = layout
-                .iter()
-                .find(|t| !h.tensors.iter().any(|u| u.name == t.name))
-                .map(|t| t.name.clone());
-            return Err(PhemaError::Store(match missing {
-                Some(name) => format!("tensor `{name}` is missing from {}", h.path.display()),
-                None => format!(
-                    "{} holds {} tensors, expected {}",
-                    h.path.display(),
-                    h.tensors.len(),
-                    layout.len()
-                ),
-            }));
+/// One input of a combination: a checkpoint held in one safetensors file (a snapshot) or in
+/// several (a sharded checkpoint).
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Its files.
+    pub files: Vec<Header>,
+}
+
+impl Source {
+    /// A single-file source.
+    pub fn single(header: Header) -> Self {
+        Source {
+            files: vec![header],
         }
-        for t in layout {
-            let Some(u) = h.tensors.iter().find(|u| u.name == t.name) else {
+    }
+
+    /// Every tensor with the index of its file, in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = (usize, &TensorEntry)> {
+        self.files
+            .iter()
+            .enumerate()
+            .flat_map(|(f, h)| h.tensors.iter().map(move |t| (f, t)))
+    }
+
+    /// Bytes on disk.
+    pub fn size(&self) -> u64 {
+        self.files.iter().map(|h| h.file_size).sum()
+    }
+
+    /// The files, for messages.
+    pub fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.path.display().to_string(),
+            many => format!(
+                "{} (and {} more shards)",
+                many[0].path.display(),
+                many.len() - 1
+            ),
+        }
+    }
+
+    /// This source's tensors in `layout` order, checking names, shapes and kinds agree.
+    pub fn align(&self, layout: &[TensorEntry]) -> Result<Vec<(usize, TensorEntry)>> {
+        let by_name: std::collections::HashMap<&str, (usize, &TensorEntry)> = self
+            .tensors()
+            .map(|(f, t)| (t.name.as_str(), (f, t)))
+            .collect();
+        if by_name.len() > layout.len() {
+            let known: std::collections::HashSet<&str> =
+                layout.iter().map(|t| t.name.as_str()).collect();
+            if let Some(extra) = by_name.keys().find(|n| !known.contains(**n)) {
                 return Err(PhemaError::Store(format!(
-                    "tensor `{}` is missing from {}",
-                    t.name,
-                    h.path.display()
-                )));
-            };
-            if u.shape != t.shape || is_float(u.dtype) != is_float(t.dtype) {
-                return Err(PhemaError::Store(format!(
-                    "tensor `{}` is {:?} {:?} in {} but {:?} {:?} elsewhere",
-                    t.name,
-                    u.dtype,
-                    u.shape,
-                    h.path.display(),
-                    t.dtype,
-                    t.shape
+                    "tensor `{extra}` is in {} but not in the other inputs",
+                    self.describe()
                 )));
             }
         }
+        layout
+            .iter()
+            .map(|t| {
+                let Some(&(f, u)) = by_name.get(t.name.as_str()) else {
+                    return Err(PhemaError::Store(format!(
+                        "tensor `{}` is missing from {}",
+                        t.name,
+                        self.describe()
+                    )));
+                };
+                if u.shape != t.shape || is_float(u.dtype) != is_float(t.dtype) {
+                    return Err(PhemaError::Store(format!(
+                        "tensor `{}` is {:?} {:?} in {} but {:?} {:?} in the other inputs",
+                        t.name,
+                        u.dtype,
+                        u.shape,
+                        self.files[f].path.display(),
+                        t.dtype,
+                        t.shape
+                    )));
+                }
+                Ok((f, u.clone()))
+            })
+            .collect()
     }
-    Ok(())
 }
 
 /// One mapped input with its tensors in `layout` order.
-struct Mapped<'a> {
-    header: &'a Header,
-    map: Mmap,
-    entries: Vec<TensorEntry>,
+struct Mapped {
+    maps: Vec<Mmap>,
+    entries: Vec<(usize, TensorEntry)>,
 }
 
-fn open(header: &Header, layout: &[TensorEntry]) -> Result<Mmap> {
+impl Mapped {
+    fn bytes(&self, tensor: usize, byte_lo: usize, len: usize) -> (&Mmap, &[u8], usize) {
+        let (f, e) = &self.entries[tensor];
+        let lo = e.offset as usize + byte_lo;
+        let map = &self.maps[*f];
+        (map, &map[lo..lo + len], lo)
+    }
+}
+
+fn open(header: &Header) -> Result<Mmap> {
+    let changed = || {
+        PhemaError::Store(format!(
+            "{} changed since it was listed; list it again",
+            header.path.display()
+        ))
+    };
     // The file may have changed since it was listed: re-read its header and compare.
     let now = read_header(&header.path)?;
     if now.tensors != header.tensors || now.file_size != header.file_size {
-        return Err(PhemaError::Store(format!(
-            "{} changed since the store was listed; list it again",
-            header.path.display()
-        )));
+        return Err(changed());
     }
-    check_layout(layout, &[header])?;
     let file = File::open(&header.path).map_err(|e| PhemaError::io(&header.path, e))?;
     // SAFETY: the file is only read. A file truncated while mapped would fault; phema writes
     // snapshots by atomic rename, so a live file is never rewritten in place by phema itself.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| PhemaError::io(&header.path, e))?;
     if map.len() as u64 != header.file_size {
-        return Err(PhemaError::Store(format!(
-            "{} changed since the store was listed; list it again",
-            header.path.display()
-        )));
+        return Err(changed());
     }
+    // Chunks visit each file front to back: let the kernel read ahead.
+    let _ = map.advise(memmap2::Advice::Sequential);
     Ok(map)
 }
 
 /// Combines `inputs` with `weights[i][k]` (input `i`, target `k`) into `sink`.
 ///
 /// Inputs whose weight is zero for every target are never opened. Non-float tensors are copied
-/// from the last input that is read (inputs are expected in time order).
+/// from input `copy_from` (which must be read; by default the last input read) and compared
+/// with every other input read: the names of those that differ are returned in the stats.
 pub fn combine(
-    inputs: &[Header],
+    inputs: &[Source],
     weights: &[Vec<f64>],
     n_targets: usize,
+    copy_from: Option<usize>,
     sink: &dyn Sink,
     progress: &Progress,
 ) -> Result<Stats> {
@@ -152,29 +207,24 @@ pub fn combine(
             "every weight is zero: nothing to combine".into(),
         ));
     };
-    let layout = inputs[first].tensors.clone();
+    let copy_from = match copy_from {
+        None => used.len() - 1,
+        Some(i) => used.iter().position(|&u| u == i).ok_or_else(|| {
+            PhemaError::Invalid(format!(
+                "input {i} to copy non-float tensors from is not read"
+            ))
+        })?,
+    };
+    let layout = layout_of(&inputs[first]);
     let mut mapped = Vec::with_capacity(used.len());
     for &i in &used {
-        let h = &inputs[i];
-        let map = open(h, &layout)?;
-        // The tensors of this file, in layout order.
-        let entries = layout
+        let entries = inputs[i].align(&layout)?;
+        let maps = inputs[i]
+            .files
             .iter()
-            .map(|t| {
-                h.tensors
-                    .iter()
-                    .find(|u| u.name == t.name)
-                    .cloned()
-                    .expect("check_layout verified every name")
-            })
-            .collect();
-        // Chunks visit each file front to back: let the kernel read ahead.
-        let _ = map.advise(memmap2::Advice::Sequential);
-        mapped.push(Mapped {
-            header: h,
-            map,
-            entries,
-        });
+            .map(open)
+            .collect::<Result<Vec<_>>>()?;
+        mapped.push(Mapped { maps, entries });
     }
     let w: Vec<Vec<f32>> = used
         .iter()
@@ -196,7 +246,7 @@ pub fn combine(
             items.push((ti, 0, 0));
         }
     }
-    let last = mapped.len() - 1;
+    let mismatched = std::sync::Mutex::new(Vec::new());
     items.par_iter().try_for_each_init(
         || (vec![0f32; n_targets * CHUNK], vec![0f32; BLOCK]),
         |(acc, block), &(ti, start, len)| -> Result<()> {
@@ -204,9 +254,13 @@ pub fn combine(
                 return Err(PhemaError::Invalid("cancelled".into()));
             }
             if !is_float(layout[ti].dtype) {
-                let m = &mapped[last];
-                let e = &m.entries[ti];
-                let bytes = &m.map[e.offset as usize..(e.offset + e.nbytes) as usize];
+                let nbytes = mapped[copy_from].entries[ti].1.nbytes as usize;
+                let (_, bytes, _) = mapped[copy_from].bytes(ti, 0, nbytes);
+                if mapped.iter().any(|m| m.bytes(ti, 0, nbytes).1 != bytes) {
+                    if let Ok(mut v) = mismatched.lock() {
+                        v.push(layout[ti].name.clone());
+                    }
+                }
                 for k in 0..n_targets {
                     sink.put_raw(k, ti, bytes)?;
                 }
@@ -216,16 +270,15 @@ pub fn combine(
             acc.fill(0.0);
             let mut read = 0u64;
             for (m, wm) in mapped.iter().zip(&w) {
-                let e = &m.entries[ti];
-                let size = e.dtype.bitsize() / 8;
-                let lo = e.offset as usize + start * size;
-                let bytes = &m.map[lo..lo + len * size];
+                let dtype = m.entries[ti].1.dtype;
+                let size = dtype.bitsize() / 8;
+                let (map, bytes, lo) = m.bytes(ti, start * size, len * size);
                 read += bytes.len() as u64;
                 let mut b0 = 0;
                 while b0 < len {
                     let bl = BLOCK.min(len - b0);
                     let x = &mut block[..bl];
-                    decode(e.dtype, &bytes[b0 * size..(b0 + bl) * size], x);
+                    decode(dtype, &bytes[b0 * size..(b0 + bl) * size], x);
                     for (k, &wk) in wm.iter().enumerate() {
                         if wk != 0.0 {
                             axpy(&mut acc[k * len + b0..k * len + b0 + bl], wk, x);
@@ -233,7 +286,7 @@ pub fn combine(
                     }
                     b0 += bl;
                 }
-                release(&m.map, lo, bytes.len());
+                release(map, lo, bytes.len());
             }
             for k in 0..n_targets {
                 sink.put_f32(k, ti, start, &acc[k * len..(k + 1) * len])?;
@@ -242,11 +295,18 @@ pub fn combine(
             Ok(())
         },
     )?;
-    let bytes_read = mapped.iter().map(|m| m.header.file_size).sum();
+    let mut raw_mismatch = mismatched.into_inner().unwrap_or_default();
+    raw_mismatch.sort();
     Ok(Stats {
+        bytes_read: used.iter().map(|&i| inputs[i].size()).sum(),
         read: used,
-        bytes_read,
+        raw_mismatch,
     })
+}
+
+/// The tensor layout outputs follow: the tensors of `source` in file order.
+pub fn layout_of(source: &Source) -> Vec<TensorEntry> {
+    source.tensors().map(|(_, t)| t.clone()).collect()
 }
 
 /// Drops the pages of a processed range from this process, so resident memory stays bounded by
@@ -372,7 +432,7 @@ mod tests {
                 &BTreeMap::new(),
             )
             .unwrap();
-            headers.push(read_header(&p).unwrap());
+            headers.push(Source::single(read_header(&p).unwrap()));
             values.push((a, b, dtype));
         }
         let weights = vec![
@@ -385,8 +445,9 @@ mod tests {
             vec![vec![0.0; n], vec![0.0; 6], vec![]];
             2
         ]));
-        let stats = combine(&headers, &weights, 2, &sink, &Progress::default()).unwrap();
+        let stats = combine(&headers, &weights, 2, None, &sink, &Progress::default()).unwrap();
         assert_eq!(stats.read, vec![0, 2, 3]);
+        assert_eq!(stats.raw_mismatch, vec!["step".to_string()]);
         let out = sink.0.into_inner().unwrap();
         let round = |x: f32, d: Dtype| match d {
             Dtype::BF16 => bf16::from_f32(x).to_f32() as f64,
@@ -421,7 +482,15 @@ mod tests {
         let h = read_header(&p).unwrap();
         write(&a[..5]);
         let sink = VecSink(Mutex::new(vec![vec![vec![0.0; 10]]]));
-        let err = combine(&[h], &[vec![1.0]], 1, &sink, &Progress::default()).unwrap_err();
+        let err = combine(
+            &[Source::single(h)],
+            &[vec![1.0]],
+            1,
+            None,
+            &sink,
+            &Progress::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("x.safetensors"), "{err}");
     }
 }

@@ -271,7 +271,7 @@ pub fn power_exp_integral(gamma: f64, a: f64) -> f64 {
 /// iteration on the Legendre polynomial.
 fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
     static RULE: OnceLock<([f64; 20], [f64; 20])> = OnceLock::new();
-    let (x, w) = RULE.get_or_init(|| gauss_legendre::<20>());
+    let (x, w) = RULE.get_or_init(gauss_legendre::<20>);
     (x, w)
 }
 

@@ -254,10 +254,7 @@ impl GramSystem {
         let m = x.len();
         let mut xax = 0.0;
         for i in 0..m {
-            let mut row = 0.0;
-            for j in 0..m {
-                row += self.a[(i, j)] * x[j];
-            }
+            let row: f64 = (0..m).map(|j| self.a[(i, j)] * x[j]).sum();
             xax += x[i] * row;
         }
         let xb: f64 = x.iter().zip(b).map(|(x, b)| x * b).sum();

@@ -64,7 +64,7 @@ class Store:
     snapshots: list[SnapshotRecord]
     ignored: list[tuple[str, str]]
     problems: list[str]
-    headers: Any = field(repr=False)  # _core.Headers, in the order of `snapshots`
+    headers: Any = field(repr=False)  # _core.Sources, in the order of `snapshots`
 
     def __len__(self) -> int:
         return len(self.snapshots)
