@@ -164,6 +164,46 @@ fn solve<'py>(
     Ok(out)
 }
 
+/// Weights on plain checkpoints at `times` for every target (linear interpolation in time).
+#[pyfunction]
+fn solve_raw<'py>(
+    py: Python<'py>,
+    times: Vec<f64>,
+    targets: Vec<ProfileSpec>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let targets = targets
+        .iter()
+        .map(|s| make_profile(&s.0, s.1, s.2, s.3))
+        .collect::<PyResult<Vec<_>>>()?;
+    let fits = py
+        .detach(|| {
+            targets
+                .iter()
+                .map(|t| solver::solve_raw(&times, t))
+                .collect::<crate::Result<Vec<_>>>()
+        })
+        .map_err(err)?;
+    let (n, k) = (times.len(), fits.len());
+    let mut w = vec![0.0; n * k];
+    for (j, f) in fits.iter().enumerate() {
+        for i in 0..n {
+            w[i * k + j] = f.weights[i];
+        }
+    }
+    let out = PyDict::new(py);
+    out.set_item("weights", w.into_pyarray(py).reshape([n, k])?)?;
+    let col = |f: fn(&solver::RawFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
+    out.set_item("fit_error", col(|f| f.fit_error).into_pyarray(py))?;
+    out.set_item("resolution", col(|f| f.resolution).into_pyarray(py))?;
+    out.set_item(
+        "extrapolated_mass",
+        col(|f| f.extrapolated_mass).into_pyarray(py),
+    )?;
+    out.set_item("initial_mass", col(|f| f.initial_mass).into_pyarray(py))?;
+    out.set_item("sigma_rel", col(|f| f.target.sigma_rel()).into_pyarray(py))?;
+    Ok(out)
+}
+
 /// Writes one snapshot file crash-safely; returns the names of tensors kept in fp32 because they
 /// exceed the fp16 range.
 #[pyfunction]
@@ -584,6 +624,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(profile_info, m)?)?;
     m.add_function(wrap_pyfunction!(solve, m)?)?;
     m.add_function(wrap_pyfunction!(inner, m)?)?;
+    m.add_function(wrap_pyfunction!(solve_raw, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(scan_store, m)?)?;
     m.add_class::<Sources>()?;

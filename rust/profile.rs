@@ -267,6 +267,22 @@ pub fn power_exp_integral(gamma: f64, a: f64) -> f64 {
     sum
 }
 
+/// `integral_a^b f` by 20-point Gauss-Legendre on `panels` equal panels.
+pub fn integrate(f: impl Fn(f64) -> f64, a: f64, b: f64, panels: usize) -> f64 {
+    let (nodes, weights) = gauss_legendre_20();
+    let width = (b - a) / panels as f64;
+    (0..panels)
+        .map(|p| {
+            let (c, h) = (a + (p as f64 + 0.5) * width, 0.5 * width);
+            h * nodes
+                .iter()
+                .zip(weights)
+                .map(|(x, w)| w * f(c + h * x))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
 /// Nodes and weights of the 20-point Gauss-Legendre rule on `[-1, 1]`, computed once by Newton
 /// iteration on the Legendre polynomial.
 fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {

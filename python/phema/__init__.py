@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from phema._core import StoreError
 from phema._core import __version__ as __version__
+from phema.checkpoints import average, open_checkpoints
 from phema.solver import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamma, solve
 from phema.store import SnapshotRecord, Store, open_store
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PostHocEMA",
+    "average",
+    "open_checkpoints",
     "Solution",
     "SnapshotRecord",
     "Store",

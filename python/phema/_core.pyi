@@ -28,6 +28,7 @@ def solve(
     targets: Sequence[ProfileSpec],
     noise: float,
 ) -> dict[str, np.ndarray]: ...
+def solve_raw(times: Sequence[float], targets: Sequence[ProfileSpec]) -> dict[str, np.ndarray]: ...
 def write_snapshot(
     path: str | PathLike[str],
     tensors: Sequence[tuple[str, np.ndarray]],

@@ -13,6 +13,7 @@ from phema import _core
 
 if TYPE_CHECKING:
     from phema.solver import Solution
+    from phema.store import Store
 
 
 class UserError(Exception):
@@ -71,10 +72,28 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def _open(args: argparse.Namespace, strict: bool = True) -> Store:
+    """The store named on the command line: a phema store, or plain checkpoints."""
     from phema.store import open_store
 
-    store = open_store(args.store, strict=False)
+    if getattr(args, "checkpoints", False):
+        from phema.checkpoints import open_checkpoints
+
+        times = parse_list(args.times) if args.times else None
+        return open_checkpoints(
+            args.store, times=times, **({"pattern": args.pattern} if args.pattern else {})
+        )
+    store = open_store(args.store, strict=strict)
+    if not store.snapshots and any("phema metadata" in why for _, why in store.ignored):
+        raise UserError(
+            f"{args.store} holds safetensors files but no phema snapshots; "
+            "for ordinary checkpoints add --checkpoints"
+        )
+    return store
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _open(args, strict=False)
     print(
         f"store {store.path}: {len(store)} snapshots, {_size(sum(s.size for s in store.snapshots))}"
     )
@@ -144,9 +163,8 @@ def _report_rows(sol: Solution, extra: list[list[str]] | None = None) -> list[li
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from phema.solver import solve
-    from phema.store import open_store
 
-    store = open_store(args.store)
+    store = _open(args)
     sol = solve(store, **_targets(args))
     if args.json:
         print(sol.to_json())
@@ -161,12 +179,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from phema.reconstruction import reconstruct
     from phema.solver import solve
-    from phema.store import normalize_dtype, open_store
+    from phema.store import normalize_dtype
 
-    if args.threads:
-        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    _threads(args)
     normalize_dtype(args.dtype)
-    store = open_store(args.store)
+    store = _open(args)
     kw = _targets(args)
     sol = solve(store, **kw)
     paths = reconstruct(
@@ -187,6 +204,40 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     )
     for n in sol.notes:
         print(f"note: {n}")
+    return 0
+
+
+def _threads(args: argparse.Namespace) -> None:
+    # The engine's thread pool starts on first use and reads this then.
+    if args.threads:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: need at least 1")
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    import warnings
+
+    from phema.checkpoints import average
+
+    _threads(args)
+    weights = parse_list(args.weights) if args.weights else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = average(
+            args.checkpoints,
+            weights=weights,
+            out=args.out,
+            dtype=args.dtype,
+            shard_size=parse_size(args.shard_size) if args.shard_size else None,
+            progress=sys.stderr.isatty() and not args.quiet,
+        )
+    for w in caught:
+        print(f"note: {w.message}")
+    stats = average.last_stats  # type: ignore[attr-defined]
+    print(f"averaged {len(stats['read'])} checkpoints ({_size(stats['bytes_read'])} read) into:")
+    for p in paths:
+        print(f"  {p}")
     return 0
 
 
@@ -219,9 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    def raw(s: argparse.ArgumentParser) -> None:
+        g = s.add_argument_group(
+            "ordinary checkpoints (post-hoc EMA for runs that were never tracked)"
+        )
+        g.add_argument(
+            "--checkpoints", action="store_true", help="STORE is a directory of plain checkpoints"
+        )
+        g.add_argument(
+            "--times", help="their training times in name order (default: metadata or name)"
+        )
+        g.add_argument("--pattern", help="regex whose last match in a name is its time")
+
     s = sub.add_parser("inspect", help="what a store holds: times, profiles, sizes, problems")
     s.add_argument("store")
     s.add_argument("-v", "--verbose", action="store_true", help="list every snapshot")
+    raw(s)
     s.set_defaults(func=cmd_inspect)
 
     def targets(s: argparse.ArgumentParser) -> None:
@@ -236,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             help="snapshot rounding noise (default: from dtype; 0 = plain least squares)",
         )
+        raw(s)
 
     s = sub.add_parser("solve", help="weights, fit error and gain per target")
     targets(s)
@@ -250,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser(
+        "average", help="weighted average of checkpoints (SWA, soups) in bounded memory"
+    )
+    s.add_argument(
+        "checkpoints", nargs="+", metavar="CKPT", help=".safetensors file or checkpoint directory"
+    )
+    s.add_argument("--weights", help="w1,w2,... (default: uniform)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
+    s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
+    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_average)
 
     s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
     s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")

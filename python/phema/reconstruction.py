@@ -35,7 +35,7 @@ def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def _run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, desc: str) -> Any:
+def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, desc: str) -> Any:
     """Runs the engine (which releases the interpreter) in a worker thread while this thread shows
     progress; Ctrl-C cancels the engine cleanly instead of leaving it running."""
     handle = _core.EngineProgress()
@@ -131,7 +131,7 @@ def reconstruct(
             }
         )
     weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
-    paths, stats = _run_engine(
+    paths, stats = run_engine(
         lambda handle: store.headers.combine_to_files(weights, outputs, handle),
         _snapshot_bytes(store, weights),
         progress,
@@ -174,7 +174,7 @@ def reconstruct_state_dict(
         tensors[name] = t
         nbytes = numel * t.element_size()
         buffers.append(t.reshape(-1).view(torch.uint8).numpy() if nbytes else np.empty(0, np.uint8))
-    _run_engine(
+    run_engine(
         lambda handle: store.headers.combine_to_memory(weights, [buffers], handle),
         _snapshot_bytes(store, weights),
         False,

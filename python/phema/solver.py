@@ -104,6 +104,10 @@ class Solution:
     rank_deficient: np.ndarray
     noise: float
     notes: list[str] = field(default_factory=list)
+    # Only for plain checkpoints (kind raw): checkpoints per target width, and the target mass
+    # outside the checkpoints' span.
+    resolution: np.ndarray | None = None
+    extrapolated_mass: np.ndarray | None = None
 
     def used(self, k: int) -> np.ndarray:
         """Indices of the snapshots with non-zero weight for target `k`."""
@@ -131,6 +135,9 @@ class Solution:
                     "snapshots_used": int(len(self.used(k))),
                 }
             )
+            if self.resolution is not None and self.extrapolated_mass is not None:
+                out[-1]["resolution"] = float(self.resolution[k])
+                out[-1]["extrapolated_mass"] = float(self.extrapolated_mass[k])
         return out
 
     def to_json(self) -> str:
@@ -197,22 +204,19 @@ def solve(
     records = list(getattr(snapshots, "snapshots", snapshots))
     if not records:
         raise ValueError("no snapshots to solve with")
+    kinds = {_field(r, "kind") or "power" for r in records}
+    if kinds == {"raw"}:
+        return _solve_raw(records, sigma_rels, gammas, betas, halflives, dt, at)
+    if "raw" in kinds:
+        raise ValueError("a store mixing power averages and plain checkpoints cannot be solved")
     ts, gs = [], []
     for r in records:
         t, g = _field(r, "t"), _field(r, "gamma")
         if t is None or g is None:
-            kind = _field(r, "kind")
-            raise ValueError(
-                f"snapshot {_field(r, 'path') or r!r} has no t/gamma"
-                + (f" (kind {kind!r} cannot be solved for yet)" if kind else "")
-            )
+            raise ValueError(f"snapshot {_field(r, 'path') or r!r} has no t/gamma")
         ts.append(float(t))
         gs.append(float(g))
-    t_last = max(ts)
-    if at is None:
-        at = t_last
-    elif not (0 < at <= t_last * (1 + 1e-12)):
-        raise ValueError(f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})")
+    at = _target_time(ts, at)
     targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
     if isinstance(noise, str):
         if noise != "auto":
@@ -220,24 +224,79 @@ def solve(
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
     raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise))
-    notes = []
+    notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
-        if raw["initial_mass"][k] > 1e-3:
-            notes.append(
-                f"{tg.label}: a classic EMA would leave {raw['initial_mass'][k]:.1%} of its mass on "
-                "the initial weights; no snapshot holds them, so the target is renormalized on (0, t]"
-            )
         if raw["rank_deficient"][k]:
             notes.append(
                 f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used"
             )
-    for k, tg in enumerate(targets):
         if not math.isfinite(raw["fit_error"][k]):
             raise ValueError(f"{tg.label}: the solver produced a non-finite fit")
+    return Solution(targets=targets, snapshots=records, noise=float(noise), notes=notes, **raw)
+
+
+def _target_time(ts: list[float], at: float | None) -> float:
+    t_last = max(ts)
+    if at is None:
+        return t_last
+    if not (0 < at <= t_last * (1 + 1e-12)):
+        raise ValueError(f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})")
+    return float(at)
+
+
+def _initial_mass_notes(targets: list[Target], initial_mass: np.ndarray) -> list[str]:
+    return [
+        f"{tg.label}: a classic EMA would leave {m:.1%} of its mass on the initial weights; "
+        "no snapshot holds them, so the target is renormalized on (0, t]"
+        for tg, m in zip(targets, initial_mass)
+        if m > 1e-3
+    ]
+
+
+def _solve_raw(
+    records: list[Any],
+    sigma_rels: Iterable[float] | float | None,
+    gammas: Iterable[float] | float | None,
+    betas: Iterable[float] | float | None,
+    halflives: Iterable[float] | float | None,
+    dt: float,
+    at: float | None,
+) -> Solution:
+    """Plain checkpoints: integrate the target against the linearly interpolated trajectory."""
+    ts = [float(_field(r, "t")) for r in records]
+    at = _target_time(ts, at)
+    targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
+    raw = _core.solve_raw(ts, [tg.spec() for tg in targets])
+    w = raw["weights"]
+    notes = _initial_mass_notes(targets, raw["initial_mass"])
+    for k, tg in enumerate(targets):
+        if raw["resolution"][k] < 2:
+            notes.append(
+                f"{tg.label}: only {raw['resolution'][k]:.2f} checkpoints per target width; "
+                "the checkpoints are too sparse to resolve this profile well"
+            )
+        if raw["extrapolated_mass"][k] > 0.01:
+            notes.append(
+                f"{tg.label}: {raw['extrapolated_mass'][k]:.1%} of the target lies outside the "
+                "checkpoints' span and is taken from the nearest checkpoint"
+            )
+    n = len(targets)
     return Solution(
         targets=targets,
         snapshots=records,
-        noise=float(noise),
+        weights=w,
+        fit_error=raw["fit_error"],
+        gain=np.abs(w).sum(axis=0),
+        norm=np.linalg.norm(w, axis=0),
+        mass=w.sum(axis=0),
+        initial_mass=raw["initial_mass"],
+        sigma_rel=raw["sigma_rel"],
+        regularized=np.zeros(n, bool),
+        lstsq_fit_error=raw["fit_error"],
+        lstsq_gain=np.abs(w).sum(axis=0),
+        rank_deficient=np.zeros(n, bool),
+        noise=0.0,
         notes=notes,
-        **{k: v for k, v in raw.items()},
+        resolution=raw["resolution"],
+        extrapolated_mass=raw["extrapolated_mass"],
     )
