@@ -326,7 +326,10 @@ const RAW_PANELS: usize = 16;
 /// target profile against the resulting hat functions, so an exactly linear trajectory is
 /// averaged exactly.
 pub fn solve_raw(times: &[f64], target: &Profile) -> Result<RawFit> {
-    if times.windows(2).any(|w| !(w[0] < w[1])) || times.iter().any(|t| !(*t > 0.0)) {
+    let increasing = times
+        .windows(2)
+        .all(|w| w[0].partial_cmp(&w[1]) == Some(std::cmp::Ordering::Less));
+    if !increasing || times.iter().any(|t| t.is_nan() || *t <= 0.0) {
         return Err(PhemaError::Invalid(
             "checkpoint times must be positive and strictly increasing".into(),
         ));
