@@ -18,7 +18,10 @@ def test_short_demo_writes_figures_and_consistent_numbers(tmp_path):
         assert all(math.isfinite(v) for v in m.as_dict().values()), label
     # A tracked sigma_rel is a stored snapshot: weight 1, no fit error, and the reconstruction
     # equals the tracker's own average rounded to fp16 exactly.
-    assert result.fit_error["sigma_rel-0.100"] < 1e-9 and abs(result.gain["sigma_rel-0.100"] - 1) < 1e-9
+    assert (
+        result.fit_error["sigma_rel-0.100"] < 1e-9
+        and abs(result.gain["sigma_rel-0.100"] - 1) < 1e-9
+    )
     assert result.tracked_max_diff == 0.0
     # Classic decays are reported at their equivalent sigma_rel, which grows with beta.
     s = [result.sigma_rel[f"beta-{b:g}"] for b in BETAS]

@@ -17,20 +17,29 @@ import phema
 from phema import _core
 from phema.demo.metrics import METRIC_LABELS, SampleQuality, evaluate, make_reference
 from phema.demo.model import (
-    TrainConfig,
     ToyDenoiser,
+    TrainConfig,
     edm_sample,
     learning_rate,
     make_optimizer,
     train_step,
 )
 from phema.demo.plots import plot_metrics, plot_profiles, plot_samples
-from phema.demo.tree import tree_mixture
+from phema.demo.tree import GaussianMixture, tree_mixture
+from phema.solver import Solution
+from phema.tracker import PostHocEMA
 
 SIGMA_RELS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
 BETAS = (0.99, 0.995, 0.998, 0.999)
 TRACKED = (0.05, 0.10)
-SHOWN = ("raw", "sigma_rel-0.020", "sigma_rel-0.050", "sigma_rel-0.100", "sigma_rel-0.250", "beta-0.999")
+SHOWN = (
+    "raw",
+    "sigma_rel-0.020",
+    "sigma_rel-0.050",
+    "sigma_rel-0.100",
+    "sigma_rel-0.250",
+    "beta-0.999",
+)
 
 
 @dataclass
@@ -47,12 +56,19 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def _train(model: ToyDenoiser, mixture, steps: int, seed: int, store: Path, config: TrainConfig):  # noqa: ANN001, ANN202
+def _train(
+    model: ToyDenoiser,
+    mixture: GaussianMixture,
+    steps: int,
+    seed: int,
+    store: Path,
+    config: TrainConfig,
+) -> PostHocEMA:
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, config)
-    ema = phema.PostHocEMA(
+    ema = PostHocEMA(
         model, store, sigma_rels=TRACKED, snapshot_every=max(steps // 32, 1), run="phema-demo"
     )
     ema.attach(optimizer)  # update() after every optimizer step
@@ -61,7 +77,9 @@ def _train(model: ToyDenoiser, mixture, steps: int, seed: int, store: Path, conf
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config.lr, config.lr_hold)
         batch = mixture.sample(config.batch_size, gen)
-        loss = train_step(model, optimizer, batch, p_mean=config.p_mean, p_std=config.p_std, generator=gen)
+        loss = train_step(
+            model, optimizer, batch, p_mean=config.p_mean, p_std=config.p_std, generator=gen
+        )
         if step % 64 == 0:
             bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
@@ -69,7 +87,7 @@ def _train(model: ToyDenoiser, mixture, steps: int, seed: int, store: Path, conf
     return ema
 
 
-def _synthesized(sol: phema.Solution, k: int, tau: np.ndarray) -> np.ndarray:
+def _synthesized(sol: Solution, k: int, tau: np.ndarray) -> np.ndarray:
     out = np.zeros_like(tau)
     for i in sol.used(k):
         s = sol.snapshots[i]
@@ -77,7 +95,9 @@ def _synthesized(sol: phema.Solution, k: int, tau: np.ndarray) -> np.ndarray:
     return out
 
 
-def run_demo(out: str | os.PathLike[str] = "phema-demo", steps: int | None = None, seed: int = 0) -> DemoResult:
+def run_demo(
+    out: str | os.PathLike[str] = "phema-demo", steps: int | None = None, seed: int = 0
+) -> DemoResult:
     """Runs the whole demo into `out`; prints the table and returns the numbers."""
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -134,16 +154,33 @@ def run_demo(out: str | os.PathLike[str] = "phema-demo", steps: int | None = Non
         seconds=time.perf_counter() - start,
     )
     print(_table(metrics, truth, sol))
-    print(f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: max |diff| {diff:.1e}")
+    print(
+        f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: max |diff| {diff:.1e}"
+    )
     print(f"figures and report in {out}/ ({result.seconds:.0f} s)")
     return result
 
 
-def _figures(out: Path, mixture, samples, metrics, truth, sol, steps) -> list[Path]:  # noqa: ANN001
+def _figures(
+    out: Path,
+    mixture: GaussianMixture,
+    samples: dict[str, torch.Tensor],
+    metrics: dict[str, SampleQuality],
+    truth: SampleQuality,
+    sol: Solution,
+    steps: int,
+) -> list[Path]:
     panels = [("true distribution", mixture.sample(4096, torch.Generator().manual_seed(7)))]
     panels += [(_pretty(k, sol), samples[k]) for k in SHOWN if k in samples]
-    files = [plot_samples(panels, out / "samples.png", mixture=mixture, ncols=4,
-                          title=f"Samples by EMA length (step {steps})")]
+    files = [
+        plot_samples(
+            panels,
+            out / "samples.png",
+            mixture=mixture,
+            ncols=4,
+            title=f"Samples by EMA length (step {steps})",
+        )
+    ]
     sigma_keys = [f"sigma_rel-{s:.3f}" for s in SIGMA_RELS]
     series = {m: [metrics[k].as_dict()[m] for k in sigma_keys] for m in METRIC_LABELS}
     classic = [
@@ -151,21 +188,45 @@ def _figures(out: Path, mixture, samples, metrics, truth, sol, steps) -> list[Pa
         for k, t in enumerate(sol.targets)
         if t.kind == "beta"
     ]
-    files.append(plot_metrics(list(SIGMA_RELS), series, out / "metrics.png", classic=classic,
-                              raw=metrics["raw"].as_dict(), truth=truth.as_dict(),
-                              title="Sample quality against EMA length (reconstructed post hoc)"))
+    files.append(
+        plot_metrics(
+            list(SIGMA_RELS),
+            series,
+            out / "metrics.png",
+            classic=classic,
+            raw=metrics["raw"].as_dict(),
+            truth=truth.as_dict(),
+            title="Sample quality against EMA length (reconstructed post hoc)",
+        )
+    )
     tau = np.linspace(0.4 * steps, steps, 800)  # where the profiles differ
     curves = []
     for k, t in enumerate(sol.targets):
-        if t.label in ("sigma_rel-0.010", "sigma_rel-0.050", "sigma_rel-0.160", "beta-0.99", "beta-0.999"):
+        if t.label in (
+            "sigma_rel-0.010",
+            "sigma_rel-0.050",
+            "sigma_rel-0.160",
+            "beta-0.99",
+            "beta-0.999",
+        ):
             requested = _core.profile_density(t.spec(), tau)
-            curves.append((_pretty(t.label, sol), requested, _synthesized(sol, k, tau), float(sol.fit_error[k])))
-    files.append(plot_profiles(tau, curves, out / "profiles.png",
-                               title="Requested vs synthesized averaging profiles"))
+            curves.append(
+                (
+                    _pretty(t.label, sol),
+                    requested,
+                    _synthesized(sol, k, tau),
+                    float(sol.fit_error[k]),
+                )
+            )
+    files.append(
+        plot_profiles(
+            tau, curves, out / "profiles.png", title="Requested vs synthesized averaging profiles"
+        )
+    )
     return files
 
 
-def _pretty(label: str, sol: phema.Solution) -> str:
+def _pretty(label: str, sol: Solution) -> str:
     if label == "raw":
         return "raw weights (no EMA)"
     kind, value = label.split("-", 1)
@@ -175,36 +236,60 @@ def _pretty(label: str, sol: phema.Solution) -> str:
     return f"sigma_rel={value}"
 
 
-def _rows(metrics, truth, sol) -> list[list[str]]:  # noqa: ANN001
-    fit = {t.label: (sol.sigma_rel[k], sol.fit_error[k], sol.gain[k]) for k, t in enumerate(sol.targets)}
+def _rows(
+    metrics: dict[str, SampleQuality], truth: SampleQuality, sol: Solution
+) -> list[list[str]]:
+    fit = {
+        t.label: (sol.sigma_rel[k], sol.fit_error[k], sol.gain[k])
+        for k, t in enumerate(sol.targets)
+    }
     rows = []
     for name, m in [("true samples", truth), *metrics.items()]:
         s, e, g = fit.get(name, (math.nan, math.nan, math.nan))
         d = m.as_dict()
-        rows.append([
-            name,
-            "-" if math.isnan(s) else f"{s:.3f}",
-            "-" if math.isnan(e) else f"{e:.1e}",
-            "-" if math.isnan(g) else f"{g:.2f}",
-            f"{d['precision']:.3f}",
-            f"{d['tail_recall']:.3f}",
-            f"{d['mean_log_density']:.2f}",
-            f"{d['twig_coverage']:.2f}",
-        ])
+        rows.append(
+            [
+                name,
+                "-" if math.isnan(s) else f"{s:.3f}",
+                "-" if math.isnan(e) else f"{e:.1e}",
+                "-" if math.isnan(g) else f"{g:.2f}",
+                f"{d['precision']:.3f}",
+                f"{d['tail_recall']:.3f}",
+                f"{d['mean_log_density']:.2f}",
+                f"{d['twig_coverage']:.2f}",
+            ]
+        )
     return rows
 
 
-HEADER = ["weights", "sigma_rel", "fit error", "gain", "precision", "tail recall", "mean log p", "twigs"]
+HEADER = [
+    "weights",
+    "sigma_rel",
+    "fit error",
+    "gain",
+    "precision",
+    "tail recall",
+    "mean log p",
+    "twigs",
+]
 
 
-def _table(metrics, truth, sol) -> str:  # noqa: ANN001
+def _table(metrics: dict[str, SampleQuality], truth: SampleQuality, sol: Solution) -> str:
     rows = _rows(metrics, truth, sol)
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(HEADER), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _report(out: Path, metrics, truth, sol, steps, diff, files) -> Path:  # noqa: ANN001
+def _report(
+    out: Path,
+    metrics: dict[str, SampleQuality],
+    truth: SampleQuality,
+    sol: Solution,
+    steps: int,
+    diff: float,
+    files: list[Path],
+) -> Path:
     rows = _rows(metrics, truth, sol)
     md = [
         "# phema demo",
