@@ -92,6 +92,22 @@ fn profile_density<'py>(
     Ok(v.into_pyarray(py))
 }
 
+/// The `[n_snapshots, n_targets]` numpy matrix of per-target weight columns.
+fn weight_matrix<'py>(
+    py: Python<'py>,
+    n: usize,
+    columns: &[&[f64]],
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let k = columns.len();
+    let mut w = vec![0.0; n * k];
+    for (j, col) in columns.iter().enumerate() {
+        for (i, x) in col.iter().enumerate() {
+            w[i * k + j] = *x;
+        }
+    }
+    w.into_pyarray(py).reshape([n, k])
+}
+
 /// Equivalent `sigma_rel` and initial-weight mass of a profile.
 #[pyfunction]
 fn profile_info(spec: ProfileSpec) -> PyResult<(f64, f64)> {
@@ -133,16 +149,9 @@ fn solve<'py>(
     let fits = py
         .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise }))
         .map_err(err)?;
-    let n = snaps.len();
-    let k = fits.len();
-    let mut w = vec![0.0; n * k];
-    for (j, f) in fits.iter().enumerate() {
-        for i in 0..n {
-            w[i * k + j] = f.weights[i];
-        }
-    }
     let out = PyDict::new(py);
-    out.set_item("weights", w.into_pyarray(py).reshape([n, k])?)?;
+    let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
+    out.set_item("weights", weight_matrix(py, snaps.len(), &columns)?)?;
     let col = |f: fn(&solver::TargetFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
     out.set_item("fit_error", col(|f| f.fit_error).into_pyarray(py))?;
     out.set_item("gain", col(|f| f.gain).into_pyarray(py))?;
@@ -183,15 +192,9 @@ fn solve_raw<'py>(
                 .collect::<crate::Result<Vec<_>>>()
         })
         .map_err(err)?;
-    let (n, k) = (times.len(), fits.len());
-    let mut w = vec![0.0; n * k];
-    for (j, f) in fits.iter().enumerate() {
-        for i in 0..n {
-            w[i * k + j] = f.weights[i];
-        }
-    }
     let out = PyDict::new(py);
-    out.set_item("weights", w.into_pyarray(py).reshape([n, k])?)?;
+    let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
+    out.set_item("weights", weight_matrix(py, times.len(), &columns)?)?;
     let col = |f: fn(&solver::RawFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
     out.set_item("fit_error", col(|f| f.fit_error).into_pyarray(py))?;
     out.set_item("resolution", col(|f| f.resolution).into_pyarray(py))?;
