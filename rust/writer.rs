@@ -174,6 +174,38 @@ impl Drop for SafetensorsWriter {
     }
 }
 
+/// Syncs `writers` from up to 16 threads; the first error (in `writers` order) is returned.
+fn sync_all(writers: &[&SafetensorsWriter]) -> Result<()> {
+    if writers.len() <= 1 {
+        return writers.iter().try_for_each(|w| w.sync());
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<()>>>> = writers
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..writers.len().min(16) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(w) = writers.get(i) else { break };
+                let r = w.sync();
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(r);
+                }
+            });
+        }
+    });
+    for (w, slot) in writers.iter().zip(results) {
+        match slot.into_inner().ok().flatten() {
+            Some(r) => r?,
+            // A syncing thread panicked: sync again here so nothing is committed unsynced.
+            None => w.sync()?,
+        }
+    }
+    Ok(())
+}
+
 /// fsync of the directory holding `path`, so a rename survives a crash. Best effort: some
 /// file systems refuse to sync directories, and the data itself is already synced.
 pub fn sync_dir(path: &Path) {
@@ -189,22 +221,54 @@ pub fn sync_dir(path: &Path) {
     }
 }
 
-/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64).
+/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64), reusing
+/// `out`'s allocation.
 pub fn encode_f32(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     out.clear();
     match dtype {
-        Dtype::F16 => {
-            let mut h = vec![f16::ZERO; values.len()];
-            h.convert_from_f32_slice(values);
-            out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+        Dtype::F16 => encode_halves(
+            values,
+            out,
+            |src, dst: &mut [f16]| dst.convert_from_f32_slice(src),
+            f16::to_bits,
+        ),
+        Dtype::BF16 => encode_halves(
+            values,
+            out,
+            |src, dst: &mut [bf16]| dst.convert_from_f32_slice(src),
+            bf16::to_bits,
+        ),
+        Dtype::F64 => {
+            out.reserve(values.len() * 8);
+            for &v in values {
+                out.extend_from_slice(&(v as f64).to_le_bytes());
+            }
         }
-        Dtype::BF16 => {
-            let mut h = vec![bf16::ZERO; values.len()];
-            h.convert_from_f32_slice(values);
-            out.extend(h.iter().flat_map(|v| v.to_le_bytes()));
+        _ => {
+            out.reserve(values.len() * 4);
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
         }
-        Dtype::F64 => out.extend(values.iter().flat_map(|&v| (v as f64).to_le_bytes())),
-        _ => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+    }
+}
+
+/// Two-byte encodings through a small stack buffer (SIMD conversion by `half`), appended to `out`.
+fn encode_halves<H: Copy + Default>(
+    values: &[f32],
+    out: &mut Vec<u8>,
+    convert: impl Fn(&[f32], &mut [H]),
+    bits: impl Fn(H) -> u16,
+) {
+    const STEP: usize = 512;
+    out.resize(values.len() * 2, 0);
+    let mut buf = [H::default(); STEP];
+    for (src, dst) in values.chunks(STEP).zip(out.chunks_mut(2 * STEP)) {
+        let h = &mut buf[..src.len()];
+        convert(src, h);
+        for (d, &v) in dst.chunks_exact_mut(2).zip(h.iter()) {
+            d.copy_from_slice(&bits(v).to_le_bytes());
+        }
     }
 }
 
@@ -408,11 +472,10 @@ impl FileSink {
     pub fn finish(mut self) -> Result<Vec<Vec<PathBuf>>> {
         // All data reaches the disk before any file takes its final name; if a rename then
         // fails, the outputs already renamed are removed again so no partial set is left.
-        for t in &self.targets {
-            for w in &t.writers {
-                w.sync()?;
-            }
-        }
+        // The files are synced in parallel, so the device sees all their writeback at once.
+        let writers: Vec<&SafetensorsWriter> =
+            self.targets.iter().flat_map(|t| &t.writers).collect();
+        sync_all(&writers)?;
         let mut done: Vec<PathBuf> = Vec::new();
         let mut out = Vec::with_capacity(self.targets.len());
         let result = (|| {
@@ -448,6 +511,11 @@ impl FileSink {
     }
 }
 
+thread_local! {
+    /// `FileSink::put_f32`'s encoding buffer.
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Sink for FileSink {
     fn put_f32(
         &self,
@@ -458,8 +526,13 @@ impl Sink for FileSink {
     ) -> Result<()> {
         let t = &self.targets[target];
         let (w, j, dtype) = t.place[tensor];
-        let mut scratch = Vec::with_capacity(values.len() * 4);
-        t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut scratch)
+        // Encoded into a buffer kept per thread (at most one engine chunk, `CHUNK x 8` bytes).
+        ENCODED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => {
+                t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut scratch)
+            }
+            Err(_) => t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut Vec::new()),
+        })
     }
 
     fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()> {
