@@ -72,6 +72,15 @@ def test_reconstruct_writes_outputs_and_a_table(small_store, tmp_path, capsys):
     assert load_file(out / files[0])["big"].dtype == torch.bfloat16
 
 
+def test_reconstruct_table_names_each_targets_own_output(small_store, tmp_path, capsys):
+    path, _ = small_store
+    out = tmp_path / "recon"
+    assert main(["reconstruct", str(path), "--beta", "0.99,0.995", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "beta-0.99.safetensors" in text and "beta-0.995.safetensors" in text
+    assert "files)" not in text
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

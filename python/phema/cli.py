@@ -244,7 +244,13 @@ def cmd_average(args: argparse.Namespace) -> int:
 def _outputs_per_target(sol: Solution, paths: list[str], out: str) -> list[str]:
     result = []
     for target in sol.targets:
-        mine = [p for p in paths if os.path.relpath(p, out).startswith(target.label)]
+        # The first path component is `<label>[-t<at>]`, with `.safetensors` when not sharded;
+        # a prefix test would give beta-0.99 the files of beta-0.995 too.
+        mine = []
+        for p in paths:
+            stem = os.path.relpath(p, out).split(os.sep)[0].removesuffix(".safetensors")
+            if stem == target.label or stem.startswith(target.label + "-t"):
+                mine.append(p)
         result.append(
             os.path.relpath(mine[0], out)
             if len(mine) == 1
