@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -25,9 +25,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
 def sigma_rel_to_gamma(sigma_rel: Sequence[float] | np.ndarray) -> np.ndarray: ...
 def sigma_rel_to_gamma(sigma_rel: Any) -> Any:
     """Exponent `gamma` of the power profile with relative width `sigma_rel` (scalar or sequence)."""
-    if np.ndim(sigma_rel) == 0:
-        return _core.sigma_rel_to_gamma(float(sigma_rel))
-    return np.array([_core.sigma_rel_to_gamma(float(s)) for s in np.ravel(sigma_rel)])
+    return _elementwise(_core.sigma_rel_to_gamma, sigma_rel)
 
 
 @overload
@@ -36,9 +34,14 @@ def gamma_to_sigma_rel(gamma: float) -> float: ...
 def gamma_to_sigma_rel(gamma: Sequence[float] | np.ndarray) -> np.ndarray: ...
 def gamma_to_sigma_rel(gamma: Any) -> Any:
     """Relative width `sigma_rel` of the power profile with exponent `gamma` (scalar or sequence)."""
-    if np.ndim(gamma) == 0:
-        return _core.gamma_to_sigma_rel(float(gamma))
-    return np.array([_core.gamma_to_sigma_rel(float(g)) for g in np.ravel(gamma)])
+    return _elementwise(_core.gamma_to_sigma_rel, gamma)
+
+
+def _elementwise(f: Callable[[float], float], x: Any) -> Any:
+    """`f` of a scalar, or an array of `f` of every element of a sequence."""
+    if np.ndim(x) == 0:
+        return f(float(x))
+    return np.array([f(float(v)) for v in np.ravel(x)])
 
 
 @dataclass(frozen=True)
