@@ -209,8 +209,9 @@ def run_reconstruct(
     """Wall time of phema.reconstruct into a fresh directory under `parent` (removed after)."""
     out = tempfile.mkdtemp(prefix="recon-out-", dir=parent)
     try:
-        dt, _ = timed(lambda: phema.reconstruct(store, sigma_rels=sigma_rels, out=out))
-        return dt, dict(phema.reconstruct.last_stats)  # type: ignore[attr-defined]
+        stats: dict = {}
+        dt, _ = timed(lambda: phema.reconstruct(store, sigma_rels=sigma_rels, out=out, stats=stats))
+        return dt, stats
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -85,8 +85,8 @@ def test_output_metadata_describes_the_target(small_store, tmp_path):
 def test_target_equal_to_stored_profile_reads_only_that_snapshot(small_store, tmp_path):
     path, data = small_store
     store = phema.open_store(path)
-    (p,) = phema.reconstruct(store, sigma_rels=[0.05], out=tmp_path, dtype="f32")
-    stats = phema.reconstruct.last_stats
+    stats: dict = {}
+    (p,) = phema.reconstruct(store, sigma_rels=[0.05], out=tmp_path, dtype="f32", stats=stats)
     assert len(stats["read"]) == 1
     assert stats["bytes_read"] == store.snapshots[stats["read"][0]].size
     got = load_file(p)

@@ -65,13 +65,15 @@ def average(
     dtype: str | None = None,
     shard_size: int | None = None,
     progress: bool = False,
+    stats: dict[str, Any] | None = None,
 ) -> list[str]:
     """Writes `sum_i weights[i] * checkpoint_i` into the directory `out`, in bounded memory.
 
     Weights default to uniform. Float tensors keep the inputs' dtype unless `dtype` is given;
     non-float tensors are copied from the first checkpoint (a warning names those that differ).
     Sharded inputs give sharded outputs (same shard size) unless `shard_size` says otherwise.
-    Returns the written paths (the index first when sharded).
+    Returns the written paths (the index first when sharded); a `stats` dict, if given, receives
+    what was read (`read`, `bytes_read`, `raw_mismatch`).
     """
     from phema.reconstruction import run_engine
 
@@ -108,7 +110,7 @@ def average(
         # One unlimited shard gives a single `model.safetensors` in `out`.
         "shard_size": shard_size or 2**63,
     }
-    paths_out, stats = run_engine(
+    paths_out, run_stats = run_engine(
         lambda handle: sources.combine_to_files(
             np.ascontiguousarray(w[:, None]), [output], handle, first_read
         ),
@@ -116,13 +118,14 @@ def average(
         progress,
         "average",
     )
-    if stats["raw_mismatch"]:
+    if run_stats["raw_mismatch"]:
         warnings.warn(
             "non-float tensors differ between checkpoints (copied from the first): "
-            + ", ".join(stats["raw_mismatch"][:5]),
+            + ", ".join(run_stats["raw_mismatch"][:5]),
             stacklevel=2,
         )
-    average.last_stats = stats  # type: ignore[attr-defined]
+    if stats is not None:
+        stats.update(run_stats)
     return paths_out[0]
 
 

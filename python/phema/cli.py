@@ -186,6 +186,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     store = _open(args)
     kw = _targets(args)
     sol = solve(store, **kw)
+    stats: dict = {}
     paths = reconstruct(
         store,
         out=args.out,
@@ -194,8 +195,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         shard_size=parse_size(args.shard_size) if args.shard_size else None,
         progress=sys.stderr.isatty() and not args.quiet,
         solution=sol,
+        stats=stats,
     )
-    stats = reconstruct.last_stats  # type: ignore[attr-defined]
     outputs = _outputs_per_target(sol, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
     print(_table(rows, ["target", "sigma_rel", "fit error", "gain", "snapshots", "output"]))
@@ -222,6 +223,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
     _threads(args)
     weights = parse_list(args.weights) if args.weights else None
+    stats: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         paths = average(
@@ -231,10 +233,10 @@ def cmd_average(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
             progress=sys.stderr.isatty() and not args.quiet,
+            stats=stats,
         )
     for w in caught:
         print(f"note: {w.message}")
-    stats = average.last_stats  # type: ignore[attr-defined]
     print(f"averaged {len(stats['read'])} checkpoints ({_size(stats['bytes_read'])} read) into:")
     for p in paths:
         print(f"  {p}")

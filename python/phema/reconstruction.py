@@ -108,11 +108,13 @@ def reconstruct(
     noise: float | str = "auto",
     progress: bool = False,
     solution: Solution | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[str]:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
     Each target becomes `<out>/<label>.safetensors` (or a directory of shards with a
-    `model.safetensors.index.json` when `shard_size` bytes is given). Returns the written paths.
+    `model.safetensors.index.json` when `shard_size` bytes is given). Returns the written paths;
+    a `stats` dict, if given, receives what was read (`read`: snapshot indices, `bytes_read`).
     """
     store = _as_store(store)
     sol = solution or solve(store, sigma_rels, gammas, betas, halflives, dt, at, noise)
@@ -131,13 +133,14 @@ def reconstruct(
             }
         )
     weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
-    paths, stats = run_engine(
+    paths, run_stats = run_engine(
         lambda handle: store.headers.combine_to_files(weights, outputs, handle),
         _snapshot_bytes(store, weights),
         progress,
         "reconstruct",
     )
-    reconstruct.last_stats = stats  # type: ignore[attr-defined]
+    if stats is not None:
+        stats.update(run_stats)
     return [p for per_target in paths for p in per_target]
 
 
