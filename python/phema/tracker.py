@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -29,15 +30,37 @@ log = logging.getLogger(__name__)
 class _Group:
     """Tracked tensors sharing (device, dtype, accumulator device): one fused op per profile."""
 
-    params: list[torch.Tensor]
+    params: list[torch.Tensor]  # as registered in the model: plain tensors, or all DTensors
+    sharded: bool  # params are DTensors: track their local shards
     staging: list[torch.Tensor] | None  # fp32 copies on the accumulator device, when needed
     non_blocking: bool
     accs: list[list[torch.Tensor]]  # [profile][tensor]
 
-    @property
-    def src(self) -> list[torch.Tensor]:
-        """What the accumulators move towards: the fp32 staging copies, or the params."""
-        return self.staging if self.staging is not None else self.params
+    def local(self) -> list[torch.Tensor]:
+        """This rank's part of every param, looked up now (FSDP2 may swap a DTensor's shard)."""
+        return [p._local_tensor for p in self.params] if self.sharded else self.params
+
+
+@dataclass(frozen=True)
+class _Sharding:
+    """This rank's place in a sharded run: what its snapshot files and state_dict() record."""
+
+    rank: int
+    world_size: int
+    # {name: {"shape": global shape, "offset": global offset of the local block, "placements"}}
+    shards: dict[str, dict[str, Any]]
+
+    def describe(self) -> str:
+        """Rank r of W and, briefly, the layout (the first sharded tensor's block)."""
+        where = f"rank {self.rank} of {self.world_size}"
+        if not self.shards:
+            return where
+        name, s = next(iter(self.shards.items()))
+        more = f" and {len(self.shards) - 1} more" if len(self.shards) > 1 else ""
+        return (
+            f"{where} ({len(self.shards)} sharded tensors, e.g. {name}: global shape "
+            f"{s['shape']}, block at {s['offset']}, {s['placements']}{more})"
+        )
 
 
 @dataclass
@@ -81,6 +104,17 @@ class PostHocEMA:
     Distributed training: every rank may call ``update()`` (cheap, and ``swapped()`` then works
     everywhere), but only one rank writes files. By default (``write=None``) that is rank 0 when
     ``torch.distributed`` is initialized; ``snapshot()`` is a no-op on the others.
+
+    Sharded training (FSDP2 ``fully_shard``, tensor parallel, any ``DTensor`` parameters): each
+    rank averages its own local shards only (no communication in ``update()``; memory per rank =
+    local shards x profiles) and every rank writes its part of each snapshot,
+    ``{time}-{sigma_rel}.rank{r:05d}-of-{W:05d}.safetensors``, with each tensor's global shape
+    and block (``phema.shards`` metadata); ``phema reconstruct`` assembles them. Ranks are
+    numbered by their position in the (root) device mesh of the DTensors, W is its size; give
+    ``mesh`` to number them within another mesh (it also makes every rank write when no tracked
+    tensor is a DTensor). Create the tracker after ``fully_shard`` and call ``update()``,
+    ``snapshot()`` and ``state_dict()`` on every rank; ``state_dict()`` holds this rank's shards
+    and resumes on the same ranks and layout only.
     """
 
     def __init__(
@@ -99,6 +133,7 @@ class PostHocEMA:
         run: str | None = None,
         write: bool | None = None,
         max_pending: int = 2,
+        mesh: Any = None,
     ) -> None:
         """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`."""
         from phema import gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -149,20 +184,22 @@ class PostHocEMA:
                 f"no floating tensor of {type(module).__name__} is tracked "
                 f"(include={include!r}, exclude={exclude!r})"
             )
+        self._sharding = _sharding(self._names + self._int_names, self._floats + self._ints, mesh)
         self._groups, self._accs = _make_groups(
             self._floats, len(self.gammas), torch.device("cpu") if offload else device, offload
         )
         self._offload_devices = sorted(
-            {p.device for p in self._floats if offload and p.is_cuda}, key=str
+            {x.device for x in _local(self._floats) if offload and x.is_cuda}, key=str
         )
         self._snapshot_devices = sorted(
-            {x.device for x in self._accs[0] + self._ints if x.is_cuda}, key=str
+            {x.device for x in self._accs[0] + _local(self._ints) if x.is_cuda}, key=str
         )
 
         if write is None:
             dist = torch.distributed
             other_rank = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
-            write = store is not None and not other_rank
+            # Sharded: every rank holds a different part, so every rank writes.
+            write = store is not None and (self._sharding is not None or not other_rank)
         if write and store is None:
             raise ValueError("write=True needs a store directory")
         self._writer: _SnapshotWriter | None = None
@@ -170,12 +207,21 @@ class PostHocEMA:
             metadata = {
                 "phema.version": "1",
                 "phema.kind": "power",
-                "phema.model": type(module).__name__,
+                "phema.model": _model_name(module),
             }
             if run is not None:
                 metadata["phema.run"] = run
             if tied:
                 metadata["phema.tied"] = json.dumps(tied, sort_keys=True)
+            suffix = ""
+            if self._sharding is not None:
+                r, w = self._sharding.rank, self._sharding.world_size
+                suffix = f".rank{r:05d}-of-{w:05d}"
+                metadata["phema.rank"] = str(r)
+                metadata["phema.world_size"] = str(w)
+                metadata["phema.shards"] = json.dumps(
+                    self._sharding.shards, sort_keys=True, separators=(",", ":")
+                )
             os.makedirs(store, exist_ok=True)
             self._writer = _SnapshotWriter(
                 os.fspath(store),
@@ -184,6 +230,7 @@ class PostHocEMA:
                 self._int_names,
                 dtype,
                 metadata,
+                suffix,
                 max_pending,
                 self._errors,
             )
@@ -216,7 +263,7 @@ class PostHocEMA:
             self._settle()
             for g in self._groups:
                 if g.staging is not None:
-                    torch._foreach_copy_(g.staging, g.params, non_blocking=g.non_blocking)
+                    torch._foreach_copy_(g.staging, g.local(), non_blocking=g.non_blocking)
             if self._offload:
                 # The copy is in flight: fold it in at the next call, when it has landed.
                 self._deferred = (_record_events(self._offload_devices), weights)
@@ -235,7 +282,10 @@ class PostHocEMA:
         return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.update())
 
     def snapshot(self) -> None:
-        """Write the current averages now, one file per profile (asynchronously; see flush())."""
+        """Write the current averages now, one file per profile (asynchronously; see flush()).
+
+        In a sharded run, call it on every rank (each writes its part) at the same time t.
+        """
         if self._step == 0:
             raise RuntimeError("snapshot() before the first update(): there is no average yet")
         if self._closed:
@@ -258,7 +308,7 @@ class PostHocEMA:
             for host, accs in zip(averages, self._accs, strict=True):
                 torch._foreach_copy_(host, accs, non_blocking=non_blocking)
             if ints:
-                torch._foreach_copy_(ints, self._ints, non_blocking=non_blocking)
+                torch._foreach_copy_(ints, _local(self._ints), non_blocking=non_blocking)
         events = _record_events(self._snapshot_devices)
         writer.jobs.put(_Job(self._t, self._step, events, buffers))
         self._last_snapshot_t = self._t
@@ -288,24 +338,40 @@ class PostHocEMA:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; the averages are the live fp32 accumulators."""
+        """Everything needed to resume exactly; the averages are the live fp32 accumulators.
+
+        Sharded: this rank's local shards, with ``sharding`` = rank, world size and each
+        sharded tensor's block; None for an unsharded model.
+        """
         self._settle()
         # The snapshot schedule needs no entry: the next one is due at the next multiple above t.
+        sharding = self._sharding
         return {
             "t": self._t,
             "step": self._step,
             "gammas": list(self.gammas),
             "last_snapshot_t": self._last_snapshot_t,
+            "sharding": None
+            if sharding is None
+            else {
+                "rank": sharding.rank,
+                "world_size": sharding.world_size,
+                "shards": sharding.shards,
+            },
             "averages": [dict(zip(self._names, accs, strict=True)) for accs in self._accs],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from state_dict(); raise ValueError if it belongs to other profiles or tensors."""
+        """Resume from state_dict(); raise ValueError if it belongs to other profiles or tensors.
+
+        A sharded state loads only on the same rank of the same world size and layout.
+        """
         gammas = list(state["gammas"])
         if len(gammas) != len(self.gammas) or not all(
             math.isclose(a, b, rel_tol=1e-9) for a, b in zip(gammas, self.gammas, strict=True)
         ):
             raise ValueError(f"state tracks gammas {gammas}, this tracker {list(self.gammas)}")
+        self._check_sharding(state.get("sharding"))
         sources = []
         names = set(self._names)
         for averages in state["averages"]:
@@ -315,11 +381,11 @@ class PostHocEMA:
                 raise ValueError(
                     f"state tracks other tensors: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
-            for name, p in zip(self._names, self._floats, strict=True):
-                if tuple(averages[name].shape) != tuple(p.shape):
+            for name, acc in zip(self._names, self._accs[0], strict=True):
+                if tuple(averages[name].shape) != tuple(acc.shape):
                     raise ValueError(
                         f"state has {name} of shape {tuple(averages[name].shape)}, "
-                        f"the model {tuple(p.shape)}"
+                        f"the model {tuple(acc.shape)}"
                     )
             sources.append([averages[n] for n in self._names])
         self._deferred = None
@@ -330,6 +396,33 @@ class PostHocEMA:
         self._step = state["step"]
         self._last_snapshot_t = state["last_snapshot_t"]
 
+    def _check_sharding(self, saved: dict[str, Any] | None) -> None:
+        """Raise ValueError unless a state saved with sharding `saved` fits this rank exactly."""
+        saved_as = None if saved is None else _Sharding(**saved)
+        if saved_as == self._sharding:
+            return
+        was = (
+            "an unsharded model (whole tensors)"
+            if saved_as is None
+            else f"{saved_as.describe()} of a sharded model"
+        )
+        here = (
+            "an unsharded model"
+            if self._sharding is None
+            else f"{self._sharding.describe()} of a sharded model"
+        )
+        if saved_as is None:
+            need = "load it into a tracker on an unsharded model"
+        elif self._sharding is None or saved_as.world_size != self._sharding.world_size:
+            need = f"resume on {saved_as.world_size} ranks with the same sharding"
+        else:
+            need = f"load rank {saved_as.rank}'s own state, saved with the same sharding"
+        raise ValueError(
+            f"state_dict holds the averages of {was}, this tracker is {here}: {need}, or "
+            "reconstruct the averages from the store (phema reconstruct) and start a fresh "
+            "PostHocEMA"
+        )
+
     @contextlib.contextmanager
     def swapped(
         self, sigma_rel: float | None = None, *, gamma: float | None = None
@@ -339,14 +432,15 @@ class PostHocEMA:
         if self._step == 0:
             raise RuntimeError("swapped() before the first update(): there is no average yet")
         self._settle()
+        params = _local(self._floats)  # local shards of DTensors: each rank swaps its own
         with torch.no_grad():
-            raw = [p.detach().clone() for p in self._floats]
-            torch._foreach_copy_(self._floats, self._accs[index])
+            raw = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, self._accs[index])
         try:
             yield self._model
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._floats, raw)
+                torch._foreach_copy_(params, raw)
 
     def _profile_index(self, sigma_rel: float | None, gamma: float | None) -> int:
         """Index of the tracked profile matching `sigma_rel` or `gamma` (relative tolerance 1e-6)."""
@@ -367,7 +461,7 @@ class PostHocEMA:
     def _lerp(self, weights: list[float]) -> None:
         """ema += w * (theta - ema) for every profile: one fused op per profile and group."""
         for g in self._groups:
-            src = g.src
+            src = g.staging if g.staging is not None else g.local()
             for accs, w in zip(g.accs, weights, strict=True):
                 torch._foreach_lerp_(accs, src, w)
 
@@ -387,7 +481,9 @@ class PostHocEMA:
         def like(x: torch.Tensor) -> torch.Tensor:
             return torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
 
-        return [[like(a) for a in accs] for accs in self._accs], [like(x) for x in self._ints]
+        return [[like(a) for a in accs] for accs in self._accs], [
+            like(x) for x in _local(self._ints)
+        ]
 
     def _raise_writer_error(self) -> None:
         """Raise the oldest error of the writer thread in the caller's thread."""
@@ -406,11 +502,16 @@ class _SnapshotWriter:
         int_names: list[str],
         dtype: str,
         metadata: dict[str, str],
+        suffix: str,
         max_pending: int,
         errors: collections.deque[tuple[str, BaseException]],
     ) -> None:
-        """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples."""
+        """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples.
+
+        `suffix` goes between the label and `.safetensors` (a sharded run's rank part).
+        """
         self.directory = directory
+        self.suffix = suffix
         self.profiles = profiles
         self.names = names
         self.int_names = int_names
@@ -437,7 +538,9 @@ class _SnapshotWriter:
             try:
                 self._write(job)
             except Exception as err:
-                where = os.path.join(self.directory, f"{_time_stem(job.t)}-*.safetensors")
+                where = os.path.join(
+                    self.directory, f"{_time_stem(job.t)}-*{self.suffix}.safetensors"
+                )
                 self.errors.append((where, err))
             finally:
                 self.free.put(job.buffers)
@@ -451,7 +554,8 @@ class _SnapshotWriter:
         averages, ints = job.buffers
         extra = {n: x.numpy() for n, x in zip(self.int_names, ints, strict=True)}
         for (gamma, sigma_rel, label), accs in zip(self.profiles, averages, strict=True):
-            path = os.path.join(self.directory, f"{_time_stem(job.t)}-{label}.safetensors")
+            name = f"{_time_stem(job.t)}-{label}{self.suffix}.safetensors"
+            path = os.path.join(self.directory, name)
             metadata = {
                 **self.metadata,
                 "phema.t": _decimal(job.t),
@@ -485,6 +589,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def _model_name(module: nn.Module) -> str:
+    """The module's class name, not that of the FSDP<Name> class fully_shard() swaps in."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed."):
+            return cls.__name__
+    return type(module).__name__
 
 
 def _select(
@@ -525,21 +637,26 @@ def _make_groups(
     """Fp32 accumulators ([profile][tensor]) and the groups that update them with fused ops."""
     groups: dict[tuple[Any, ...], _Group] = {}
     placed: list[tuple[torch.Tensor, _Group, torch.device]] = []
-    for x in tensors:
+    dtensor = _dtensor_class()
+    for p in tensors:
+        sharded = dtensor is not None and isinstance(p, dtensor)
+        x = p._local_tensor if sharded else p
         dev = x.device if acc_device is None else torch.device(acc_device)
-        group = groups.get((x.device, x.dtype, dev))
+        key = (x.device, x.dtype, dev, sharded)
+        group = groups.get(key)
         if group is None:
             # fp32 tensors on the accumulators' device are lerped towards directly; anything
             # else is first copied (cast, moved) into fp32 staging with one fused copy.
             staged = offload or x.dtype != torch.float32 or x.device != dev
             group = _Group(
                 params=[],
+                sharded=sharded,
                 staging=[] if staged else None,
                 non_blocking=offload and x.is_cuda,
                 accs=[[] for _ in range(n_profiles)],
             )
-            groups[(x.device, x.dtype, dev)] = group
-        group.params.append(x)
+            groups[key] = group
+        group.params.append(p)
         if group.staging is not None:
             group.staging.append(
                 torch.empty(x.shape, dtype=torch.float32, device=dev, pin_memory=group.non_blocking)
@@ -553,6 +670,85 @@ def _make_groups(
             profile_accs.append(acc)
             group.accs[i].append(acc)
     return list(groups.values()), accs
+
+
+def _dtensor_class() -> type | None:
+    """torch's DTensor class, or None while no DTensor can exist."""
+    # Not imported means no DTensor anywhere: spares unsharded users the 0.6 s import.
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor, or its local shard when it is a DTensor (no communication)."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return tensors
+    # _local_tensor, not to_local(): the same tensor without to_local()'s ~4 us of dispatch.
+    return [x._local_tensor if isinstance(x, dtensor) else x for x in tensors]
+
+
+def _sharding(names: list[str], tensors: list[torch.Tensor], mesh: Any) -> _Sharding | None:
+    """This rank's place and each DTensor's block in a sharded run; None when not sharded."""
+    dtensor = _dtensor_class()
+    sharded = [
+        (n, x)
+        for n, x in zip(names, tensors, strict=True)
+        if dtensor is not None and isinstance(x, dtensor)
+    ]
+    if mesh is None:
+        if not sharded:
+            return None
+        roots = {_mesh_ranks(_root_mesh(x.device_mesh)): x.device_mesh for _, x in sharded}
+        if len(roots) > 1:
+            raise ValueError(
+                "the model's DTensors live on device meshes of different ranks "
+                f"({', '.join(str(list(r)) for r in roots)}): give PostHocEMA(mesh=...) the "
+                "mesh whose ranks write this store"
+            )
+        [mesh] = roots.values()
+        mesh = _root_mesh(mesh)
+    ranks = _mesh_ranks(mesh)
+    for name, x in sharded:
+        if not set(_mesh_ranks(x.device_mesh)) <= set(ranks):
+            raise ValueError(f"{name} is sharded over ranks outside mesh={mesh}")
+    # Position in the mesh (row-major over its dims), which is the global rank for a mesh made
+    # by init_device_mesh over the whole world; tensors of a sub-mesh (FSDP on the "dp" dim of
+    # a dp x tp mesh) are replicated over the other dims, and those identical blocks dedupe.
+    if torch.distributed.get_rank() not in ranks:
+        raise ValueError(f"this process (rank {torch.distributed.get_rank()}) is not in {mesh}")
+    rank = ranks.index(torch.distributed.get_rank())
+    if len(ranks) == 1:
+        return None  # a mesh of one rank: local shards are whole tensors
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shards = {}
+    for name, x in sharded:
+        shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
+        if tuple(shape) != tuple(x._local_tensor.shape):
+            raise ValueError(
+                f"{name}: local shard of shape {tuple(x._local_tensor.shape)} where its "
+                f"placements {x.placements} give {tuple(shape)}; phema cannot place it"
+            )
+        shards[name] = {
+            "shape": list(x.shape),
+            "offset": list(offset),
+            "placements": str(x.placements),
+        }
+    return _Sharding(rank, len(ranks), shards)
+
+
+def _root_mesh(mesh: Any) -> Any:
+    """The device mesh a sub-mesh was sliced from (itself when it is not a slice)."""
+    if hasattr(mesh, "_get_root_mesh"):
+        return mesh._get_root_mesh()
+    from torch.distributed.device_mesh import _mesh_resources  # torch < 2.6
+
+    return _mesh_resources.get_root_mesh(mesh)
+
+
+def _mesh_ranks(mesh: Any) -> tuple[int, ...]:
+    """Global ranks of a device mesh, row-major over its dimensions."""
+    return tuple(mesh.mesh.flatten().tolist())
 
 
 def _labels(sigma_rels: Sequence[float]) -> list[str]:

@@ -1,0 +1,410 @@
+"""PostHocEMA on FSDP2 (DTensor) models: 2 CPU processes with gloo against an unsharded run.
+
+Every rank trains the same model on the same batches; FSDP2 averages the (identical) gradients,
+so each rank's parameters are exactly its chunk of the unsharded run's. The checks compare the
+ranks' accumulators and per-rank snapshot files with an unsharded run of the same trajectory,
+stitching the blocks with numpy from the `phema.shards` metadata (notes/sharded-format.md).
+
+The ranks are subprocesses running this file as a script (`python test_fsdp.py MODE DIR ...`),
+so they work whatever pytest's import mode; `run_ranks` starts them and
+`make_sharded_and_plain_stores` gives a sharded store and the matching unsharded one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from torch import nn
+
+import phema
+
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ImportError as err:
+    pytest.skip(f"FSDP2 (fully_shard) is unavailable: {err}", allow_module_level=True)
+
+WORLD = 2
+SIGMA_RELS = (0.05, 0.10)
+LABELS = ("0.050", "0.100")
+SHARDED = ["inp.weight", "inp.bias", "hidden.weight", "hidden.bias", "out.weight", "out.bias"]
+
+
+class Net(nn.Module):
+    """An MLP whose rows do not split evenly over 2 ranks (9, 7 and 1: rank 1 gets no row of
+    `out`), with a float buffer that moves in training and an integer one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 9)
+        self.hidden = nn.Linear(9, 7)
+        self.out = nn.Linear(7, 1)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.scale.mul_(0.9).add_(0.1 * x.abs().mean())
+                self.seen += 1
+        return self.out(torch.relu(self.hidden(torch.relu(self.inp(x))))) * self.scale
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same batch on every rank and in the unsharded run."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    x, y = batch(step)
+    F.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
+    # One code path (per tensor) for DTensor shards and whole tensors alike.
+    return torch.optim.Adam(model.parameters(), lr=0.02, foreach=False)
+
+
+class Ops(TorchDispatchMode):
+    """Records every op dispatched inside it (c10d and functional collectives included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def collectives(ops: list[str]) -> list[str]:
+    return [op for op in ops if op.startswith(("c10d.", "_c10d_functional."))]
+
+
+def train_worker(rank: int, directory: Path, steps: int, every: int) -> None:
+    """One rank of the FSDP2 run: store in DIR/sharded, results in DIR/rank{r}.pt."""
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = Net()
+    for layer in (model.inp, model.hidden, model.out):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = optimizer_for(model)
+    ema = phema.PostHocEMA(model, directory / "sharded", SIGMA_RELS, snapshot_every=every)
+    update_ops: list[str] = []
+    resumed = None
+    for step in range(steps):
+        train_step(model, optimizer, step)
+        with Ops() as ops:
+            ema.update()
+        update_ops += ops.ops
+        if resumed is not None:
+            resumed.update()
+        if step == steps // 2:
+            # Exact resume: a fresh tracker from a serialized state_dict follows the original.
+            saved = io.BytesIO()
+            torch.save(ema.state_dict(), saved)
+            torch.save(ema.state_dict(), directory / f"state-rank{rank}.pt")
+            saved.seek(0)
+            resumed = phema.PostHocEMA(model, None, SIGMA_RELS, snapshot_every=every)
+            resumed.load_state_dict(torch.load(saved))
+    ema.flush()
+
+    with Ops() as ops:  # positive control: a gather is seen
+        model.inp.weight.full_tensor()
+    control_ops = ops.ops
+
+    # swapped(): the average goes into the local shards (and FSDP2 gathers it), then back.
+    local = {n: p._local_tensor.clone() for n, p in model.named_parameters()}
+    model.eval()
+    with ema.swapped(sigma_rel=0.05):
+        swapped_local = {n: p._local_tensor.clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            swapped_out = model(batch(-1)[0])
+    model.train()
+    restored = all(torch.equal(p._local_tensor, local[n]) for n, p in model.named_parameters())
+
+    torch.distributed.barrier()  # both ranks' states are on disk
+    errors = {}
+    other = torch.load(directory / f"state-rank{1 - rank}.pt")
+    for case, state in {
+        "other_rank": other,
+        "world_4": {**other, "sharding": {**other["sharding"], "world_size": 4}},
+    }.items():
+        try:
+            phema.PostHocEMA(model, None, SIGMA_RELS).load_state_dict(state)
+        except ValueError as err:
+            errors[case] = str(err)
+    ema.close()
+    torch.save(
+        {
+            "state": ema.state_dict(),
+            "resumed": resumed.state_dict(),
+            "update_ops": update_ops,
+            "control_ops": control_ops,
+            "swapped_local": swapped_local,
+            "swapped_out": swapped_out,
+            "restored": restored,
+            "errors": errors,
+        },
+        directory / f"rank{rank}.pt",
+    )
+
+
+def plain_run(directory: Path, steps: int, every: int) -> None:
+    """The unsharded run of the same trajectory: store in DIR/plain, results in DIR/plain.pt."""
+    model = Net()
+    optimizer = optimizer_for(model)
+    ema = phema.PostHocEMA(model, directory / "plain", SIGMA_RELS, snapshot_every=every)
+    for step in range(steps):
+        train_step(model, optimizer, step)
+        ema.update()
+    model.eval()
+    with ema.swapped(sigma_rel=0.05), torch.no_grad():
+        swapped_out = model(batch(-1)[0])
+    ema.close()
+    torch.save({"state": ema.state_dict(), "swapped_out": swapped_out}, directory / "plain.pt")
+
+
+WORKERS = {"train": train_worker}
+
+
+def run_ranks(mode: str, directory: Path, *args: Any, world: int = WORLD, timeout: float = 120):
+    """Run WORKERS[mode](rank, directory, *args) on `world` gloo ranks; raise if one fails.
+
+    `args` travel as JSON on the command line.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(directory / f"{mode}-rank{rank}.log", "w+")  # noqa: SIM115
+        cmd = [sys.executable, __file__, mode, str(directory), str(rank), str(world)]
+        procs.append(subprocess.Popen([*cmd, *map(json.dumps, args)], stderr=log, env=env))
+        logs.append(log)
+    deadline = time.monotonic() + timeout
+    try:
+        # A failed rank leaves the others waiting in a collective: stop them all at once.
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll()]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        codes = [p.poll() for p in procs]
+        if codes != [0] * world:
+            rank = next(i for i, c in enumerate(codes) if c not in (0, None)) if any(codes) else 0
+            logs[rank].seek(0)
+            raise RuntimeError(f"rank {rank} of {world}: exit {codes}\n{logs[rank].read()}")
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+
+
+def make_sharded_and_plain_stores(tmp_path: Path, steps: int = 24, every: int = 8):
+    """The FSDP2 run's per-rank store and the unsharded run's store of the same trajectory.
+
+    Also leaves each rank's results in tmp_path/rank{r}.pt and the plain run's in plain.pt.
+    """
+    tmp_path = Path(tmp_path)
+    run_ranks("train", tmp_path, steps, every)
+    plain_run(tmp_path, steps, every)
+    return tmp_path / "sharded", tmp_path / "plain"
+
+
+STEPS, EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fsdp")
+    sharded, plain = make_sharded_and_plain_stores(directory, STEPS, EVERY)
+    ranks = [torch.load(directory / f"rank{r}.pt") for r in range(WORLD)]
+    return sharded, plain, ranks, torch.load(directory / "plain.pt"), directory
+
+
+def block(full: torch.Tensor, rank: int) -> torch.Tensor:
+    """FSDP2's part for `rank`: chunk `rank` of torch.chunk on dim 0, empty past the chunks."""
+    chunks = torch.chunk(full, WORLD, dim=0)
+    return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def test_each_rank_averages_its_block_of_the_unsharded_run(run):
+    _, _, ranks, plain, _ = run
+    for rank, result in enumerate(ranks):
+        state = result["state"]
+        assert (state["t"], state["step"]) == (STEPS, STEPS)
+        assert state["sharding"]["rank"] == rank and state["sharding"]["world_size"] == WORLD
+        assert sorted(state["sharding"]["shards"]) == sorted(SHARDED)
+        for mine, whole in zip(state["averages"], plain["state"]["averages"], strict=True):
+            assert list(mine) == list(whole)
+            for name, acc in mine.items():
+                expected = block(whole[name], rank) if name in SHARDED else whole[name]
+                assert acc.dtype == torch.float32 and acc.shape == expected.shape, name
+                torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-7)
+    assert ranks[1]["state"]["averages"][0]["out.weight"].shape == (0, 7)  # an empty shard
+
+
+def shard_files(store: Path, rank: int) -> list[str]:
+    return [
+        f"{t:012d}-{label}.rank{rank:05d}-of-{WORLD:05d}.safetensors"
+        for t in range(EVERY, STEPS + 1, EVERY)
+        for label in LABELS
+    ]
+
+
+def test_every_rank_writes_its_files_with_shard_metadata(run):
+    sharded, plain, _, _, _ = run
+    assert sorted(os.listdir(sharded)) == sorted(shard_files(sharded, 0) + shard_files(sharded, 1))
+    for rank in range(WORLD):
+        for name in shard_files(sharded, rank):
+            with safe_open(sharded / name, "np") as f:
+                meta = f.metadata()
+                local_shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            with safe_open(plain / name.replace(f".rank{rank:05d}-of-00002", ""), "np") as f:
+                plain_meta = f.metadata()
+            assert meta == {
+                **plain_meta,
+                "phema.rank": str(rank),
+                "phema.world_size": str(WORLD),
+                "phema.shards": meta["phema.shards"],
+            }
+            shards = json.loads(meta["phema.shards"])
+            assert meta["phema.shards"] == json.dumps(shards, sort_keys=True, separators=(",", ":"))
+            assert sorted(shards) == sorted(SHARDED)
+            for tensor, s in shards.items():
+                full_rows = s["shape"][0]
+                rows_before = min(rank * -(-full_rows // WORLD), full_rows)
+                assert s["offset"][1:] == [0] * (len(s["shape"]) - 1)
+                if local_shapes[tensor][0]:
+                    assert s["offset"][0] == rows_before, tensor
+                assert s["placements"] == "(Shard(dim=0),)"
+                assert local_shapes[tensor] == list(block(torch.empty(s["shape"]), rank).shape)
+
+
+def stitch(files: list[Path]) -> dict[str, np.ndarray]:
+    """Whole tensors from rank files, placing each block by its `phema.shards` offset."""
+    out: dict[str, np.ndarray] = {}
+    covered: dict[str, np.ndarray] = {}
+    for path in files:
+        with safe_open(path, "np") as f:
+            shards = json.loads(f.metadata()["phema.shards"])
+        for name, local in load_file(path).items():
+            if name not in shards:
+                assert name not in out or np.array_equal(out[name], local)  # replicas agree
+                out[name] = local
+                continue
+            s = shards[name]
+            if name not in out:
+                out[name] = np.zeros(s["shape"], local.dtype)
+                covered[name] = np.zeros(s["shape"], np.int64)
+            where = tuple(slice(o, o + n) for o, n in zip(s["offset"], local.shape, strict=True))
+            out[name][where] = local
+            covered[name][where] += 1
+    for name, count in covered.items():
+        assert np.all(count == 1), f"{name}: the blocks do not tile the tensor"
+    return out
+
+
+def test_stitched_rank_files_equal_the_unsharded_snapshots(run):
+    sharded, plain, _, _, _ = run
+    for name in sorted(os.listdir(plain)):
+        stem = name.removesuffix(".safetensors")
+        whole = stitch([sharded / f"{stem}.rank{r:05d}-of-00002.safetensors" for r in range(2)])
+        expected = load_file(plain / name)
+        assert sorted(whole) == sorted(expected)
+        for tensor, value in expected.items():
+            assert whole[tensor].dtype == value.dtype
+            if value.dtype == np.float16:
+                # Both are fp16 roundings of fp32 values within 1e-7: at most one fp16 step apart.
+                step = np.spacing(np.abs(value)).astype(np.float32)
+                diff = np.abs(whole[tensor].astype(np.float32) - value.astype(np.float32))
+                assert np.all(diff <= step), (name, tensor)
+            else:
+                assert np.array_equal(whole[tensor], value), (name, tensor)
+    assert len(os.listdir(plain)) == 2 * (STEPS // EVERY)
+
+
+def test_state_dict_resumes_exactly_and_refuses_other_ranks(run):
+    _, _, ranks, _, directory = run
+    for rank, result in enumerate(ranks):
+        original, resumed = result["state"], result["resumed"]
+        for key in ("t", "step", "gammas", "sharding"):  # the resumed one writes no snapshots
+            assert original[key] == resumed[key], key
+        for a, b in zip(original["averages"], resumed["averages"], strict=True):
+            assert all(torch.equal(a[n], b[n]) for n in a)  # bit for bit
+        other = 1 - rank
+        assert result["errors"]["other_rank"].startswith(
+            f"state_dict holds the averages of rank {other} of 2 (6 sharded tensors, e.g. "
+        )
+        assert f"load rank {other}'s own state" in result["errors"]["other_rank"]
+        assert f"rank {other} of 4" in result["errors"]["world_4"]
+        assert "resume on 4 ranks with the same sharding" in result["errors"]["world_4"]
+        assert "phema reconstruct" in result["errors"]["world_4"]
+    # On one process (an unsharded model of the same shapes) the rank's state is refused too.
+    state = torch.load(directory / "state-rank0.pt")
+    with pytest.raises(ValueError) as err:
+        phema.PostHocEMA(Net(), None, SIGMA_RELS).load_state_dict(state)
+    message = str(err.value)
+    assert "rank 0 of 2 (6 sharded tensors, e.g. inp.weight: global shape [9, 6]" in message
+    assert "this tracker is an unsharded model: resume on 2 ranks with the same sharding" in message
+    assert "start a fresh PostHocEMA" in message
+    # The same state without its sharding record and with whole tensors loads: the record it is.
+    whole = phema.PostHocEMA(Net(), None, SIGMA_RELS).state_dict()["averages"]
+    phema.PostHocEMA(Net(), None, SIGMA_RELS).load_state_dict(
+        {**state, "sharding": None, "averages": whole}
+    )
+
+
+def test_swapped_puts_the_average_into_the_shards_and_restores_them(run):
+    _, _, ranks, plain, _ = run
+    for result in ranks:
+        averages = result["state"]["averages"][0]
+        for name, value in result["swapped_local"].items():
+            assert torch.equal(value, averages[name]), name
+        assert result["restored"]
+        # FSDP2 gathered the swapped shards: the forward pass is the unsharded average's.
+        torch.testing.assert_close(result["swapped_out"], plain["swapped_out"])
+
+
+def test_update_issues_no_collective(run):
+    _, _, ranks, _, _ = run
+    for result in ranks:
+        assert result["update_ops"], "the recorder saw no op at all"
+        assert collectives(result["update_ops"]) == []
+        assert collectives(result["control_ops"])  # the recorder does see collectives
+
+
+if __name__ == "__main__":
+    mode, directory, rank, world, *rest = sys.argv[1:]
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.abspath(directory)}/rendezvous-{mode}",
+        rank=int(rank),
+        world_size=int(world),
+    )
+    try:
+        WORKERS[mode](int(rank), Path(directory), *map(json.loads, rest))
+    finally:
+        torch.distributed.destroy_process_group()
