@@ -314,11 +314,12 @@ fn source_dict<'py>(py: Python<'py>, s: &Source) -> PyResult<Bound<'py, PyDict>>
         .map(|h| h.path.to_string_lossy().into_owned())
         .collect();
     d.set_item("files", files)?;
+    d.set_item("sharded", s.sharded)?;
     d.set_item("metadata", first.metadata.clone())?;
     d.set_item("file_size", s.size())?;
     let tensors = PyList::empty(py);
-    for (_, t) in s.tensors() {
-        tensors.append((t.name.clone(), dtype_name(t.dtype), t.shape.clone()))?;
+    for t in engine::layout_of(s).map_err(err)? {
+        tensors.append((t.name, dtype_name(t.dtype), t.shape))?;
     }
     d.set_item("tensors", tensors)?;
     Ok(d)
@@ -326,9 +327,12 @@ fn source_dict<'py>(py: Python<'py>, s: &Source) -> PyResult<Bound<'py, PyDict>>
 
 #[pymethods]
 impl Sources {
-    /// Reads the headers of these inputs, each a list of files (data is not touched).
+    /// Reads the headers of these inputs, each a list of files (data is not touched). The rank
+    /// files of a snapshot of sharded training are assembled into global tensors, unless `local`:
+    /// then each file is taken as it is (one rank's part).
     #[new]
-    fn new(py: Python<'_>, inputs: Vec<Vec<PathBuf>>) -> PyResult<Self> {
+    #[pyo3(signature = (inputs, local=false))]
+    fn new(py: Python<'_>, inputs: Vec<Vec<PathBuf>>, local: bool) -> PyResult<Self> {
         let sources = py
             .detach(|| {
                 inputs
@@ -338,10 +342,7 @@ impl Sources {
                             .iter()
                             .map(|p| store::read_header(p))
                             .collect::<crate::Result<Vec<_>>>()?;
-                        if files.is_empty() {
-                            return Err(PhemaError::Invalid("an input without files".into()));
-                        }
-                        Ok(Source { files })
+                        Source::new(files, local)
                     })
                     .collect::<crate::Result<Vec<_>>>()
             })
@@ -399,7 +400,7 @@ impl Sources {
                     .iter()
                     .position(|r| r.iter().any(|&x| x != 0.0))
                     .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                let sink = FileSink::create(&engine::layout_of(&headers[first]), &requests)?;
+                let sink = FileSink::create(&engine::layout_of(&headers[first])?, &requests)?;
                 let stats = engine::combine(headers, &w, k, copy_from, &sink, &progress)?;
                 Ok::<_, PhemaError>((sink.finish()?, stats))
             })
@@ -455,7 +456,7 @@ impl Sources {
                     .iter()
                     .position(|r| r.iter().any(|&x| x != 0.0))
                     .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                sink.check(&engine::layout_of(&headers[first]))?;
+                sink.check(&engine::layout_of(&headers[first])?)?;
                 engine::combine(headers, &w, k, None, &sink, &progress)
             })
             .map_err(err)?;
@@ -565,15 +566,23 @@ impl Sink for MemorySink {
     }
 }
 
-/// What `scan_store` returns: the sources, their records, ignored files and problems.
+/// What `scan_store` returns: the sources, their records, ignored files, problems and
+/// incomplete snapshots.
 type ScanResult<'py> = (
     Sources,
     Vec<Bound<'py, PyDict>>,
     Vec<(String, String)>,
     Vec<String>,
+    Vec<String>,
 );
 
-/// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems).
+/// A listed snapshot as an engine input.
+fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
+    Source::new(s.files.clone(), false).map_err(err)
+}
+
+/// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems,
+/// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
     if !Path::new(&path).is_dir() {
@@ -585,7 +594,7 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
     for s in &scan.snapshots {
-        let d = source_dict(py, &Source::single(s.header.clone()))?;
+        let d = source_dict(py, &snapshot_source(s)?)?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -606,11 +615,11 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
         .collect();
     let headers = Sources(
         scan.snapshots
-            .into_iter()
-            .map(|s| Source::single(s.header))
-            .collect(),
+            .iter()
+            .map(snapshot_source)
+            .collect::<PyResult<_>>()?,
     );
-    Ok((headers, records, ignored, scan.problems))
+    Ok((headers, records, ignored, scan.problems, scan.incomplete))
 }
 
 #[pymodule]

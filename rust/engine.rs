@@ -1,6 +1,8 @@
 //! The reconstruction engine (SPEC §3): `out_k[name] = sum_i x[i, k] * snapshot_i[name]` for all
 //! targets in one pass over the snapshots, streamed in chunks through mmap, spread over all cores.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -10,6 +12,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
+use crate::shard::{assemble, shard_id, Assembled, Segment};
 use crate::store::{is_float, read_header, Header, TensorEntry};
 
 /// Elements of one tensor handled by one work item: bounds memory per thread to
@@ -53,12 +56,15 @@ pub struct Stats {
     pub raw_mismatch: Vec<String>,
 }
 
-/// One input of a combination: a checkpoint held in one safetensors file (a snapshot) or in
-/// several (a sharded checkpoint).
+/// One input of a combination: a checkpoint held in one safetensors file (a snapshot), in several
+/// (a sharded checkpoint, every tensor whole in one file), or the rank files of a snapshot written
+/// by sharded training (every tensor assembled from the ranks' blocks).
 #[derive(Clone, Debug)]
 pub struct Source {
-    /// Its files.
+    /// Its files (for a sharded snapshot: rank `r`'s file at index `r`).
     pub files: Vec<Header>,
+    /// Whether the files are the ranks' parts of one sharded snapshot.
+    pub sharded: bool,
 }
 
 impl Source {
@@ -66,15 +72,91 @@ impl Source {
     pub fn single(header: Header) -> Self {
         Source {
             files: vec![header],
+            sharded: false,
         }
     }
 
-    /// Every tensor with the index of its file, in file order.
-    pub fn tensors(&self) -> impl Iterator<Item = (usize, &TensorEntry)> {
-        self.files
+    /// A source of these files. Rank files of a sharded snapshot are assembled into global
+    /// tensors (all ranks must be there) unless `local`: then each is taken as it is.
+    pub fn new(mut files: Vec<Header>, local: bool) -> Result<Self> {
+        if files.is_empty() {
+            return Err(PhemaError::Invalid("an input without files".into()));
+        }
+        let ids = files
+            .iter()
+            .map(|h| shard_id(h).map_err(PhemaError::Store))
+            .collect::<Result<Vec<_>>>()?;
+        if local || ids.iter().all(Option::is_none) {
+            return Ok(Source {
+                files,
+                sharded: false,
+            });
+        }
+        let Some(Some(first)) = ids.first().copied() else {
+            return Err(PhemaError::Store(format!(
+                "{} is not a rank file, but other files of the same input are",
+                files[0].path.display()
+            )));
+        };
+        let world = first.world_size;
+        let mut ranks = vec![None; world];
+        for (h, id) in files.iter().zip(&ids) {
+            let Some(id) = id.filter(|id| id.world_size == world) else {
+                return Err(PhemaError::Store(format!(
+                    "{} is not a rank file of a {world}-rank snapshot like {}",
+                    h.path.display(),
+                    files[0].path.display()
+                )));
+            };
+            if let Some(other) = ranks[id.rank].replace(h.path.clone()) {
+                return Err(PhemaError::Store(format!(
+                    "two files for rank {}: {} and {}",
+                    id.rank,
+                    other.display(),
+                    h.path.display()
+                )));
+            }
+        }
+        if let Some(missing) = ranks.iter().position(Option::is_none) {
+            return Err(PhemaError::Store(format!(
+                "the sharded snapshot {} is incomplete: rank {missing} of {world} is missing",
+                files[0].path.display()
+            )));
+        }
+        let mut keyed: Vec<(usize, Header)> = ids
+            .iter()
+            .map(|id| id.map_or(0, |id| id.rank))
+            .zip(files.drain(..))
+            .collect();
+        keyed.sort_by_key(|(r, _)| *r);
+        Ok(Source {
+            files: keyed.into_iter().map(|(_, h)| h).collect(),
+            sharded: true,
+        })
+    }
+
+    /// Every tensor (global for a sharded snapshot) with where its elements are, in file order.
+    pub fn layout(&self) -> Result<Vec<Assembled>> {
+        if self.sharded {
+            return assemble(&self.files);
+        }
+        Ok(self
+            .files
             .iter()
             .enumerate()
-            .flat_map(|(f, h)| h.tensors.iter().map(move |t| (f, t)))
+            .flat_map(|(f, h)| {
+                h.tensors.iter().map(move |t| {
+                    let segment = Segment {
+                        start: 0,
+                        len: t.numel(),
+                        file: f,
+                        byte_offset: t.offset,
+                        dtype: t.dtype,
+                    };
+                    (t.clone(), vec![segment])
+                })
+            })
+            .collect())
     }
 
     /// Bytes on disk.
@@ -86,6 +168,11 @@ impl Source {
     pub fn describe(&self) -> String {
         match self.files.as_slice() {
             [one] => one.path.display().to_string(),
+            many if self.sharded => format!(
+                "{} (and the {} other ranks' files)",
+                many[0].path.display(),
+                many.len() - 1
+            ),
             many => format!(
                 "{} (and {} more shards)",
                 many[0].path.display(),
@@ -94,26 +181,15 @@ impl Source {
         }
     }
 
-    /// This source's tensors in `layout` order, checking names, shapes and kinds agree.
-    pub fn align(&self, layout: &[TensorEntry]) -> Result<Vec<(usize, TensorEntry)>> {
-        let by_name: std::collections::HashMap<&str, (usize, &TensorEntry)> = self
-            .tensors()
-            .map(|(f, t)| (t.name.as_str(), (f, t)))
-            .collect();
-        if by_name.len() > layout.len() {
-            let known: std::collections::HashSet<&str> =
-                layout.iter().map(|t| t.name.as_str()).collect();
-            if let Some(extra) = by_name.keys().find(|n| !known.contains(**n)) {
-                return Err(PhemaError::Store(format!(
-                    "tensor `{extra}` is in {} but not in the other inputs",
-                    self.describe()
-                )));
-            }
-        }
-        layout
+    /// Where this source's tensors are, in `layout` order, checking names, shapes and kinds agree.
+    pub fn align(&self, layout: &[TensorEntry]) -> Result<Vec<Vec<Segment>>> {
+        let own = self.layout()?;
+        let mut by_name: HashMap<&str, &Assembled> =
+            own.iter().map(|a| (a.0.name.as_str(), a)).collect();
+        let aligned = layout
             .iter()
             .map(|t| {
-                let Some(&(f, u)) = by_name.get(t.name.as_str()) else {
+                let Some((u, segments)) = by_name.remove(t.name.as_str()) else {
                     return Err(PhemaError::Store(format!(
                         "tensor `{}` is missing from {}",
                         t.name,
@@ -126,29 +202,55 @@ impl Source {
                         t.name,
                         u.dtype,
                         u.shape,
-                        self.files[f].path.display(),
+                        self.describe(),
                         t.dtype,
                         t.shape
                     )));
                 }
-                Ok((f, u.clone()))
+                Ok(segments.clone())
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(extra) = by_name.keys().next() {
+            return Err(PhemaError::Store(format!(
+                "tensor `{extra}` is in {} but not in the other inputs",
+                self.describe()
+            )));
+        }
+        Ok(aligned)
     }
 }
 
-/// One mapped input with its tensors in `layout` order.
+/// One mapped input with, per tensor in `layout` order, where its elements are.
 struct Mapped {
     maps: Vec<Mmap>,
-    entries: Vec<(usize, TensorEntry)>,
+    segments: Vec<Vec<Segment>>,
 }
 
 impl Mapped {
-    fn bytes(&self, tensor: usize, byte_lo: usize, len: usize) -> (&Mmap, &[u8], usize) {
-        let (f, e) = &self.entries[tensor];
-        let lo = e.offset as usize + byte_lo;
-        let map = &self.maps[*f];
-        (map, &map[lo..lo + len], lo)
+    /// Elements `start..start + len` of tensor `tensor`, which must lie in one segment: their
+    /// dtype, the mapping, the bytes and the bytes' offset in the file.
+    fn bytes(&self, tensor: usize, start: usize, len: usize) -> (Dtype, &Mmap, &[u8], usize) {
+        let segments = &self.segments[tensor];
+        let i = segments
+            .partition_point(|s| s.start <= start)
+            .saturating_sub(1);
+        let s = &segments[i];
+        let size = s.dtype.bitsize() / 8;
+        let lo = s.byte_offset as usize + (start - s.start) * size;
+        let map = &self.maps[s.file];
+        (s.dtype, map, &map[lo..lo + len * size], lo)
+    }
+
+    /// The whole of (non-float) tensor `tensor`, gathered from its segments.
+    fn whole(&self, tensor: usize) -> Cow<'_, [u8]> {
+        match self.segments[tensor].as_slice() {
+            [one] => Cow::Borrowed(self.bytes(tensor, 0, one.len).2),
+            many => Cow::Owned(
+                many.iter()
+                    .flat_map(|s| self.bytes(tensor, s.start, s.len).2.iter().copied())
+                    .collect(),
+            ),
+        }
     }
 }
 
@@ -214,16 +316,16 @@ pub fn combine(
             ))
         })?,
     };
-    let layout = layout_of(&inputs[first]);
+    let layout = layout_of(&inputs[first])?;
     let mut mapped = Vec::with_capacity(used.len());
     for &i in &used {
-        let entries = inputs[i].align(&layout)?;
+        let segments = inputs[i].align(&layout)?;
         let maps = inputs[i]
             .files
             .iter()
             .map(open)
             .collect::<Result<Vec<_>>>()?;
-        mapped.push(Mapped { maps, entries });
+        mapped.push(Mapped { maps, segments });
     }
     // Weights as f32, `[input][target]`, and the kernel chosen for this CPU.
     let w: Vec<f32> = used
@@ -232,22 +334,7 @@ pub fn combine(
         .collect();
     let isa = Isa::detect();
     let kernel = Kernel::new(isa, &w, mapped.len(), n_targets);
-
-    // Work items: (tensor, first element, element count) for floats; raw tensors whole.
-    let mut items = Vec::new();
-    for (ti, t) in layout.iter().enumerate() {
-        if is_float(t.dtype) {
-            let n = t.numel();
-            let mut start = 0;
-            while start < n {
-                let len = CHUNK.min(n - start);
-                items.push((ti, start, len));
-                start += len;
-            }
-        } else {
-            items.push((ti, 0, 0));
-        }
-    }
+    let items = work_items(&layout, &mapped);
     let mismatched = std::sync::Mutex::new(Vec::new());
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.
     let pool: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
@@ -258,15 +345,14 @@ pub fn combine(
                 return Err(PhemaError::Invalid("cancelled".into()));
             }
             if !is_float(layout[ti].dtype) {
-                let nbytes = mapped[copy_from].entries[ti].1.nbytes as usize;
-                let (_, bytes, _) = mapped[copy_from].bytes(ti, 0, nbytes);
-                if mapped.iter().any(|m| m.bytes(ti, 0, nbytes).1 != bytes) {
+                let bytes = mapped[copy_from].whole(ti);
+                if mapped.iter().any(|m| m.whole(ti) != bytes) {
                     if let Ok(mut v) = mismatched.lock() {
                         v.push(layout[ti].name.clone());
                     }
                 }
                 for k in 0..n_targets {
-                    sink.put_raw(k, ti, bytes)?;
+                    sink.put_raw(k, ti, &bytes)?;
                 }
                 return Ok(());
             }
@@ -290,6 +376,35 @@ pub fn combine(
         read: used,
         raw_mismatch,
     })
+}
+
+/// Work items `(tensor, first element, element count)`: float tensors cut where any input's
+/// segment ends and into chunks of at most [`CHUNK`], so each item lies in one segment of every
+/// input; non-float tensors whole, as `(tensor, 0, 0)`.
+fn work_items(layout: &[TensorEntry], mapped: &[Mapped]) -> Vec<(usize, usize, usize)> {
+    let mut items = Vec::new();
+    for (ti, t) in layout.iter().enumerate() {
+        if !is_float(t.dtype) {
+            items.push((ti, 0, 0));
+            continue;
+        }
+        let mut cuts: Vec<usize> = mapped
+            .iter()
+            .flat_map(|m| m.segments[ti].iter().map(|s| s.start))
+            .chain([t.numel()])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for pair in cuts.windows(2) {
+            let mut start = pair[0];
+            while start < pair[1] {
+                let len = CHUNK.min(pair[1] - start);
+                items.push((ti, start, len));
+                start += len;
+            }
+        }
+    }
+    items
 }
 
 /// Input elements between two releases of processed pages inside an item.
@@ -339,23 +454,17 @@ fn combine_chunk(
     let inputs: Vec<(Dtype, &[u8])> = mapped
         .iter()
         .map(|m| {
-            let dtype = m.entries[ti].1.dtype;
-            let size = dtype.bitsize() / 8;
-            (dtype, m.bytes(ti, start * size, len * size).1)
+            let (dtype, _, bytes, _) = m.bytes(ti, start, len);
+            (dtype, bytes)
         })
         .collect();
     // Per input: the file offset up to which this item's pages were released.
-    let mut released: Vec<usize> = mapped
-        .iter()
-        .map(|m| {
-            let size = m.entries[ti].1.dtype.bitsize() / 8;
-            m.bytes(ti, start * size, 0).2
-        })
-        .collect();
+    let mut released: Vec<usize> = mapped.iter().map(|m| m.bytes(ti, start, 0).3).collect();
     let mut release_to = |upto: usize, last: bool| {
         for (m, done) in mapped.iter().zip(released.iter_mut()) {
-            let size = m.entries[ti].1.dtype.bitsize() / 8;
-            let (map, _, end) = m.bytes(ti, (start + upto) * size, 0);
+            // The item's end may be the end of the segment: locate from its last element.
+            let (dtype, map, _, at) = m.bytes(ti, start + upto - 1, 1);
+            let end = at + dtype.bitsize() / 8;
             // Page-aligned steps inside the item, so a page is not dropped while still in use.
             let end = if last { end } else { end / PAGE * PAGE };
             if end > *done {
@@ -395,9 +504,9 @@ fn combine_chunk(
     Ok(read)
 }
 
-/// The tensor layout outputs follow: the tensors of `source` in file order.
-pub fn layout_of(source: &Source) -> Vec<TensorEntry> {
-    source.tensors().map(|(_, t)| t.clone()).collect()
+/// The tensor layout outputs follow: the (global) tensors of `source` in file order.
+pub fn layout_of(source: &Source) -> Result<Vec<TensorEntry>> {
+    Ok(source.layout()?.into_iter().map(|(t, _)| t).collect())
 }
 
 /// Page size assumed by [`release`] (larger pages are merely released less often).

@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod error;
 pub mod profile;
+pub mod shard;
 pub mod solve;
 pub mod store;
 pub mod writer;

@@ -11,6 +11,7 @@ use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
 use crate::profile::Profile;
+use crate::shard::{assemble, shard_id, ShardId};
 
 /// Where one tensor lives inside a file.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,7 +107,8 @@ pub fn read_header(path: &Path) -> Result<Header> {
             nbytes: expected as u64,
         });
     }
-    tensors.sort_by_key(|t| t.offset);
+    // Empty tensors (an uneven shard's empty block) share their offset with the next tensor.
+    tensors.sort_by_key(|t| (t.offset, t.nbytes));
     // Data must tile the data section exactly: no holes, overlaps or bytes past the end.
     let mut cursor = 8 + n;
     for t in &tensors {
@@ -150,11 +152,18 @@ pub struct Snapshot {
     pub t: f64,
     /// What it averages.
     pub kind: Kind,
-    /// Its header.
-    pub header: Header,
+    /// Its file, or for a snapshot of sharded training its ranks' files in rank order.
+    pub files: Vec<Header>,
+    /// The (global) tensors it holds, in file order.
+    pub tensors: Vec<TensorEntry>,
 }
 
 impl Snapshot {
+    /// Its (first) file's header, which carries the snapshot's metadata.
+    pub fn header(&self) -> &Header {
+        &self.files[0]
+    }
+
     /// The profile this snapshot represents, where it is a power average.
     pub fn profile(&self) -> Option<Profile> {
         match self.kind {
@@ -173,6 +182,9 @@ pub struct Scan {
     pub ignored: Vec<(PathBuf, String)>,
     /// Problems that make the store unusable as it is (corrupt files, duplicates, disagreement).
     pub problems: Vec<String>,
+    /// Snapshots of sharded training that lack some rank's file (still being written, or lost):
+    /// not in `snapshots`.
+    pub incomplete: Vec<String>,
 }
 
 fn parse_number(header: &Header, key: &str) -> std::result::Result<f64, String> {
@@ -223,7 +235,12 @@ pub fn snapshot_from_header(header: Header) -> std::result::Result<Option<Snapsh
             ))
         }
     };
-    Ok(Some(Snapshot { t, kind, header }))
+    Ok(Some(Snapshot {
+        t,
+        kind,
+        tensors: header.tensors.clone(),
+        files: vec![header],
+    }))
 }
 
 /// Lists a store directory: every `*.safetensors` file's header, in parallel.
@@ -255,24 +272,110 @@ pub fn scan(dir: &Path) -> Result<Scan> {
             (p, r)
         })
         .collect();
+    let mut ranked: BTreeMap<(u64, u64), Vec<(ShardId, Snapshot)>> = BTreeMap::new();
     for (path, r) in parsed {
-        match r {
-            Ok(Some(s)) => out.snapshots.push(s),
-            Ok(None) => out
-                .ignored
-                .push((path, "safetensors without phema metadata".into())),
+        let s = match r {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                out.ignored
+                    .push((path, "safetensors without phema metadata".into()));
+                continue;
+            }
+            Err(problem) => {
+                out.problems.push(problem);
+                continue;
+            }
+        };
+        match shard_id(s.header()) {
+            Ok(None) => out.snapshots.push(s),
+            Ok(Some(id)) => ranked
+                .entry((s.t.to_bits(), gamma_key(&s).to_bits()))
+                .or_default()
+                .push((id, s)),
             Err(problem) => out.problems.push(problem),
+        }
+    }
+    for parts in ranked.into_values() {
+        match join_ranks(parts) {
+            Ok(s) => out.snapshots.push(s),
+            Err(Partial::Incomplete(why)) => out.incomplete.push(why),
+            Err(Partial::Problem(why)) => out.problems.push(why),
         }
     }
     out.ignored.sort();
     out.snapshots.sort_by(|a, b| {
         a.t.total_cmp(&b.t)
             .then(gamma_key(a).total_cmp(&gamma_key(b)))
-            .then(a.header.path.cmp(&b.header.path))
+            .then(a.header().path.cmp(&b.header().path))
     });
     out.problems.extend(check_consistency(&out.snapshots));
     out.problems.sort();
+    out.incomplete.sort();
     Ok(out)
+}
+
+/// Why rank files do not make a snapshot.
+enum Partial {
+    /// Some rank's file is not (yet) there.
+    Incomplete(String),
+    /// The files contradict each other.
+    Problem(String),
+}
+
+/// One snapshot of sharded training from its ranks' files (same `t` and profile).
+fn join_ranks(mut parts: Vec<(ShardId, Snapshot)>) -> std::result::Result<Snapshot, Partial> {
+    parts.sort_by_key(|(id, s)| (id.rank, s.header().path.clone()));
+    let (first_id, first) = &parts[0];
+    let world = first_id.world_size;
+    let name = |s: &Snapshot| s.header().path.display().to_string();
+    if let Some((id, s)) = parts.iter().find(|(id, _)| id.world_size != world) {
+        return Err(Partial::Problem(format!(
+            "rank files of one snapshot disagree on the world size: {} says {world}, {} says {}",
+            name(first),
+            name(s),
+            id.world_size
+        )));
+    }
+    if let Some(pair) = parts.windows(2).find(|p| p[0].0.rank == p[1].0.rank) {
+        return Err(Partial::Problem(format!(
+            "two files for rank {} of the same snapshot: {} and {}",
+            pair[0].0.rank,
+            name(&pair[0].1),
+            name(&pair[1].1)
+        )));
+    }
+    if parts.len() < world {
+        let have: Vec<usize> = parts.iter().map(|(id, _)| id.rank).collect();
+        let missing: Vec<String> = (0..world)
+            .filter(|r| !have.contains(r))
+            .map(|r| r.to_string())
+            .collect();
+        return Err(Partial::Incomplete(format!(
+            "incomplete snapshot t={} ({}): rank {} of {world} missing, only {} of its files present \
+             (e.g. {})",
+            first.t,
+            match first.kind {
+                Kind::Power { gamma } => format!("gamma={gamma}"),
+                Kind::Raw => "kind raw".into(),
+            },
+            missing.join(", "),
+            parts.len(),
+            name(first)
+        )));
+    }
+    let (t, kind) = (first.t, first.kind);
+    let files: Vec<Header> = parts.into_iter().flat_map(|(_, s)| s.files).collect();
+    let tensors = assemble(&files)
+        .map_err(|e| Partial::Problem(e.to_string()))?
+        .into_iter()
+        .map(|(entry, _)| entry)
+        .collect();
+    Ok(Snapshot {
+        t,
+        kind,
+        files,
+        tensors,
+    })
 }
 
 fn gamma_key(s: &Snapshot) -> f64 {
@@ -295,27 +398,26 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
                     Kind::Power { gamma } => format!("gamma={gamma}"),
                     Kind::Raw => "kind raw".into(),
                 },
-                a.header.path.display(),
-                b.header.path.display()
+                a.header().path.display(),
+                b.header().path.display()
             ));
         }
     }
     if let Some(first) = snapshots.first() {
         let layout: HashMap<&str, (&Vec<usize>, bool)> = first
-            .header
             .tensors
             .iter()
             .map(|t| (t.name.as_str(), (&t.shape, is_float(t.dtype))))
             .collect();
         for s in &snapshots[1..] {
             let mut seen = 0;
-            for t in &s.header.tensors {
+            for t in &s.tensors {
                 match layout.get(t.name.as_str()) {
                     None => problems.push(format!(
                         "tensor `{}` is in {} but not in {}",
                         t.name,
-                        s.header.path.display(),
-                        first.header.path.display()
+                        s.header().path.display(),
+                        first.header().path.display()
                     )),
                     Some((shape, float)) => {
                         seen += 1;
@@ -325,9 +427,9 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
                                 t.name,
                                 t.dtype,
                                 t.shape,
-                                s.header.path.display(),
+                                s.header().path.display(),
                                 shape,
-                                first.header.path.display()
+                                first.header().path.display()
                             ));
                         }
                     }
@@ -335,13 +437,13 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
             }
             if seen != layout.len() {
                 let have: std::collections::HashSet<&str> =
-                    s.header.tensors.iter().map(|t| t.name.as_str()).collect();
+                    s.tensors.iter().map(|t| t.name.as_str()).collect();
                 let missing = layout.keys().find(|n| !have.contains(**n)).copied();
                 problems.push(format!(
                     "tensor `{}` is in {} but missing from {}",
                     missing.unwrap_or("?"),
-                    first.header.path.display(),
-                    s.header.path.display()
+                    first.header().path.display(),
+                    s.header().path.display()
                 ));
             }
         }

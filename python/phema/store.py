@@ -44,27 +44,37 @@ class SnapshotRecord:
     gamma: float | None
     sigma_rel: float | None
     kind: str
-    path: str
+    path: str  # the file (of rank 0, for a snapshot of sharded training)
     dtype: str  # the dtype most float tensors are stored in
-    size: int  # bytes on disk
+    size: int  # bytes on disk (all ranks' files)
     n_tensors: int
     metadata: Mapping[str, str] = field(repr=False)
+    paths: tuple[str, ...] = ()  # every file: the ranks' files in rank order, or just `path`
 
     @property
     def name(self) -> str:
         """The file name."""
         return os.path.basename(self.path)
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
+        return len(self.paths)
+
 
 @dataclass
 class Store:
-    """A listed store: snapshots sorted by time (then gamma), and what was skipped or is wrong."""
+    """A listed store: snapshots sorted by time (then gamma), and what was skipped or is wrong.
+
+    `incomplete` lists snapshots of sharded training that lack some rank's file (still being
+    written, or lost); they are not in `snapshots`, so nothing uses them."""
 
     path: str
     snapshots: list[SnapshotRecord]
     ignored: list[tuple[str, str]]
     problems: list[str]
     headers: Any = field(repr=False)  # _core.Sources, in the order of `snapshots`
+    incomplete: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -96,6 +106,7 @@ def _record(r: dict[str, Any]) -> SnapshotRecord:
         size=r["file_size"],
         n_tensors=len(r["tensors"]),
         metadata=r["metadata"],
+        paths=tuple(r["files"]),
     )
 
 
@@ -104,9 +115,10 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
 
     With `strict` (the default) any problem (a corrupt file, two snapshots with the same
     `(t, gamma)`, disagreeing tensors) raises `StoreError` naming the files; otherwise the problems
-    are listed in `Store.problems`.
+    are listed in `Store.problems`. Snapshots of sharded training missing a rank's file are left
+    out either way and listed in `Store.incomplete`: a run still writing is not an error.
     """
-    headers, records, ignored, problems = _core.scan_store(os.fspath(path))
+    headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
     if strict and problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise _core.StoreError(problems[0] + more)
@@ -116,6 +128,7 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
         ignored=ignored,
         problems=problems,
         headers=headers,
+        incomplete=incomplete,
     )
 
 
