@@ -431,7 +431,9 @@ impl Sources {
         for per_target in &buffers {
             let mut v = Vec::with_capacity(per_target.len());
             for b in per_target {
-                v.push(b.readwrite());
+                v.push(b.try_readwrite().map_err(|_| {
+                    PyValueError::new_err("an output buffer is given twice or is in use elsewhere")
+                })?);
             }
             held.push(v);
         }

@@ -107,8 +107,9 @@ pub fn read_header(path: &Path) -> Result<Header> {
             nbytes: expected as u64,
         });
     }
-    // Empty tensors (an uneven shard's empty block) share their offset with the next tensor.
-    tensors.sort_by_key(|t| (t.offset, t.nbytes));
+    // Empty tensors (an uneven shard's empty block) share their offset with the next tensor:
+    // they go first, by name, so the order is the same on every read.
+    tensors.sort_by(|a, b| (a.offset, a.nbytes, &a.name).cmp(&(b.offset, b.nbytes, &b.name)));
     // Data must tile the data section exactly: no holes, overlaps or bytes past the end.
     let mut cursor = 8 + n;
     for t in &tensors {

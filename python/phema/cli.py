@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -117,6 +118,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             )
         print(_table(rows, ["kind", "sigma_rel", "gamma", "count", "t range", "dtype", "size"]))
         print(f"tensors per snapshot: {store.snapshots[0].n_tensors}")
+        worlds = sorted({s.world_size for s in store.snapshots})
+        if worlds != [1]:
+            print(f"sharded training: snapshots in {' or '.join(map(str, worlds))} rank files each")
         if args.verbose:
             print()
             rows = [
@@ -126,9 +130,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
     for path, why in store.ignored:
         print(f"note: ignored {path}: {why}")
-    for p in store.problems:
+    for p in store.problems + store.incomplete:
         print(f"problem: {p}")
-    return 1 if store.problems else 0
+    return 1 if store.problems or store.incomplete else 0
 
 
 def _targets(args: argparse.Namespace) -> dict:
@@ -196,6 +200,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.quiet,
         solution=sol,
         stats=stats,
+        per_rank=args.per_rank,
     )
     outputs = _outputs_per_target(sol, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
@@ -246,18 +251,21 @@ def cmd_average(args: argparse.Namespace) -> int:
 def _outputs_per_target(sol: Solution, paths: list[str], out: str) -> list[str]:
     result = []
     for target in sol.targets:
-        # The first path component is `<label>[-t<at>]`, with `.safetensors` when not sharded;
-        # a prefix test would give beta-0.99 the files of beta-0.995 too.
+        # The first path component is `<label>[-t<at>]`, with `.safetensors` when not sharded
+        # and `.rankR-of-W.safetensors` per rank; a prefix test would give beta-0.99 the files of
+        # beta-0.995 too.
         mine = []
         for p in paths:
             stem = os.path.relpath(p, out).split(os.sep)[0].removesuffix(".safetensors")
+            stem = re.sub(r"\.rank\d+-of-\d+$", "", stem)
             if stem == target.label or stem.startswith(target.label + "-t"):
                 mine.append(p)
-        result.append(
-            os.path.relpath(mine[0], out)
-            if len(mine) == 1
-            else f"{target.label}/ ({len(mine)} files)"
-        )
+        if len(mine) == 1:
+            result.append(os.path.relpath(mine[0], out))
+        elif ".rank" in os.path.basename(mine[0]):
+            result.append(re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out)))
+        else:
+            result.append(f"{target.label}/ ({len(mine)} files)")
     return result
 
 
@@ -320,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", default="f16", help="f16 (default), bf16 or f32")
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
+    s.add_argument(
+        "--per-rank",
+        action="store_true",
+        help="for a store of sharded training: one output file per rank, sharded like the run "
+        "(to resume on as many ranks); default: full tensors",
+    )
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reconstruct)

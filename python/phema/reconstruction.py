@@ -109,20 +109,29 @@ def reconstruct(
     progress: bool = False,
     solution: Solution | None = None,
     stats: dict[str, Any] | None = None,
+    per_rank: bool = False,
 ) -> list[str]:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
     Each target becomes `<out>/<label>.safetensors` (or a directory of shards with a
-    `model.safetensors.index.json` when `shard_size` bytes is given). Returns the written paths;
-    a `stats` dict, if given, receives what was read (`read`: snapshot indices, `bytes_read`).
+    `model.safetensors.index.json` when `shard_size` bytes is given). Snapshots of sharded
+    training are assembled into full tensors, or with `per_rank` written sharded like the run:
+    `<label>.rankRRRRR-of-WWWWW.safetensors` per rank, each holding that rank's blocks, to resume
+    training on the same number of ranks. Returns the written paths; a `stats` dict, if given,
+    receives what was read (`read`: snapshot indices, `bytes_read`).
     """
     store = _as_store(store)
     sol = solution or solve(store, sigma_rels, gammas, betas, halflives, dt, at, noise)
-    os.makedirs(out, exist_ok=True)
     suffix = "" if at is None else f"-t{_format_t(sol.targets[0].t)}"
+    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
+    labels = [target.label + suffix for target in sol.targets]
+    if per_rank:
+        if shard_size:
+            raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
+        return _reconstruct_per_rank(store, sol, weights, labels, out, dtype, progress, stats)
+    os.makedirs(out, exist_ok=True)
     outputs = []
-    for k, target in enumerate(sol.targets):
-        name = target.label + suffix
+    for k, name in enumerate(labels):
         path = os.path.join(out, name if shard_size else name + ".safetensors")
         outputs.append(
             {
@@ -132,7 +141,6 @@ def reconstruct(
                 "shard_size": shard_size,
             }
         )
-    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
     paths, run_stats = run_engine(
         lambda handle: store.headers.combine_to_files(weights, outputs, handle),
         _snapshot_bytes(store, weights),
@@ -142,6 +150,66 @@ def reconstruct(
     if stats is not None:
         stats.update(run_stats)
     return [p for per_target in paths for p in per_target]
+
+
+_SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
+
+
+def _reconstruct_per_rank(
+    store: Store,
+    sol: Solution,
+    weights: np.ndarray,
+    labels: list[str],
+    out: str | os.PathLike[str],
+    dtype: str,
+    progress: bool,
+    stats: dict[str, Any] | None,
+) -> list[str]:
+    """One engine run per rank over that rank's files; all outputs or none."""
+    used = np.flatnonzero(np.any(weights != 0, axis=1))
+    worlds = {store.snapshots[i].world_size for i in used}
+    if len(worlds) != 1 or 1 in worlds:
+        raise ValueError(
+            "per_rank needs snapshots of sharded training, all from the same number of ranks; "
+            f"the snapshots used come from {sorted(worlds)} rank(s)"
+        )
+    [world] = worlds
+    os.makedirs(out, exist_ok=True)
+    written: list[str] = []
+    total = {"read": [int(i) for i in used], "bytes_read": 0, "raw_mismatch": []}
+    try:
+        for rank in range(world):
+            sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
+            described = sources.describe()
+            shard_meta = {k: v for k, v in described[0]["metadata"].items() if k in _SHARD_KEYS}
+            outputs = [
+                {
+                    "path": os.path.join(out, f"{name}.rank{rank:05d}-of-{world:05d}.safetensors"),
+                    "dtype": normalize_dtype(dtype),
+                    "metadata": _metadata(sol, k, store) | shard_meta,
+                    "shard_size": None,
+                }
+                for k, name in enumerate(labels)
+            ]
+            rows = np.ascontiguousarray(weights[used])
+            paths, run_stats = run_engine(
+                lambda handle, s=sources, o=outputs, w=rows: s.combine_to_files(w, o, handle),
+                sum(d["file_size"] for d in described),
+                progress,
+                f"reconstruct rank {rank}/{world}",
+            )
+            written += [p for per_target in paths for p in per_target]
+            total["bytes_read"] += run_stats["bytes_read"]
+            total["raw_mismatch"] = sorted(
+                set(total["raw_mismatch"]) | set(run_stats["raw_mismatch"])
+            )
+    except BaseException:
+        for p in written:
+            os.remove(p)
+        raise
+    if stats is not None:
+        stats.update(total)
+    return written
 
 
 def reconstruct_state_dict(
@@ -194,55 +262,38 @@ def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     if isinstance(source, Mapping):
         return dict(source), {}
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            sd: dict[str, torch.Tensor] = {}
-            meta: dict[str, str] = {}
-            for name in files:
-                part, meta = _load_source(os.path.join(path, name))
-                sd.update(part)
-            return sd, meta
-        single = os.path.join(path, "model.safetensors")
-        if not os.path.exists(single):
-            raise FileNotFoundError(
-                f"{path}: no model.safetensors or model.safetensors.index.json in this directory"
-            )
-        path = single
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(path), meta
+    sd: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for path in _files_of(os.fspath(source)):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        sd.update(load_file(path))
+    return sd, meta
 
 
 def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch.nn.Module:
     """Loads averaged weights (a file, a directory with one or a sharded index, or a state dict)
     into `model`, casting to each parameter's dtype and device. Missing or unexpected names and
-    shape mismatches are one clear error."""
+    shape mismatches are one clear error.
+
+    A sharded model (FSDP2, DTensor parameters) gets its local blocks: each rank reads only its
+    slices of a full (consolidated) reconstruction, or its own file of a `per_rank` one (given
+    any rank's file, the sibling file of this rank is used)."""
     import torch
 
-    sd, meta = _load_source(source)
-    target = getattr(model, "_orig_mod", model)
-    target = (
-        getattr(target, "module", target)
-        if isinstance(target, torch.nn.parallel.DistributedDataParallel)
-        else target
-    )
-    own = target.state_dict()
-    tied = json.loads(meta.get("phema.tied", "{}"))
-    for alias, canonical in tied.items():
-        if alias not in sd and canonical in sd:
-            sd[alias] = sd[canonical]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    from phema.tracker import _dtensor_class, _unwrap
+
+    own = _unwrap(model).state_dict()
+    dtensor = _dtensor_class()
+    sharded = dtensor is not None and any(isinstance(v, dtensor) for v in own.values())
+    reader = _ShardedReader(source, own) if sharded else _PlainReader(source)
+    shapes = reader.shapes
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
     bad_shape = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {shapes[k]} vs model {tuple(own[k].shape)}"
         for k in own
-        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+        if k in shapes and shapes[k] != tuple(own[k].shape)
     ]
     if bad_shape:
         raise ValueError("shape mismatch: " + "; ".join(bad_shape[:5]))
@@ -255,6 +306,108 @@ def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch
         raise ValueError("state dict does not match the model: " + "; ".join(parts))
     with torch.no_grad():
         for k, v in own.items():
-            if k in sd:
-                v.copy_(sd[k].to(device=v.device, dtype=v.dtype), non_blocking=True)
+            if k in shapes:
+                dst = v._local_tensor if sharded and isinstance(v, dtensor) else v
+                src = reader.block(k, tuple(dst.shape))
+                dst.copy_(src.to(device=dst.device, dtype=dst.dtype), non_blocking=True)
     return model
+
+
+class _PlainReader:
+    """A whole state dict (from a file, a directory, or given), tied aliases filled in."""
+
+    def __init__(self, source: Any) -> None:
+        self.sd, meta = _load_source(source)
+        for alias, canonical in json.loads(meta.get("phema.tied", "{}")).items():
+            if alias not in self.sd and canonical in self.sd:
+                self.sd[alias] = self.sd[canonical]
+        self.shapes = {k: tuple(v.shape) for k, v in self.sd.items()}
+
+    def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.sd[name]
+
+
+class _ShardedReader:
+    """The tensors of `source` as this rank of a sharded model needs them: global shapes for the
+    checks, and each tensor's local block, sliced lazily from the files (only what the rank
+    holds is read)."""
+
+    def __init__(self, source: Any, own: Mapping[str, Any]) -> None:
+        from phema.tracker import _sharding
+
+        layout = _sharding(list(own), list(own.values()), None)
+        self.rank = layout.rank if layout else 0
+        self.world = layout.world_size if layout else 1
+        self.blocks = layout.shards if layout else {}
+        self.given: dict[str, Any] = dict(source) if isinstance(source, Mapping) else {}
+        self.handles: dict[str, Any] = {}  # tensor name -> safe_open handle of its file
+        self.file_blocks: dict[str, Any] = {}  # a per-rank file's blocks: name -> block
+        self.shapes = {k: tuple(v.shape) for k, v in self.given.items()}
+        if not isinstance(source, Mapping):
+            for path in _files_of(os.fspath(source)):
+                self._open(path)
+
+    def _open(self, path: str) -> None:
+        from safetensors import safe_open
+
+        handle = safe_open(path, "pt")
+        meta = handle.metadata() or {}
+        if "phema.rank" in meta:
+            rank, world = int(meta["phema.rank"]), int(meta["phema.world_size"])
+            if world != self.world:
+                raise ValueError(
+                    f"{path} is rank {rank}'s part of a {world}-rank reconstruction, but this "
+                    f"model is sharded over {self.world} ranks: reconstruct full tensors "
+                    "(without per_rank) to load them here"
+                )
+            if rank != self.rank:
+                mine = path.replace(
+                    f".rank{rank:05d}-of-{world:05d}.", f".rank{self.rank:05d}-of-{world:05d}."
+                )
+                if mine == path or not os.path.exists(mine):
+                    raise FileNotFoundError(
+                        f"{path} is rank {rank}'s part; this process is rank {self.rank} and "
+                        f"{mine} does not exist"
+                    )
+                return self._open(mine)
+            self.file_blocks = json.loads(meta.get("phema.shards", "{}"))
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            self.handles[name] = handle
+            stored = tuple(handle.get_slice(name).get_shape())
+            self.shapes[name] = tuple(self.file_blocks.get(name, {}).get("shape", stored))
+
+    def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """This rank's block of tensor `name`, of local shape `shape`."""
+        mine = self.blocks.get(name)
+        theirs = self.file_blocks.get(name)
+        if theirs is not None or (mine is None and name in self.handles):
+            if (mine and mine["offset"]) != (theirs and theirs["offset"]):
+                raise ValueError(
+                    f"{name}: the file holds the block at {theirs and theirs['offset']}, this "
+                    f"rank holds the one at {mine and mine['offset']}: the model is sharded "
+                    "differently from the run that wrote the file"
+                )
+            return self.handles[name].get_tensor(name)
+        whole = self.handles[name].get_slice(name) if name in self.handles else self.given[name]
+        if mine is None:
+            return whole[...]
+        return whole[tuple(slice(o, o + n) for o, n in zip(mine["offset"], shape, strict=True))]
+
+
+def _files_of(path: str) -> list[str]:
+    """The safetensors files of a file or a (possibly sharded) model directory."""
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, n) for n in names]
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json in this directory"
+            )
+        path = single
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return [path]
