@@ -43,12 +43,14 @@ except ImportError as err:
 WORLD = 2
 SIGMA_RELS = (0.05, 0.10)
 LABELS = ("0.050", "0.100")
-SHARDED = ["inp.weight", "inp.bias", "hidden.weight", "hidden.bias", "out.weight", "out.bias"]
+SHARDED = ["shift", "inp.weight", "inp.bias", "hidden.weight", "hidden.bias", "out.weight"]
+SHARDED += ["out.bias"]
 
 
 class Net(nn.Module):
     """An MLP whose rows do not split evenly over 2 ranks (9, 7 and 1: rank 1 gets no row of
-    `out`), with a float buffer that moves in training and an integer one."""
+    `out`), a parameter of its own (in FSDP2's root unit, which stays unsharded after an eval
+    forward), a float buffer that moves in training and an integer one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +58,7 @@ class Net(nn.Module):
         self.inp = nn.Linear(6, 9)
         self.hidden = nn.Linear(9, 7)
         self.out = nn.Linear(7, 1)
+        self.shift = nn.Parameter(torch.full((3,), 0.1))
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
 
@@ -64,7 +67,22 @@ class Net(nn.Module):
             with torch.no_grad():
                 self.scale.mul_(0.9).add_(0.1 * x.abs().mean())
                 self.seen += 1
-        return self.out(torch.relu(self.hidden(torch.relu(self.inp(x))))) * self.scale
+        y = self.out(torch.relu(self.hidden(torch.relu(self.inp(x))))) * self.scale
+        return y + self.shift.sum()
+
+
+class TPNet(nn.Module):
+    """For tensor parallelism: column-wise then row-wise Linear (even sizes), a float buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.up = nn.Linear(6, 8)
+        self.down = nn.Linear(8, 1)
+        self.register_buffer("scale", torch.full((1,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))) * self.scale
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +153,18 @@ def train_worker(rank: int, directory: Path, steps: int, every: int) -> None:
     control_ops = ops.ops
 
     # swapped(): the average goes into the local shards (and FSDP2 gathers it), then back.
-    local = {n: p._local_tensor.clone() for n, p in model.named_parameters()}
+    # The eval forwards leave the root unit unsharded, holding whatever it gathered.
+    params = dict(model.named_parameters())  # the DTensors: sharded after a backward
+    local = {n: p._local_tensor.clone() for n, p in params.items()}
     model.eval()
-    with ema.swapped(sigma_rel=0.05):
-        swapped_local = {n: p._local_tensor.clone() for n, p in model.named_parameters()}
-        with torch.no_grad():
+    with torch.no_grad():
+        raw_out = model(batch(-1)[0])
+        with ema.swapped(sigma_rel=0.05):
+            swapped_local = {n: p._local_tensor.clone() for n, p in params.items()}
             swapped_out = model(batch(-1)[0])
+        raw_again = torch.equal(model(batch(-1)[0]), raw_out)
     model.train()
-    restored = all(torch.equal(p._local_tensor, local[n]) for n, p in model.named_parameters())
+    restored = all(torch.equal(p._local_tensor, local[n]) for n, p in params.items())
 
     torch.distributed.barrier()  # both ranks' states are on disk
     errors = {}
@@ -156,6 +178,7 @@ def train_worker(rank: int, directory: Path, steps: int, every: int) -> None:
         except ValueError as err:
             errors[case] = str(err)
     ema.close()
+    tensor_parallel_run(directory / "tp-sharded", steps, every, mesh)
     torch.save(
         {
             "state": ema.state_dict(),
@@ -165,14 +188,36 @@ def train_worker(rank: int, directory: Path, steps: int, every: int) -> None:
             "swapped_local": swapped_local,
             "swapped_out": swapped_out,
             "restored": restored,
+            "raw_again": raw_again,
+            # Numbered within an explicit mesh: the same here, where it is the root mesh.
+            "mesh_sharding": phema.PostHocEMA(model, None, mesh=mesh).state_dict()["sharding"],
             "errors": errors,
         },
         directory / f"rank{rank}.pt",
     )
 
 
+def tensor_parallel_run(store: Path, steps: int, every: int, mesh: Any = None) -> None:
+    """TPNet trained on `mesh` with Colwise/RowwiseParallel (unsharded without a mesh)."""
+    model = TPNet()
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    optimizer = optimizer_for(model)
+    with phema.PostHocEMA(model, store, SIGMA_RELS, snapshot_every=every) as ema:
+        for step in range(steps):
+            train_step(model, optimizer, step)
+            ema.update()
+
+
 def plain_run(directory: Path, steps: int, every: int) -> None:
     """The unsharded run of the same trajectory: store in DIR/plain, results in DIR/plain.pt."""
+    tensor_parallel_run(directory / "tp-plain", steps, every)
     model = Net()
     optimizer = optimizer_for(model)
     ema = phema.PostHocEMA(model, directory / "plain", SIGMA_RELS, snapshot_every=every)
@@ -225,7 +270,8 @@ def run_ranks(mode: str, directory: Path, *args: Any, world: int = WORLD, timeou
 def make_sharded_and_plain_stores(tmp_path: Path, steps: int = 24, every: int = 8):
     """The FSDP2 run's per-rank store and the unsharded run's store of the same trajectory.
 
-    Also leaves each rank's results in tmp_path/rank{r}.pt and the plain run's in plain.pt.
+    Also leaves each rank's results in tmp_path/rank{r}.pt and the plain run's in plain.pt, and
+    the same pair for a tensor-parallel model in tmp_path/tp-sharded and tmp_path/tp-plain.
     """
     tmp_path = Path(tmp_path)
     run_ranks("train", tmp_path, steps, every)
@@ -306,7 +352,7 @@ def test_every_rank_writes_its_files_with_shard_metadata(run):
 def stitch(files: list[Path]) -> dict[str, np.ndarray]:
     """Whole tensors from rank files, placing each block by its `phema.shards` offset."""
     out: dict[str, np.ndarray] = {}
-    covered: dict[str, np.ndarray] = {}
+    blocks: dict[str, dict[tuple[slice, ...], np.ndarray]] = {}
     for path in files:
         with safe_open(path, "np") as f:
             shards = json.loads(f.metadata()["phema.shards"])
@@ -316,20 +362,27 @@ def stitch(files: list[Path]) -> dict[str, np.ndarray]:
                 out[name] = local
                 continue
             s = shards[name]
-            if name not in out:
-                out[name] = np.zeros(s["shape"], local.dtype)
-                covered[name] = np.zeros(s["shape"], np.int64)
             where = tuple(slice(o, o + n) for o, n in zip(s["offset"], local.shape, strict=True))
-            out[name][where] = local
-            covered[name][where] += 1
-    for name, count in covered.items():
+            seen = blocks.setdefault(name, {})
+            key = tuple((w.start, w.stop) for w in where)
+            if key in seen:  # a replica of a block (Replicate placement)
+                assert np.array_equal(seen[key], local), name
+                continue
+            seen[key] = local
+            out.setdefault(name, np.zeros(s["shape"], local.dtype))[where] = local
+    for name, parts in blocks.items():
+        count = np.zeros(out[name].shape, np.int64)
+        for key in parts:
+            count[tuple(slice(a, b) for a, b in key)] += 1
         assert np.all(count == 1), f"{name}: the blocks do not tile the tensor"
     return out
 
 
-def test_stitched_rank_files_equal_the_unsharded_snapshots(run):
-    sharded, plain, _, _, _ = run
-    for name in sorted(os.listdir(plain)):
+def assert_stitched_equal_plain(sharded: Path, plain: Path, steps: int = 1) -> None:
+    """Every plain snapshot equals its stitched rank files within `steps` fp16 steps."""
+    names = sorted(os.listdir(plain))
+    assert len(names) == 2 * (STEPS // EVERY)
+    for name in names:
         stem = name.removesuffix(".safetensors")
         whole = stitch([sharded / f"{stem}.rank{r:05d}-of-00002.safetensors" for r in range(2)])
         expected = load_file(plain / name)
@@ -337,13 +390,33 @@ def test_stitched_rank_files_equal_the_unsharded_snapshots(run):
         for tensor, value in expected.items():
             assert whole[tensor].dtype == value.dtype
             if value.dtype == np.float16:
-                # Both are fp16 roundings of fp32 values within 1e-7: at most one fp16 step apart.
-                step = np.spacing(np.abs(value)).astype(np.float32)
+                spacing = np.spacing(np.abs(value)).astype(np.float32)
                 diff = np.abs(whole[tensor].astype(np.float32) - value.astype(np.float32))
-                assert np.all(diff <= step), (name, tensor)
+                assert np.all(diff <= steps * spacing), (name, tensor)
             else:
                 assert np.array_equal(whole[tensor], value), (name, tensor)
-    assert len(os.listdir(plain)) == 2 * (STEPS // EVERY)
+
+
+def test_stitched_rank_files_equal_the_unsharded_snapshots(run):
+    sharded, plain, _, _, _ = run
+    # Both are fp16 roundings of fp32 values within 1e-7: at most one fp16 step apart.
+    assert_stitched_equal_plain(sharded, plain)
+
+
+def test_tensor_parallel_rank_files_stitch_to_the_unsharded_snapshots(run):
+    _, _, _, _, directory = run
+    with safe_open(
+        directory / "tp-sharded" / f"{STEPS:012d}-0.050.rank00001-of-00002.safetensors", "np"
+    ) as f:
+        shards = json.loads(f.metadata()["phema.shards"])
+    assert shards == {
+        "up.weight": {"offset": [4, 0], "placements": "(Shard(dim=0),)", "shape": [8, 6]},
+        "up.bias": {"offset": [4], "placements": "(Shard(dim=0),)", "shape": [8]},
+        "down.weight": {"offset": [0, 4], "placements": "(Shard(dim=1),)", "shape": [1, 8]},
+        "down.bias": {"offset": [0], "placements": "(Replicate(),)", "shape": [1]},
+    }
+    # Row-wise parallelism sums the products in another order: a few fp32 ulps apart.
+    assert_stitched_equal_plain(directory / "tp-sharded", directory / "tp-plain", steps=2)
 
 
 def test_state_dict_resumes_exactly_and_refuses_other_ranks(run):
@@ -352,11 +425,12 @@ def test_state_dict_resumes_exactly_and_refuses_other_ranks(run):
         original, resumed = result["state"], result["resumed"]
         for key in ("t", "step", "gammas", "sharding"):  # the resumed one writes no snapshots
             assert original[key] == resumed[key], key
+        assert result["mesh_sharding"] == original["sharding"]
         for a, b in zip(original["averages"], resumed["averages"], strict=True):
             assert all(torch.equal(a[n], b[n]) for n in a)  # bit for bit
         other = 1 - rank
         assert result["errors"]["other_rank"].startswith(
-            f"state_dict holds the averages of rank {other} of 2 (6 sharded tensors, e.g. "
+            f"state_dict holds the averages of rank {other} of 2 (7 sharded tensors, e.g. "
         )
         assert f"load rank {other}'s own state" in result["errors"]["other_rank"]
         assert f"rank {other} of 4" in result["errors"]["world_4"]
@@ -367,7 +441,7 @@ def test_state_dict_resumes_exactly_and_refuses_other_ranks(run):
     with pytest.raises(ValueError) as err:
         phema.PostHocEMA(Net(), None, SIGMA_RELS).load_state_dict(state)
     message = str(err.value)
-    assert "rank 0 of 2 (6 sharded tensors, e.g. inp.weight: global shape [9, 6]" in message
+    assert "rank 0 of 2 (7 sharded tensors, e.g. shift: global shape [3]" in message
     assert "this tracker is an unsharded model: resume on 2 ranks with the same sharding" in message
     assert "start a fresh PostHocEMA" in message
     # The same state without its sharding record and with whole tensors loads: the record it is.
@@ -383,7 +457,7 @@ def test_swapped_puts_the_average_into_the_shards_and_restores_them(run):
         averages = result["state"]["averages"][0]
         for name, value in result["swapped_local"].items():
             assert torch.equal(value, averages[name]), name
-        assert result["restored"]
+        assert result["restored"] and result["raw_again"]
         # FSDP2 gathered the swapped shards: the forward pass is the unsharded average's.
         torch.testing.assert_close(result["swapped_out"], plain["swapped_out"])
 

@@ -112,9 +112,10 @@ class PostHocEMA:
     and block (``phema.shards`` metadata); ``phema reconstruct`` assembles them. Ranks are
     numbered by their position in the (root) device mesh of the DTensors, W is its size; give
     ``mesh`` to number them within another mesh (it also makes every rank write when no tracked
-    tensor is a DTensor). Create the tracker after ``fully_shard`` and call ``update()``,
-    ``snapshot()`` and ``state_dict()`` on every rank; ``state_dict()`` holds this rank's shards
-    and resumes on the same ranks and layout only.
+    tensor is a DTensor). Create the tracker after ``fully_shard`` and call ``update()`` and
+    ``snapshot()`` on every rank; ``state_dict()`` holds this rank's shards and resumes on the
+    same ranks and layout only. ``swapped()`` swaps each rank's shards (and drops the weights
+    FSDP2 has gathered, so that forwards inside and after it see the right ones).
     """
 
     def __init__(
@@ -435,11 +436,13 @@ class PostHocEMA:
         params = _local(self._floats)  # local shards of DTensors: each rank swaps its own
         with torch.no_grad():
             raw = [p.detach().clone() for p in params]
+            _drop_gathered(self._model)
             torch._foreach_copy_(params, self._accs[index])
         try:
             yield self._model
         finally:
             with torch.no_grad():
+                _drop_gathered(self._model)
                 torch._foreach_copy_(params, raw)
 
     def _profile_index(self, sigma_rel: float | None, gamma: float | None) -> int:
@@ -685,6 +688,20 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return tensors
     # _local_tensor, not to_local(): the same tensor without to_local()'s ~4 us of dispatch.
     return [x._local_tensor if isinstance(x, dtensor) else x for x in tensors]
+
+
+def _drop_gathered(model: nn.Module) -> None:
+    """Free FSDP2's gathered weights, so the next forward gathers the shards as they are now.
+
+    fully_shard's root unit keeps its gathered weights after a forward without backward (the
+    default reshard_after_forward): without this, a forward inside swapped() would use the raw
+    weights, and one after it the average.
+    """
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is not None:
+        for module in model.modules():
+            if isinstance(module, fsdp):
+                module.reshard()
 
 
 def _sharding(names: list[str], tensors: list[torch.Tensor], mesh: Any) -> _Sharding | None:
