@@ -140,6 +140,8 @@ def write_snapshot(
 ) -> list[str]:
     """Writes one safetensors file crash-safely: float32 arrays stored as `dtype`, others as they
     are. Returns the tensors kept in fp32 because they exceed the fp16 range."""
-    items = [(name, np.ascontiguousarray(a)) for name, a in tensors.items()]
+    # np.require, not np.ascontiguousarray: that one turns 0-d tensors (BatchNorm's
+    # num_batches_tracked) into shape (1,).
+    items = [(name, np.require(a, requirements="C")) for name, a in tensors.items()]
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     return _core.write_snapshot(os.fspath(path), items, normalize_dtype(dtype), meta)
