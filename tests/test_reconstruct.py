@@ -60,13 +60,16 @@ def test_in_memory_equals_file_and_many_targets_equal_separate_runs(small_store,
     path, _ = small_store
     store = phema.open_store(path)
     together = phema.reconstruct(store, sigma_rels=[0.04, 0.12], out=tmp_path / "a", dtype="f32")
-    for s, p in zip([0.04, 0.12], together):
+    in_memory = phema.reconstruct_state_dicts(store, sigma_rels=[0.04, 0.12])
+    for s, p, mem_together in zip([0.04, 0.12], together, in_memory):
         alone = phema.reconstruct(store, sigma_rels=[s], out=tmp_path / f"b{s}", dtype="f32")
         mem = phema.reconstruct_state_dict(store, sigma_rel=s)
         a, b = load_file(p), load_file(alone[0])
+        assert sorted(mem_together) == sorted(a)
         for name in a:
             assert torch.equal(a[name], b[name]), name
             assert torch.equal(a[name], mem[name]), name
+            assert torch.equal(a[name], mem_together[name]), name
 
 
 def test_output_metadata_describes_the_target(small_store, tmp_path):

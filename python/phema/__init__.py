@@ -15,7 +15,12 @@ from phema.solver import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamm
 from phema.store import SnapshotRecord, Store, open_store
 
 if TYPE_CHECKING:
-    from phema.reconstruction import load_into, reconstruct, reconstruct_state_dict
+    from phema.reconstruction import (
+        load_into,
+        reconstruct,
+        reconstruct_state_dict,
+        reconstruct_state_dicts,
+    )
     from phema.tracker import PostHocEMA
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "open_store",
     "reconstruct",
     "reconstruct_state_dict",
+    "reconstruct_state_dicts",
     "sigma_rel_to_gamma",
     "solve",
 ]
@@ -41,6 +47,7 @@ _LAZY = {
     "PostHocEMA": "phema.tracker",
     "reconstruct": "phema.reconstruction",
     "reconstruct_state_dict": "phema.reconstruction",
+    "reconstruct_state_dicts": "phema.reconstruction",
     "load_into": "phema.reconstruction",
 }
 

@@ -224,36 +224,65 @@ def reconstruct_state_dict(
     dtype: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files."""
-    import torch
-
     given = [v for v in (sigma_rel, beta, gamma, halflife) if v is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of sigma_rel, beta, gamma, halflife")
+    [sd] = reconstruct_state_dicts(
+        store, sigma_rel, beta, gamma, halflife, dt=dt, at=at, noise=noise, dtype=dtype
+    )
+    return sd
+
+
+def reconstruct_state_dicts(
+    store: Store | str | os.PathLike[str],
+    sigma_rels: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
+    gammas: Iterable[float] | float | None = None,
+    halflives: Iterable[float] | float | None = None,
+    dt: float = 1.0,
+    at: float | None = None,
+    noise: float | str = "auto",
+    dtype: Any = None,
+    solution: Solution | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The average for every target as `{name: torch.Tensor}`, all from one pass over the
+    snapshots and without files: for sweeping EMA lengths in memory (each target holds a float32
+    copy of the model)."""
+    import torch
+
     store = _as_store(store)
-    sol = solve(store, sigma_rel, gamma, beta, halflife, dt, at, noise)
+    sol = solution or solve(store, sigma_rels, gammas, betas, halflives, dt, at, noise)
     weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
     first = int(np.flatnonzero(np.any(weights != 0, axis=1))[0])
     layout = store.headers.select([first]).describe()[0]["tensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    buffers = []
-    for name, st_dtype, shape in layout:
-        numel = int(np.prod(shape, dtype=np.int64))
-        if st_dtype in ("F16", "BF16", "F32", "F64"):
-            t = torch.empty(shape, dtype=torch.float32)
-        else:
-            t = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[st_dtype]))
-        tensors[name] = t
-        nbytes = numel * t.element_size()
-        buffers.append(t.reshape(-1).view(torch.uint8).numpy() if nbytes else np.empty(0, np.uint8))
+    results: list[dict[str, torch.Tensor]] = []
+    buffers: list[list[np.ndarray]] = []
+    for _ in sol.targets:
+        tensors: dict[str, torch.Tensor] = {}
+        views = []
+        for name, st_dtype, shape in layout:
+            float_ = st_dtype in ("F16", "BF16", "F32", "F64")
+            torch_dtype = torch.float32 if float_ else getattr(torch, _TORCH_DTYPES[st_dtype])
+            t = torch.empty(shape, dtype=torch_dtype)
+            tensors[name] = t
+            views.append(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else _EMPTY)
+        results.append(tensors)
+        buffers.append(views)
     run_engine(
-        lambda handle: store.headers.combine_to_memory(weights, [buffers], handle),
+        lambda handle: store.headers.combine_to_memory(weights, buffers, handle),
         _snapshot_bytes(store, weights),
         False,
         "reconstruct",
     )
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    return tensors
+        results = [
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            for sd in results
+        ]
+    return results
+
+
+_EMPTY = np.empty(0, np.uint8)
 
 
 def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -71,7 +71,8 @@ class Target:
 
     def metadata(self) -> dict[str, str]:
         """Metadata keys describing this target (SPEC §2 style)."""
-        sigma_rel, initial = _core.profile_info(self.spec())
+        spec = self.spec()
+        sigma_rel, initial = _core.profile_info(spec)
         meta = {"phema.target.kind": self.kind, f"phema.{self.kind}": repr(self.value)}
         meta["phema.t"] = _format_t(self.t)
         meta["phema.sigma_rel"] = repr(sigma_rel)
@@ -80,7 +81,7 @@ class Target:
         if initial > 0:
             meta["phema.initial_mass"] = repr(initial)
         if self.kind in ("sigma_rel", "gamma"):
-            meta["phema.gamma"] = repr(self.spec()[2])
+            meta["phema.gamma"] = repr(spec[2])
         return meta
 
 
