@@ -15,13 +15,16 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from phema.store import normalize_dtype, write_snapshot
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class PostHocEMA:
         run: str | None = None,
         write: bool | None = None,
         max_pending: int = 2,
-        mesh: Any = None,
+        mesh: DeviceMesh | None = None,
     ) -> None:
         """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`."""
         from phema import gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -704,7 +707,9 @@ def _drop_gathered(model: nn.Module) -> None:
                 module.reshard()
 
 
-def _sharding(names: list[str], tensors: list[torch.Tensor], mesh: Any) -> _Sharding | None:
+def _sharding(
+    names: list[str], tensors: list[torch.Tensor], mesh: DeviceMesh | None
+) -> _Sharding | None:
     """This rank's place and each DTensor's block in a sharded run; None when not sharded."""
     dtensor = _dtensor_class()
     sharded = [
@@ -754,7 +759,7 @@ def _sharding(names: list[str], tensors: list[torch.Tensor], mesh: Any) -> _Shar
     return _Sharding(rank, len(ranks), shards)
 
 
-def _root_mesh(mesh: Any) -> Any:
+def _root_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The device mesh a sub-mesh was sliced from (itself when it is not a slice)."""
     if hasattr(mesh, "_get_root_mesh"):
         return mesh._get_root_mesh()
@@ -763,7 +768,7 @@ def _root_mesh(mesh: Any) -> Any:
     return _mesh_resources.get_root_mesh(mesh)
 
 
-def _mesh_ranks(mesh: Any) -> tuple[int, ...]:
+def _mesh_ranks(mesh: DeviceMesh) -> tuple[int, ...]:
     """Global ranks of a device mesh, row-major over its dimensions."""
     return tuple(mesh.mesh.flatten().tolist())
 
