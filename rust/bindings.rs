@@ -551,16 +551,10 @@ impl MemorySink {
 }
 
 impl Sink for MemorySink {
-    fn put_f32(
-        &self,
-        target: usize,
-        tensor: usize,
-        off: usize,
-        values: &[f32],
-    ) -> crate::Result<()> {
-        // SAFETY: reinterpreting f32 as its bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) };
+    fn dtype(&self, _: usize, _: usize) -> Dtype {
+        Dtype::F32
+    }
+    fn put(&self, target: usize, tensor: usize, off: usize, bytes: &[u8]) -> crate::Result<()> {
         self.write(target, tensor, off * 4, bytes)
     }
     fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> crate::Result<()> {

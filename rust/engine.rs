@@ -1,22 +1,23 @@
 //! The reconstruction engine (SPEC §3): `out_k[name] = sum_i x[i, k] * snapshot_i[name]` for all
-//! targets in one pass over the snapshots, streamed in chunks through mmap, spread over all cores.
+//! targets in one pass over the snapshots, read in bounded chunks, spread over all cores.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use half::f16;
-use memmap2::{Mmap, UncheckedAdvice};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
 use crate::shard::{assemble, shard_id, Assembled, Segment};
 use crate::store::{is_float, read_header, Header, TensorEntry};
+use crate::writer::encode_into;
 
-/// Elements of one tensor handled by one work item: bounds memory per thread to
-/// `targets x CHUNK x 4` bytes, whatever the size of the largest tensor.
+/// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
+/// size of the largest tensor.
 pub const CHUNK: usize = 1 << 18;
 /// Elements converted at once: small enough that the block and all targets' accumulators for it
 /// stay in cache while every snapshot is added.
@@ -24,14 +25,11 @@ const BLOCK: usize = 256;
 
 /// Receives finished pieces of the outputs.
 pub trait Sink: Sync {
-    /// `values` are elements `elem_offset..` of float tensor `tensor` of target `target`.
-    fn put_f32(
-        &self,
-        target: usize,
-        tensor: usize,
-        elem_offset: usize,
-        values: &[f32],
-    ) -> Result<()>;
+    /// The dtype (F16, BF16 or F32) float tensor `tensor` of target `target` is delivered in.
+    fn dtype(&self, target: usize, tensor: usize) -> Dtype;
+    /// `bytes` are elements `elem_offset..` of float tensor `tensor` of target `target`,
+    /// little-endian in `self.dtype(target, tensor)`.
+    fn put(&self, target: usize, tensor: usize, elem_offset: usize, bytes: &[u8]) -> Result<()>;
     /// The bytes of a non-float tensor, copied unchanged into every target.
     fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()>;
 }
@@ -220,62 +218,89 @@ impl Source {
     }
 }
 
-/// One mapped input with, per tensor in `layout` order, where its elements are.
-struct Mapped {
-    maps: Vec<Mmap>,
+/// One opened input with, per tensor in `layout` order, where its elements are.
+///
+/// Inputs are read with `pread` into per-item buffers rather than mapped: a mapped file that
+/// shrinks under the reader kills the process with SIGBUS (the Python interpreter with it), the
+/// mapped pages count towards resident memory until released, and releasing them from several
+/// threads costs a TLB shootdown per release (a fifth of a 16-target run when mapped).
+struct Opened {
+    files: Vec<(File, PathBuf)>,
     segments: Vec<Vec<Segment>>,
 }
 
-impl Mapped {
-    /// Elements `start..start + len` of tensor `tensor`, which must lie in one segment: their
-    /// dtype, the mapping, the bytes and the bytes' offset in the file.
-    fn bytes(&self, tensor: usize, start: usize, len: usize) -> (Dtype, &Mmap, &[u8], usize) {
+impl Opened {
+    /// Reads elements `start..start + len` of tensor `tensor`, which must lie in one segment,
+    /// into `buf`; returns their dtype.
+    fn read(&self, tensor: usize, start: usize, len: usize, buf: &mut Vec<u8>) -> Result<Dtype> {
         let segments = &self.segments[tensor];
         let i = segments
             .partition_point(|s| s.start <= start)
             .saturating_sub(1);
         let s = &segments[i];
         let size = s.dtype.bitsize() / 8;
-        let lo = s.byte_offset as usize + (start - s.start) * size;
-        let map = &self.maps[s.file];
-        (s.dtype, map, &map[lo..lo + len * size], lo)
+        buf.resize(len * size, 0);
+        let (file, path) = &self.files[s.file];
+        let at = s.byte_offset + ((start - s.start) * size) as u64;
+        file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => changed(path),
+            _ => PhemaError::io(path, e),
+        })?;
+        Ok(s.dtype)
     }
 
     /// The whole of (non-float) tensor `tensor`, gathered from its segments.
-    fn whole(&self, tensor: usize) -> Cow<'_, [u8]> {
-        match self.segments[tensor].as_slice() {
-            [one] => Cow::Borrowed(self.bytes(tensor, 0, one.len).2),
-            many => Cow::Owned(
-                many.iter()
-                    .flat_map(|s| self.bytes(tensor, s.start, s.len).2.iter().copied())
-                    .collect(),
-            ),
+    fn whole(&self, tensor: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for s in &self.segments[tensor] {
+            self.read(tensor, s.start, s.len, &mut buf)?;
+            out.extend_from_slice(&buf);
         }
+        Ok(out)
     }
 }
 
-fn open(header: &Header) -> Result<Mmap> {
-    let changed = || {
-        PhemaError::Store(format!(
-            "{} changed since it was listed; list it again",
-            header.path.display()
-        ))
-    };
+fn changed(path: &Path) -> PhemaError {
+    PhemaError::Store(format!(
+        "{} changed since it was listed; list it again",
+        path.display()
+    ))
+}
+
+fn open(header: &Header) -> Result<(File, PathBuf)> {
+    let path = &header.path;
     // The file may have changed since it was listed: re-read its header and compare.
-    let now = read_header(&header.path)?;
+    let now = read_header(path)?;
     if now.tensors != header.tensors || now.file_size != header.file_size {
-        return Err(changed());
+        return Err(changed(path));
     }
-    let file = File::open(&header.path).map_err(|e| PhemaError::io(&header.path, e))?;
-    // SAFETY: the file is only read. A file truncated while mapped would fault; phema writes
-    // snapshots by atomic rename, so a live file is never rewritten in place by phema itself.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| PhemaError::io(&header.path, e))?;
-    if map.len() as u64 != header.file_size {
-        return Err(changed());
+    let file = File::open(path).map_err(|e| PhemaError::io(path, e))?;
+    let size = file.metadata().map_err(|e| PhemaError::io(path, e))?.len();
+    if size != header.file_size {
+        return Err(changed(path));
     }
-    // Chunks visit each file front to back: let the kernel read ahead.
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(map)
+    Ok((file, path.clone()))
+}
+
+/// Lets this process hold `needed` more open files: every input stays open for the whole run,
+/// and a long run's store can have more snapshots than the usual soft limit of 1024.
+fn allow_open_files(needed: usize) {
+    // SAFETY: plain system calls on a stack value.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = (needed as libc::rlim_t).saturating_add(256);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Combines `inputs` with `weights[i][k]` (input `i`, target `k`) into `sink`.
@@ -317,15 +342,16 @@ pub fn combine(
         })?,
     };
     let layout = layout_of(&inputs[first])?;
-    let mut mapped = Vec::with_capacity(used.len());
+    allow_open_files(used.iter().map(|&i| inputs[i].files.len()).sum());
+    let mut opened = Vec::with_capacity(used.len());
     for &i in &used {
         let segments = inputs[i].align(&layout)?;
-        let maps = inputs[i]
+        let files = inputs[i]
             .files
             .iter()
             .map(open)
             .collect::<Result<Vec<_>>>()?;
-        mapped.push(Mapped { maps, segments });
+        opened.push(Opened { files, segments });
     }
     // Weights as f32, `[input][target]`, and the kernel chosen for this CPU.
     let w: Vec<f32> = used
@@ -333,8 +359,8 @@ pub fn combine(
         .flat_map(|&i| weights[i].iter().map(|&x| x as f32))
         .collect();
     let isa = Isa::detect();
-    let kernel = Kernel::new(isa, &w, mapped.len(), n_targets);
-    let items = work_items(&layout, &mapped);
+    let kernel = Kernel::new(isa, &w, opened.len(), n_targets);
+    let items = work_items(&layout, &opened, sink, n_targets);
     let mismatched = std::sync::Mutex::new(Vec::new());
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.
     let pool: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
@@ -345,10 +371,13 @@ pub fn combine(
                 return Err(PhemaError::Invalid("cancelled".into()));
             }
             if !is_float(layout[ti].dtype) {
-                let bytes = mapped[copy_from].whole(ti);
-                if mapped.iter().any(|m| m.whole(ti) != bytes) {
-                    if let Ok(mut v) = mismatched.lock() {
-                        v.push(layout[ti].name.clone());
+                let bytes = opened[copy_from].whole(ti)?;
+                for o in &opened {
+                    if o.whole(ti)? != bytes {
+                        if let Ok(mut v) = mismatched.lock() {
+                            v.push(layout[ti].name.clone());
+                        }
+                        break;
                     }
                 }
                 for k in 0..n_targets {
@@ -361,7 +390,7 @@ pub fn combine(
                 .ok()
                 .and_then(|mut p| p.pop())
                 .unwrap_or_default();
-            let result = combine_chunk(&mapped, &kernel, ti, start, len, &mut scratch, sink);
+            let result = combine_chunk(&opened, &kernel, ti, start, len, &mut scratch, sink);
             if let Ok(mut p) = pool.lock() {
                 p.push(scratch);
             }
@@ -378,27 +407,47 @@ pub fn combine(
     })
 }
 
+/// Input and output bytes one work item holds, so that with the staged block it stays in L2.
+const ITEM_BYTES: usize = 1 << 19;
+/// Fewest elements per item, so each read stays large when there are very many inputs.
+const MIN_ITEM: usize = 4096;
+
 /// Work items `(tensor, first element, element count)`: float tensors cut where any input's
-/// segment ends and into chunks of at most [`CHUNK`], so each item lies in one segment of every
-/// input; non-float tensors whole, as `(tensor, 0, 0)`.
-fn work_items(layout: &[TensorEntry], mapped: &[Mapped]) -> Vec<(usize, usize, usize)> {
+/// segment ends and into pieces whose input and output bytes fit [`ITEM_BYTES`] (at least
+/// [`MIN_ITEM`], at most [`CHUNK`] elements), so each item lies in one segment of every input;
+/// non-float tensors whole, as `(tensor, 0, 0)`.
+fn work_items(
+    layout: &[TensorEntry],
+    opened: &[Opened],
+    sink: &dyn Sink,
+    n_targets: usize,
+) -> Vec<(usize, usize, usize)> {
     let mut items = Vec::new();
     for (ti, t) in layout.iter().enumerate() {
         if !is_float(t.dtype) {
             items.push((ti, 0, 0));
             continue;
         }
-        let mut cuts: Vec<usize> = mapped
+        let segments = || opened.iter().flat_map(|o| o.segments[ti].iter());
+        let per_elem: usize = opened
             .iter()
-            .flat_map(|m| m.segments[ti].iter().map(|s| s.start))
-            .chain([t.numel()])
-            .collect();
+            .map(|o| {
+                o.segments[ti]
+                    .iter()
+                    .map(|s| s.dtype.bitsize() / 8)
+                    .max()
+                    .unwrap_or(4)
+            })
+            .chain((0..n_targets).map(|k| sink.dtype(k, ti).bitsize() / 8))
+            .sum();
+        let step = (ITEM_BYTES / per_elem.max(1) / BLOCK * BLOCK).clamp(MIN_ITEM, CHUNK);
+        let mut cuts: Vec<usize> = segments().map(|s| s.start).chain([t.numel()]).collect();
         cuts.sort_unstable();
         cuts.dedup();
         for pair in cuts.windows(2) {
             let mut start = pair[0];
             while start < pair[1] {
-                let len = CHUNK.min(pair[1] - start);
+                let len = step.min(pair[1] - start);
                 items.push((ti, start, len));
                 start += len;
             }
@@ -407,16 +456,17 @@ fn work_items(layout: &[TensorEntry], mapped: &[Mapped]) -> Vec<(usize, usize, u
     items
 }
 
-/// Input elements between two releases of processed pages inside an item.
-const RELEASE_EVERY: usize = 1 << 15;
-
 /// Per-item buffers, reused from item to item.
 #[derive(Default)]
 struct Scratch {
-    /// The finished chunk of every target, `[target][len]`.
-    rows: Vec<f32>,
+    /// The item's bytes of every input.
+    raw: Vec<Vec<u8>>,
     /// One block of every input decoded to f32, `[input][block]`.
     staged: Vec<f32>,
+    /// One block of every target, `[target][block]`.
+    block: Vec<f32>,
+    /// The item of every target encoded as the sink wants it, target after target.
+    out: Vec<u8>,
 }
 
 /// Floats of decoded input staged per block: the block of every input stays in L1/L2 while
@@ -431,7 +481,7 @@ fn block_len(n_inputs: usize) -> usize {
 /// Elements `start..start + len` of float tensor `ti` for every target, handed to `sink`.
 /// Returns the snapshot bytes read.
 fn combine_chunk(
-    mapped: &[Mapped],
+    opened: &[Opened],
     kernel: &Kernel,
     ti: usize,
     start: usize,
@@ -439,45 +489,41 @@ fn combine_chunk(
     scratch: &mut Scratch,
     sink: &dyn Sink,
 ) -> Result<u64> {
-    let nm = mapped.len();
+    let nm = opened.len();
     let kk = kernel.n_targets;
     let bs = block_len(nm);
-    if scratch.rows.len() < kk * len {
-        scratch.rows.resize(kk * len, 0.0);
-    }
-    if scratch.staged.len() < nm * bs {
-        scratch.staged.resize(nm * bs, 0.0);
-    }
-    let rows = &mut scratch.rows[..kk * len];
-    let staged = &mut scratch.staged[..nm * bs];
-    // Every input's bytes of this chunk.
-    let inputs: Vec<(Dtype, &[u8])> = mapped
+    let Scratch {
+        raw,
+        staged,
+        block,
+        out,
+    } = scratch;
+    raw.resize_with(nm, Vec::new);
+    staged.resize(nm * bs, 0.0);
+    block.resize(kk * bs, 0.0);
+    let dtypes = opened
         .iter()
-        .map(|m| {
-            let (dtype, _, bytes, _) = m.bytes(ti, start, len);
-            (dtype, bytes)
-        })
-        .collect();
-    // Per input: the file offset up to which this item's pages were released.
-    let mut released: Vec<usize> = mapped.iter().map(|m| m.bytes(ti, start, 0).3).collect();
-    let mut release_to = |upto: usize, last: bool| {
-        for (m, done) in mapped.iter().zip(released.iter_mut()) {
-            // The item's end may be the end of the segment: locate from its last element.
-            let (dtype, map, _, at) = m.bytes(ti, start + upto - 1, 1);
-            let end = at + dtype.bitsize() / 8;
-            // Page-aligned steps inside the item, so a page is not dropped while still in use.
-            let end = if last { end } else { end / PAGE * PAGE };
-            if end > *done {
-                release(map, *done, end - *done);
-                *done = end;
-            }
-        }
-    };
+        .zip(raw.iter_mut())
+        .map(|(o, buf)| o.read(ti, start, len, buf))
+        .collect::<Result<Vec<_>>>()?;
+    // Where each target's encoded item starts in `out`.
+    let mut spans = Vec::with_capacity(kk);
+    let mut end = 0;
+    for k in 0..kk {
+        let dtype = sink.dtype(k, ti);
+        let size = dtype.bitsize() / 8;
+        spans.push((end, dtype, size));
+        end += len * size;
+    }
+    out.resize(end, 0);
     let mut b0 = 0;
-    let mut since_release = 0;
     while b0 < len {
         let bl = bs.min(len - b0);
-        for ((dtype, bytes), x) in inputs.iter().zip(staged.chunks_exact_mut(bs)) {
+        for ((dtype, bytes), x) in dtypes
+            .iter()
+            .zip(raw.iter())
+            .zip(staged.chunks_exact_mut(bs))
+        {
             let size = dtype.bitsize() / 8;
             decode(
                 kernel.isa,
@@ -486,47 +532,23 @@ fn combine_chunk(
                 &mut x[..bl],
             );
         }
-        kernel.run(staged, bs, bl, rows, len, b0);
-        b0 += bl;
-        since_release += bl;
-        // The block loop reads every input at once: drop what is done as it goes, so resident
-        // pages stay at a few blocks per input instead of the whole item.
-        if since_release >= RELEASE_EVERY {
-            release_to(b0, false);
-            since_release = 0;
+        kernel.run(staged, bs, bl, block, bs, 0);
+        // Encoded while the block is in L1: the item's f32 results are never stored whole.
+        for (k, &(at, dtype, size)) in spans.iter().enumerate() {
+            let dst = &mut out[at + b0 * size..at + (b0 + bl) * size];
+            encode_into(&block[k * bs..k * bs + bl], dtype, dst);
         }
+        b0 += bl;
     }
-    release_to(len, true);
-    let read: u64 = inputs.iter().map(|(_, b)| b.len() as u64).sum();
-    for (k, row) in rows.chunks_exact(len).enumerate() {
-        sink.put_f32(k, ti, start, row)?;
+    for (k, &(at, _, size)) in spans.iter().enumerate() {
+        sink.put(k, ti, start, &out[at..at + len * size])?;
     }
-    Ok(read)
+    Ok(raw[..nm].iter().map(|b| b.len() as u64).sum())
 }
 
 /// The tensor layout outputs follow: the (global) tensors of `source` in file order.
 pub fn layout_of(source: &Source) -> Result<Vec<TensorEntry>> {
     Ok(source.layout()?.into_iter().map(|(t, _)| t).collect())
-}
-
-/// Page size assumed by [`release`] (larger pages are merely released less often).
-const PAGE: usize = 4096;
-
-/// Drops the pages of a processed range from this process, so resident memory stays bounded by
-/// the chunks in flight instead of growing to the size of the snapshots. The range is widened to
-/// whole pages: a page shared with a neighbouring item still in flight is merely faulted in
-/// again from the page cache, while rounding inwards would keep every shared page resident.
-fn release(map: &Mmap, offset: usize, len: usize) {
-    let start = offset / PAGE * PAGE;
-    let end = (offset + len)
-        .div_ceil(PAGE)
-        .saturating_mul(PAGE)
-        .min(map.len());
-    if end > start {
-        // SAFETY: a read-only file mapping; dropped pages are read again from the file on access.
-        let _ =
-            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
-    }
 }
 
 /// The instruction set the kernels use, chosen once per run from what the CPU has. Every choice
@@ -537,9 +559,9 @@ enum Isa {
     /// Plain Rust (`f32::mul_add`), any CPU.
     Portable,
     /// x86-64 AVX2 + FMA + F16C: 8 elements x up to 8 targets in `ymm` registers.
-    // (An AVX-512 kernel, 16 elements x 16 targets in `zmm`, needs Rust 1.89: the crate's MSRV
-    // is 1.85.)
     Avx2,
+    /// x86-64 AVX-512F (with the AVX2 + F16C decoders): 32 elements x up to 8 targets in `zmm`.
+    Avx512,
 }
 
 impl Isa {
@@ -550,6 +572,9 @@ impl Isa {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
                 return Isa::Avx2;
             }
         }
@@ -564,11 +589,11 @@ impl Isa {
     /// The instruction sets this CPU can run, for tests.
     #[cfg(test)]
     fn available() -> Vec<Isa> {
-        let best = Isa::detect();
-        [Isa::Portable, Isa::Avx2]
-            .into_iter()
-            .filter(|&i| i == Isa::Portable || i == best)
-            .collect()
+        match Isa::detect() {
+            Isa::Avx512 => vec![Isa::Portable, Isa::Avx2, Isa::Avx512],
+            Isa::Avx2 => vec![Isa::Portable, Isa::Avx2],
+            Isa::Portable => vec![Isa::Portable],
+        }
     }
 }
 
@@ -612,7 +637,7 @@ impl Kernel {
         let n_inputs = self.w.len() / kk.max(1);
         // The kernels index with these bounds; checked once per block.
         assert!(
-            bs % 16 == 0
+            bs.is_multiple_of(16)
                 && bl <= bs
                 && staged.len() >= n_inputs * bs
                 && b0 + bl <= len
@@ -644,6 +669,20 @@ impl Kernel {
                                 // were checked above and `k0 + width <= kk` by construction.
                                 $($n => unsafe { tile_avx2::<$n>(&mut b, &g) },)*
                                 _ => unreachable!("AVX2 groups hold 1 to 8 targets"),
+                            }
+                        };
+                    }
+                    go!(1 2 3 4 5 6 7 8)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => {
+                    macro_rules! go {
+                        ($($n:literal)*) => {
+                            match width {
+                                // SAFETY: `Isa::detect` found AVX-512F, AVX2, FMA and F16C; the
+                                // bounds were checked above and `k0 + width <= kk`.
+                                $($n => unsafe { tile_avx512::<$n>(&mut b, &g) },)*
+                                _ => unreachable!("AVX-512 groups hold 1 to 8 targets"),
                             }
                         };
                     }
@@ -739,6 +778,67 @@ unsafe fn tile_avx2<const T: usize>(b: &mut Block, g: &Group) {
     }
 }
 
+/// `T` targets x 32 elements (two `zmm` per target) accumulated over every input: each
+/// broadcast weight feeds two FMAs, so the loads keep up with both FMA pipes. A block length
+/// that is an odd multiple of 16 ends with one 16-element step.
+///
+/// # Safety
+/// AVX-512F must be available; `Kernel::run`'s bounds must hold and `k0 + T <= kk`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const T: usize>(b: &mut Block, g: &Group) {
+    use std::arch::x86_64::*;
+    let xs = b.staged.as_ptr();
+    let wp = g.w.as_ptr().add(g.k0);
+    let out = b.rows.as_mut_ptr().add(g.k0 * b.len + b.b0);
+    // Stores `n` (<= 16) lanes of `v` at `dst`.
+    let store = |dst: *mut f32, v: __m512, n: usize| {
+        if n >= 16 {
+            _mm512_storeu_ps(dst, v);
+        } else if n > 0 {
+            _mm512_mask_storeu_ps(dst, ((1u32 << n) - 1) as u16, v);
+        }
+    };
+    let mut e = 0;
+    while e < b.bl {
+        let pair = e + 32 <= b.bs;
+        let mut lo = [_mm512_setzero_ps(); T];
+        let mut hi = [_mm512_setzero_ps(); T];
+        for (m, &dense) in g.dense.iter().enumerate() {
+            // SAFETY: m < n_inputs; e + 16 <= bs (bs and e are multiples of 16, e < bl <= bs),
+            // and e + 32 <= bs when `pair`: inside `staged`. Weights as in `tile_avx2`.
+            let row = xs.add(m * b.bs + e);
+            let x0 = _mm512_loadu_ps(row);
+            let x1 = if pair {
+                _mm512_loadu_ps(row.add(16))
+            } else {
+                x0
+            };
+            let wm = wp.add(m * g.kk);
+            for t in 0..T {
+                let wt = *wm.add(t);
+                if dense || wt != 0.0 {
+                    let w = _mm512_set1_ps(wt);
+                    lo[t] = _mm512_fmadd_ps(x0, w, lo[t]);
+                    if pair {
+                        hi[t] = _mm512_fmadd_ps(x1, w, hi[t]);
+                    }
+                }
+            }
+        }
+        let n = b.bl - e;
+        for t in 0..T {
+            // SAFETY: row k0 + t < kk, elements b0 + e..b0 + e + min(n, 32) <= b0 + bl <= len.
+            let dst = out.add(t * b.len + e);
+            store(dst, lo[t], n);
+            if pair && n > 16 {
+                store(dst.add(16), hi[t], n - 16);
+            }
+        }
+        e += if pair { 32 } else { 16 };
+    }
+}
+
 /// Little-endian bytes of a float dtype to f32 (exact for fp16, bf16 and f32).
 fn decode(isa: Isa, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
@@ -824,7 +924,7 @@ unsafe fn decode_bf16_avx2(bytes: &[u8], out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::read_header;
     use crate::writer::{write_snapshot, TensorData};
@@ -832,12 +932,17 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    /// Collects outputs in memory.
-    struct VecSink(Mutex<Vec<Vec<Vec<f32>>>>);
+    /// Collects outputs in memory, as f32.
+    pub(crate) struct VecSink(pub(crate) Mutex<Vec<Vec<Vec<f32>>>>);
     impl Sink for VecSink {
-        fn put_f32(&self, k: usize, t: usize, off: usize, v: &[f32]) -> Result<()> {
+        fn dtype(&self, _: usize, _: usize) -> Dtype {
+            Dtype::F32
+        }
+        fn put(&self, k: usize, t: usize, off: usize, b: &[u8]) -> Result<()> {
             let mut g = self.0.lock().unwrap();
-            g[k][t][off..off + v.len()].copy_from_slice(v);
+            for (o, c) in g[k][t][off..].iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
             Ok(())
         }
         fn put_raw(&self, k: usize, t: usize, b: &[u8]) -> Result<()> {
@@ -937,8 +1042,14 @@ mod tests {
     #[test]
     fn every_instruction_set_gives_bit_identical_results() {
         // 23 inputs x 21 targets (groups of 8 plus a remainder), zero weights scattered
-        // (skipped, as the reference loop does), a block length that is not a multiple of 16.
-        let (nm, kk, len) = (23usize, 21usize, 300usize);
+        // (skipped, as the reference loop does), a length that is not a multiple of 16; then
+        // 150 inputs, whose block length of 13 x 16 ends the AVX-512 kernel with a half step.
+        bit_identical_across_instruction_sets(23, 21, 300);
+        assert_eq!(block_len(150) % 32, 16);
+        bit_identical_across_instruction_sets(150, 9, 500);
+    }
+
+    fn bit_identical_across_instruction_sets(nm: usize, kk: usize, len: usize) {
         let bs = block_len(nm);
         let mut w = vec![0f32; nm * kk];
         for (i, x) in w.iter_mut().enumerate() {

@@ -267,7 +267,8 @@ fn assemble_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{combine, Progress, Sink, Source};
+    use crate::engine::tests::VecSink;
+    use crate::engine::{combine, Progress, Source};
     use crate::store::{read_header, scan};
     use crate::writer::{write_snapshot, TensorData};
     use std::collections::BTreeMap;
@@ -401,18 +402,6 @@ mod tests {
         let plain = dir.join(format!("plain-{t}.safetensors"));
         write_snapshot(&plain, &data, Dtype::F32, &meta(t, None, "")).unwrap();
         (ranks, plain)
-    }
-
-    struct VecSink(Mutex<Vec<Vec<Vec<f32>>>>);
-    impl Sink for VecSink {
-        fn put_f32(&self, k: usize, t: usize, off: usize, v: &[f32]) -> Result<()> {
-            self.0.lock().unwrap()[k][t][off..off + v.len()].copy_from_slice(v);
-            Ok(())
-        }
-        fn put_raw(&self, k: usize, t: usize, b: &[u8]) -> Result<()> {
-            self.0.lock().unwrap()[k][t] = b.iter().map(|&x| x as f32).collect();
-            Ok(())
-        }
     }
 
     fn run(sources: &[Source], weights: &[Vec<f64>]) -> Vec<Vec<f32>> {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
@@ -140,7 +140,8 @@ impl SafetensorsWriter {
         values: &[f32],
         scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        encode_f32(values, dtype, scratch);
+        scratch.resize(values.len() * dtype.bitsize() / 8, 0);
+        encode_into(values, dtype, scratch);
         self.write_at(index, elem_offset * dtype.bitsize() / 8, scratch)
     }
 
@@ -221,53 +222,47 @@ pub fn sync_dir(path: &Path) {
     }
 }
 
-/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64), reusing
-/// `out`'s allocation.
-pub fn encode_f32(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
-    out.clear();
+/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64) in `out`,
+/// which holds exactly `values.len()` of them.
+pub fn encode_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), values.len() * dtype.bitsize() / 8);
     match dtype {
-        Dtype::F16 => encode_halves(
-            values,
-            out,
-            |src, dst: &mut [f16]| dst.convert_from_f32_slice(src),
-            f16::to_bits,
-        ),
-        Dtype::BF16 => encode_halves(
-            values,
-            out,
-            |src, dst: &mut [bf16]| dst.convert_from_f32_slice(src),
-            bf16::to_bits,
-        ),
+        Dtype::F16 => encode_halves(values, out, |src, dst: &mut [u16]| {
+            dst.reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(src)
+        }),
+        Dtype::BF16 => encode_halves(values, out, |src, dst: &mut [u16]| {
+            dst.reinterpret_cast_mut::<bf16>()
+                .convert_from_f32_slice(src)
+        }),
         Dtype::F64 => {
-            out.reserve(values.len() * 8);
-            for &v in values {
-                out.extend_from_slice(&(v as f64).to_le_bytes());
+            for (d, &v) in out.chunks_exact_mut(8).zip(values) {
+                d.copy_from_slice(&(v as f64).to_le_bytes());
             }
         }
         _ => {
-            out.reserve(values.len() * 4);
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
+            for (d, v) in out.chunks_exact_mut(4).zip(values) {
+                d.copy_from_slice(&v.to_le_bytes());
             }
         }
     }
 }
 
-/// Two-byte encodings through a small stack buffer (SIMD conversion by `half`), appended to `out`.
-fn encode_halves<H: Copy + Default>(
-    values: &[f32],
-    out: &mut Vec<u8>,
-    convert: impl Fn(&[f32], &mut [H]),
-    bits: impl Fn(H) -> u16,
-) {
+/// Two-byte encodings by `half`'s SIMD conversion: straight into `out` when it is aligned for
+/// `u16` on a little-endian machine, else through a small stack buffer.
+fn encode_halves(values: &[f32], out: &mut [u8], convert: impl Fn(&[f32], &mut [u16])) {
+    // SAFETY: every bit pattern is a valid u16.
+    let (head, mid, tail) = unsafe { out.align_to_mut::<u16>() };
+    if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        return convert(values, mid);
+    }
     const STEP: usize = 512;
-    out.resize(values.len() * 2, 0);
-    let mut buf = [H::default(); STEP];
+    let mut buf = [0u16; STEP];
     for (src, dst) in values.chunks(STEP).zip(out.chunks_mut(2 * STEP)) {
         let h = &mut buf[..src.len()];
         convert(src, h);
         for (d, &v) in dst.chunks_exact_mut(2).zip(h.iter()) {
-            d.copy_from_slice(&bits(v).to_le_bytes());
+            d.copy_from_slice(&v.to_le_bytes());
         }
     }
 }
@@ -511,28 +506,15 @@ impl FileSink {
     }
 }
 
-thread_local! {
-    /// `FileSink::put_f32`'s encoding buffer.
-    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 impl Sink for FileSink {
-    fn put_f32(
-        &self,
-        target: usize,
-        tensor: usize,
-        elem_offset: usize,
-        values: &[f32],
-    ) -> Result<()> {
+    fn dtype(&self, target: usize, tensor: usize) -> Dtype {
+        self.targets[target].place[tensor].2
+    }
+
+    fn put(&self, target: usize, tensor: usize, elem_offset: usize, bytes: &[u8]) -> Result<()> {
         let t = &self.targets[target];
         let (w, j, dtype) = t.place[tensor];
-        // Encoded into a buffer kept per thread (at most one engine chunk, `CHUNK x 8` bytes).
-        ENCODED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut scratch) => {
-                t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut scratch)
-            }
-            Err(_) => t.writers[w].write_f32_at(j, dtype, elem_offset, values, &mut Vec::new()),
-        })
+        t.writers[w].write_at(j, elem_offset * dtype.bitsize() / 8, bytes)
     }
 
     fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()> {
