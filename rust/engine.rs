@@ -1010,6 +1010,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_file_shrinking_while_read_is_an_error_naming_it_not_a_crash() {
+        // Mapped, this read would raise SIGBUS and kill the process (a Python interpreter
+        // with it); read with pread it is an ordinary error.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.safetensors");
+        let a = vec![0.5f32; 5000];
+        write_snapshot(
+            &p,
+            &[("a".into(), vec![a.len()], TensorData::F32(&a))],
+            Dtype::F16,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let h = read_header(&p).unwrap();
+        let source = Source::single(h.clone());
+        let opened = Opened {
+            files: vec![open(&h).unwrap()],
+            segments: source.align(&layout_of(&source).unwrap()).unwrap(),
+        };
+        let mut buf = Vec::new();
+        assert_eq!(opened.read(0, 0, 5000, &mut buf).unwrap(), Dtype::F16);
+        assert!(buf.chunks(2).all(|c| f16::from_le_bytes([c[0], c[1]]).to_f32() == 0.5));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(h.file_size / 2)
+            .unwrap();
+        let err = opened.read(0, 0, 5000, &mut buf).unwrap_err().to_string();
+        assert!(err.contains("x.safetensors") && err.contains("changed"), "{err}");
+    }
+
+    #[test]
     fn a_file_changed_after_listing_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
