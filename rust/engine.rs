@@ -659,35 +659,23 @@ impl Kernel {
                 k0: *k0,
                 dense,
             };
+            // One monomorphized kernel per group width (groups hold 1 to 8 targets).
+            #[cfg(target_arch = "x86_64")]
+            macro_rules! tiled {
+                ($kernel:ident: $($n:literal)*) => {
+                    match width {
+                        // SAFETY: `Isa::detect` chose this ISA only where the CPU has its
+                        // features; the bounds were checked above and `k0 + width <= kk`.
+                        $($n => unsafe { $kernel::<$n>(&mut b, &g) },)*
+                        _ => unreachable!("groups hold 1 to 8 targets"),
+                    }
+                };
+            }
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => {
-                    macro_rules! go {
-                        ($($n:literal)*) => {
-                            match width {
-                                // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the bounds
-                                // were checked above and `k0 + width <= kk` by construction.
-                                $($n => unsafe { tile_avx2::<$n>(&mut b, &g) },)*
-                                _ => unreachable!("AVX2 groups hold 1 to 8 targets"),
-                            }
-                        };
-                    }
-                    go!(1 2 3 4 5 6 7 8)
-                }
+                Isa::Avx2 => tiled!(tile_avx2: 1 2 3 4 5 6 7 8),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => {
-                    macro_rules! go {
-                        ($($n:literal)*) => {
-                            match width {
-                                // SAFETY: `Isa::detect` found AVX-512F, AVX2, FMA and F16C; the
-                                // bounds were checked above and `k0 + width <= kk`.
-                                $($n => unsafe { tile_avx512::<$n>(&mut b, &g) },)*
-                                _ => unreachable!("AVX-512 groups hold 1 to 8 targets"),
-                            }
-                        };
-                    }
-                    go!(1 2 3 4 5 6 7 8)
-                }
+                Isa::Avx512 => tiled!(tile_avx512: 1 2 3 4 5 6 7 8),
                 _ => tile_portable(&mut b, &g, *width),
             }
         }
@@ -1031,7 +1019,9 @@ pub(crate) mod tests {
         };
         let mut buf = Vec::new();
         assert_eq!(opened.read(0, 0, 5000, &mut buf).unwrap(), Dtype::F16);
-        assert!(buf.chunks(2).all(|c| f16::from_le_bytes([c[0], c[1]]).to_f32() == 0.5));
+        assert!(buf
+            .chunks(2)
+            .all(|c| f16::from_le_bytes([c[0], c[1]]).to_f32() == 0.5));
         std::fs::OpenOptions::new()
             .write(true)
             .open(&p)
@@ -1039,7 +1029,10 @@ pub(crate) mod tests {
             .set_len(h.file_size / 2)
             .unwrap();
         let err = opened.read(0, 0, 5000, &mut buf).unwrap_err().to_string();
-        assert!(err.contains("x.safetensors") && err.contains("changed"), "{err}");
+        assert!(
+            err.contains("x.safetensors") && err.contains("changed"),
+            "{err}"
+        );
     }
 
     #[test]
