@@ -775,55 +775,70 @@ unsafe fn tile_avx2<const T: usize>(b: &mut Block, g: &Group) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const T: usize>(b: &mut Block, g: &Group) {
+    let mut e = 0;
+    while e < b.bl {
+        if e + 32 <= b.bs {
+            step_avx512::<T, 2>(b, g, e);
+            e += 32;
+        } else {
+            step_avx512::<T, 1>(b, g, e);
+            e += 16;
+        }
+    }
+}
+
+/// Elements `e..e + 16 V` of `T` targets, `V` vectors per target in registers.
+///
+/// # Safety
+/// As [`tile_avx512`], and `e + 16 V <= bs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn step_avx512<const T: usize, const V: usize>(b: &mut Block, g: &Group, e: usize) {
     use std::arch::x86_64::*;
     let xs = b.staged.as_ptr();
     let wp = g.w.as_ptr().add(g.k0);
-    let out = b.rows.as_mut_ptr().add(g.k0 * b.len + b.b0);
-    // Stores `n` (<= 16) lanes of `v` at `dst`.
-    let store = |dst: *mut f32, v: __m512, n: usize| {
-        if n >= 16 {
-            _mm512_storeu_ps(dst, v);
-        } else if n > 0 {
-            _mm512_mask_storeu_ps(dst, ((1u32 << n) - 1) as u16, v);
-        }
-    };
-    let mut e = 0;
-    while e < b.bl {
-        let pair = e + 32 <= b.bs;
-        let mut lo = [_mm512_setzero_ps(); T];
-        let mut hi = [_mm512_setzero_ps(); T];
-        for (m, &dense) in g.dense.iter().enumerate() {
-            // SAFETY: m < n_inputs; e + 16 <= bs (bs and e are multiples of 16, e < bl <= bs),
-            // and e + 32 <= bs when `pair`: inside `staged`. Weights as in `tile_avx2`.
-            let row = xs.add(m * b.bs + e);
-            let x0 = _mm512_loadu_ps(row);
-            let x1 = if pair {
-                _mm512_loadu_ps(row.add(16))
-            } else {
-                x0
-            };
-            let wm = wp.add(m * g.kk);
-            for t in 0..T {
+    let mut acc = [[_mm512_setzero_ps(); V]; T];
+    for (m, &dense) in g.dense.iter().enumerate() {
+        // SAFETY: m < n_inputs and e + 16 V <= bs: inside `staged`. The weights read are
+        // `w[m*kk + k0 + t]` with `k0 + t < kk`.
+        let row = xs.add(m * b.bs + e);
+        let x: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(row.add(16 * v)));
+        let wm = wp.add(m * g.kk);
+        // Branch-free when no weight of the group is zero; else zeros are skipped, as the
+        // portable loop does.
+        if dense {
+            for (t, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*wm.add(t));
+                for (a, x) in a.iter_mut().zip(&x) {
+                    *a = _mm512_fmadd_ps(*x, w, *a);
+                }
+            }
+        } else {
+            for (t, a) in acc.iter_mut().enumerate() {
                 let wt = *wm.add(t);
-                if dense || wt != 0.0 {
+                if wt != 0.0 {
                     let w = _mm512_set1_ps(wt);
-                    lo[t] = _mm512_fmadd_ps(x0, w, lo[t]);
-                    if pair {
-                        hi[t] = _mm512_fmadd_ps(x1, w, hi[t]);
+                    for (a, x) in a.iter_mut().zip(&x) {
+                        *a = _mm512_fmadd_ps(*x, w, *a);
                     }
                 }
             }
         }
-        let n = b.bl - e;
-        for t in 0..T {
-            // SAFETY: row k0 + t < kk, elements b0 + e..b0 + e + min(n, 32) <= b0 + bl <= len.
-            let dst = out.add(t * b.len + e);
-            store(dst, lo[t], n);
-            if pair && n > 16 {
-                store(dst.add(16), hi[t], n - 16);
+    }
+    let out = b.rows.as_mut_ptr().add(g.k0 * b.len + b.b0 + e);
+    let n = b.bl - e;
+    for (t, a) in acc.iter().enumerate() {
+        for (v, a) in a.iter().enumerate() {
+            // SAFETY: row k0 + t < kk; elements b0 + e + 16 v.. up to b0 + bl <= len.
+            let dst = out.add(t * b.len + 16 * v);
+            let lanes = n.saturating_sub(16 * v);
+            if lanes >= 16 {
+                _mm512_storeu_ps(dst, *a);
+            } else if lanes > 0 {
+                _mm512_mask_storeu_ps(dst, ((1u32 << lanes) - 1) as u16, *a);
             }
         }
-        e += if pair { 32 } else { 16 };
     }
 }
 
