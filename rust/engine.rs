@@ -428,7 +428,6 @@ fn work_items(
             items.push((ti, 0, 0));
             continue;
         }
-        let segments = || opened.iter().flat_map(|o| o.segments[ti].iter());
         let per_elem: usize = opened
             .iter()
             .map(|o| {
@@ -441,7 +440,11 @@ fn work_items(
             .chain((0..n_targets).map(|k| sink.dtype(k, ti).bitsize() / 8))
             .sum();
         let step = (ITEM_BYTES / per_elem.max(1) / BLOCK * BLOCK).clamp(MIN_ITEM, CHUNK);
-        let mut cuts: Vec<usize> = segments().map(|s| s.start).chain([t.numel()]).collect();
+        let mut cuts: Vec<usize> = opened
+            .iter()
+            .flat_map(|o| o.segments[ti].iter().map(|s| s.start))
+            .chain([t.numel()])
+            .collect();
         cuts.sort_unstable();
         cuts.dedup();
         for pair in cuts.windows(2) {

@@ -569,6 +569,26 @@ mod tests {
     }
 
     #[test]
+    fn encoding_into_unaligned_bytes_equals_the_scalar_conversion() {
+        let values: Vec<f32> = (0..1300).map(|i| (i as f32 - 650.0) * 0.0137).collect();
+        let mut buf = vec![0u8; 2 * values.len() + 1];
+        for dtype in [Dtype::F16, Dtype::BF16] {
+            // Both the aligned fast path and the stack-buffer path for an odd offset.
+            for at in [0, 1] {
+                let out = &mut buf[at..at + 2 * values.len()];
+                encode_into(&values, dtype, out);
+                for (c, &v) in out.chunks_exact(2).zip(&values) {
+                    let want = match dtype {
+                        Dtype::F16 => f16::from_f32(v).to_bits(),
+                        _ => bf16::from_f32(v).to_bits(),
+                    };
+                    assert_eq!(u16::from_le_bytes([c[0], c[1]]), want, "{dtype:?} at {at}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn nan_is_refused_and_nothing_is_left_behind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
