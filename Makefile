@@ -31,8 +31,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 
+# Every benchmark (minutes; prints ratios, not a test). The reconstruct bench writes the store
+# the Rust engine bench reads.
 bench: build
 	$(PY) benches/bench_solve.py
+	$(PY) benches/bench_update.py
+	$(PY) benches/bench_reconstruct.py
+	cargo bench --bench engine
+	$(PY) benches/bench_average.py
+	$(PY) benches/bench_update_sharded.py
 
 clean:
 	rm -rf $(VENV) target
