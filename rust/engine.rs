@@ -539,7 +539,7 @@ fn combine_chunk(
         // Encoded while the block is in L1: the item's f32 results are never stored whole.
         for (k, &(at, dtype, size)) in spans.iter().enumerate() {
             let dst = &mut out[at + b0 * size..at + (b0 + bl) * size];
-            encode(kernel.isa, dtype, &block[k * bs..k * bs + bl], dst);
+            encode_into(&block[k * bs..k * bs + bl], dtype, dst);
         }
         b0 += bl;
     }
@@ -884,36 +884,6 @@ fn decode(isa: Isa, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// f32 to the little-endian bytes of `dtype` in `out`: fp16 inline with F16C where the CPU has
-/// it (`half`'s conversion costs a call per 8 values, a sixth of a many-target run), otherwise
-/// by [`encode_into`]. Both round to nearest even, so the bytes are the same.
-fn encode(isa: Isa, dtype: Dtype, values: &[f32], out: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if dtype == Dtype::F16 && isa != Isa::Portable {
-        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are chosen only where AVX2 and F16C exist.
-        return unsafe { encode_f16_f16c(values, out) };
-    }
-    encode_into(values, dtype, out)
-}
-
-/// # Safety
-/// AVX2 and F16C must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn encode_f16_f16c(values: &[f32], out: &mut [u8]) {
-    use std::arch::x86_64::*;
-    let n = values.len().min(out.len() / 2);
-    let mut j = 0;
-    while j + 8 <= n {
-        // SAFETY: floats j..j + 8 and bytes 2j..2j + 16 are in bounds (j + 8 <= n).
-        let h =
-            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(values.as_ptr().add(j)));
-        _mm_storeu_si128(out.as_mut_ptr().add(2 * j).cast(), h);
-        j += 8;
-    }
-    encode_into(&values[j..n], Dtype::F16, &mut out[2 * j..2 * n]);
-}
-
 /// bf16 is the upper half of an f32.
 #[inline(always)]
 fn bf16_to_f32(bits: u16) -> f32 {
@@ -1042,22 +1012,6 @@ pub(crate) mod tests {
                 assert!((out[k][0][j] as f64 - want).abs() < 1e-5, "{k} {j}");
             }
             assert_eq!(out[k][2], vec![3.0]); // copied from the last input read
-        }
-    }
-
-    #[test]
-    fn every_instruction_set_encodes_fp16_like_half() {
-        // Ties, subnormals, values past the fp16 range and a tail shorter than a vector.
-        let mut values: Vec<f32> = (0..1001)
-            .map(|i| (i as f32 - 500.0) * 131.7 + (i % 7) as f32 * 1e-6)
-            .collect();
-        values.extend([1.0 + 2f32.powi(-11), 3e-8, -6e-5, 65520.0, 1e6, -0.0]);
-        let mut want = vec![0u8; 2 * values.len()];
-        encode_into(&values, Dtype::F16, &mut want);
-        for isa in Isa::available() {
-            let mut got = vec![0u8; want.len()];
-            encode(isa, Dtype::F16, &values, &mut got);
-            assert!(got == want, "{isa:?} differs");
         }
     }
 

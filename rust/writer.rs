@@ -227,10 +227,14 @@ pub fn sync_dir(path: &Path) {
 pub fn encode_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     debug_assert_eq!(out.len(), values.len() * dtype.bitsize() / 8);
     match dtype {
-        Dtype::F16 => encode_halves(values, out, |src, dst: &mut [u16]| {
-            dst.reinterpret_cast_mut::<f16>()
-                .convert_from_f32_slice(src)
-        }),
+        Dtype::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c") {
+                // SAFETY: both features were just detected.
+                return unsafe { encode_f16_f16c(values, out) };
+            }
+            encode_f16_half(values, out)
+        }
         Dtype::BF16 => encode_halves(values, out, |src, dst: &mut [u16]| {
             dst.reinterpret_cast_mut::<bf16>()
                 .convert_from_f32_slice(src)
@@ -246,6 +250,35 @@ pub fn encode_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
             }
         }
     }
+}
+
+/// fp16 by `half`'s slice conversion.
+fn encode_f16_half(values: &[f32], out: &mut [u8]) {
+    encode_halves(values, out, |src, dst: &mut [u16]| {
+        dst.reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(src)
+    })
+}
+
+/// fp16 with F16C inline: `half`'s conversion costs a call per 8 values, a sixth of a
+/// many-target reconstruction. Both round to nearest even, so the bytes are the same.
+///
+/// # Safety
+/// AVX and F16C must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn encode_f16_f16c(values: &[f32], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let n = values.len().min(out.len() / 2);
+    let mut j = 0;
+    while j + 8 <= n {
+        // SAFETY: floats j..j + 8 and bytes 2j..2j + 16 are in bounds (j + 8 <= n).
+        let h =
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(values.as_ptr().add(j)));
+        _mm_storeu_si128(out.as_mut_ptr().add(2 * j).cast(), h);
+        j += 8;
+    }
+    encode_f16_half(&values[j..n], &mut out[2 * j..2 * n]);
 }
 
 /// Two-byte encodings by `half`'s SIMD conversion: straight into `out` when it is aligned for
@@ -569,20 +602,34 @@ mod tests {
     }
 
     #[test]
-    fn encoding_into_unaligned_bytes_equals_the_scalar_conversion() {
-        let values: Vec<f32> = (0..1300).map(|i| (i as f32 - 650.0) * 0.0137).collect();
+    fn every_fp16_and_bf16_encoding_equals_the_scalar_conversion_at_any_alignment() {
+        // Ties, subnormals, values past the fp16 range and a tail shorter than a vector.
+        let mut values: Vec<f32> = (0..1300).map(|i| (i as f32 - 650.0) * 0.0137).collect();
+        values.extend((0..1001).map(|i| (i as f32 - 500.0) * 131.7 + (i % 7) as f32 * 1e-6));
+        values.extend([1.0 + 2f32.powi(-11), 3e-8, -6e-5, 65520.0, 1e6, -0.0]);
         let mut buf = vec![0u8; 2 * values.len() + 1];
-        for dtype in [Dtype::F16, Dtype::BF16] {
+        // `encode_into` (F16C where the CPU has it) and `half`'s path that other CPUs take.
+        type Encoder<'a> = &'a dyn Fn(&[f32], &mut [u8]);
+        let encoders: [(Dtype, Encoder); 3] = [
+            (Dtype::F16, &|v, o| encode_into(v, Dtype::F16, o)),
+            (Dtype::F16, &encode_f16_half),
+            (Dtype::BF16, &|v, o| encode_into(v, Dtype::BF16, o)),
+        ];
+        for (i, (dtype, encode)) in encoders.iter().enumerate() {
             // Both the aligned fast path and the stack-buffer path for an odd offset.
             for at in [0, 1] {
                 let out = &mut buf[at..at + 2 * values.len()];
-                encode_into(&values, dtype, out);
+                encode(&values, out);
                 for (c, &v) in out.chunks_exact(2).zip(&values) {
                     let want = match dtype {
                         Dtype::F16 => f16::from_f32(v).to_bits(),
                         _ => bf16::from_f32(v).to_bits(),
                     };
-                    assert_eq!(u16::from_le_bytes([c[0], c[1]]), want, "{dtype:?} at {at}");
+                    assert_eq!(
+                        u16::from_le_bytes([c[0], c[1]]),
+                        want,
+                        "encoder {i} at {at}"
+                    );
                 }
             }
         }
