@@ -125,12 +125,14 @@ fn inner(p: ProfileSpec, q: ProfileSpec) -> PyResult<f64> {
 
 /// Solves for the snapshot weights of every target; returns a dict of numpy arrays.
 #[pyfunction]
+#[pyo3(signature = (snapshot_t, snapshot_gamma, targets, noise, causal=false))]
 fn solve<'py>(
     py: Python<'py>,
     snapshot_t: Vec<f64>,
     snapshot_gamma: Vec<f64>,
     targets: Vec<ProfileSpec>,
     noise: f64,
+    causal: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     if snapshot_t.len() != snapshot_gamma.len() {
         return Err(PyValueError::new_err(
@@ -147,7 +149,7 @@ fn solve<'py>(
         .map(|s| make_profile(&s.0, s.1, s.2, s.3))
         .collect::<PyResult<Vec<_>>>()?;
     let fits = py
-        .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise }))
+        .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise, causal }))
         .map_err(err)?;
     let out = PyDict::new(py);
     let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
@@ -164,8 +166,11 @@ fn solve<'py>(
         col(|f| f.lstsq_fit_error).into_pyarray(py),
     )?;
     out.set_item("lstsq_gain", col(|f| f.lstsq_gain).into_pyarray(py))?;
+    out.set_item("noise_error", col(|f| f.noise_error).into_pyarray(py))?;
+    out.set_item("cdf_error", col(|f| f.cdf_error).into_pyarray(py))?;
     let flags = |f: fn(&solver::TargetFit) -> bool| fits.iter().map(f).collect::<Vec<bool>>();
     out.set_item("regularized", flags(|f| f.regularized).into_pyarray(py))?;
+    out.set_item("poor", flags(|f| f.poor).into_pyarray(py))?;
     out.set_item(
         "rank_deficient",
         flags(|f| f.rank_deficient).into_pyarray(py),
@@ -175,10 +180,12 @@ fn solve<'py>(
 
 /// Weights on plain checkpoints at `times` for every target (linear interpolation in time).
 #[pyfunction]
+#[pyo3(signature = (times, targets, causal=false))]
 fn solve_raw<'py>(
     py: Python<'py>,
     times: Vec<f64>,
     targets: Vec<ProfileSpec>,
+    causal: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let targets = targets
         .iter()
@@ -188,7 +195,7 @@ fn solve_raw<'py>(
         .detach(|| {
             targets
                 .iter()
-                .map(|t| solver::solve_raw(&times, t))
+                .map(|t| solver::solve_raw(&times, t, causal))
                 .collect::<crate::Result<Vec<_>>>()
         })
         .map_err(err)?;
@@ -418,13 +425,15 @@ impl Sources {
 
     /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
     /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of target `k`
-    /// as float32 (float tensors) or in its stored dtype (others).
+    /// as float32 (float tensors) or in its stored dtype (others, from input `copy_from`).
+    #[pyo3(signature = (weights, buffers, progress, copy_from=None))]
     fn combine_to_memory<'py>(
         &self,
         py: Python<'py>,
         weights: PyReadonlyArray2<'py, f64>,
         buffers: Vec<Vec<Bound<'py, PyArrayDyn<u8>>>>,
         progress: &EngineProgress,
+        copy_from: Option<usize>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let w = rows(&weights)?;
         let mut held = Vec::with_capacity(buffers.len());
@@ -459,7 +468,7 @@ impl Sources {
                     .position(|r| r.iter().any(|&x| x != 0.0))
                     .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
                 sink.check(&engine::layout_of(&headers[first])?)?;
-                engine::combine(headers, &w, k, None, &sink, &progress)
+                engine::combine(headers, &w, k, copy_from, &sink, &progress)
             })
             .map_err(err)?;
         stats_dict(py, &stats)
@@ -626,6 +635,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NOISE_BFLOAT16", solver::NOISE_BFLOAT16)?;
     m.add("NOISE_FLOAT32", solver::NOISE_FLOAT32)?;
     m.add("CHUNK", engine::CHUNK)?;
+    m.add("POOR_CDF_ERROR", solver::POOR_CDF_ERROR)?;
+    m.add("POOR_NOISE", solver::POOR_NOISE)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;

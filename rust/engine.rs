@@ -305,9 +305,9 @@ fn allow_open_files(needed: usize) {
 
 /// Combines `inputs` with `weights[i][k]` (input `i`, target `k`) into `sink`.
 ///
-/// Inputs whose weight is zero for every target are never opened. Non-float tensors are copied
-/// from input `copy_from` (which must be read; by default the last input read) and compared
-/// with every other input read: the names of those that differ are returned in the stats.
+/// Inputs whose weight is zero for every target are never read, but for input `copy_from`
+/// (default: the last input read), whose non-float tensors are copied to every output; they are
+/// compared with every input read, and the names of those that differ are returned in the stats.
 pub fn combine(
     inputs: &[Source],
     weights: &[Vec<f64>],
@@ -333,14 +333,13 @@ pub fn combine(
             "every weight is zero: nothing to combine".into(),
         ));
     };
-    let copy_from = match copy_from {
-        None => used.len() - 1,
-        Some(i) => used.iter().position(|&u| u == i).ok_or_else(|| {
-            PhemaError::Invalid(format!(
-                "input {i} to copy non-float tensors from is not read"
-            ))
-        })?,
-    };
+    let copy_from = copy_from.unwrap_or(used[used.len() - 1]);
+    if copy_from >= inputs.len() {
+        return Err(PhemaError::Invalid(format!(
+            "input {copy_from} to copy non-float tensors from does not exist ({} inputs)",
+            inputs.len()
+        )));
+    }
     let layout = layout_of(&inputs[first])?;
     allow_open_files(used.iter().map(|&i| inputs[i].files.len()).sum());
     let mut opened = Vec::with_capacity(used.len());
@@ -353,6 +352,25 @@ pub fn combine(
             .collect::<Result<Vec<_>>>()?;
         opened.push(Opened { files, segments });
     }
+    // Non-float tensors (step counters, masks) cannot be averaged: they come from one input,
+    // read for them alone when none of its float data is needed.
+    let raw_only = if used.contains(&copy_from) {
+        None
+    } else {
+        let files = inputs[copy_from]
+            .files
+            .iter()
+            .map(open)
+            .collect::<Result<Vec<_>>>()?;
+        Some(Opened {
+            files,
+            segments: inputs[copy_from].align(&layout)?,
+        })
+    };
+    let raw_source = match &raw_only {
+        Some(o) => o,
+        None => &opened[used.iter().position(|&u| u == copy_from).unwrap_or(0)],
+    };
     // Weights as f32, `[input][target]`, and the kernel chosen for this CPU.
     let w: Vec<f32> = used
         .iter()
@@ -371,7 +389,7 @@ pub fn combine(
                 return Err(PhemaError::Invalid("cancelled".into()));
             }
             if !is_float(layout[ti].dtype) {
-                let bytes = opened[copy_from].whole(ti)?;
+                let bytes = raw_source.whole(ti)?;
                 for o in &opened {
                     if o.whole(ti)? != bytes {
                         if let Ok(mut v) = mismatched.lock() {

@@ -164,6 +164,25 @@ impl Profile {
         }
     }
 
+    /// Mass of the profile on `(0, tau]` (its cumulative distribution).
+    pub fn cdf(&self, tau: f64) -> f64 {
+        let t = self.t();
+        if tau <= 0.0 {
+            return 0.0;
+        }
+        if tau >= t {
+            return 1.0;
+        }
+        match *self {
+            Profile::Power { gamma, .. } => (tau / t).powf(gamma + 1.0),
+            Profile::Exponential { rate, .. } => {
+                // (exp(-rate (t - tau)) - exp(-rate t)) / (1 - exp(-rate t)), cancellation-free.
+                let z = -(-rate * t).exp_m1();
+                (-rate * (t - tau)).exp() * -(-rate * tau).exp_m1() / z
+            }
+        }
+    }
+
     /// Value of the density at `tau` (used by plots and tests).
     pub fn density(&self, tau: f64) -> f64 {
         let t = self.t();
@@ -285,7 +304,7 @@ pub fn integrate(f: impl Fn(f64) -> f64, a: f64, b: f64, panels: usize) -> f64 {
 
 /// Nodes and weights of the 20-point Gauss-Legendre rule on `[-1, 1]`, computed once by Newton
 /// iteration on the Legendre polynomial.
-fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
+pub(crate) fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
     static RULE: OnceLock<([f64; 20], [f64; 20])> = OnceLock::new();
     let (x, w) = RULE.get_or_init(gauss_legendre::<20>);
     (x, w)

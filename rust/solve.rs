@@ -14,20 +14,33 @@ pub const NOISE_BFLOAT16: f64 = 2.255_141_277e-3; // 2^-8 / sqrt(3)
 /// Relative RMS rounding error of a value stored in fp32.
 pub const NOISE_FLOAT32: f64 = 3.440_883_e-8; // 2^-24 / sqrt(3)
 
+/// Largest [`TargetFit::cdf_error`] phema stands behind: past it the synthesized average puts
+/// its weight visibly elsewhere in time than the one requested (docs/accuracy.md).
+pub const POOR_CDF_ERROR: f64 = 0.5;
+/// Largest expected relative rounding noise of an output, `noise * ||x||_2`, phema stands behind:
+/// past it the snapshots' rounding noise, amplified by large weights of both signs, swamps the
+/// average (docs/accuracy.md).
+pub const POOR_NOISE: f64 = 0.01;
+
 /// How to solve.
 #[derive(Clone, Copy, Debug)]
 pub struct SolveOptions {
     /// Relative rounding noise of the stored snapshots (e.g. [`NOISE_FLOAT16`]). With `noise > 0`
     /// the solver minimises `fit_error^2 + noise^2 ||x||^2` under `sum x = 1`, the expected
     /// squared error of the reconstructed weights, whenever that beats plain least squares.
-    /// `0` gives the plain least-squares solution of the paper.
+    /// `0` gives the mass-preserving least-squares solution.
     pub noise: f64,
+    /// Only snapshots at or before a target's time contribute ("what could have been known
+    /// then"). By default every snapshot does: differences of later profiles cancel their weight
+    /// after the target time, which is what makes targets between snapshot times accurate.
+    pub causal: bool,
 }
 
 impl Default for SolveOptions {
     fn default() -> Self {
         SolveOptions {
             noise: NOISE_FLOAT16,
+            causal: false,
         }
     }
 }
@@ -57,9 +70,26 @@ pub struct TargetFit {
     pub lstsq_gain: f64,
     /// The Gram system was singular (e.g. duplicated snapshots); the minimum-norm solution is used.
     pub rank_deficient: bool,
+    /// Expected relative rounding noise of the output, `noise * ||x||_2`.
+    pub noise_error: f64,
+    /// `integral |F_synth - F_r| / (sigma_rel t_r)` with `F` the cumulative distributions: how
+    /// much mass the synthesized profile misplaces, times how far, in units of the target's
+    /// width. Weights move smoothly in time, so this (not the profile's L2 error, which counts
+    /// detail no trajectory has) bounds the error of the average: weights drifting steadily by
+    /// `d` per target width come out at most `cdf_error * d` off.
+    pub cdf_error: f64,
+    /// The fit cannot be trusted: `cdf_error > POOR_CDF_ERROR` or `noise_error > POOR_NOISE`.
+    pub poor: bool,
 }
 
-/// Solves for every target at once. Snapshots after a target's time get weight 0 for it.
+/// Whether a fit misplacing this much mass with this output noise is one phema refuses to
+/// write silently.
+pub fn is_poor(cdf_error: f64, noise_error: f64) -> bool {
+    !(cdf_error <= POOR_CDF_ERROR && noise_error <= POOR_NOISE)
+}
+
+/// Solves for every target at once, each under `sum x = 1`. With `options.causal`, snapshots
+/// after a target's time get weight 0 for it.
 pub fn solve(
     snapshots: &[Profile],
     targets: &[Profile],
@@ -84,7 +114,7 @@ pub fn solve(
     for (k, target) in targets.iter().enumerate() {
         let t_r = target.t();
         let active: Vec<usize> = (0..snapshots.len())
-            .filter(|&i| snapshots[i].t() <= t_r * (1.0 + 1e-12))
+            .filter(|&i| !options.causal || snapshots[i].t() <= t_r * (1.0 + 1e-12))
             .collect();
         if active.is_empty() {
             return Err(PhemaError::Unsolvable(format!(
@@ -121,6 +151,11 @@ struct GramSystem {
     /// Eigendecomposition of the unscaled matrix, for the noise-aware (ridge) solutions.
     eigen: Option<(Mat<f64>, Vec<f64>)>,
 }
+
+/// Gauss-Legendre panels per piece between knots for [`TargetFit::cdf_error`].
+const CDF_PANELS: usize = 2;
+/// Quadrature nodes whose snapshot distributions are held at once.
+const CDF_BLOCK: usize = 2048;
 
 /// Smallest eigenvalue, relative to the largest, that plain least squares trusts.
 const RCOND: f64 = 1e-13;
@@ -209,6 +244,7 @@ impl GramSystem {
             }
         }
         let fit_sq = self.squared_errors(&x, &b, &c);
+        let cdf = self.cdf_errors(&x, targets);
         (0..kk)
             .map(|k| {
                 let xs = x.col(k);
@@ -216,11 +252,16 @@ impl GramSystem {
                 for (w, &i) in xs.iter().zip(active) {
                     weights[i] = *w;
                 }
+                let fit_error = fit_sq[k].sqrt();
+                let norm = norm2(xs).sqrt();
                 TargetFit {
                     target: targets[k],
-                    fit_error: fit_sq[k].sqrt(),
+                    fit_error,
                     gain: xs.iter().map(|v| v.abs()).sum(),
-                    norm: norm2(xs).sqrt(),
+                    norm,
+                    noise_error: noise * norm,
+                    cdf_error: cdf[k],
+                    poor: is_poor(cdf[k], noise * norm),
                     mass: xs.iter().sum(),
                     initial_mass: targets[k].initial_mass(),
                     regularized: regularized[k],
@@ -233,17 +274,22 @@ impl GramSystem {
             .collect()
     }
 
-    /// Plain least squares `A X = B` on the Jacobi-scaled system: Cholesky, or the
-    /// minimum-norm pseudo-inverse solution when the system is singular.
+    /// Mass-preserving least squares, `argmin x'Ax - 2b'x` subject to `sum x = 1`, for every
+    /// column of `B`: `x = A^-1 (b + mu 1)` with `mu` chosen so the weights sum to 1. Solved on
+    /// the Jacobi-scaled system by Cholesky, or with the pseudo-inverse (minimum-norm) when the
+    /// system is singular.
     fn lstsq(&self, b: &Mat<f64>) -> Mat<f64> {
         let (m, kk) = (b.nrows(), b.ncols());
-        let rhs = Mat::from_fn(m, kk, |i, k| b[(i, k)] * self.scale[i]);
+        // Column kk is the constraint's right-hand side, the vector of ones.
+        let rhs = Mat::from_fn(m, kk + 1, |i, k| {
+            self.scale[i] * if k < kk { b[(i, k)] } else { 1.0 }
+        });
         let y = match (&self.llt, &self.scaled_eigen) {
             // One right-hand side at a time: faer's blocked multi-column triangular solves sum
             // in another order, which moves ill-conditioned solutions by ~1e-9 of their gain.
             (Some(llt), _) => {
-                let mut y = Mat::zeros(m, kk);
-                for k in 0..kk {
+                let mut y = Mat::zeros(m, kk + 1);
+                for k in 0..=kk {
                     let yk = llt.solve(rhs.col(k).as_mat());
                     y.col_mut(k).copy_from(yk.col(0));
                 }
@@ -266,7 +312,13 @@ impl GramSystem {
             }
             (None, None) => unreachable!("GramSystem::new makes one of the two"),
         };
-        Mat::from_fn(m, kk, |i, k| y[(i, k)] * self.scale[i])
+        let x = Mat::from_fn(m, kk + 1, |i, k| y[(i, k)] * self.scale[i]);
+        let ones = x.col(kk);
+        let ones_mass: f64 = ones.iter().sum();
+        let mu: Vec<f64> = (0..kk)
+            .map(|k| (1.0 - x.col(k).iter().sum::<f64>()) / ones_mass)
+            .collect();
+        Mat::from_fn(m, kk, |i, k| x[(i, k)] + mu[k] * ones[i])
     }
 
     /// For every target `k`: `argmin x'Ax - 2b_k'x + lambda_k ||x||^2` subject to `sum x = 1`,
@@ -290,6 +342,45 @@ impl GramSystem {
             }
         }
         Some(out)
+    }
+
+    /// [`TargetFit::cdf_error`] of every column of `x` (targets all ending at one time or not):
+    /// Gauss-Legendre on the pieces between snapshot and target times, where each cumulative
+    /// distribution is smooth; the snapshots' distributions at every node are formed once, in
+    /// blocks, and shared by all targets as one matrix product.
+    fn cdf_errors(&self, x: &Mat<f64>, targets: &[Profile]) -> Vec<f64> {
+        let (nodes, gl_weights) = crate::profile::gauss_legendre_20();
+        let mut knots: Vec<f64> = self.profiles.iter().map(Profile::t).collect();
+        knots.extend(targets.iter().map(Profile::t));
+        knots.push(0.0);
+        knots.sort_by(f64::total_cmp);
+        knots.dedup();
+        let mut points = Vec::with_capacity(knots.len() * CDF_PANELS * nodes.len());
+        for w in knots.windows(2) {
+            let h = (w[1] - w[0]) / CDF_PANELS as f64;
+            for p in 0..CDF_PANELS {
+                let c = w[0] + (p as f64 + 0.5) * h;
+                for (z, g) in nodes.iter().zip(gl_weights) {
+                    points.push((c + 0.5 * h * z, 0.5 * h * g));
+                }
+            }
+        }
+        let (m, kk) = (self.profiles.len(), targets.len());
+        let mut sums = vec![0.0; kk];
+        for block in points.chunks(CDF_BLOCK) {
+            let f = Mat::from_fn(block.len(), m, |j, i| self.profiles[i].cdf(block[j].0));
+            let synth = &f * x;
+            for (k, target) in targets.iter().enumerate() {
+                for (j, &(tau, w)) in block.iter().enumerate() {
+                    sums[k] += w * (synth[(j, k)] - target.cdf(tau)).abs();
+                }
+            }
+        }
+        targets
+            .iter()
+            .zip(sums)
+            .map(|(t, s)| s / (t.sigma_rel() * t.t()))
+            .collect()
     }
 
     /// Squared relative fit errors `||sum x_i p_i - p_r||^2 / ||p_r||^2` of every column of `x`,
@@ -364,20 +455,27 @@ const RAW_PANELS: usize = 16;
 /// Weights on checkpoints at `times` (ascending, distinct) for `target`.
 ///
 /// The trajectory is interpolated linearly between checkpoints and held constant before the
-/// first and after the last one before the target time; the weights are the integrals of the
-/// target profile against the resulting hat functions, so an exactly linear trajectory is
-/// averaged exactly.
-pub fn solve_raw(times: &[f64], target: &Profile) -> Result<RawFit> {
+/// first and after the last; the weights are the integrals of the target profile against the
+/// resulting hat functions, so an exactly linear trajectory is averaged exactly. A checkpoint
+/// after the target time takes part as the end of the interval the target time falls in,
+/// unless `causal`: then only checkpoints at or before it are used, the last one held.
+pub fn solve_raw(times: &[f64], target: &Profile, causal: bool) -> Result<RawFit> {
     let increasing = times
         .windows(2)
         .all(|w| w[0].partial_cmp(&w[1]) == Some(std::cmp::Ordering::Less));
-    if !increasing || times.iter().any(|t| t.is_nan() || *t <= 0.0) {
+    if !increasing || times.iter().any(|t| !t.is_finite() || *t <= 0.0) {
         return Err(PhemaError::Invalid(
-            "checkpoint times must be positive and strictly increasing".into(),
+            "checkpoint times must be finite, positive and strictly increasing".into(),
         ));
     }
     let t_r = target.t();
-    let m = times.iter().filter(|&&t| t <= t_r * (1.0 + 1e-12)).count();
+    let before = times.iter().filter(|&&t| t <= t_r * (1.0 + 1e-12)).count();
+    // Knots of the interpolation: every checkpoint up to the target time, and the next one.
+    let m = if causal {
+        before
+    } else {
+        (before + 1).min(times.len())
+    };
     if m == 0 {
         return Err(PhemaError::Unsolvable(format!(
             "no checkpoint at or before t={t_r} (the first is at t={})",
@@ -386,53 +484,54 @@ pub fn solve_raw(times: &[f64], target: &Profile) -> Result<RawFit> {
     }
     let ts = &times[..m];
     let p = |tau: f64| target.density(tau);
-    let mut weights = vec![0.0; times.len()];
-    // Held constant on (0, t_1] and on (t_m, t_r].
-    let head = integrate(p, 0.0, ts[0], RAW_PANELS);
-    let tail = if t_r > ts[m - 1] {
-        integrate(p, ts[m - 1], t_r, RAW_PANELS)
-    } else {
-        0.0
-    };
-    weights[0] += head;
-    weights[m - 1] += tail;
-    let mut spacing = head * ts[0];
-    for i in 1..m {
-        let (a, b) = (ts[i - 1], ts[i]);
-        let h = b - a;
-        weights[i - 1] += integrate(|x| p(x) * (b - x) / h, a, b, RAW_PANELS);
-        weights[i] += integrate(|x| p(x) * (x - a) / h, a, b, RAW_PANELS);
-        spacing += integrate(p, a, b, RAW_PANELS) * h;
-    }
-    spacing += tail * (t_r - ts[m - 1]).max(0.0);
-    // Interpolation error of the profile itself on the same grid.
-    let interp = |x: f64| -> f64 {
-        if x <= ts[0] {
-            return p(ts[0]);
-        }
-        if x >= ts[m - 1] {
-            return p(ts[m - 1]);
-        }
-        let i = ts.partition_point(|&t| t < x);
-        let (a, b) = (ts[i - 1], ts[i]);
-        (p(a) * (b - x) + p(b) * (x - a)) / (b - a)
-    };
+    // Pieces of (0, t_r] between knots: on each, the trajectory is constant (outside the knots)
+    // or linear between two knots.
     let mut edges = vec![0.0];
-    edges.extend_from_slice(ts);
-    if t_r > ts[m - 1] {
-        edges.push(t_r);
-    }
+    edges.extend(ts.iter().copied().filter(|&t| t < t_r));
+    edges.push(t_r);
+    let mut weights = vec![0.0; times.len()];
+    let (mut spacing, mut extrapolated) = (0.0, 0.0);
     let (mut num, mut den) = (0.0, 0.0);
     for w in edges.windows(2) {
-        num += integrate(|x| (p(x) - interp(x)).powi(2), w[0], w[1], RAW_PANELS);
-        den += integrate(|x| p(x).powi(2), w[0], w[1], RAW_PANELS);
+        let (a, b) = (w[0], w[1]);
+        if b <= a {
+            continue;
+        }
+        let mass = integrate(p, a, b, RAW_PANELS);
+        den += integrate(|x| p(x).powi(2), a, b, RAW_PANELS);
+        let j = ts.partition_point(|&t| t < b); // first knot at or after b
+        if j == 0 || j == m {
+            // Before the first knot or after the last: held at that knot.
+            weights[if j == 0 { 0 } else { m - 1 }] += mass;
+            extrapolated += mass;
+            spacing += mass * (b - a);
+            let held = p(if j == 0 { ts[0] } else { ts[m - 1] });
+            num += integrate(|x| (p(x) - held).powi(2), a, b, RAW_PANELS);
+            continue;
+        }
+        let (k0, k1) = (ts[j - 1], ts[j]);
+        let h = k1 - k0;
+        weights[j - 1] += integrate(|x| p(x) * (k1 - x) / h, a, b, RAW_PANELS);
+        weights[j] += integrate(|x| p(x) * (x - k0) / h, a, b, RAW_PANELS);
+        spacing += mass * h;
+        // Interpolation error of the profile itself on the same grid.
+        let (p0, p1) = (p(k0), if k1 <= t_r { p(k1) } else { p(t_r) });
+        let k1c = k1.min(t_r);
+        let lin = |x: f64| {
+            if k1c > k0 {
+                (p0 * (k1c - x) + p1 * (x - k0)) / (k1c - k0)
+            } else {
+                p0
+            }
+        };
+        num += integrate(|x| (p(x) - lin(x)).powi(2), a, b, RAW_PANELS);
     }
     Ok(RawFit {
         target: *target,
         weights,
         fit_error: (num / den).sqrt(),
         resolution: target.sigma_rel() * t_r / spacing.max(f64::MIN_POSITIVE),
-        extrapolated_mass: head + tail,
+        extrapolated_mass: extrapolated,
         initial_mass: target.initial_mass(),
     })
 }
@@ -454,7 +553,14 @@ mod tests {
         out
     }
 
-    const EXACT: SolveOptions = SolveOptions { noise: 0.0 };
+    const EXACT: SolveOptions = SolveOptions {
+        noise: 0.0,
+        causal: false,
+    };
+    const CAUSAL: SolveOptions = SolveOptions {
+        noise: 0.0,
+        causal: true,
+    };
 
     #[test]
     fn target_equal_to_a_stored_profile_gets_weight_one() {
@@ -593,10 +699,10 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_after_the_target_time_get_zero_weight() {
+    fn causal_solve_gives_snapshots_after_the_target_time_zero_weight() {
         let snaps = edm2_snapshots(10, 10_000.0);
         let target = Profile::power(6_500.0, sigma_rel_to_gamma(0.1).unwrap()).unwrap();
-        let fit = &solve(&snaps, &[target], &EXACT).unwrap()[0];
+        let fit = &solve(&snaps, &[target], &CAUSAL).unwrap()[0];
         for (p, w) in snaps.iter().zip(&fit.weights) {
             if p.t() > 6_500.0 {
                 assert_eq!(*w, 0.0);
@@ -609,10 +715,111 @@ mod tests {
             fit.fit_error
         );
         let at_snapshot = Profile::power(6_000.0, sigma_rel_to_gamma(0.1).unwrap()).unwrap();
-        let fit = &solve(&snaps, &[at_snapshot], &EXACT).unwrap()[0];
+        let fit = &solve(&snaps, &[at_snapshot], &CAUSAL).unwrap()[0];
         assert!(fit.fit_error < 1e-6, "{}", fit.fit_error);
         let early = Profile::power(10.0, 5.0).unwrap();
-        assert!(solve(&snaps, &[early], &EXACT).is_err());
+        assert!(solve(&snaps, &[early], &CAUSAL).is_err());
+    }
+
+    #[test]
+    fn later_snapshots_make_targets_between_snapshot_times_accurate() {
+        // A smooth trajectory theta(tau): the exact average over a target profile against the
+        // same combination of the snapshots' exact averages, every integral by quadrature.
+        let theta = |tau: f64| 1.0 + 0.3 * (tau / 2_500.0).sin() + tau / 20_000.0;
+        let average = |p: &Profile| integrate(|x| p.density(x) * theta(x), 0.0, p.t(), 2000);
+        let snaps = edm2_snapshots(10, 10_000.0);
+        let stored: Vec<f64> = snaps.iter().map(average).collect();
+        let error = |fit: &TargetFit| {
+            let got: f64 = stored.iter().zip(&fit.weights).map(|(a, w)| a * w).sum();
+            (got - average(&fit.target)).abs() / average(&fit.target)
+        };
+        for s in [0.05, 0.1, 0.2] {
+            let target = Profile::power(6_500.0, sigma_rel_to_gamma(s).unwrap()).unwrap();
+            let causal = &solve(&snaps, &[target], &CAUSAL).unwrap()[0];
+            let all = &solve(&snaps, &[target], &EXACT).unwrap()[0];
+            assert!(all.weights.iter().zip(&snaps).any(|(w, p)| p.t() > 6_500.0 && *w != 0.0));
+            assert!(all.fit_error < causal.fit_error);
+            assert!(
+                error(all) < 0.1 * error(causal) && error(all) < 2e-3,
+                "sigma_rel {s}: {} vs causal {}",
+                error(all),
+                error(causal)
+            );
+            assert!((all.mass - 1.0).abs() < 1e-9 && (causal.mass - 1.0).abs() < 1e-9);
+        }
+        // Before the first snapshot only later snapshots can serve.
+        let early = Profile::power(500.0, sigma_rel_to_gamma(0.1).unwrap()).unwrap();
+        let fit = &solve(&snaps, &[early], &EXACT).unwrap()[0];
+        assert!((fit.mass - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn plain_solution_is_the_equality_constrained_least_squares_minimum() {
+        // Independent check: the KKT system [[A, 1], [1', 0]] [x; mu] = [b; 1] solved densely.
+        let snaps = edm2_snapshots(6, 6_000.0);
+        let targets: Vec<Profile> = [0.03, 0.08, 0.15, 0.25]
+            .iter()
+            .map(|&s| Profile::power(4_500.0, sigma_rel_to_gamma(s).unwrap()).unwrap())
+            .chain([Profile::from_beta(6_000.0, 0.999, 1.0).unwrap()])
+            .collect();
+        let fits = solve(&snaps, &targets, &EXACT).unwrap();
+        let m = snaps.len();
+        for (fit, target) in fits.iter().zip(&targets) {
+            let kkt = Mat::from_fn(m + 1, m + 1, |i, j| match (i < m, j < m) {
+                (true, true) => inner(&snaps[i], &snaps[j]),
+                (false, false) => 0.0,
+                _ => 1.0,
+            });
+            let rhs = Mat::from_fn(m + 1, 1, |i, _| {
+                if i < m {
+                    inner(&snaps[i], target)
+                } else {
+                    1.0
+                }
+            });
+            let want = kkt.full_piv_lu().solve(&rhs);
+            let sum: f64 = fit.weights.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+            assert!((fit.mass - sum).abs() < 1e-12);
+            for (i, w) in fit.weights.iter().enumerate() {
+                assert!((w - want[(i, 0)]).abs() < 1e-6 * fit.gain, "{i}: {w} vs {}", want[(i, 0)]);
+            }
+        }
+    }
+
+    #[test]
+    fn poor_fits_are_marked_by_fit_error_or_amplified_noise() {
+        let snaps = edm2_snapshots(8, 8_000.0);
+        let good = Profile::power(8_000.0, sigma_rel_to_gamma(0.08).unwrap()).unwrap();
+        // Far narrower than anything stored: no combination of eight snapshots makes it.
+        let narrow = Profile::power(8_000.0, sigma_rel_to_gamma(0.003).unwrap()).unwrap();
+        let fits = solve(&snaps, &[good, narrow], &SolveOptions::default()).unwrap();
+        assert!(!fits[0].poor, "{:?}", fits[0]);
+        assert!(fits[1].poor && fits[1].cdf_error > POOR_CDF_ERROR, "{:?}", fits[1]);
+        assert!(is_poor(0.0, 2.0 * POOR_NOISE) && is_poor(f64::NAN, 0.0));
+        assert!(!is_poor(POOR_CDF_ERROR, POOR_NOISE));
+        for f in &fits {
+            assert!((f.noise_error - NOISE_FLOAT16 * f.norm).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn raw_target_between_checkpoints_interpolates_toward_the_next_one() {
+        // theta(tau) = tau: the average over (0, t_r] is E[tau]; holding the last checkpoint
+        // before t_r biases it low, interpolating to the next one does not.
+        let times: Vec<f64> = (1..=10).map(|i| 1000.0 * i as f64).collect();
+        let target = Profile::power(6_500.0, sigma_rel_to_gamma(0.2).unwrap()).unwrap();
+        let mean = integrate(|x| x * target.density(x), 0.0, 6_500.0, 4000);
+        let avg = |f: &RawFit| -> f64 { times.iter().zip(&f.weights).map(|(t, w)| t * w).sum() };
+        let all = solve_raw(&times, &target, false).unwrap();
+        let causal = solve_raw(&times, &target, true).unwrap();
+        let head = integrate(|x| target.density(x) * (1000.0 - x), 0.0, 1000.0, 400);
+        assert!((avg(&all) - head - mean).abs() < 1e-8 * mean, "{} {mean}", avg(&all));
+        assert!(avg(&causal) < mean - 10.0, "{} {mean}", avg(&causal));
+        assert!(all.weights[6] > 0.0 && causal.weights[6] == 0.0);
+        for f in [&all, &causal] {
+            assert!((f.weights.iter().sum::<f64>() - 1.0).abs() < 1e-10);
+        }
     }
 
     #[test]
@@ -664,7 +871,7 @@ mod tests {
             Profile::power(10_000.0, sigma_rel_to_gamma(0.1).unwrap()).unwrap(),
             Profile::from_beta(8_000.0, 0.999, 1.0).unwrap(),
         ] {
-            let fit = solve_raw(&times, &target).unwrap();
+            let fit = solve_raw(&times, &target, true).unwrap();
             let mean = integrate(|x| x * target.density(x), 0.0, target.t(), 4000);
             let got: f64 = times
                 .iter()
@@ -689,8 +896,8 @@ mod tests {
         let target = Profile::power(10_000.0, sigma_rel_to_gamma(0.05).unwrap()).unwrap();
         let dense: Vec<f64> = (1..=200).map(|i| 50.0 * i as f64).collect();
         let sparse: Vec<f64> = (1..=5).map(|i| 2000.0 * i as f64).collect();
-        let d = solve_raw(&dense, &target).unwrap();
-        let s = solve_raw(&sparse, &target).unwrap();
+        let d = solve_raw(&dense, &target, true).unwrap();
+        let s = solve_raw(&sparse, &target, true).unwrap();
         assert!(
             d.resolution > 5.0 && s.resolution < 0.5,
             "{} {}",
@@ -703,6 +910,6 @@ mod tests {
             d.fit_error,
             s.fit_error
         );
-        assert!(solve_raw(&[5.0, 5.0], &target).is_err());
+        assert!(solve_raw(&[5.0, 5.0], &target, false).is_err());
     }
 }

@@ -479,10 +479,13 @@ impl FileSink {
             }
             let index = (n > 1).then(|| {
                 let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
-                let json = serde_json::json!({
-                    "metadata": {"total_size": total},
-                    "weight_map": weight_map,
-                });
+                let mut meta = serde_json::Map::new();
+                meta.insert("total_size".into(), total.into());
+                // Loaders that read only the index must still learn which names share a tensor.
+                if let Some(tied) = req.metadata.get("phema.tied") {
+                    meta.insert("phema.tied".into(), tied.clone().into());
+                }
+                let json = serde_json::json!({"metadata": meta, "weight_map": weight_map});
                 let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
                 (req.path.join("model.safetensors.index.json"), bytes)
             });

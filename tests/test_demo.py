@@ -13,7 +13,11 @@ def test_short_demo_writes_figures_and_consistent_numbers(tmp_path):
     assert {"samples.png", "metrics.png", "profiles.png", "report.md"} <= names
     for f in result.files:
         assert f.exists() and f.stat().st_size > 1000, f
-    assert len(result.metrics) == 1 + len(SIGMA_RELS) + len(BETAS)
+    # Every target phema stands behind is swept; a 256-step run cannot resolve the narrowest.
+    swept = {k for k in result.metrics if k.startswith("sigma_rel-")}
+    assert {f"sigma_rel-{s:.3f}" for s in SIGMA_RELS if s >= 0.05} <= swept
+    assert set(result.metrics) == {"raw", *result.fit_error}
+    assert {f"beta-{b:g}" for b in BETAS} <= set(result.metrics)
     for label, m in result.metrics.items():
         assert all(math.isfinite(v) for v in m.as_dict().values()), label
     # A tracked sigma_rel is a stored snapshot: weight 1, no fit error, and the reconstruction

@@ -75,14 +75,20 @@ def test_in_memory_equals_file_and_many_targets_equal_separate_runs(small_store,
 def test_output_metadata_describes_the_target(small_store, tmp_path):
     path, _ = small_store
     store = phema.open_store(path)
-    (p,) = phema.reconstruct(store, betas=[0.995], out=tmp_path, at=600)
+    (p,) = phema.reconstruct(store, betas=[0.995], out=tmp_path / "causal", at=600, causal=True)
     assert os.path.basename(p) == "beta-0.995-t600.safetensors"
     with safe_open(p, "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt" and meta["phema.beta"] == "0.995" and meta["phema.t"] == "600"
     used = json.loads(meta["phema.snapshots"])
     assert used and all(float(n[:12]) <= 600 for n in used)
+    assert abs(sum(used.values()) - 1) < 1e-9 and abs(float(meta["phema.mass"]) - 1) < 1e-9
     assert float(meta["phema.fit_error"]) >= 0 and float(meta["phema.gain"]) >= 1 - 1e-9
+    # By default later snapshots contribute too.
+    (p,) = phema.reconstruct(store, betas=[0.995], out=tmp_path / "all", at=600)
+    with safe_open(p, "pt") as f:
+        used = json.loads(f.metadata()["phema.snapshots"])
+    assert any(float(n[:12]) > 600 for n in used) and abs(sum(used.values()) - 1) < 1e-9
 
 
 def test_target_equal_to_stored_profile_reads_only_that_snapshot(small_store, tmp_path):

@@ -11,6 +11,8 @@ NOISE_FLOAT16: float
 NOISE_BFLOAT16: float
 NOISE_FLOAT32: float
 CHUNK: int
+POOR_CDF_ERROR: float
+POOR_NOISE: float
 
 ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value, dt)
 
@@ -27,8 +29,11 @@ def solve(
     snapshot_gamma: Sequence[float],
     targets: Sequence[ProfileSpec],
     noise: float,
+    causal: bool = False,
 ) -> dict[str, np.ndarray]: ...
-def solve_raw(times: Sequence[float], targets: Sequence[ProfileSpec]) -> dict[str, np.ndarray]: ...
+def solve_raw(
+    times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False
+) -> dict[str, np.ndarray]: ...
 def write_snapshot(
     path: str | PathLike[str],
     tensors: Sequence[tuple[str, np.ndarray]],
@@ -60,5 +65,9 @@ class Sources:
         copy_from: int | None = None,
     ) -> tuple[list[list[str]], dict[str, Any]]: ...
     def combine_to_memory(
-        self, weights: np.ndarray, buffers: Sequence[Sequence[np.ndarray]], progress: EngineProgress
+        self,
+        weights: np.ndarray,
+        buffers: Sequence[Sequence[np.ndarray]],
+        progress: EngineProgress,
+        copy_from: int | None = None,
     ) -> dict[str, Any]: ...

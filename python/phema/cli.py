@@ -128,11 +128,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 for s in store.snapshots
             ]
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
+        _print_feasible(store)
     for path, why in store.ignored:
         print(f"note: ignored {path}: {why}")
     for p in store.problems + store.incomplete:
         print(f"problem: {p}")
     return 1 if store.problems or store.incomplete else 0
+
+
+def _print_feasible(store: Store) -> None:
+    """The sigma_rel range phema stands behind at the last time and at a few earlier ones."""
+    from phema.solver import feasible_sigma_rels
+
+    times = sorted({s.t for s in store.snapshots})
+    last = times[-1]
+    picks = sorted({times[-1]} | {times[int(f * (len(times) - 1))] for f in (0.25, 0.5, 0.75)})
+    rows = []
+    for t in reversed(picks):
+        span = feasible_sigma_rels(store, t)
+        rows.append([f"{t:g}", f"{span[0]:.3f} .. {span[1]:.3f}" if span else "none"])
+    print(f"feasible sigma_rel (every snapshot used; last time t={last:g}):")
+    print(_table(rows, ["t", "sigma_rel"]))
 
 
 def _targets(args: argparse.Namespace) -> dict:
@@ -143,6 +159,7 @@ def _targets(args: argparse.Namespace) -> dict:
         "dt": args.dt,
         "at": args.at,
         "noise": "auto" if args.noise is None else args.noise,
+        "causal": args.causal,
     }
     if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"]):
         raise UserError("give at least one target: --sigma-rel, --beta or --halflife")
@@ -153,16 +170,31 @@ def _report_rows(sol: Solution, extra: list[list[str]] | None = None) -> list[li
     rows = []
     for k, r in enumerate(sol.rows()):
         row = [
-            r["target"],
+            r["target"] + (" POOR" if r["poor"] else ""),
             f"{r['sigma_rel']:.4f}",
             f"{r['fit_error']:.2e}",
+            "-" if math.isnan(r["cdf_error"]) else f"{r['cdf_error']:.2e}",
             f"{r['gain']:.2f}",
+            f"{r['mass']:.6f}",
             str(r["snapshots_used"]),
         ]
         if r["regularized"]:
             row[2] += f" (lstsq {r['lstsq_fit_error']:.1e}, gain {r['lstsq_gain']:.1f})"
         rows.append(row + (extra[k] if extra else []))
     return rows
+
+
+_REPORT = ["target", "sigma_rel", "fit error", "misplaced", "gain", "sum x", "snapshots"]
+
+
+def _poor_note(sol: Solution) -> list[str]:
+    bad = sol.poor_targets()
+    if not bad:
+        return []
+    return [
+        f"{len(bad)} target(s) marked POOR cannot be reconstructed faithfully "
+        f"(limits: {sol.limits()}); reconstruct refuses them without --allow-poor-fit"
+    ]
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
@@ -174,8 +206,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(sol.to_json())
         return 0
     print(f"{len(store)} snapshots, target time t={sol.targets[0].t:g}")
-    print(_table(_report_rows(sol), ["target", "sigma_rel", "fit error", "gain", "snapshots"]))
-    for n in sol.notes:
+    print(_table(_report_rows(sol), _REPORT))
+    for n in sol.notes + _poor_note(sol):
         print(f"note: {n}")
     return 0
 
@@ -196,6 +228,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         out=args.out,
         dtype=args.dtype,
         at=kw["at"],
+        allow_poor_fit=args.allow_poor_fit,
         shard_size=parse_size(args.shard_size) if args.shard_size else None,
         progress=sys.stderr.isatty() and not args.quiet,
         solution=sol,
@@ -204,7 +237,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     )
     outputs = _outputs_per_target(sol, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
-    print(_table(rows, ["target", "sigma_rel", "fit error", "gain", "snapshots", "output"]))
+    print(_table(rows, [*_REPORT, "output"]))
     print(
         f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files"
     )
@@ -316,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             help="snapshot rounding noise (default: from dtype; 0 = plain least squares)",
         )
+        s.add_argument(
+            "--causal",
+            action="store_true",
+            help="use only snapshots at or before the target time (default: every snapshot)",
+        )
         raw(s)
 
     s = sub.add_parser("solve", help="weights, fit error and gain per target")
@@ -333,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="for a store of sharded training: one output file per rank, sharded like the run "
         "(to resume on as many ranks); default: full tensors",
+    )
+    s.add_argument(
+        "--allow-poor-fit",
+        action="store_true",
+        help="write targets phema cannot reconstruct faithfully too (marked phema.poor_fit)",
     )
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -71,6 +71,32 @@ def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, des
     return result["value"]
 
 
+def _plan(
+    store: Store, solution: Solution | None, allow_poor_fit: bool, **targets: Any
+) -> tuple[Solution, np.ndarray, int]:
+    """The solution (solved here unless given), refused when poor, its weights as the engine
+    takes them, and the snapshot the non-float tensors come from: the latest at or before the
+    target time (the first snapshot for a target before it), since a step counter or mask
+    cannot be averaged."""
+    sol = solution or solve(store, **targets)
+    sol.check(allow_poor_fit)
+    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
+    t_r = sol.targets[0].t
+    times = [s.t for s in store.snapshots]
+    before = [i for i, t in enumerate(times) if t <= t_r * (1 + 1e-12)]
+    copy_from = before[-1] if before else 0
+    return sol, weights, copy_from
+
+
+def _tied(store: Store, sol: Solution) -> str | None:
+    """The `phema.tied` aliases of the snapshots used ({alias: canonical name}, as JSON)."""
+    for i in np.flatnonzero(np.any(sol.weights != 0, axis=1)):
+        tied = store.snapshots[i].metadata.get("phema.tied")
+        if tied:
+            return tied
+    return None
+
+
 def _snapshot_bytes(store: Store, weights: np.ndarray) -> int:
     used = np.flatnonzero(np.any(weights != 0, axis=1))
     return int(sum(store.snapshots[i].size for i in used))
@@ -86,26 +112,35 @@ def _metadata(sol: Solution, k: int, store: Store) -> dict[str, str]:
         **target.metadata(),
         "phema.fit_error": repr(float(sol.fit_error[k])),
         "phema.gain": repr(float(sol.gain[k])),
+        "phema.mass": repr(float(sol.mass[k])),
         "phema.store": os.path.abspath(store.path),
         "phema.snapshots": json.dumps(
             {store.snapshots[i].name: float(sol.weights[i, k]) for i in used}
         ),
     }
+    if sol.poor[k]:
+        meta["phema.poor_fit"] = "true"
+    tied = _tied(store, sol)
+    if tied:
+        meta["phema.tied"] = tied
     return meta
 
 
 def reconstruct(
     store: Store | str | os.PathLike[str],
+    *,
     sigma_rels: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | None = None,
+    causal: bool = False,
     out: str | os.PathLike[str] = "phema-reconstructions",
     dtype: str = "float16",
     shard_size: int | None = None,
     noise: float | str = "auto",
+    allow_poor_fit: bool = False,
     progress: bool = False,
     solution: Solution | None = None,
     stats: dict[str, Any] | None = None,
@@ -119,16 +154,34 @@ def reconstruct(
     `<label>.rankRRRRR-of-WWWWW.safetensors` per rank, each holding that rank's blocks, to resume
     training on the same number of ranks. Returns the written paths; a `stats` dict, if given,
     receives what was read (`read`: snapshot indices, `bytes_read`).
+
+    Float tensors (parameters and float buffers) are combined with the target's weights, which
+    sum to 1; non-float tensors come from the latest snapshot at or before the target time.
+    Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
+    written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
     """
     store = _as_store(store)
-    sol = solution or solve(store, sigma_rels, gammas, betas, halflives, dt, at, noise)
+    sol, weights, copy_from = _plan(
+        store,
+        solution,
+        allow_poor_fit,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        betas=betas,
+        halflives=halflives,
+        dt=dt,
+        at=at,
+        noise=noise,
+        causal=causal,
+    )
     suffix = "" if at is None else f"-t{_format_t(sol.targets[0].t)}"
-    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
     labels = [target.label + suffix for target in sol.targets]
     if per_rank:
         if shard_size:
             raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
-        return _reconstruct_per_rank(store, sol, weights, labels, out, dtype, progress, stats)
+        return _reconstruct_per_rank(
+            store, sol, weights, copy_from, labels, out, dtype, progress, stats
+        )
     os.makedirs(out, exist_ok=True)
     outputs = []
     for k, name in enumerate(labels):
@@ -142,7 +195,7 @@ def reconstruct(
             }
         )
     paths, run_stats = run_engine(
-        lambda handle: store.headers.combine_to_files(weights, outputs, handle),
+        lambda handle: store.headers.combine_to_files(weights, outputs, handle, copy_from),
         _snapshot_bytes(store, weights),
         progress,
         "reconstruct",
@@ -159,6 +212,7 @@ def _reconstruct_per_rank(
     store: Store,
     sol: Solution,
     weights: np.ndarray,
+    copy_from: int,
     labels: list[str],
     out: str | os.PathLike[str],
     dtype: str,
@@ -166,7 +220,8 @@ def _reconstruct_per_rank(
     stats: dict[str, Any] | None,
 ) -> list[str]:
     """One engine run per rank over that rank's files; all outputs or none."""
-    used = np.flatnonzero(np.any(weights != 0, axis=1))
+    nonzero = np.flatnonzero(np.any(weights != 0, axis=1))
+    used = np.union1d(nonzero, [copy_from])
     worlds = {store.snapshots[i].world_size for i in used}
     if len(worlds) != 1 or 1 in worlds:
         raise ValueError(
@@ -176,7 +231,8 @@ def _reconstruct_per_rank(
     [world] = worlds
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
-    total = {"read": [int(i) for i in used], "bytes_read": 0, "raw_mismatch": []}
+    total = {"read": [int(i) for i in nonzero], "bytes_read": 0, "raw_mismatch": []}
+    raw_from = int(np.searchsorted(used, copy_from))
     try:
         for rank in range(world):
             sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
@@ -193,7 +249,9 @@ def _reconstruct_per_rank(
             ]
             rows = np.ascontiguousarray(weights[used])
             paths, run_stats = run_engine(
-                lambda handle, s=sources, o=outputs, w=rows: s.combine_to_files(w, o, handle),
+                lambda handle, s=sources, o=outputs, w=rows: s.combine_to_files(
+                    w, o, handle, raw_from
+                ),
                 sum(d["file_size"] for d in described),
                 progress,
                 f"reconstruct rank {rank}/{world}",
@@ -214,13 +272,16 @@ def _reconstruct_per_rank(
 
 def reconstruct_state_dict(
     store: Store | str | os.PathLike[str],
+    *,
     sigma_rel: float | None = None,
     beta: float | None = None,
     gamma: float | None = None,
     halflife: float | None = None,
     dt: float = 1.0,
     at: float | None = None,
+    causal: bool = False,
     noise: float | str = "auto",
+    allow_poor_fit: bool = False,
     dtype: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files."""
@@ -228,33 +289,57 @@ def reconstruct_state_dict(
     if len(given) != 1:
         raise ValueError("give exactly one of sigma_rel, beta, gamma, halflife")
     [sd] = reconstruct_state_dicts(
-        store, sigma_rel, beta, gamma, halflife, dt=dt, at=at, noise=noise, dtype=dtype
+        store,
+        sigma_rels=sigma_rel,
+        betas=beta,
+        gammas=gamma,
+        halflives=halflife,
+        dt=dt,
+        at=at,
+        causal=causal,
+        noise=noise,
+        allow_poor_fit=allow_poor_fit,
+        dtype=dtype,
     )
     return sd
 
 
 def reconstruct_state_dicts(
     store: Store | str | os.PathLike[str],
+    *,
     sigma_rels: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | None = None,
+    causal: bool = False,
     noise: float | str = "auto",
+    allow_poor_fit: bool = False,
     dtype: Any = None,
     solution: Solution | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The average for every target as `{name: torch.Tensor}`, all from one pass over the
     snapshots and without files: for sweeping EMA lengths in memory (each target holds a float32
-    copy of the model)."""
+    copy of the model). Same rules as `reconstruct`; tied weights appear under every name, as
+    one tensor."""
     import torch
 
     store = _as_store(store)
-    sol = solution or solve(store, sigma_rels, gammas, betas, halflives, dt, at, noise)
-    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
-    first = int(np.flatnonzero(np.any(weights != 0, axis=1))[0])
-    layout = store.headers.select([first]).describe()[0]["tensors"]
+    sol, weights, copy_from = _plan(
+        store,
+        solution,
+        allow_poor_fit,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        betas=betas,
+        halflives=halflives,
+        dt=dt,
+        at=at,
+        noise=noise,
+        causal=causal,
+    )
+    layout = store.headers.select([copy_from]).describe()[0]["tensors"]
     results: list[dict[str, torch.Tensor]] = []
     buffers: list[list[np.ndarray]] = []
     for _ in sol.targets:
@@ -269,7 +354,7 @@ def reconstruct_state_dicts(
         results.append(tensors)
         buffers.append(views)
     run_engine(
-        lambda handle: store.headers.combine_to_memory(weights, buffers, handle),
+        lambda handle: store.headers.combine_to_memory(weights, buffers, handle, copy_from),
         _snapshot_bytes(store, weights),
         False,
         "reconstruct",
@@ -279,6 +364,11 @@ def reconstruct_state_dicts(
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             for sd in results
         ]
+    tied = json.loads(_tied(store, sol) or "{}")
+    for sd in results:
+        for alias, canonical in tied.items():
+            if alias not in sd and canonical in sd:
+                sd[alias] = sd[canonical]
     return results
 
 

@@ -107,6 +107,11 @@ class Solution:
     lstsq_gain: np.ndarray
     rank_deficient: np.ndarray
     noise: float
+    # Expected relative rounding noise of each output (`noise * ||x||_2`), and whether the fit is
+    # one phema refuses to write silently (docs/accuracy.md).
+    noise_error: np.ndarray
+    cdf_error: np.ndarray
+    poor: np.ndarray
     notes: list[str] = field(default_factory=list)
     # Only for plain checkpoints (kind raw): checkpoints per target width, and the target mass
     # outside the checkpoints' span.
@@ -132,6 +137,9 @@ class Solution:
                     "gain": float(self.gain[k]),
                     "norm": float(self.norm[k]),
                     "mass": float(self.mass[k]),
+                    "noise_error": float(self.noise_error[k]),
+                    "cdf_error": float(self.cdf_error[k]),
+                    "poor": bool(self.poor[k]),
                     "initial_mass": float(self.initial_mass[k]),
                     "regularized": bool(self.regularized[k]),
                     "lstsq_fit_error": float(self.lstsq_fit_error[k]),
@@ -144,12 +152,84 @@ class Solution:
                 out[-1]["extrapolated_mass"] = float(self.extrapolated_mass[k])
         return out
 
+    def describe_fit(self, k: int) -> str:
+        """How well target `k` is met, in the measures its poor-fit test uses."""
+        if self.resolution is not None:
+            return f"{self.resolution[k]:.2f} checkpoints per target width"
+        return (
+            f"fit error {self.fit_error[k]:.1%}, misplaced mass {self.cdf_error[k]:.2f} widths, "
+            f"noise {self.noise_error[k]:.1e}"
+        )
+
+    def limits(self) -> str:
+        """The poor-fit thresholds (docs/accuracy.md)."""
+        if self.resolution is not None:
+            return f"at least {_RAW_MIN_RESOLUTION:g} checkpoint per target width"
+        return (
+            f"misplaced mass {_core.POOR_CDF_ERROR:g} target widths, "
+            f"noise {_core.POOR_NOISE:g} of the weights"
+        )
+
+    def poor_targets(self) -> list[int]:
+        """Indices of the targets whose fit phema cannot stand behind."""
+        return [int(k) for k in np.flatnonzero(self.poor)]
+
+    def check(self, allow_poor_fit: bool = False) -> None:
+        """Raises `PoorFitError` naming every poor target, unless `allow_poor_fit`."""
+        bad = self.poor_targets()
+        if bad and not allow_poor_fit:
+            raise PoorFitError(self, bad)
+
     def to_json(self) -> str:
         """The fit report and weights as JSON."""
         return json.dumps(
             {"targets": self.rows(), "weights": self.weights.tolist(), "notes": self.notes},
             indent=2,
         )
+
+
+class PoorFitError(ValueError):
+    """Some targets cannot be synthesized well enough from the snapshots: their fit error or the
+    rounding noise their weights amplify is past what phema stands behind (docs/accuracy.md).
+    Nothing was written; pass `allow_poor_fit=True` (`--allow-poor-fit`) to get them anyway."""
+
+    def __init__(self, solution: Solution, targets: list[int]) -> None:
+        self.solution = solution
+        self.targets = targets
+        parts = [f"{solution.targets[k].label} ({solution.describe_fit(k)})" for k in targets]
+        t = solution.targets[targets[0]].t
+        span = feasible_sigma_rels(solution.snapshots, t, noise=solution.noise)
+        feasible = (
+            f"sigma_rel {span[0]:.3f} .. {span[1]:.3f} is feasible at t={t:g}"
+            if span
+            else f"no sigma_rel is feasible at t={t:g}"
+        )
+        super().__init__(
+            f"{len(targets)} target(s) cannot be reconstructed faithfully from these snapshots: "
+            f"{', '.join(parts)}; {feasible} (limits: {solution.limits()}); nothing was "
+            "written. Pass allow_poor_fit=True "
+            "(--allow-poor-fit) to write them anyway"
+        )
+
+
+#: Fewest checkpoints per target width an average of plain checkpoints needs: below it the
+#: target is narrower than the checkpoint spacing and is mostly interpolation.
+_RAW_MIN_RESOLUTION = 1.0
+
+#: sigma_rel values tried when looking for the feasible range.
+_FEASIBLE_GRID = np.geomspace(0.005, 0.28, 60)
+
+
+def feasible_sigma_rels(
+    snapshots: Any, t: float | None = None, *, noise: float | str = "auto", causal: bool = False
+) -> tuple[float, float] | None:
+    """The smallest and largest `sigma_rel` whose reconstruction at time `t` (default: the last
+    snapshot's) phema stands behind, or None when there is none."""
+    sol = solve(
+        snapshots, sigma_rels=_FEASIBLE_GRID, at=t, noise=noise, causal=causal
+    )
+    ok = _FEASIBLE_GRID[~sol.poor]
+    return (float(ok.min()), float(ok.max())) if len(ok) else None
 
 
 def _field(record: Any, name: str) -> Any:
@@ -191,6 +271,7 @@ def _as_list(values: Iterable[float] | float | None) -> list[float]:
 
 def solve(
     snapshots: Any,
+    *,
     sigma_rels: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
@@ -198,19 +279,23 @@ def solve(
     dt: float = 1.0,
     at: float | None = None,
     noise: float | str = "auto",
+    causal: bool = False,
 ) -> Solution:
-    """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target.
+    """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target;
+    every target's weights sum to 1.
 
-    `at` is the target time (default: the last snapshot's). `noise` is the relative rounding noise
-    of the snapshots: "auto" takes it from their dtype (fp16 when unknown); 0 gives the plain
-    least-squares solution of the paper.
+    `at` is the target time (default: the last snapshot's). Every snapshot contributes, also
+    those after `at`; with `causal` only those at or before it ("what could have been known at
+    `at`"). `noise` is the relative rounding noise of the snapshots: "auto" takes it from their
+    dtype (fp16 when unknown); 0 gives the plain mass-preserving least-squares solution. Targets
+    phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`).
     """
     records = list(getattr(snapshots, "snapshots", snapshots))
     if not records:
         raise ValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
     if kinds == {"raw"}:
-        return _solve_raw(records, sigma_rels, gammas, betas, halflives, dt, at)
+        return _solve_raw(records, sigma_rels, gammas, betas, halflives, dt, at, causal)
     if "raw" in kinds:
         raise ValueError("a store mixing power averages and plain checkpoints cannot be solved")
     ts, gs = [], []
@@ -227,7 +312,7 @@ def solve(
             raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
-    raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise))
+    raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise), causal)
     notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
         if raw["rank_deficient"][k]:
@@ -265,12 +350,13 @@ def _solve_raw(
     halflives: Iterable[float] | float | None,
     dt: float,
     at: float | None,
+    causal: bool,
 ) -> Solution:
     """Plain checkpoints: integrate the target against the linearly interpolated trajectory."""
     ts = [float(_field(r, "t")) for r in records]
     at = _target_time(ts, at)
     targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
-    raw = _core.solve_raw(ts, [tg.spec() for tg in targets])
+    raw = _core.solve_raw(ts, [tg.spec() for tg in targets], causal)
     w = raw["weights"]
     notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
@@ -300,6 +386,9 @@ def _solve_raw(
         lstsq_gain=np.abs(w).sum(axis=0),
         rank_deficient=np.zeros(n, bool),
         noise=0.0,
+        noise_error=np.zeros(n),
+        cdf_error=np.full(n, np.nan),
+        poor=raw["resolution"] < _RAW_MIN_RESOLUTION,
         notes=notes,
         resolution=raw["resolution"],
         extrapolated_mass=raw["extrapolated_mass"],

@@ -121,6 +121,17 @@ def run_demo(
     store = phema.open_store(store_dir)
     print(f"store: {len(store)} snapshots in {store_dir}")
     sol = phema.solve(store, sigma_rels=SIGMA_RELS, betas=BETAS)
+    poor = sol.poor_targets()
+    if poor:
+        # The sweep shows only what phema stands behind; a short run cannot resolve the
+        # narrowest lengths.
+        print(f"skipped (poor fit: {sol.limits()}): " + ", ".join(sol.targets[k].label for k in poor))
+        kept = [t for k, t in enumerate(sol.targets) if k not in poor]
+        sol = phema.solve(
+            store,
+            sigma_rels=[t.value for t in kept if t.kind == "sigma_rel"],
+            betas=[t.value for t in kept if t.kind == "beta"],
+        )
     paths = phema.reconstruct(store, solution=sol, out=recon_dir, dtype="float32")
 
     noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(seed + 1))
@@ -181,7 +192,8 @@ def _figures(
             title=f"Samples by EMA length (step {steps})",
         )
     ]
-    sigma_keys = [f"sigma_rel-{s:.3f}" for s in SIGMA_RELS]
+    swept = [t for t in sol.targets if t.kind == "sigma_rel"]
+    sigma_keys = [t.label for t in swept]
     series = {m: [metrics[k].as_dict()[m] for k in sigma_keys] for m in METRIC_LABELS}
     classic = [
         (f"beta {t.value:g}", float(sol.sigma_rel[k]), metrics[t.label].as_dict())
@@ -190,7 +202,7 @@ def _figures(
     ]
     files.append(
         plot_metrics(
-            list(SIGMA_RELS),
+            [t.value for t in swept],
             series,
             out / "metrics.png",
             classic=classic,
