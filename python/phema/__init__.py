@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 from phema._core import StoreError
 from phema._core import __version__ as __version__
 from phema.checkpoints import average, open_checkpoints
-from phema.solver import Solution, Target, gamma_to_sigma_rel, sigma_rel_to_gamma, solve
+from phema.solver import (
+    PoorFitError,
+    Solution,
+    Target,
+    feasible_sigma_rels,
+    gamma_to_sigma_rel,
+    sigma_rel_to_gamma,
+    solve,
+)
 from phema.store import SnapshotRecord, Store, open_store
 
 if TYPE_CHECKING:
@@ -27,6 +35,8 @@ __all__ = [
     "PostHocEMA",
     "average",
     "open_checkpoints",
+    "PoorFitError",
+    "feasible_sigma_rels",
     "Solution",
     "SnapshotRecord",
     "Store",

@@ -225,9 +225,7 @@ def feasible_sigma_rels(
 ) -> tuple[float, float] | None:
     """The smallest and largest `sigma_rel` whose reconstruction at time `t` (default: the last
     snapshot's) phema stands behind, or None when there is none."""
-    sol = solve(
-        snapshots, sigma_rels=_FEASIBLE_GRID, at=t, noise=noise, causal=causal
-    )
+    sol = solve(snapshots, sigma_rels=_FEASIBLE_GRID, at=t, noise=noise, causal=causal)
     ok = _FEASIBLE_GRID[~sol.poor]
     return (float(ok.min()), float(ok.max())) if len(ok) else None
 

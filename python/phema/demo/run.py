@@ -125,7 +125,9 @@ def run_demo(
     if poor:
         # The sweep shows only what phema stands behind; a short run cannot resolve the
         # narrowest lengths.
-        print(f"skipped (poor fit: {sol.limits()}): " + ", ".join(sol.targets[k].label for k in poor))
+        print(
+            f"skipped (poor fit: {sol.limits()}): " + ", ".join(sol.targets[k].label for k in poor)
+        )
         kept = [t for k, t in enumerate(sol.targets) if k not in poor]
         sol = phema.solve(
             store,
