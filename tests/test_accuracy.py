@@ -27,14 +27,24 @@ T_END, T_BETWEEN = 3840, 3000  # a snapshot time, and one between snapshots (281
 SIGMAS = (0.03, 0.08, 0.15, 0.20)
 
 
-def _weights(t_r: int, gamma: float) -> np.ndarray:
-    k = np.arange(1, t_r + 1, dtype=np.float64)
-    return (k / t_r) ** (gamma + 1) - ((k - 1) / t_r) ** (gamma + 1)
+def _weights(t_r: int, gamma: float, every: int) -> dict[int, float]:
+    """Weight of the weights at each update time `k * every <= t_r` in the exact average."""
+    k = np.arange(every, t_r + 1, every, dtype=np.float64)
+    w = (k / t_r) ** (gamma + 1) - ((k - every) / t_r) ** (gamma + 1)
+    return dict(zip(k.astype(int).tolist(), w.tolist()))
 
 
-def record_run(root, steps: int, every: int, times: tuple[int, ...], sigmas: tuple[float, ...]):
-    """Trains the MLP for `steps` with snapshots every `every` steps into `root/store`; returns
-    (store, exact averages {(t, sigma_rel): {name: float64 array}}) for every time and length."""
+def record_run(
+    root,
+    steps: int,
+    every: int,
+    times: tuple[int, ...],
+    sigmas: tuple[float, ...],
+    update_every: int = 1,
+):
+    """Trains the MLP for `steps`, the tracker updated every `update_every` steps (t = step) and
+    snapshots every `every` time units into `root/store`; returns (store, exact averages
+    {(t, sigma_rel): {name: float64 array}}) for every time and length."""
     torch.manual_seed(0)
     x = torch.randn(2048, 16)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
@@ -45,7 +55,11 @@ def record_run(root, steps: int, every: int, times: tuple[int, ...], sigmas: tup
     )
     model.append(torch.nn.Linear(48, 4))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    targets = {(t, s): _weights(t, phema.sigma_rel_to_gamma(s)) for t in times for s in sigmas}
+    targets = {
+        (t, s): _weights(t, phema.sigma_rel_to_gamma(s), update_every)
+        for t in times
+        for s in sigmas
+    }
     exact = {key: {n: 0.0 for n, _ in model.named_parameters()} for key in targets}
     ema = phema.PostHocEMA(model, os.path.join(root, "store"), snapshot_every=every)
     gen = torch.Generator().manual_seed(1)
@@ -55,13 +69,15 @@ def record_run(root, steps: int, every: int, times: tuple[int, ...], sigmas: tup
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ema.update()
+        if step % update_every:
+            continue
+        ema.update(t=step)
         params = {n: p.detach().double().numpy() for n, p in model.named_parameters()}
-        for (t, s), w in targets.items():
-            if step <= t:
-                acc = exact[(t, s)]
+        for key, w in targets.items():
+            if step in w:
+                acc = exact[key]
                 for n, v in params.items():
-                    acc[n] = acc[n] + w[step - 1] * v
+                    acc[n] = acc[n] + w[step] * v
     ema.close()
     return phema.open_store(os.path.join(root, "store")), exact
 
@@ -151,6 +167,18 @@ def test_between_snapshot_times_every_snapshot_is_used_and_weights_sum_to_one(ru
     # Only the earlier snapshots: what could have been known at t, and visibly worse.
     causal = errors(store, exact, T_BETWEEN, s, causal=True, allow_poor_fit=True)["phema"]
     assert causal > 2 * e["phema"], (causal, e)
+
+
+def test_snapshots_off_round_times_serve_a_round_target_time(tmp_path):
+    # Updated every 10 steps with snapshots every 256 time units: snapshots land at 260, 520,
+    # ..., 1800, 2050; the target time 2000 lies between two of them.
+    store, exact = record_run(tmp_path, 2100, 256, (2000,), (0.1,), update_every=10)
+    times = sorted({r.t for r in store.snapshots})
+    assert 2000 not in times and 1800 in times and 2050 in times
+    sol = phema.solve(store, sigma_rels=0.1, at=2000)
+    assert abs(sol.mass[0] - 1) < 1e-9 and not sol.poor[0]
+    e = errors(store, exact, 2000, 0.1)
+    assert e["phema"] <= 1.5 * e["all_lstsq"] and e["phema"] < 1e-2, e
 
 
 def test_plain_least_squares_without_mass_preservation_shrinks_the_weights(run):
