@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.phema-deps
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test build lint bench clean
+.PHONY: demo test build lint bench fuzz clean
 
 # Python environment with the runtime and dev dependencies (torch included, installed once).
 $(STAMP): pyproject.toml
@@ -40,6 +40,14 @@ bench: build
 	cargo bench --bench engine
 	$(PY) benches/bench_average.py
 	$(PY) benches/bench_update_sharded.py
+
+# The fuzz target over everything read from a file (docs/fuzzing.md): nightly Rust and cargo-fuzz
+# (`cargo install cargo-fuzz`). Not part of `test`: building the fuzzer takes many minutes.
+FUZZ_RUNS ?= 10000000
+fuzz:
+	cargo run --release --quiet --example fuzz_seed_corpus fuzz/corpus/headers
+	cd fuzz && cargo +nightly fuzz run -O headers corpus/headers -- \
+		-runs=$(FUZZ_RUNS) -rss_limit_mb=2048 -malloc_limit_mb=1024 -max_len=65536 -timeout=10
 
 clean:
 	rm -rf $(VENV) target

@@ -11,7 +11,7 @@ use numpy::{
     PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use safetensors::Dtype;
@@ -30,11 +30,24 @@ create_exception!(
     "A store, snapshot or output file is unusable; the message names the file."
 );
 
+create_exception!(
+    _core,
+    Cancelled,
+    PyException,
+    "The work was cancelled (`EngineProgress.cancel`); nothing was written."
+);
+
 fn err(e: PhemaError) -> PyErr {
     match e {
         PhemaError::Io { .. } => PyOSError::new_err(e.to_string()),
-        PhemaError::Corrupt { .. } | PhemaError::Store(_) => StoreError::new_err(e.to_string()),
-        _ => PyValueError::new_err(e.to_string()),
+        PhemaError::Corrupt { .. }
+        | PhemaError::Store(_)
+        | PhemaError::Metadata { .. }
+        | PhemaError::Overflow { .. } => StoreError::new_err(e.to_string()),
+        PhemaError::Cancelled => Cancelled::new_err(e.to_string()),
+        PhemaError::OutOfRange { .. } | PhemaError::Invalid(_) | PhemaError::Unsolvable(_) => {
+            PyValueError::new_err(e.to_string())
+        }
     }
 }
 
@@ -101,7 +114,8 @@ fn weight_matrix<'py>(
     let k = columns.len();
     let mut w = vec![0.0; n * k];
     for (j, col) in columns.iter().enumerate() {
-        for (i, x) in col.iter().enumerate() {
+        // At most `n` rows: every index is below `n * k`.
+        for (i, x) in col.iter().take(n).enumerate() {
             w[i * k + j] = *x;
         }
     }
@@ -300,7 +314,7 @@ impl EngineProgress {
     fn bytes_done(&self) -> u64 {
         self.0.bytes_done.load(Ordering::Relaxed)
     }
-    /// Asks the engine to stop at the next chunk; it then fails with "cancelled".
+    /// Asks the engine to stop at the next chunk; it then raises `Cancelled`.
     fn cancel(&self) {
         self.0.cancel.store(true, Ordering::Relaxed);
     }
@@ -403,11 +417,8 @@ impl Sources {
         let progress = Arc::clone(&progress.0);
         let (paths, stats) = py
             .detach(|| {
-                let first = w
-                    .iter()
-                    .position(|r| r.iter().any(|&x| x != 0.0))
-                    .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                let sink = FileSink::create(&engine::layout_of(&headers[first])?, &requests)?;
+                let layout = engine::output_layout(headers, &w, k)?;
+                let sink = FileSink::create(&layout, &requests)?;
                 let stats = engine::combine(headers, &w, k, copy_from, &sink, &progress)?;
                 Ok::<_, PhemaError>((sink.finish()?, stats))
             })
@@ -463,11 +474,7 @@ impl Sources {
         let sink = MemorySink(slices);
         let stats = py
             .detach(|| {
-                let first = w
-                    .iter()
-                    .position(|r| r.iter().any(|&x| x != 0.0))
-                    .ok_or_else(|| PhemaError::Invalid("every weight is zero".into()))?;
-                sink.check(&engine::layout_of(&headers[first])?)?;
+                sink.check(&engine::output_layout(headers, &w, k)?)?;
                 engine::combine(headers, &w, k, copy_from, &sink, &progress)
             })
             .map_err(err)?;
@@ -502,6 +509,7 @@ fn stats_dict<'py>(py: Python<'py>, s: &engine::Stats) -> PyResult<Bound<'py, Py
     d.set_item("read", s.read.clone())?;
     d.set_item("bytes_read", s.bytes_read)?;
     d.set_item("raw_mismatch", s.raw_mismatch.clone())?;
+    d.set_item("nonfinite", s.nonfinite.clone())?;
     Ok(d)
 }
 
@@ -549,8 +557,16 @@ impl MemorySink {
         byte_offset: usize,
         src: &[u8],
     ) -> crate::Result<()> {
-        let b = self.0[target][tensor];
-        if byte_offset + src.len() > b.1 {
+        let b = self
+            .0
+            .get(target)
+            .and_then(|t| t.get(tensor))
+            .copied()
+            .ok_or_else(|| PhemaError::Invalid("no output buffer for this tensor".into()))?;
+        if byte_offset
+            .checked_add(src.len())
+            .is_none_or(|end| end > b.1)
+        {
             return Err(PhemaError::Invalid("output buffer too small".into()));
         }
         // SAFETY: in bounds (checked above); the engine writes disjoint ranges.
@@ -631,6 +647,7 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("StoreError", m.py().get_type::<StoreError>())?;
+    m.add("Cancelled", m.py().get_type::<Cancelled>())?;
     m.add("NOISE_FLOAT16", solver::NOISE_FLOAT16)?;
     m.add("NOISE_BFLOAT16", solver::NOISE_BFLOAT16)?;
     m.add("NOISE_FLOAT32", solver::NOISE_FLOAT32)?;

@@ -12,9 +12,10 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
-use crate::shard::{assemble, shard_id, Assembled, Segment};
+use crate::meta::shard_id;
+use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
 use crate::store::{is_float, read_header, Header, TensorEntry};
-use crate::writer::encode_into;
+use crate::writer::{encode_into, has_nonfinite};
 
 /// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
 /// size of the largest tensor.
@@ -52,6 +53,9 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Non-float tensors whose contents differ between the inputs read.
     pub raw_mismatch: Vec<String>,
+    /// Float tensors with an output element that is NaN or infinite: NaN or infinity in an
+    /// input, or a value too large for the output dtype (beyond 65504 in fp16).
+    pub nonfinite: Vec<String>,
 }
 
 /// One input of a combination: a checkpoint held in one safetensors file (a snapshot), in several
@@ -76,59 +80,43 @@ impl Source {
 
     /// A source of these files. Rank files of a sharded snapshot are assembled into global
     /// tensors (all ranks must be there) unless `local`: then each is taken as it is.
-    pub fn new(mut files: Vec<Header>, local: bool) -> Result<Self> {
+    pub fn new(files: Vec<Header>, local: bool) -> Result<Self> {
         if files.is_empty() {
             return Err(PhemaError::Invalid("an input without files".into()));
         }
-        let ids = files
-            .iter()
-            .map(|h| shard_id(h).map_err(PhemaError::Store))
-            .collect::<Result<Vec<_>>>()?;
+        let ids = files.iter().map(shard_id).collect::<Result<Vec<_>>>()?;
         if local || ids.iter().all(Option::is_none) {
             return Ok(Source {
                 files,
                 sharded: false,
             });
         }
-        let Some(Some(first)) = ids.first().copied() else {
-            return Err(PhemaError::Store(format!(
-                "{} is not a rank file, but other files of the same input are",
-                files[0].path.display()
-            )));
-        };
-        let world = first.world_size;
-        let mut ranks = vec![None; world];
-        for (h, id) in files.iter().zip(&ids) {
-            let Some(id) = id.filter(|id| id.world_size == world) else {
-                return Err(PhemaError::Store(format!(
-                    "{} is not a rank file of a {world}-rank snapshot like {}",
-                    h.path.display(),
-                    files[0].path.display()
-                )));
-            };
-            if let Some(other) = ranks[id.rank].replace(h.path.clone()) {
-                return Err(PhemaError::Store(format!(
-                    "two files for rank {}: {} and {}",
-                    id.rank,
-                    other.display(),
-                    h.path.display()
-                )));
-            }
-        }
-        if let Some(missing) = ranks.iter().position(Option::is_none) {
-            return Err(PhemaError::Store(format!(
-                "the sharded snapshot {} is incomplete: rank {missing} of {world} is missing",
-                files[0].path.display()
-            )));
-        }
-        let mut keyed: Vec<(usize, Header)> = ids
+        let ids = files
             .iter()
-            .map(|id| id.map_or(0, |id| id.rank))
-            .zip(files.drain(..))
-            .collect();
-        keyed.sort_by_key(|(r, _)| *r);
+            .zip(&ids)
+            .map(|(h, id)| {
+                id.ok_or_else(|| {
+                    PhemaError::Store(format!(
+                        "{} is not a rank file, but other files of the same input are",
+                        h.path.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let paths: Vec<&Path> = files.iter().map(|h| h.path.as_path()).collect();
+        let order = order_ranks(&ids, &paths).map_err(|e| match e {
+            RankSetError::Incomplete(why) => PhemaError::Store(format!(
+                "the sharded snapshot {} is incomplete: {why}",
+                files[0].path.display()
+            )),
+            RankSetError::Problem(e) => e,
+        })?;
+        let mut slots: Vec<Option<Header>> = files.into_iter().map(Some).collect();
         Ok(Source {
-            files: keyed.into_iter().map(|(_, h)| h).collect(),
+            files: order
+                .into_iter()
+                .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+                .collect(),
             sharded: true,
         })
     }
@@ -316,15 +304,7 @@ pub fn combine(
     sink: &dyn Sink,
     progress: &Progress,
 ) -> Result<Stats> {
-    if weights.len() != inputs.len() || weights.iter().any(|w| w.len() != n_targets) {
-        return Err(PhemaError::Invalid(format!(
-            "weights must be {} x {n_targets}",
-            inputs.len()
-        )));
-    }
-    if let Some(bad) = weights.iter().flatten().find(|w| !w.is_finite()) {
-        return Err(PhemaError::Invalid(format!("weight {bad} is not finite")));
-    }
+    check_weights(inputs, weights, n_targets)?;
     let used: Vec<usize> = (0..inputs.len())
         .filter(|&i| weights[i].iter().any(|&w| w != 0.0))
         .collect();
@@ -380,13 +360,14 @@ pub fn combine(
     let kernel = Kernel::new(isa, &w, opened.len(), n_targets);
     let items = work_items(&layout, &opened, sink, n_targets);
     let mismatched = std::sync::Mutex::new(Vec::new());
+    let flagged: Vec<AtomicBool> = layout.iter().map(|_| AtomicBool::new(false)).collect();
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.
     let pool: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
     items
         .par_iter()
         .try_for_each(|&(ti, start, len)| -> Result<()> {
             if progress.cancel.load(Ordering::Relaxed) {
-                return Err(PhemaError::Invalid("cancelled".into()));
+                return Err(PhemaError::Cancelled);
             }
             if !is_float(layout[ti].dtype) {
                 let bytes = raw_source.whole(ti)?;
@@ -412,17 +393,58 @@ pub fn combine(
             if let Ok(mut p) = pool.lock() {
                 p.push(scratch);
             }
-            let read = result?;
+            let (read, nonfinite) = result?;
+            if nonfinite {
+                flagged[ti].store(true, Ordering::Relaxed);
+            }
             progress.bytes_done.fetch_add(read, Ordering::Relaxed);
             Ok(())
         })?;
     let mut raw_mismatch = mismatched.into_inner().unwrap_or_default();
     raw_mismatch.sort();
+    let nonfinite = layout
+        .iter()
+        .zip(&flagged)
+        .filter(|(_, f)| f.load(Ordering::Relaxed))
+        .map(|(t, _)| t.name.clone())
+        .collect();
     Ok(Stats {
         bytes_read: used.iter().map(|&i| inputs[i].size()).sum(),
         read: used,
         raw_mismatch,
+        nonfinite,
     })
+}
+
+/// Checks that `weights` is an `inputs x n_targets` matrix of finite numbers.
+fn check_weights(inputs: &[Source], weights: &[Vec<f64>], n_targets: usize) -> Result<()> {
+    if weights.len() != inputs.len() || weights.iter().any(|w| w.len() != n_targets) {
+        let cols = weights.first().map_or(0, Vec::len);
+        return Err(PhemaError::Invalid(format!(
+            "weights must be {} x {n_targets} (inputs x targets), not {} x {cols}",
+            inputs.len(),
+            weights.len()
+        )));
+    }
+    if let Some(bad) = weights.iter().flatten().find(|w| !w.is_finite()) {
+        return Err(PhemaError::Invalid(format!("weight {bad} is not finite")));
+    }
+    Ok(())
+}
+
+/// The tensor layout [`combine`] gives its outputs for these weights: that of the first input
+/// with a non-zero weight.
+pub fn output_layout(
+    inputs: &[Source],
+    weights: &[Vec<f64>],
+    n_targets: usize,
+) -> Result<Vec<TensorEntry>> {
+    check_weights(inputs, weights, n_targets)?;
+    let first = weights
+        .iter()
+        .position(|r| r.iter().any(|&x| x != 0.0))
+        .ok_or_else(|| PhemaError::Invalid("every weight is zero: nothing to combine".into()))?;
+    layout_of(&inputs[first])
 }
 
 /// Input and output bytes one work item holds, so that with the staged block it stays in L2.
@@ -500,7 +522,7 @@ fn block_len(n_inputs: usize) -> usize {
 }
 
 /// Elements `start..start + len` of float tensor `ti` for every target, handed to `sink`.
-/// Returns the snapshot bytes read.
+/// Returns the snapshot bytes read and whether an output element is NaN or infinite.
 fn combine_chunk(
     opened: &[Opened],
     kernel: &Kernel,
@@ -509,7 +531,7 @@ fn combine_chunk(
     len: usize,
     scratch: &mut Scratch,
     sink: &dyn Sink,
-) -> Result<u64> {
+) -> Result<(u64, bool)> {
     let nm = opened.len();
     let kk = kernel.n_targets;
     let bs = block_len(nm);
@@ -561,10 +583,13 @@ fn combine_chunk(
         }
         b0 += bl;
     }
-    for (k, &(at, _, size)) in spans.iter().enumerate() {
-        sink.put(k, ti, start, &out[at..at + len * size])?;
+    let mut nonfinite = false;
+    for (k, &(at, dtype, size)) in spans.iter().enumerate() {
+        let bytes = &out[at..at + len * size];
+        nonfinite |= has_nonfinite(dtype, bytes);
+        sink.put(k, ti, start, bytes)?;
     }
-    Ok(raw[..nm].iter().map(|b| b.len() as u64).sum())
+    Ok((raw[..nm].iter().map(|b| b.len() as u64).sum(), nonfinite))
 }
 
 /// The tensor layout outputs follow: the (global) tensors of `source` in file order.
@@ -1077,6 +1102,8 @@ pub(crate) mod tests {
         let p = dir.path().join("x.safetensors");
         let a = vec![1.0f32; 10];
         let write = |v: &[f32]| {
+            // Snapshots are never written over: another writer replaces the file.
+            let _ = std::fs::remove_file(&p);
             write_snapshot(
                 &p,
                 &[("a".into(), vec![v.len()], TensorData::F32(v))],
@@ -1175,5 +1202,100 @@ pub(crate) mod tests {
             let got: Vec<u32> = run(isa).iter().map(|x| x.to_bits()).collect();
             assert!(got == want, "{isa:?} differs");
         }
+    }
+
+    fn one_tensor_file(dir: &Path, name: &str, values: &[f32], dtype: Dtype) -> Source {
+        let p = dir.join(name);
+        write_snapshot(
+            &p,
+            &[("a".into(), vec![values.len()], TensorData::F32(values))],
+            dtype,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        Source::single(read_header(&p).unwrap())
+    }
+
+    #[test]
+    fn outputs_that_overflow_fp16_or_hold_nan_are_reported_by_name() {
+        use crate::writer::{FileSink, OutputRequest};
+        let dir = tempfile::tempdir().unwrap();
+        // Kept in fp32 by the snapshot writer: 70000 does not fit fp16.
+        let big = one_tensor_file(
+            dir.path(),
+            "big.safetensors",
+            &[1.0, 70000.0, 2.0],
+            Dtype::F16,
+        );
+        let small = one_tensor_file(
+            dir.path(),
+            "small.safetensors",
+            &[1.0, 2.0, 3.0],
+            Dtype::F16,
+        );
+        let run = |inputs: &[Source], dtype: Dtype| {
+            let out = dir.path().join(format!("out-{dtype:?}.safetensors"));
+            let requests = [OutputRequest {
+                path: out,
+                dtype,
+                metadata: BTreeMap::new(),
+                shard_size: None,
+            }];
+            let w: Vec<Vec<f64>> = inputs.iter().map(|_| vec![1.0]).collect();
+            let sink = FileSink::create(&layout_of(&inputs[0]).unwrap(), &requests).unwrap();
+            let stats = combine(inputs, &w, 1, None, &sink, &Progress::default()).unwrap();
+            sink.finish().unwrap();
+            stats.nonfinite
+        };
+        assert_eq!(
+            run(std::slice::from_ref(&big), Dtype::F16),
+            vec!["a".to_string()]
+        );
+        assert!(run(std::slice::from_ref(&big), Dtype::F32).is_empty());
+        assert!(run(&[small.clone(), small.clone()], Dtype::F16).is_empty());
+        // NaN in a snapshot's data (written behind the writer's back) passes to every output.
+        let p = dir.path().join("nan.safetensors");
+        std::fs::copy(&small.files[0].path, &p).unwrap();
+        let h = read_header(&p).unwrap();
+        let nan = f16::NAN.to_le_bytes();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&nan, h.tensors[0].offset + 2)
+            .unwrap();
+        let nan = Source::single(h);
+        assert_eq!(run(&[small, nan], Dtype::BF16), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn cancellation_is_its_own_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = one_tensor_file(dir.path(), "a.safetensors", &[1.0; 10], Dtype::F16);
+        let sink = VecSink(Mutex::new(vec![vec![vec![0.0; 10]]]));
+        let progress = Progress::default();
+        progress.cancel.store(true, Ordering::Relaxed);
+        let err = combine(&[s], &[vec![1.0]], 1, None, &sink, &progress).unwrap_err();
+        assert!(matches!(err, PhemaError::Cancelled), "{err}");
+    }
+
+    #[test]
+    fn a_weight_matrix_of_the_wrong_shape_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = one_tensor_file(dir.path(), "a.safetensors", &[1.0; 10], Dtype::F16);
+        let inputs = [s.clone(), s];
+        for w in [
+            vec![vec![0.0], vec![0.0], vec![1.0]],
+            vec![vec![1.0]],
+            vec![vec![1.0], vec![1.0, 2.0]],
+            vec![],
+        ] {
+            let err = output_layout(&inputs, &w, 1).unwrap_err().to_string();
+            assert!(err.contains("weights must be 2 x 1"), "{err}");
+        }
+        let err = output_layout(&inputs, &[vec![0.0], vec![0.0]], 1).unwrap_err();
+        assert!(err.to_string().contains("every weight is zero"), "{err}");
+        let layout = output_layout(&inputs, &[vec![0.0], vec![2.0]], 1).unwrap();
+        assert_eq!(layout[0].name, "a");
     }
 }

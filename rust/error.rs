@@ -40,6 +40,28 @@ pub enum PhemaError {
     /// A store whose contents contradict each other (duplicates, disagreeing tensors).
     #[error("{0}")]
     Store(String),
+    /// A `phema.*` metadata value that is missing, malformed or out of range
+    /// (docs/store-format.md).
+    #[error("{}: `{key}` {reason}", path.display())]
+    Metadata {
+        /// The file at fault.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// A size or position computed from a file does not fit in 64 bits.
+    #[error("{}: {what} overflows", path.display())]
+    Overflow {
+        /// The file at fault.
+        path: PathBuf,
+        /// What was being computed.
+        what: String,
+    },
+    /// The caller asked the work to stop; nothing was committed.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Result with [`PhemaError`].

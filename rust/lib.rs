@@ -6,6 +6,8 @@
 
 pub mod engine;
 pub mod error;
+pub mod header;
+pub mod meta;
 pub mod profile;
 pub mod shard;
 pub mod solve;

@@ -8,75 +8,85 @@
 //! for the tensors that are sharded; the others are whole in every rank's file.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 use safetensors::Dtype;
-use serde::Deserialize;
 
 use crate::error::{PhemaError, Result};
-use crate::store::{is_float, Header, TensorEntry};
+use crate::header::{is_float, Header, TensorEntry};
+use crate::meta::{blocks, Block, ShardId};
 
-/// Which part of a sharded snapshot a file is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ShardId {
-    /// The rank that wrote it.
-    pub rank: usize,
-    /// How many ranks wrote parts of the same snapshot.
-    pub world_size: usize,
+/// Why a set of rank files is not one complete sharded snapshot.
+#[derive(Debug)]
+pub enum RankSetError {
+    /// Some ranks' files are not (yet) there: `"rank 1 of 2 missing"`, the first few named.
+    Incomplete(String),
+    /// The files contradict each other (world sizes, two files for one rank).
+    Problem(PhemaError),
 }
 
-/// The rank and world size of a rank file; `Ok(None)` for an ordinary (whole) file.
-pub fn shard_id(header: &Header) -> std::result::Result<Option<ShardId>, String> {
-    let get = |key: &str| header.metadata.get(key);
-    let (rank, world) = match (get("phema.rank"), get("phema.world_size")) {
-        (None, None) => return Ok(None),
-        (Some(r), Some(w)) => (r, w),
-        _ => {
-            return Err(format!(
-                "{}: metadata has only one of `phema.rank` and `phema.world_size`",
-                header.path.display()
-            ))
-        }
+/// Ranks named in a message about missing ones; the rest are counted.
+const NAMED_RANKS: usize = 5;
+
+/// The positions of `ids` in rank order, checking they are the ranks `0..W` of one world size
+/// `W` exactly once each (`paths[i]` names file `i` in messages). Memory is bounded by the
+/// number of files, whatever world size they claim.
+pub fn order_ranks(
+    ids: &[ShardId],
+    paths: &[&Path],
+) -> std::result::Result<Vec<usize>, RankSetError> {
+    let problem = |s: String| RankSetError::Problem(PhemaError::Store(s));
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| (ids[i].rank, paths[i]));
+    let Some(&first) = order.first() else {
+        return Err(problem("a sharded snapshot without files".into()));
     };
-    let parse = |key: &str, raw: &str| {
-        raw.trim().parse::<usize>().map_err(|_| {
-            format!(
-                "{}: `{key}` = {raw:?} is not a whole number",
-                header.path.display()
-            )
-        })
-    };
-    let id = ShardId {
-        rank: parse("phema.rank", rank)?,
-        world_size: parse("phema.world_size", world)?,
-    };
-    if id.world_size == 0 || id.rank >= id.world_size {
-        return Err(format!(
-            "{}: rank {} of world size {} is impossible",
-            header.path.display(),
-            id.rank,
-            id.world_size
-        ));
+    let world = ids[first].world_size;
+    if let Some(&i) = order.iter().find(|&&i| ids[i].world_size != world) {
+        return Err(problem(format!(
+            "rank files of one snapshot disagree on the world size: {} says {world}, {} says {}",
+            paths[first].display(),
+            paths[i].display(),
+            ids[i].world_size
+        )));
     }
-    Ok(Some(id))
-}
-
-/// The place of a local block in its global tensor.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-struct Block {
-    shape: Vec<usize>,
-    offset: Vec<usize>,
-}
-
-fn blocks(header: &Header) -> Result<HashMap<String, Block>> {
-    let Some(json) = header.metadata.get("phema.shards") else {
-        return Ok(HashMap::new());
-    };
-    serde_json::from_str(json).map_err(|e| {
-        PhemaError::Store(format!(
-            "{}: `phema.shards` is not valid shard metadata ({e})",
-            header.path.display()
-        ))
-    })
+    if let Some(pair) = order.windows(2).find(|p| ids[p[0]].rank == ids[p[1]].rank) {
+        return Err(problem(format!(
+            "two files for rank {} of the same snapshot: {} and {}",
+            ids[pair[0]].rank,
+            paths[pair[0]].display(),
+            paths[pair[1]].display()
+        )));
+    }
+    // Ranks are distinct and below `world`: all are there when there are `world` of them.
+    if order.len() < world {
+        let mut have = order.iter().map(|&i| ids[i].rank).peekable();
+        let mut named = Vec::new();
+        for r in 0..world {
+            if have.peek() == Some(&r) {
+                have.next();
+            } else if named.len() < NAMED_RANKS {
+                named.push(r.to_string());
+            } else {
+                break;
+            }
+        }
+        let missing = world - order.len();
+        let mut list = format!(
+            "{} {}",
+            if missing == 1 { "rank" } else { "ranks" },
+            named.join(", ")
+        );
+        if missing > named.len() {
+            list += &format!(" and {} more", missing - named.len());
+        }
+        return Err(RankSetError::Incomplete(format!(
+            "{list} of {world} missing, only {} of its files present (e.g. {})",
+            order.len(),
+            paths[first].display()
+        )));
+    }
+    Ok(order)
 }
 
 /// A run of consecutive elements of a (global) tensor stored consecutively in one file.
@@ -95,18 +105,32 @@ pub struct Segment {
 }
 
 /// The element runs of a local block `local` placed at `offset` in a global tensor `global`,
-/// as `(global flat start, local flat start, len)`, in global order.
-fn runs(global: &[usize], offset: &[usize], local: &[usize]) -> Vec<(usize, usize, usize)> {
-    if local.contains(&0) {
-        return Vec::new();
+/// as `(global flat start, local flat start, len)`, in global order; `None` when the block does
+/// not lie inside the global tensor or a position does not fit in `usize`.
+fn runs(global: &[usize], offset: &[usize], local: &[usize]) -> Option<Vec<(usize, usize, usize)>> {
+    let dims = global.len();
+    if offset.len() != dims || local.len() != dims {
+        return None;
     }
+    for d in 0..dims {
+        if offset[d].checked_add(local[d])? > global[d] {
+            return None;
+        }
+    }
+    if local.contains(&0) {
+        return Some(Vec::new());
+    }
+    // No dimension is 0 (the block is inside): a fitting product fits for every suffix.
+    let numel = global.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
     // The innermost dimension the block does not span: runs are contiguous below it.
-    let Some(k) = (0..global.len()).rev().find(|&d| local[d] != global[d]) else {
-        return vec![(0, 0, local.iter().product())];
+    let Some(k) = (0..dims).rev().find(|&d| local[d] != global[d]) else {
+        return Some(vec![(0, 0, numel)]);
     };
-    let stride: Vec<usize> = (0..global.len())
-        .map(|d| global[d + 1..].iter().product())
-        .collect();
+    let mut stride = vec![1usize; dims];
+    for d in (0..dims.saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * global[d + 1];
+    }
+    // Every position below is that of an element of the block, so below `numel`.
     let run = local[k] * stride[k];
     let count: usize = local[..k].iter().product();
     let mut out = Vec::with_capacity(count);
@@ -126,7 +150,7 @@ fn runs(global: &[usize], offset: &[usize], local: &[usize]) -> Vec<(usize, usiz
             index[d] = 0;
         }
     }
-    out
+    Some(out)
 }
 
 /// One tensor of an assembled sharded snapshot: its global entry and where its elements are.
@@ -136,10 +160,14 @@ pub type Assembled = (TensorEntry, Vec<Segment>);
 /// `r`'s). Blocks that are identical on several ranks (replicas) are read from the lowest rank;
 /// the distinct blocks must tile each global tensor exactly.
 pub fn assemble(files: &[Header]) -> Result<Vec<Assembled>> {
+    let Some((first, others)) = files.split_first() else {
+        return Err(PhemaError::Invalid(
+            "a sharded snapshot without files".into(),
+        ));
+    };
     let tables = files.iter().map(blocks).collect::<Result<Vec<_>>>()?;
-    let first = &files[0];
     let names: HashSet<&str> = first.tensors.iter().map(|t| t.name.as_str()).collect();
-    for h in &files[1..] {
+    for h in others {
         let theirs: HashSet<&str> = h.tensors.iter().map(|t| t.name.as_str()).collect();
         if let Some(n) = names.symmetric_difference(&theirs).next() {
             return Err(PhemaError::Store(format!(
@@ -156,27 +184,34 @@ pub fn assemble(files: &[Header]) -> Result<Vec<Assembled>> {
     first
         .tensors
         .iter()
-        .map(|t| assemble_tensor(&t.name, files, &tables, &index))
+        .map(|t| assemble_tensor(t, files, &tables, &index))
         .collect()
 }
 
 fn assemble_tensor(
-    name: &str,
+    first: &TensorEntry,
     files: &[Header],
     tables: &[HashMap<String, Block>],
     index: &[HashMap<&str, &TensorEntry>],
 ) -> Result<Assembled> {
+    let name = first.name.as_str();
     let bad = |f: usize, why: String| {
         PhemaError::Store(format!(
             "tensor `{name}` in {}: {why}",
             files[f].path.display()
         ))
     };
+    let overflow = |f: usize, what: &str| PhemaError::Overflow {
+        path: files[f].path.clone(),
+        what: format!("{what} of tensor `{name}`"),
+    };
     let mut global: Option<Vec<usize>> = None;
     let mut seen: HashSet<(Vec<usize>, Vec<usize>)> = HashSet::new();
     let mut segments = Vec::new();
-    for f in 0..files.len() {
-        let local = index[f][name];
+    for (f, file_index) in index.iter().enumerate() {
+        let Some(&local) = file_index.get(name) else {
+            return Err(bad(f, "missing from this rank file".into()));
+        };
         let (shape, offset) = match tables[f].get(name) {
             Some(b) => (b.shape.clone(), b.offset.clone()),
             None => (local.shape.clone(), vec![0; local.shape.len()]),
@@ -191,13 +226,15 @@ fn assemble_tensor(
                 ),
             ));
         }
-        if (0..shape.len()).any(|d| offset[d] + local.shape[d] > shape[d]) {
-            return Err(bad(
+        if shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(local.dtype.bitsize() / 8))
+            .is_none()
+        {
+            return Err(overflow(
                 f,
-                format!(
-                    "block {:?} at {offset:?} lies outside the global shape {shape:?}",
-                    local.shape
-                ),
+                &format!("the size of the global shape {shape:?}"),
             ));
         }
         match &global {
@@ -210,25 +247,40 @@ fn assemble_tensor(
             }
             Some(_) => {}
         }
-        if f > 0 && is_float(local.dtype) != is_float(index[0][name].dtype) {
+        if is_float(local.dtype) != is_float(first.dtype) {
             return Err(bad(f, "float in some rank files, not in others".into()));
         }
+        let Some(runs) = runs(&shape, &offset, &local.shape) else {
+            return Err(bad(
+                f,
+                format!(
+                    "block {:?} at {offset:?} lies outside the global shape {shape:?}",
+                    local.shape
+                ),
+            ));
+        };
         // A block already read from a lower rank is a replica.
-        if !seen.insert((offset.clone(), local.shape.clone())) {
+        if !seen.insert((offset, local.shape.clone())) {
             continue;
         }
         let size = (local.dtype.bitsize() / 8) as u64;
-        for (start, local_start, len) in runs(&shape, &offset, &local.shape) {
+        for (start, local_start, len) in runs {
+            // Inside the local tensor, whose bytes lie inside its file.
+            let byte_offset = (local_start as u64)
+                .checked_mul(size)
+                .and_then(|b| b.checked_add(local.offset))
+                .ok_or_else(|| overflow(f, "a byte offset"))?;
             segments.push(Segment {
                 start,
                 len,
                 file: f,
-                byte_offset: local.offset + local_start as u64 * size,
+                byte_offset,
                 dtype: local.dtype,
             });
         }
     }
     let shape = global.unwrap_or_default();
+    // Checked above for every file's global shape.
     let numel: usize = shape.iter().product();
     segments.sort_by_key(|s| s.start);
     let mut cursor = 0;
@@ -244,6 +296,7 @@ fn assemble_tensor(
                 files[0].path.display()
             )));
         }
+        // Runs lie inside the global tensor: `s.start + s.len <= numel`.
         cursor += s.len;
     }
     if cursor != numel {
@@ -253,11 +306,12 @@ fn assemble_tensor(
             files[0].path.display()
         )));
     }
-    let dtype = index[0][name].dtype;
+    let dtype = first.dtype;
     let entry = TensorEntry {
         name: name.to_string(),
         dtype,
-        nbytes: (numel * dtype.bitsize() / 8) as u64,
+        // `cursor` elements are stored in the files: their bytes fit.
+        nbytes: (numel * (dtype.bitsize() / 8)) as u64,
         shape,
         offset: 0,
     };
@@ -523,7 +577,7 @@ mod tests {
         for &(global, offset, local) in cases {
             let mut from_runs = Vec::new();
             let mut local_next = 0;
-            for (start, local_start, len) in runs(global, offset, local) {
+            for (start, local_start, len) in runs(global, offset, local).unwrap() {
                 assert_eq!(local_start, local_next, "local runs are consecutive");
                 local_next += len;
                 from_runs.extend(start..start + len);
@@ -534,5 +588,128 @@ mod tests {
                 "{global:?} {offset:?}"
             );
         }
+    }
+
+    #[test]
+    fn runs_of_random_blocks_match_the_element_by_element_placement() {
+        // xorshift: reproducible random shapes, offsets and blocks of 1 to 4 dimensions.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..2000 {
+            let dims = 1 + next(4);
+            let global: Vec<usize> = (0..dims).map(|_| 1 + next(6)).collect();
+            let offset: Vec<usize> = global.iter().map(|&g| next(g + 1)).collect();
+            let local: Vec<usize> = global
+                .iter()
+                .zip(&offset)
+                .map(|(&g, &o)| next(g - o + 1))
+                .collect();
+            let found = runs(&global, &offset, &local).unwrap();
+            let mut from_runs = Vec::new();
+            let mut local_next = 0;
+            for (start, local_start, len) in found {
+                assert_eq!(local_start, local_next);
+                local_next += len;
+                from_runs.extend(start..start + len);
+            }
+            let want = if local.contains(&0) {
+                Vec::new()
+            } else {
+                covered(&global, &offset, &local)
+            };
+            assert_eq!(from_runs, want, "{global:?} {offset:?} {local:?}");
+            // A block reaching one past the global shape in any dimension is refused.
+            let d = next(dims);
+            let mut past = local.clone();
+            past[d] = global[d] - offset[d] + 1;
+            assert_eq!(
+                runs(&global, &offset, &past),
+                None,
+                "{global:?} {offset:?} {past:?}"
+            );
+        }
+        // Positions that do not fit in usize are refused, not wrapped.
+        assert_eq!(runs(&[usize::MAX], &[usize::MAX], &[1]), None);
+        assert_eq!(runs(&[1 << 32, 1 << 32], &[0, 0], &[1, 1]), None);
+    }
+
+    #[test]
+    fn a_global_shape_that_overflows_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ranks, _) = write_both(dir.path(), 10.0);
+        let h0 = read_header(&ranks[0]).unwrap();
+        let mut h1 = read_header(&ranks[1]).unwrap();
+        let shards = h1.metadata["phema.shards"].replace("[5,3]", "[4294967296,4294967296]");
+        h1.metadata.insert("phema.shards".into(), shards);
+        let err = assemble(&[h0.clone(), h1]).unwrap_err();
+        assert!(matches!(err, PhemaError::Overflow { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&ranks[1].display().to_string()),
+            "{err}"
+        );
+        // 2^31 x 2^31 elements fit in 64 bits, but the blocks cannot cover them.
+        let mut h1 = read_header(&ranks[1]).unwrap();
+        let shards = h1.metadata["phema.shards"].replace("[5,3]", "[2147483648,2147483648]");
+        h1.metadata.insert("phema.shards".into(), shards);
+        let err = assemble(&[h0, h1]).unwrap_err().to_string();
+        assert!(err.contains("tensor `a`"), "{err}");
+    }
+
+    #[test]
+    fn missing_ranks_of_an_absurd_world_are_counted_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ranks, _) = write_both(dir.path(), 10.0);
+        for world in ["65536", "1000000", "18446744073709551615", "1e17"] {
+            let mut h = read_header(&ranks[0]).unwrap();
+            h.metadata.insert("phema.world_size".into(), world.into());
+            let err = Source::new(vec![h], false).unwrap_err().to_string();
+            assert!(err.len() < 400, "{world}: {} bytes", err.len());
+            if world == "65536" {
+                assert!(
+                    err.contains("ranks 1, 2, 3, 4, 5 and 65530 more of 65536 missing"),
+                    "{err}"
+                );
+            } else {
+                assert!(err.contains("phema.world_size"), "{err}");
+            }
+        }
+        // Through a store: one line per incomplete snapshot, one problem per absurd file.
+        let path = dir.path().join("10.rank0.safetensors");
+        let h = read_header(&path).unwrap();
+        let mut meta = h.metadata.clone();
+        meta.insert("phema.world_size".into(), "65536".into());
+        meta.insert("phema.t".into(), "30".into());
+        let v = values("a", 9);
+        write_snapshot(
+            &dir.path().join("30.rank0.safetensors"),
+            &[("a".into(), vec![3, 3], TensorData::F32(&v))],
+            Dtype::F32,
+            &meta,
+        )
+        .unwrap();
+        meta.insert("phema.world_size".into(), "18446744073709551615".into());
+        meta.insert("phema.t".into(), "40".into());
+        write_snapshot(
+            &dir.path().join("40.rank0.safetensors"),
+            &[("a".into(), vec![3, 3], TensorData::F32(&v))],
+            Dtype::F32,
+            &meta,
+        )
+        .unwrap();
+        let s = scan(dir.path()).unwrap();
+        assert_eq!(s.incomplete.len(), 1, "{:?}", s.incomplete);
+        assert!(
+            s.incomplete[0].contains("and 65530 more of 65536"),
+            "{:?}",
+            s.incomplete
+        );
+        let world = s.problems.iter().filter(|p| p.contains("phema.world_size"));
+        assert_eq!(world.count(), 1, "{:?}", s.problems);
+        assert!(s.problems.iter().all(|p| p.len() < 400), "{:?}", s.problems);
     }
 }

@@ -1,150 +1,17 @@
-//! The snapshot store (SPEC §2): a directory of safetensors files, one average each, described by
-//! their `__metadata__`. Listing reads headers only.
+//! The snapshot store (docs/store-format.md): a directory of safetensors files, one average each,
+//! described by their `__metadata__`. Listing reads headers only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
+pub use crate::header::{is_float, read_header, Header, TensorEntry};
+pub use crate::meta::Kind;
+use crate::meta::ShardId;
 use crate::profile::Profile;
-use crate::shard::{assemble, shard_id, ShardId};
-
-/// Where one tensor lives inside a file.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TensorEntry {
-    /// Name as in `state_dict()`.
-    pub name: String,
-    /// Stored dtype.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Absolute byte offset of the data in the file.
-    pub offset: u64,
-    /// Bytes of data.
-    pub nbytes: u64,
-}
-
-impl TensorEntry {
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// The parsed header of one safetensors file.
-#[derive(Clone, Debug)]
-pub struct Header {
-    /// The file.
-    pub path: PathBuf,
-    /// `__metadata__` (empty when absent).
-    pub metadata: BTreeMap<String, String>,
-    /// Tensors in file order.
-    pub tensors: Vec<TensorEntry>,
-    /// File size in bytes.
-    pub file_size: u64,
-}
-
-/// Headers larger than this are refused (safetensors uses the same bound).
-const MAX_HEADER: u64 = 100_000_000;
-
-/// Reads and validates the header of a safetensors file without touching its data.
-pub fn read_header(path: &Path) -> Result<Header> {
-    let corrupt = |reason: String| PhemaError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut file = File::open(path).map_err(|e| PhemaError::io(path, e))?;
-    let file_size = file.metadata().map_err(|e| PhemaError::io(path, e))?.len();
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| corrupt(format!("only {file_size} bytes, shorter than a header")))?;
-    let n = u64::from_le_bytes(len);
-    if n > MAX_HEADER || 8 + n > file_size {
-        return Err(corrupt(format!(
-            "header of {n} bytes does not fit in the file of {file_size} bytes"
-        )));
-    }
-    let mut json = vec![0u8; n as usize];
-    file.read_exact(&mut json)
-        .map_err(|e| PhemaError::io(path, e))?;
-    let raw: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
-    let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::new();
-    for (key, value) in raw {
-        if key == "__metadata__" {
-            metadata = serde_json::from_value(value)
-                .map_err(|e| corrupt(format!("__metadata__ is not a string map: {e}")))?;
-            continue;
-        }
-        let info: safetensors::tensor::TensorInfo = serde_json::from_value(value)
-            .map_err(|e| corrupt(format!("entry for tensor `{key}`: {e}")))?;
-        let (start, end) = info.data_offsets;
-        let numel = info
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| corrupt(format!("tensor `{key}`: shape overflows")))?;
-        let expected = numel
-            .checked_mul(info.dtype.bitsize())
-            .map(|b| b.div_ceil(8))
-            .ok_or_else(|| corrupt(format!("tensor `{key}`: size overflows")))?;
-        if end < start || end - start != expected {
-            return Err(corrupt(format!(
-                "tensor `{key}`: data offsets {start}..{end} do not match shape {:?} of {:?}",
-                info.shape, info.dtype
-            )));
-        }
-        tensors.push(TensorEntry {
-            name: key,
-            dtype: info.dtype,
-            shape: info.shape,
-            offset: 8 + n + start as u64,
-            nbytes: expected as u64,
-        });
-    }
-    // Empty tensors (an uneven shard's empty block) share their offset with the next tensor:
-    // they go first, by name, so the order is the same on every read.
-    tensors.sort_by(|a, b| (a.offset, a.nbytes, &a.name).cmp(&(b.offset, b.nbytes, &b.name)));
-    // Data must tile the data section exactly: no holes, overlaps or bytes past the end.
-    let mut cursor = 8 + n;
-    for t in &tensors {
-        if t.offset != cursor {
-            return Err(corrupt(format!(
-                "tensor `{}` does not start where the previous one ends",
-                t.name
-            )));
-        }
-        cursor += t.nbytes;
-    }
-    if cursor != file_size {
-        return Err(corrupt(format!(
-            "data ends at byte {cursor} but the file has {file_size} bytes (truncated?)"
-        )));
-    }
-    Ok(Header {
-        path: path.to_path_buf(),
-        metadata,
-        tensors,
-        file_size,
-    })
-}
-
-/// What a snapshot holds over training time.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Kind {
-    /// A power-function average (SPEC §1).
-    Power {
-        /// Its exponent.
-        gamma: f64,
-    },
-    /// The plain weights at time `t`.
-    Raw,
-}
+use crate::shard::{assemble, order_ranks, RankSetError};
 
 /// One snapshot of a store.
 #[derive(Clone, Debug)]
@@ -188,60 +55,19 @@ pub struct Scan {
     pub incomplete: Vec<String>,
 }
 
-fn parse_number(header: &Header, key: &str) -> std::result::Result<f64, String> {
-    let raw = header
-        .metadata
-        .get(key)
-        .ok_or_else(|| format!("{}: metadata lacks `{key}`", header.path.display()))?;
-    raw.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite())
-        .ok_or_else(|| {
-            format!(
-                "{}: `{key}` = {raw:?} is not a number",
-                header.path.display()
-            )
-        })
-}
-
-/// Interprets a header as a snapshot; `Ok(None)` when the file is not a phema snapshot.
-pub fn snapshot_from_header(header: Header) -> std::result::Result<Option<Snapshot>, String> {
-    let Some(kind) = header.metadata.get("phema.kind").cloned() else {
+/// Interprets a header as a snapshot (its metadata checked, docs/store-format.md) with its
+/// rank, if it is a rank file; `Ok(None)` when the file is not a phema snapshot.
+pub fn snapshot_from_header(header: Header) -> Result<Option<(Snapshot, Option<ShardId>)>> {
+    let Some(meta) = crate::meta::snapshot(&header)? else {
         return Ok(None);
     };
-    let t = parse_number(&header, "phema.t")?;
-    if t <= 0.0 {
-        return Err(format!(
-            "{}: phema.t = {t} must be > 0",
-            header.path.display()
-        ));
-    }
-    let kind = match kind.as_str() {
-        "power" => {
-            let gamma = parse_number(&header, "phema.gamma")?;
-            if gamma <= 0.0 {
-                return Err(format!(
-                    "{}: phema.gamma = {gamma} must be > 0",
-                    header.path.display()
-                ));
-            }
-            Kind::Power { gamma }
-        }
-        "raw" => Kind::Raw,
-        other => {
-            return Err(format!(
-                "{}: unknown phema.kind {other:?} (expected power or raw)",
-                header.path.display()
-            ))
-        }
-    };
-    Ok(Some(Snapshot {
-        t,
-        kind,
+    let snapshot = Snapshot {
+        t: meta.t,
+        kind: meta.kind,
         tensors: header.tensors.clone(),
         files: vec![header],
-    }))
+    };
+    Ok(Some((snapshot, meta.shard)))
 }
 
 /// Lists a store directory: every `*.safetensors` file's header, in parallel.
@@ -253,29 +79,36 @@ pub fn scan(dir: &Path) -> Result<Scan> {
         let entry = entry.map_err(|e| PhemaError::io(dir, e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
+        // The type of what the name leads to, without opening it: a FIFO would block.
+        let kind = std::fs::metadata(&path).map(|m| m.file_type());
         if name.starts_with('.') && name.contains(".tmp-") {
             out.ignored
                 .push((path, "unfinished write (temporary file)".into()));
-        } else if path.is_dir() {
+        } else if kind.as_ref().is_ok_and(|k| k.is_dir()) {
             out.ignored.push((path, "directory".into()));
-        } else if name.ends_with(".safetensors") {
-            files.push(path);
-        } else {
+        } else if !name.ends_with(".safetensors") {
             out.ignored.push((path, "not a .safetensors file".into()));
+        } else if kind.as_ref().is_ok_and(|k| k.is_file()) {
+            files.push(path);
+        } else if kind.is_ok() {
+            out.ignored
+                .push((path, "not a regular file (a FIFO, socket or device)".into()));
+        } else {
+            out.ignored
+                .push((path, "cannot be read (a broken link?)".into()));
         }
     }
-    let parsed: Vec<(PathBuf, std::result::Result<Option<Snapshot>, String>)> = files
+    type Parsed = Result<Option<(Snapshot, Option<ShardId>)>>;
+    let parsed: Vec<(PathBuf, Parsed)> = files
         .into_par_iter()
         .map(|p| {
-            let r = read_header(&p)
-                .map_err(|e| e.to_string())
-                .and_then(snapshot_from_header);
+            let r = read_header(&p).and_then(snapshot_from_header);
             (p, r)
         })
         .collect();
     let mut ranked: BTreeMap<(u64, u64), Vec<(ShardId, Snapshot)>> = BTreeMap::new();
     for (path, r) in parsed {
-        let s = match r {
+        let (s, id) = match r {
             Ok(Some(s)) => s,
             Ok(None) => {
                 out.ignored
@@ -283,24 +116,23 @@ pub fn scan(dir: &Path) -> Result<Scan> {
                 continue;
             }
             Err(problem) => {
-                out.problems.push(problem);
+                out.problems.push(problem.to_string());
                 continue;
             }
         };
-        match shard_id(s.header()) {
-            Ok(None) => out.snapshots.push(s),
-            Ok(Some(id)) => ranked
+        match id {
+            None => out.snapshots.push(s),
+            Some(id) => ranked
                 .entry((s.t.to_bits(), gamma_key(&s).to_bits()))
                 .or_default()
                 .push((id, s)),
-            Err(problem) => out.problems.push(problem),
         }
     }
     for parts in ranked.into_values() {
         match join_ranks(parts) {
             Ok(s) => out.snapshots.push(s),
-            Err(Partial::Incomplete(why)) => out.incomplete.push(why),
-            Err(Partial::Problem(why)) => out.problems.push(why),
+            Err(RankSetError::Incomplete(why)) => out.incomplete.push(why),
+            Err(RankSetError::Problem(why)) => out.problems.push(why.to_string()),
         }
     }
     out.ignored.sort();
@@ -315,59 +147,40 @@ pub fn scan(dir: &Path) -> Result<Scan> {
     Ok(out)
 }
 
-/// Why rank files do not make a snapshot.
-enum Partial {
-    /// Some rank's file is not (yet) there.
-    Incomplete(String),
-    /// The files contradict each other.
-    Problem(String),
-}
-
 /// One snapshot of sharded training from its ranks' files (same `t` and profile).
-fn join_ranks(mut parts: Vec<(ShardId, Snapshot)>) -> std::result::Result<Snapshot, Partial> {
-    parts.sort_by_key(|(id, s)| (id.rank, s.header().path.clone()));
-    let (first_id, first) = &parts[0];
-    let world = first_id.world_size;
-    let name = |s: &Snapshot| s.header().path.display().to_string();
-    if let Some((id, s)) = parts.iter().find(|(id, _)| id.world_size != world) {
-        return Err(Partial::Problem(format!(
-            "rank files of one snapshot disagree on the world size: {} says {world}, {} says {}",
-            name(first),
-            name(s),
-            id.world_size
-        )));
+fn join_ranks(parts: Vec<(ShardId, Snapshot)>) -> std::result::Result<Snapshot, RankSetError> {
+    let ids: Vec<ShardId> = parts.iter().map(|(id, _)| *id).collect();
+    let paths: Vec<&Path> = parts
+        .iter()
+        .map(|(_, s)| s.header().path.as_path())
+        .collect();
+    let order = order_ranks(&ids, &paths).map_err(|e| match e {
+        RankSetError::Incomplete(why) => {
+            let s = &parts[0].1;
+            RankSetError::Incomplete(format!(
+                "incomplete snapshot t={} ({}): {why}",
+                s.t,
+                describe_kind(s.kind)
+            ))
+        }
+        problem => problem,
+    })?;
+    let mut slots: Vec<Option<Snapshot>> = parts.into_iter().map(|(_, s)| Some(s)).collect();
+    let mut files = Vec::with_capacity(order.len());
+    let mut first = None;
+    for i in order {
+        if let Some(s) = slots.get_mut(i).and_then(Option::take) {
+            first.get_or_insert((s.t, s.kind));
+            files.extend(s.files);
+        }
     }
-    if let Some(pair) = parts.windows(2).find(|p| p[0].0.rank == p[1].0.rank) {
-        return Err(Partial::Problem(format!(
-            "two files for rank {} of the same snapshot: {} and {}",
-            pair[0].0.rank,
-            name(&pair[0].1),
-            name(&pair[1].1)
+    let Some((t, kind)) = first else {
+        return Err(RankSetError::Problem(PhemaError::Store(
+            "a sharded snapshot without files".into(),
         )));
-    }
-    if parts.len() < world {
-        let have: Vec<usize> = parts.iter().map(|(id, _)| id.rank).collect();
-        let missing: Vec<String> = (0..world)
-            .filter(|r| !have.contains(r))
-            .map(|r| r.to_string())
-            .collect();
-        return Err(Partial::Incomplete(format!(
-            "incomplete snapshot t={} ({}): rank {} of {world} missing, only {} of its files present \
-             (e.g. {})",
-            first.t,
-            match first.kind {
-                Kind::Power { gamma } => format!("gamma={gamma}"),
-                Kind::Raw => "kind raw".into(),
-            },
-            missing.join(", "),
-            parts.len(),
-            name(first)
-        )));
-    }
-    let (t, kind) = (first.t, first.kind);
-    let files: Vec<Header> = parts.into_iter().flat_map(|(_, s)| s.files).collect();
+    };
     let tensors = assemble(&files)
-        .map_err(|e| Partial::Problem(e.to_string()))?
+        .map_err(RankSetError::Problem)?
         .into_iter()
         .map(|(entry, _)| entry)
         .collect();
@@ -377,6 +190,13 @@ fn join_ranks(mut parts: Vec<(ShardId, Snapshot)>) -> std::result::Result<Snapsh
         files,
         tensors,
     })
+}
+
+fn describe_kind(kind: Kind) -> String {
+    match kind {
+        Kind::Power { gamma } => format!("gamma={gamma}"),
+        Kind::Raw => "kind raw".into(),
+    }
 }
 
 fn gamma_key(s: &Snapshot) -> f64 {
@@ -395,10 +215,7 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
             problems.push(format!(
                 "two snapshots with the same t={} and {}: {} and {}",
                 a.t,
-                match a.kind {
-                    Kind::Power { gamma } => format!("gamma={gamma}"),
-                    Kind::Raw => "kind raw".into(),
-                },
+                describe_kind(a.kind),
                 a.header().path.display(),
                 b.header().path.display()
             ));
@@ -452,15 +269,11 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
     problems
 }
 
-/// Whether tensors of this dtype are averaged (floats) or copied (everything else).
-pub fn is_float(d: Dtype) -> bool {
-    matches!(d, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::writer::{write_snapshot, TensorData};
+    use safetensors::Dtype;
 
     fn write(dir: &Path, name: &str, t: f64, gamma: f64, shape: Vec<usize>) -> PathBuf {
         let n: usize = shape.iter().product();
@@ -534,5 +347,46 @@ mod tests {
         std::fs::write(&p, &bytes[..5]).unwrap();
         let err = read_header(&p).unwrap_err().to_string();
         assert!(err.contains("a.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn absurd_metadata_is_a_problem_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ok.safetensors", 100.0, 6.9, vec![3]);
+        write(dir.path(), "gamma.safetensors", 100.0, 1e300, vec![3]);
+        write(dir.path(), "t.safetensors", 1e308, 6.9, vec![3]);
+        let s = scan(dir.path()).unwrap();
+        assert_eq!(s.snapshots.len(), 1);
+        assert_eq!(s.problems.len(), 2, "{:?}", s.problems);
+        assert!(
+            s.problems[0].contains("gamma.safetensors") && s.problems[0].contains("phema.gamma"),
+            "{:?}",
+            s.problems
+        );
+        assert!(
+            s.problems[1].contains("t.safetensors") && s.problems[1].contains("phema.t"),
+            "{:?}",
+            s.problems
+        );
+    }
+
+    #[test]
+    fn a_fifo_in_a_store_is_skipped_with_a_note_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.safetensors", 100.0, 6.9, vec![3]);
+        let fifo = dir.path().join("b.safetensors");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let s = scan(dir.path()).unwrap();
+        assert_eq!(s.snapshots.len(), 1);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.ignored.len(), 1);
+        assert_eq!(s.ignored[0].0, fifo);
+        assert!(
+            s.ignored[0].1.contains("not a regular file"),
+            "{:?}",
+            s.ignored
+        );
     }
 }

@@ -7,6 +7,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
@@ -49,14 +51,129 @@ pub struct SafetensorsWriter {
     finished: bool,
 }
 
-/// The temporary name used while `path` is written: hidden, and not ending in `.safetensors`, so a
-/// killed writer never leaves something a store mistakes for a snapshot.
+/// Temporary files made by this process so far: with host and pid, each writer's name is unique.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
+
+/// This machine's name as temporary names carry it (docs/store-format.md): `/` and `-` replaced.
+fn host() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer is writable for its whole length; the name is NUL-terminated
+        // unless truncated, so it is cut at the first NUL or the buffer's end.
+        let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let name = if ok {
+            String::from_utf8_lossy(&buf[..len]).into_owned()
+        } else {
+            String::new()
+        };
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "localhost".into()
+        } else {
+            name
+        }
+    })
+}
+
+/// A new temporary name for writing `path`: `.{name}.tmp-{host}-{pid}-{n}` in the same directory
+/// (docs/store-format.md). Hidden, and not ending in `.safetensors`, so a killed writer never
+/// leaves something a store mistakes for a snapshot; unique per writer, also between threads.
 pub fn temporary_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let n = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{}-{n}", host(), std::process::id()))
+}
+
+/// The pid in a temporary name written on this host, if `file_name` is one.
+fn temporary_pid(file_name: &str) -> Option<i32> {
+    let rest = file_name.strip_prefix('.')?;
+    let mut parts = rest.rsplitn(3, '-');
+    parts.next()?.parse::<u64>().ok()?;
+    let pid = parts.next()?.parse::<i32>().ok().filter(|&p| p > 0)?;
+    parts
+        .next()?
+        .ends_with(&format!(".tmp-{}", host()))
+        .then_some(pid)
+}
+
+/// Whether no process `pid` exists on this machine.
+fn is_dead(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Removes the temporary files in `dir` that a writer on this host left when it died (killed
+/// before it could clean up), once per directory and process. Other hosts' temporaries are
+/// never touched: they may be writing to the same shared directory.
+fn remove_stale_temporaries(dir: &Path) {
+    static CLEANED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match CLEANED.lock() {
+        Ok(mut done) if !done.iter().any(|d| d == dir) => done.push(dir.to_path_buf()),
+        _ => return,
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let me = std::process::id() as i32;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_pid) else {
+            continue;
+        };
+        if pid != me && is_dead(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists, atomically where the file system allows
+/// (`renameat2(RENAME_NOREPLACE)`), else by a hard link and an unlink.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        return Err(e);
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 impl SafetensorsWriter {
@@ -100,13 +217,13 @@ impl SafetensorsWriter {
             json.push(b' ');
         }
         let data_start = 8 + json.len() as u64;
+        remove_stale_temporaries(path.parent().unwrap_or(Path::new(".")));
         let tmp = temporary_path(path);
         let io = |e| PhemaError::io(&tmp, e);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .map_err(|e| PhemaError::io(&tmp, e))?;
         let writer = SafetensorsWriter {
@@ -148,7 +265,14 @@ impl SafetensorsWriter {
     /// Syncs the data, renames the file to its final name and syncs the directory.
     pub fn finish(mut self) -> Result<PathBuf> {
         self.sync()?;
-        self.commit()
+        self.commit(true)
+    }
+
+    /// As [`SafetensorsWriter::finish`], but fails (removing the temporary file) when a file of
+    /// the final name exists: another writer's is never replaced.
+    pub fn finish_new(mut self) -> Result<PathBuf> {
+        self.sync()?;
+        self.commit(false)
     }
 
     /// Flushes the data to disk under the temporary name.
@@ -158,9 +282,14 @@ impl SafetensorsWriter {
             .map_err(|e| PhemaError::io(&self.tmp, e))
     }
 
-    /// Renames the synced file to its final name.
-    fn commit(&mut self) -> Result<PathBuf> {
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| PhemaError::io(&self.path, e))?;
+    /// Renames the synced file to its final name, replacing a file there only if `replace`.
+    fn commit(&mut self, replace: bool) -> Result<PathBuf> {
+        if replace {
+            std::fs::rename(&self.tmp, &self.path)
+        } else {
+            rename_no_replace(&self.tmp, &self.path)
+        }
+        .map_err(|e| PhemaError::io(&self.path, e))?;
         self.finished = true;
         sync_dir(&self.path);
         Ok(self.path.clone())
@@ -252,6 +381,25 @@ pub fn encode_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     }
 }
 
+/// Whether little-endian `bytes` of float `dtype` hold a NaN or an infinity (exponent bits all
+/// set): one pass over output just encoded, while it is in cache.
+pub fn has_nonfinite(dtype: Dtype, bytes: &[u8]) -> bool {
+    fn any<const N: usize>(bytes: &[u8], exponent: u64) -> bool {
+        bytes.chunks_exact(N).fold(false, |acc, c| {
+            let mut b = [0u8; 8];
+            b[..N].copy_from_slice(c);
+            acc | (u64::from_le_bytes(b) & exponent == exponent)
+        })
+    }
+    match dtype {
+        Dtype::F16 => any::<2>(bytes, 0x7c00),
+        Dtype::BF16 => any::<2>(bytes, 0x7f80),
+        Dtype::F32 => any::<4>(bytes, 0x7f80_0000),
+        Dtype::F64 => any::<8>(bytes, 0x7ff0_0000_0000_0000),
+        _ => false,
+    }
+}
+
 /// fp16 by `half`'s slice conversion.
 fn encode_f16_half(values: &[f32], out: &mut [u8]) {
     encode_halves(values, out, |src, dst: &mut [u16]| {
@@ -312,7 +460,8 @@ pub enum TensorData<'a> {
     Raw(Dtype, &'a [u8]),
 }
 
-/// Writes one snapshot file: f32 tensors converted to `dtype`, others as they are.
+/// Writes one snapshot file: f32 tensors converted to `dtype`, others as they are. An existing
+/// file at `path` is an error and is left as it is.
 ///
 /// A tensor with finite values beyond the fp16 range is stored in fp32 instead (its name is
 /// returned); NaN or infinity is an error naming the tensor, and nothing is written.
@@ -384,7 +533,7 @@ pub fn write_snapshot(
             TensorData::Raw(_, bytes) => writer.write_at(index, 0, bytes)?,
         }
     }
-    writer.finish()?;
+    writer.finish_new()?;
     Ok(promoted)
 }
 
@@ -524,7 +673,7 @@ impl FileSink {
                     paths.push(path.clone());
                 }
                 for w in &mut t.writers {
-                    let p = w.commit()?;
+                    let p = w.commit(true)?;
                     done.push(p.clone());
                     paths.push(p);
                 }
@@ -659,7 +808,17 @@ mod tests {
             shape: vec![4],
         };
         let w = SafetensorsWriter::create(&path, &[spec], &meta()).unwrap();
-        assert!(temporary_path(&path).exists());
+        let names = || -> Vec<String> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert!(
+            matches!(names().as_slice(), [n] if n.starts_with(".a.safetensors.tmp-")),
+            "{:?}",
+            names()
+        );
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -669,5 +828,85 @@ mod tests {
         let path = Path::new("/nonexistent-dir/x.safetensors");
         let err = write_snapshot(path, &[], Dtype::F16, &meta()).unwrap_err();
         assert!(err.to_string().contains("nonexistent-dir"), "{err}");
+    }
+
+    #[test]
+    fn temporary_names_are_unique_per_writer_and_carry_host_and_pid() {
+        let path = Path::new("/d/a.safetensors");
+        let names: std::collections::HashSet<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..100).map(|_| temporary_path(path)).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(names.len(), 400);
+        let one = temporary_path(path);
+        let name = one.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with(&format!(".a.safetensors.tmp-{}-", host())),
+            "{name}"
+        );
+        assert_eq!(temporary_pid(name), Some(std::process::id() as i32));
+        assert_eq!(temporary_pid(".a.safetensors.tmp-otherhost-12-0"), None);
+        assert_eq!(temporary_pid("a.safetensors"), None);
+    }
+
+    #[test]
+    fn a_snapshot_never_replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        std::fs::write(&path, b"another writer's").unwrap();
+        let v = [1.0f32];
+        let tensors = vec![("w".to_string(), vec![1], TensorData::F32(&v))];
+        let err = write_snapshot(&path, &tensors, Dtype::F16, &meta()).unwrap_err();
+        assert!(err.to_string().contains("a.safetensors"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"another writer's");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The fallback for file systems without RENAME_NOREPLACE behaves the same.
+        let tmp = dir.path().join("t");
+        std::fs::write(&tmp, b"new").unwrap();
+        assert!(rename_no_replace(&tmp, &path).is_err());
+        rename_no_replace(&tmp, &dir.path().join("b")).unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn temporaries_of_dead_writers_on_this_host_are_removed_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let host = host();
+        let me = std::process::id();
+        let stale = format!(".a.safetensors.tmp-{host}-{dead}-3");
+        let kept = [
+            format!(".a.safetensors.tmp-{host}-{me}-7"),
+            format!(".a.safetensors.tmp-{host}-1-0"),
+            format!(".a.safetensors.tmp-not{host}-{dead}-3"),
+            format!(".a.safetensors.tmp-{dead}"),
+            "x.safetensors".to_string(),
+        ];
+        for n in kept.iter().chain([&stale]) {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let spec = TensorSpec {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![1],
+        };
+        let w =
+            SafetensorsWriter::create(&dir.path().join("b.safetensors"), &[spec], &meta()).unwrap();
+        drop(w);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = kept.to_vec();
+        want.sort();
+        assert_eq!(left, want);
     }
 }

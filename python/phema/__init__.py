@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from phema._core import StoreError
+from phema._core import Cancelled, StoreError
 from phema._core import __version__ as __version__
 from phema.checkpoints import average, open_checkpoints
 from phema.solver import (
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from phema.tracker import PostHocEMA
 
 __all__ = [
+    "Cancelled",
     "PostHocEMA",
     "average",
     "open_checkpoints",

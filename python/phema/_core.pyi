@@ -19,6 +19,9 @@ ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value,
 class StoreError(ValueError):
     """A store, snapshot or output file is unusable; the message names the file."""
 
+class Cancelled(Exception):
+    """The work was cancelled (`EngineProgress.cancel`); nothing was written."""
+
 def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
 def gamma_to_sigma_rel(gamma: float) -> float: ...
 def profile_density(spec: ProfileSpec, tau: np.ndarray) -> np.ndarray: ...

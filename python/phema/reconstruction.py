@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,18 @@ def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, des
             bar.close()
     if "error" in result:
         raise result["error"]
-    return result["value"]
+    value = result["value"]
+    stats = value[1] if isinstance(value, tuple) else value
+    if stats.get("nonfinite"):
+        names = stats["nonfinite"]
+        warnings.warn(
+            f"{desc}: {len(names)} tensor(s) hold NaN or infinity (NaN/inf in a snapshot, or "
+            "values beyond the output dtype's range, e.g. above 65504 in float16): "
+            + ", ".join(names[:5])
+            + (" ..." if len(names) > 5 else ""),
+            stacklevel=3,
+        )
+    return value
 
 
 def _plan(

@@ -1,0 +1,298 @@
+//! The only reader of the `phema.*` keys of a snapshot's `__metadata__`: each is parsed into a
+//! typed value, finite and within the bounds of docs/store-format.md, with the file named when
+//! it is not.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::error::{PhemaError, Result};
+use crate::header::Header;
+use crate::profile::SIGMA_REL_MAX;
+
+/// Most ranks a sharded snapshot may have (docs/store-format.md).
+pub const MAX_WORLD_SIZE: usize = 1 << 16;
+/// Latest `phema.t` a snapshot may have (docs/store-format.md).
+pub const MAX_T: f64 = 1e15;
+/// Largest `phema.gamma` a snapshot may have (docs/store-format.md).
+pub const MAX_GAMMA: f64 = 1e6;
+/// Most dimensions a tensor of `phema.shards` may have.
+pub const MAX_DIMS: usize = 64;
+
+/// What a snapshot holds over training time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// A power-function average.
+    Power {
+        /// Its exponent.
+        gamma: f64,
+    },
+    /// The plain weights at time `t`.
+    Raw,
+}
+
+/// Which part of a sharded snapshot a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ShardId {
+    /// The rank that wrote it.
+    pub rank: usize,
+    /// How many ranks wrote parts of the same snapshot (at most [`MAX_WORLD_SIZE`]).
+    pub world_size: usize,
+}
+
+/// The typed `phema.*` metadata of a snapshot file.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SnapshotMeta {
+    /// `phema.t`.
+    pub t: f64,
+    /// `phema.kind` (with `phema.gamma` for a power average).
+    pub kind: Kind,
+    /// `phema.rank` and `phema.world_size`, for a rank file of sharded training.
+    pub shard: Option<ShardId>,
+}
+
+/// The place of a local block in its global tensor, from `phema.shards`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Block {
+    /// Global shape.
+    pub shape: Vec<usize>,
+    /// Global index of the block's first element, per dimension.
+    pub offset: Vec<usize>,
+}
+
+fn bad(header: &Header, key: &str, raw: &str, why: &str) -> PhemaError {
+    PhemaError::Metadata {
+        path: header.path.clone(),
+        key: key.to_string(),
+        reason: format!("= {:?} {why}", clip(raw)),
+    }
+}
+
+/// A value as quoted in messages: long values cut, so one bad file gives one readable line.
+fn clip(raw: &str) -> String {
+    const MAX: usize = 60;
+    match raw.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &raw[..i]),
+        None => raw.to_string(),
+    }
+}
+
+/// `key` as a number in `(0, max]`.
+fn number(header: &Header, key: &str, max: f64) -> Result<f64> {
+    let raw = header
+        .metadata
+        .get(key)
+        .ok_or_else(|| PhemaError::Metadata {
+            path: header.path.clone(),
+            key: key.to_string(),
+            reason: "is missing".into(),
+        })?;
+    let v: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| bad(header, key, raw, "is not a number"))?;
+    if !(v > 0.0 && v <= max) {
+        return Err(bad(header, key, raw, &format!("must lie in (0, {max:e}]")));
+    }
+    Ok(v)
+}
+
+/// The snapshot metadata of a file; `Ok(None)` when it has no `phema.kind` (not a snapshot).
+pub fn snapshot(header: &Header) -> Result<Option<SnapshotMeta>> {
+    let Some(kind) = header.metadata.get("phema.kind") else {
+        return Ok(None);
+    };
+    let t = number(header, "phema.t", MAX_T)?;
+    let kind = match kind.as_str() {
+        "power" => Kind::Power {
+            gamma: number(header, "phema.gamma", MAX_GAMMA)?,
+        },
+        "raw" => Kind::Raw,
+        other => {
+            return Err(bad(
+                header,
+                "phema.kind",
+                other,
+                "is unknown (expected power or raw)",
+            ))
+        }
+    };
+    if let Some(raw) = header.metadata.get("phema.sigma_rel") {
+        let s: f64 = raw
+            .trim()
+            .parse()
+            .map_err(|_| bad(header, "phema.sigma_rel", raw, "is not a number"))?;
+        if !(s > 0.0 && s < SIGMA_REL_MAX) {
+            return Err(bad(
+                header,
+                "phema.sigma_rel",
+                raw,
+                &format!("must lie in (0, {SIGMA_REL_MAX:.4})"),
+            ));
+        }
+    }
+    Ok(Some(SnapshotMeta {
+        t,
+        kind,
+        shard: shard_id(header)?,
+    }))
+}
+
+/// The rank and world size of a rank file; `Ok(None)` for an ordinary (whole) file.
+pub fn shard_id(header: &Header) -> Result<Option<ShardId>> {
+    let get = |key: &str| header.metadata.get(key);
+    let (rank, world) = match (get("phema.rank"), get("phema.world_size")) {
+        (None, None) => return Ok(None),
+        (Some(r), Some(w)) => (r, w),
+        (r, _) => {
+            let (has, lacks) = if r.is_some() {
+                ("phema.rank", "phema.world_size")
+            } else {
+                ("phema.world_size", "phema.rank")
+            };
+            return Err(PhemaError::Metadata {
+                path: header.path.clone(),
+                key: has.into(),
+                reason: format!("is set but `{lacks}` is not"),
+            });
+        }
+    };
+    let whole = |key: &str, raw: &str| {
+        raw.trim()
+            .parse::<u64>()
+            .map_err(|_| bad(header, key, raw, "is not a whole number"))
+    };
+    let world_size = whole("phema.world_size", world)?;
+    if world_size == 0 || world_size > MAX_WORLD_SIZE as u64 {
+        return Err(bad(
+            header,
+            "phema.world_size",
+            world,
+            &format!("must lie in 1..={MAX_WORLD_SIZE}"),
+        ));
+    }
+    let r = whole("phema.rank", rank)?;
+    if r >= world_size {
+        return Err(bad(
+            header,
+            "phema.rank",
+            rank,
+            &format!("must be below the world size {world_size}"),
+        ));
+    }
+    // Both are at most MAX_WORLD_SIZE.
+    Ok(Some(ShardId {
+        rank: r as usize,
+        world_size: world_size as usize,
+    }))
+}
+
+/// The blocks of `phema.shards`, by tensor name (empty when absent).
+pub fn blocks(header: &Header) -> Result<HashMap<String, Block>> {
+    let Some(json) = header.metadata.get("phema.shards") else {
+        return Ok(HashMap::new());
+    };
+    let table: HashMap<String, Block> =
+        serde_json::from_str(json).map_err(|e| PhemaError::Metadata {
+            path: header.path.clone(),
+            key: "phema.shards".into(),
+            reason: format!("is not valid shard metadata ({e})"),
+        })?;
+    if let Some((name, _)) = table
+        .iter()
+        .find(|(_, b)| b.shape.len() > MAX_DIMS || b.offset.len() > MAX_DIMS)
+    {
+        return Err(PhemaError::Metadata {
+            path: header.path.clone(),
+            key: "phema.shards".into(),
+            reason: format!("tensor `{name}` has more than {MAX_DIMS} dimensions"),
+        });
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    fn header(pairs: &[(&str, &str)]) -> Header {
+        Header {
+            path: PathBuf::from("/store/x.safetensors"),
+            metadata: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            tensors: Vec::new(),
+            file_size: 8,
+        }
+    }
+
+    fn power(t: &str, gamma: &str) -> Header {
+        header(&[
+            ("phema.kind", "power"),
+            ("phema.t", t),
+            ("phema.gamma", gamma),
+        ])
+    }
+
+    #[test]
+    fn absurd_times_and_gammas_are_errors_naming_the_file_and_key() {
+        for (t, g, key) in [
+            ("1e308", "6.9", "phema.t"),
+            ("inf", "6.9", "phema.t"),
+            ("NaN", "6.9", "phema.t"),
+            ("-5", "6.9", "phema.t"),
+            ("100", "1e300", "phema.gamma"),
+            ("100", "0", "phema.gamma"),
+            ("100", "nan", "phema.gamma"),
+        ] {
+            let err = snapshot(&power(t, g)).unwrap_err().to_string();
+            assert!(
+                err.contains("/store/x.safetensors") && err.contains(key),
+                "{t} {g}: {err}"
+            );
+        }
+        let ok = snapshot(&power("4096", "6.94")).unwrap().unwrap();
+        assert_eq!((ok.t, ok.kind), (4096.0, Kind::Power { gamma: 6.94 }));
+        let mut h = power("4096", "6.94");
+        h.metadata.insert("phema.sigma_rel".into(), "1e300".into());
+        assert!(snapshot(&h)
+            .unwrap_err()
+            .to_string()
+            .contains("phema.sigma_rel"));
+    }
+
+    #[test]
+    fn absurd_world_sizes_are_one_short_error() {
+        for world in [
+            "100000000000000000",
+            "18446744073709551615",
+            "1e17",
+            "1000000",
+            "0",
+        ] {
+            let h = header(&[("phema.rank", "0"), ("phema.world_size", world)]);
+            let err = shard_id(&h).unwrap_err().to_string();
+            assert!(
+                err.contains("phema.world_size") && err.contains("x.safetensors"),
+                "{world}: {err}"
+            );
+            assert!(err.len() < 200, "{err}");
+        }
+        let long = "9".repeat(10_000);
+        let h = header(&[("phema.rank", "0"), ("phema.world_size", &long)]);
+        assert!(shard_id(&h).unwrap_err().to_string().len() < 200);
+        let h = header(&[("phema.rank", "3"), ("phema.world_size", "4")]);
+        assert_eq!(
+            shard_id(&h).unwrap(),
+            Some(ShardId {
+                rank: 3,
+                world_size: 4
+            })
+        );
+        let h = header(&[("phema.rank", "4"), ("phema.world_size", "4")]);
+        assert!(shard_id(&h).unwrap_err().to_string().contains("phema.rank"));
+    }
+}
