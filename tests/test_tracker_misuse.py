@@ -49,6 +49,14 @@ def test_dtype_or_device_change_after_construction_names_tensor_and_dtypes():
     with pytest.raises(RuntimeError, match=r"0\.weight is now torch\.float16"):
         with ema.swapped(0.05):
             pass
+    # A bf16 model is staged through fp32 copies, so half() does not break the update: the
+    # snapshot says so.
+    m = nn.Linear(3, 2).to(torch.bfloat16)
+    ema = phema.PostHocEMA(m, None)
+    m.half()
+    ema.update()
+    with pytest.raises(RuntimeError, match=r"weight is now torch\.float16.*torch\.bfloat16"):
+        ema.snapshot()
 
 
 def test_update_inside_swapped_is_an_error_and_the_weights_come_back():

@@ -215,6 +215,13 @@ class PostHocEMA:
             )
         self._sharding = _sharding(self._names + self._int_names, self._floats + self._ints, mesh)
         self._slots = _slots(module, self._names + self._int_names, self._floats + self._ints)
+        where = {id(x): (c, k) for c, k, x in self._slots}
+        self._expected = [
+            (name, x, _local([x])[0].dtype, _local([x])[0].device, where.get(id(x), (None, "")))
+            for name, x in zip(
+                self._names + self._int_names, self._floats + self._ints, strict=True
+            )
+        ]
         self._groups, self._accs = _make_groups(
             self._floats, len(self.gammas), torch.device("cpu") if offload else device, offload
         )
@@ -291,27 +298,33 @@ class PostHocEMA:
                 "update() inside swapped(): the model holds an average there, not the trained "
                 "weights; update after the with block"
             )
-        self._check_model()
+        self._check_model(full=False)
         t_prev = self._t
         if t is None:
             t = t_prev + 1
         else:
+            if not _is_number(t):
+                raise ValueError(f"update(t={t!r}): t must be a number")
             t = t if isinstance(t, int) else float(t)
             if not (t > t_prev and math.isfinite(t)):
                 raise ValueError(f"update(t={t!r}): t must be finite and > the last t={t_prev!r}")
         # beta = (t_prev / t)^(gamma+1) over the actual dt (EDM2 eq. 127); t_prev = 0 gives 0.
         ratio = t_prev / t
         weights = [1.0 - ratio**e for e in self._exps]
-        with torch.no_grad():
-            self._settle()
-            for g in self._groups:
-                if g.staging is not None:
-                    torch._foreach_copy_(g.staging, g.local(), non_blocking=g.non_blocking)
-            if self._offload:
-                # The copy is in flight: fold it in at the next call, when it has landed.
-                self._deferred = (_record_events(self._offload_devices), weights)
-            else:
-                self._lerp(weights)
+        try:
+            with torch.no_grad():
+                self._settle()
+                for g in self._groups:
+                    if g.staging is not None:
+                        torch._foreach_copy_(g.staging, g.local(), non_blocking=g.non_blocking)
+                if self._offload:
+                    # The copy is in flight: fold it in at the next call, when it has landed.
+                    self._deferred = (_record_events(self._offload_devices), weights)
+                else:
+                    self._lerp(weights)
+        except RuntimeError:
+            self._check_model(full=True)  # a changed dtype or device: say which tensor
+            raise
         self._t = t
         self._step += 1
         if self._every is not None and t // self._every != t_prev // self._every:
@@ -333,6 +346,7 @@ class PostHocEMA:
             raise RuntimeError("snapshot() before the first update(): there is no average yet")
         if self._closed:
             raise RuntimeError("snapshot() on a closed PostHocEMA")
+        self._check_model()
         # Only the writing rank writes, and never twice the same (t, gamma).
         if self._writer is not None and self._t != self._last_snapshot_t:
             self._copy_out(self._writer)
@@ -356,21 +370,28 @@ class PostHocEMA:
         writer.jobs.put(_Job(self._t, self._step, events, buffers))
         self._last_snapshot_t = self._t
 
-    def _check_model(self) -> None:
+    def _check_model(self, full: bool = True) -> None:
         """Raise if a tracked tensor is no longer the model's, or changed dtype or device: the
-        tracker would average a stale tensor, or fail in a fused op with a cryptic error."""
-        for container, key, name, tensor, dtype, device in self._slots:
-            if container.get(key) is not tensor:
+        tracker would average a stale tensor, or fail in a fused op with a cryptic error.
+
+        Every update checks identity only (~0.1 us a tensor); dtype and device (`full`) when a
+        fused op fails, at snapshots and in swapped()."""
+        if not full and all(c.get(k) is x for c, k, x in self._slots):
+            return
+        for name, x, dtype, device, (container, key) in self._expected:
+            now = x if container is None else container.get(key)
+            local = _local([now])[0] if isinstance(now, torch.Tensor) else None
+            if local is not None and (local.dtype != dtype or local.device != device):
+                raise RuntimeError(
+                    f"{name} is now {local.dtype} on {local.device}, but was {dtype} on "
+                    f"{device} when PostHocEMA was created (model.half() or .to() after it): "
+                    "create the tracker once the model has its final dtype and device"
+                )
+            if now is not x:
                 raise RuntimeError(
                     f"{name} was replaced in the model after PostHocEMA was created (a new "
                     "Parameter or buffer), so its average would follow the old tensor: create "
                     "the tracker once the model is built"
-                )
-            if tensor.dtype != dtype or tensor.device != device:
-                raise RuntimeError(
-                    f"{name} is now {tensor.dtype} on {tensor.device}, but was {dtype} on "
-                    f"{device} when PostHocEMA was created (model.half() or .to() after it): "
-                    "create the tracker once the model has its final dtype and device"
                 )
 
     def flush(self) -> None:
@@ -701,9 +722,9 @@ def _is_number(x: Any) -> bool:
 
 def _slots(
     module: nn.Module, names: list[str], tensors: list[torch.Tensor]
-) -> list[tuple[dict[str, Any], str, str, torch.Tensor, torch.dtype, torch.device]]:
-    """Where each tracked plain tensor lives in the model (its module's parameter or buffer
-    dict), with its dtype and device now: what _check_model compares at every update.
+) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """Where each tracked plain tensor lives in the model: (its module's parameter or buffer
+    dict, key, tensor), for _check_model to see that it is still there.
 
     DTensors are left out (FSDP2 swaps sharded and gathered ones in and out), and so are names
     a custom state_dict() made up."""
@@ -719,7 +740,7 @@ def _slots(
             continue
         for container in (owner._parameters, owner._buffers):
             if container.get(key) is x:
-                out.append((container, key, name, x, x.dtype, x.device))
+                out.append((container, key, x))
                 break
     return out
 
