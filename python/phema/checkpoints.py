@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core
+from phema import _core, naming
 from phema.store import SnapshotRecord, Store, normalize_dtype
 
 INDEX = "model.safetensors.index.json"
+# Most checkpoints one average or store takes (each is opened while the engine runs).
+MAX_CHECKPOINTS = 10_000
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
@@ -29,11 +31,14 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
         try:
-            with open(index) as f:
+            with open(index, "rb") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
+            names = list(dict.fromkeys(weight_map.values()))
+            if not names or not all(isinstance(n, str) and n == os.path.basename(n) for n in names):
+                raise ValueError("weight_map must name files in its directory")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        return [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
+        return [os.path.join(path, name) for name in names]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -79,8 +84,16 @@ def average(
 
     if not paths:
         raise ValueError("no checkpoints to average")
+    _check_count(len(paths))
     files = [checkpoint_files(p) for p in paths]
-    w = np.full(len(files), 1.0 / len(files)) if weights is None else np.asarray(weights, float)
+    shard_size = naming.check_shard_size(shard_size)
+    naming.check_outputs(
+        out, naming.AVERAGE_OUTPUTS, [*map(os.fspath, paths), *(f for fs in files for f in fs)]
+    )
+    try:
+        w = np.full(len(files), 1.0 / len(files)) if weights is None else np.asarray(weights, float)
+    except (TypeError, ValueError):
+        raise ValueError(f"weights={weights!r}: expected one number per checkpoint") from None
     if w.shape != (len(files),):
         raise ValueError(f"{len(w)} weights for {len(files)} checkpoints")
     if not np.all(np.isfinite(w)):
@@ -129,6 +142,11 @@ def average(
     return paths_out[0]
 
 
+def _check_count(n: int) -> None:
+    if n > MAX_CHECKPOINTS:
+        raise ValueError(f"{n} checkpoints: at most {MAX_CHECKPOINTS} are taken at once")
+
+
 _TIME_KEYS = ("phema.t", "step", "global_step", "phema.step")
 
 
@@ -158,7 +176,8 @@ def open_checkpoints(
     from its metadata (`phema.t`, `step` or `global_step`), else from the last number in its name
     matched by `pattern`. `phema.solve` and `phema.reconstruct` accept the result.
     """
-    if isinstance(path_or_paths, (str, os.PathLike)):
+    listed = isinstance(path_or_paths, (str, os.PathLike))
+    if listed:
         root = os.fspath(path_or_paths)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: not a directory of checkpoints")
@@ -173,12 +192,16 @@ def open_checkpoints(
         entries = [os.fspath(p) for p in path_or_paths]
     if not entries:
         raise ValueError(f"{root}: no checkpoints found")
+    _check_count(len(entries))
     if times is not None and len(times) != len(entries):
         raise ValueError(f"{len(times)} times for {len(entries)} checkpoints")
     files = [checkpoint_files(e) for e in entries]
     sources = _core.Sources(files)
     described = sources.describe()
-    regex = re.compile(pattern)
+    try:
+        regex = re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
     records = []
     for i, (entry, d) in enumerate(zip(entries, described)):
         name = os.path.basename(entry.rstrip("/")).removesuffix(".safetensors")
@@ -214,4 +237,5 @@ def open_checkpoints(
         ignored=[],
         problems=[],
         headers=sources.select(order),
+        listed=listed,
     )

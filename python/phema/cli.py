@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from phema import _core
+from phema import _core, naming
 
 if TYPE_CHECKING:
     from phema.solver import Solution
@@ -21,21 +21,36 @@ class UserError(Exception):
     """A mistake in the command line or its input: reported as one line, no traceback."""
 
 
+# Most values one list (`--sigma-rel`, `--weights`, `--times`) may hold, checked before a range
+# is expanded; solver.MAX_TARGETS bounds targets the same way.
+MAX_LIST = 10_000
+MAX_THREADS = 1024
+MAX_DEMO_STEPS = 10_000_000
+
+
 def parse_list(text: str) -> list[float]:
-    """`0.05,0.1` or an inclusive range `a:b:step` (both may be mixed: `0.01:0.05:0.01,0.2`)."""
+    """`0.05,0.1` or an inclusive range `a:b:step` (both may be mixed: `0.01:0.05:0.01,0.2`);
+    finite numbers only, at most MAX_LIST of them."""
     out: list[float] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            if ":" in part:
-                a, b, step = (float(x) for x in part.split(":"))
-                if step <= 0 or b < a:
-                    raise UserError(f"range {part!r}: need start <= stop and step > 0")
-                n = int(math.floor((b - a) / step + 1e-9)) + 1
-                out.extend(round(a + i * step, 12) for i in range(n))
-            else:
-                out.append(float(part))
+            numbers = [float(x) for x in part.split(":")]
         except ValueError:
             raise UserError(f"{part!r} is not a number or a:b:step range") from None
+        if len(numbers) not in (1, 3) or not all(map(math.isfinite, numbers)):
+            raise UserError(f"{part!r} is not a finite number or a:b:step range")
+        if len(numbers) == 1:
+            out += numbers
+        else:
+            a, b, step = numbers
+            if step <= 0 or b < a:
+                raise UserError(f"range {part!r}: need start <= stop and step > 0")
+            n = math.floor((b - a) / step + 1e-9) + 1
+            if len(out) + n > MAX_LIST:
+                raise UserError(f"range {part!r} gives {n:.3g} values: at most {MAX_LIST}")
+            out.extend(round(a + i * step, 12) for i in range(n))
+        if len(out) > MAX_LIST:
+            raise UserError(f"{text!r} holds more than {MAX_LIST} values")
     if not out:
         raise UserError(f"{text!r} is an empty list")
     return out
@@ -50,19 +65,19 @@ def _size(n: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """`500MB`, `2GB`, `1.5G`, `4096` -> bytes."""
+    """`500MB`, `2GB`, `1.5G`, `4096` -> bytes (at least 1, at most 2**63)."""
     t = text.strip().upper().removesuffix("B")
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "": 1}
     for suffix in sorted(scale, key=len, reverse=True):
         if t.endswith(suffix):
             try:
-                return int(float(t[: -len(suffix)]) * scale[suffix])
+                size = float(t[: len(t) - len(suffix)]) * scale[suffix]
             except ValueError:
                 break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise UserError(f"shard size {text!r} is not a size like 500MB or 2GB") from None
+            if math.isfinite(size) and 1 <= size <= naming.MAX_SHARD_SIZE:
+                return int(size)
+            break
+    raise UserError(f"shard size {text!r} is not a size like 500MB or 2GB (1 byte to 2**63)")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -235,7 +250,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         stats=stats,
         per_rank=args.per_rank,
     )
-    outputs = _outputs_per_target(sol, paths, args.out)
+    outputs = _outputs_per_target(sol, paths, args.out, kw["at"])
     rows = _report_rows(sol, [[o] for o in outputs])
     print(_table(rows, [*_REPORT, "output"]))
     print(
@@ -248,9 +263,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def _threads(args: argparse.Namespace) -> None:
     # The engine's thread pool starts on first use and reads this then.
-    if args.threads:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: need at least 1")
+    if args.threads is not None:
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise UserError(f"--threads {args.threads}: need 1 to {MAX_THREADS}")
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
 
 
@@ -281,30 +296,28 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs_per_target(sol: Solution, paths: list[str], out: str) -> list[str]:
+def _outputs_per_target(sol: Solution, paths: list[str], out: str, at: float | None) -> list[str]:
+    """Each target's output, briefly: its file, its rank files, or its directory of shards."""
+    stems = naming.reconstruction_stems(
+        [t.label for t in sol.targets], None if at is None else sol.targets[0].t
+    )
     result = []
-    for target in sol.targets:
-        # The first path component is `<label>[-t<at>]`, with `.safetensors` when not sharded
-        # and `.rankR-of-W.safetensors` per rank; a prefix test would give beta-0.99 the files of
-        # beta-0.995 too.
-        mine = []
-        for p in paths:
-            stem = os.path.relpath(p, out).split(os.sep)[0].removesuffix(".safetensors")
-            stem = re.sub(r"\.rank\d+-of-\d+$", "", stem)
-            if stem == target.label or stem.startswith(target.label + "-t"):
-                mine.append(p)
+    for stem in stems:
+        mine = [p for p in paths if naming.output_stem(os.path.relpath(p, out)) == stem]
         if len(mine) == 1:
             result.append(os.path.relpath(mine[0], out))
         elif ".rank" in os.path.basename(mine[0]):
             result.append(re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out)))
         else:
-            result.append(f"{target.label}/ ({len(mine)} files)")
+            result.append(f"{stem}/ ({len(mine)} files)")
     return result
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from phema.demo.run import run_demo
 
+    if args.steps is not None and not 1 <= args.steps <= MAX_DEMO_STEPS:
+        raise UserError(f"--steps {args.steps}: need 1 to {MAX_DEMO_STEPS}")
     run_demo(out=args.out, steps=args.steps, seed=args.seed)
     return 0
 

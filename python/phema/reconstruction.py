@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phema import _core
-from phema.solver import Solution, _format_t, solve
+from phema import _core, naming
+from phema.checkpoints import checkpoint_files
+from phema.solver import Solution, _field, solve
 from phema.store import Store, normalize_dtype, open_store
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def _plan(
     target time (the first snapshot for a target before it), since a step counter or mask
     cannot be averaged."""
     sol = solution or solve(store, **targets)
+    _check_solution(sol, store)
     sol.check(allow_poor_fit)
     weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
     t_r = sol.targets[0].t
@@ -186,8 +188,7 @@ def reconstruct(
         noise=noise,
         causal=causal,
     )
-    suffix = "" if at is None else f"-t{_format_t(sol.targets[0].t)}"
-    labels = [target.label + suffix for target in sol.targets]
+    labels, shard_size = _plan_outputs(store, sol, out, at, shard_size, per_rank)
     if per_rank:
         if shard_size:
             raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
@@ -215,6 +216,48 @@ def reconstruct(
     if stats is not None:
         stats.update(run_stats)
     return [p for per_target in paths for p in per_target]
+
+
+def _plan_outputs(
+    store: Store,
+    sol: Solution,
+    out: str | os.PathLike[str],
+    at: float | None,
+    shard_size: object,
+    per_rank: bool,
+) -> tuple[list[str], int | None]:
+    """Every target's output name and the checked shard size; raises before any work if an
+    output would collide with another or with an input."""
+    shard_size = naming.check_shard_size(shard_size)
+    stems = naming.reconstruction_stems(
+        [target.label for target in sol.targets], None if at is None else sol.targets[0].t
+    )
+    if per_rank:
+        written = [f"{stem}.rank*-of-*.safetensors" for stem in stems]
+    else:
+        written = [stem + ("/" if shard_size else ".safetensors") for stem in stems]
+    naming.check_outputs(out, written, store.inputs)
+    return stems, shard_size
+
+
+def _check_solution(sol: Solution, store: Store) -> None:
+    """A `solution=` must have been solved for exactly this store's snapshots."""
+    n = len(store.snapshots)
+    shape = np.shape(sol.weights)
+    if shape != (n, len(sol.targets)):
+        raise ValueError(
+            f"solution= holds weights of shape {shape} for {len(sol.targets)} targets, but the "
+            f"store {store.path} has {n} snapshots: solve this store for it"
+        )
+    mine = [(s.t, s.gamma) for s in store.snapshots]
+    theirs = [(_field(r, "t"), _field(r, "gamma")) for r in sol.snapshots]
+    if theirs and theirs != mine:
+        raise ValueError(
+            f"solution= was solved for other snapshots than those of the store {store.path}: "
+            "solve this store for it"
+        )
+    if not np.all(np.isfinite(sol.weights)):
+        raise ValueError("solution= holds non-finite weights")
 
 
 _SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
@@ -252,7 +295,9 @@ def _reconstruct_per_rank(
             shard_meta = {k: v for k, v in described[0]["metadata"].items() if k in _SHARD_KEYS}
             outputs = [
                 {
-                    "path": os.path.join(out, f"{name}.rank{rank:05d}-of-{world:05d}.safetensors"),
+                    "path": os.path.join(
+                        out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"
+                    ),
                     "dtype": normalize_dtype(dtype),
                     "metadata": _metadata(sol, k, store) | shard_meta,
                     "shard_size": None,
@@ -388,17 +433,17 @@ _EMPTY = np.empty(0, np.uint8)
 
 
 def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if isinstance(source, Mapping):
         return dict(source), {}
     sd: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
-    for path in _files_of(os.fspath(source)):
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        sd.update(load_file(path))
+    for path in checkpoint_files(source):
+        f = _open_weights(path)
+        meta = f.metadata() or {}
+        try:
+            sd.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+        except Exception as e:  # safetensors' errors do not name the file
+            raise ValueError(f"{path}: unreadable safetensors data ({e})") from None
     return sd, meta
 
 
@@ -475,13 +520,11 @@ class _ShardedReader:
         self.file_blocks: dict[str, Any] = {}  # a per-rank file's blocks: name -> block
         self.shapes = {k: tuple(v.shape) for k, v in self.given.items()}
         if not isinstance(source, Mapping):
-            for path in _files_of(os.fspath(source)):
+            for path in checkpoint_files(source):
                 self._open(path)
 
     def _open(self, path: str) -> None:
-        from safetensors import safe_open
-
-        handle = safe_open(path, "pt")
+        handle = _open_weights(path)
         meta = handle.metadata() or {}
         if "phema.rank" in meta:
             rank, world = int(meta["phema.rank"]), int(meta["phema.world_size"])
@@ -493,7 +536,8 @@ class _ShardedReader:
                 )
             if rank != self.rank:
                 mine = path.replace(
-                    f".rank{rank:05d}-of-{world:05d}.", f".rank{self.rank:05d}-of-{world:05d}."
+                    naming.rank_suffix(rank, world) + ".",
+                    naming.rank_suffix(self.rank, world) + ".",
                 )
                 if mine == path or not os.path.exists(mine):
                     raise FileNotFoundError(
@@ -525,20 +569,12 @@ class _ShardedReader:
         return whole[tuple(slice(o, o + n) for o, n in zip(mine["offset"], shape, strict=True))]
 
 
-def _files_of(path: str) -> list[str]:
-    """The safetensors files of a file or a (possibly sharded) model directory."""
-    if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(path, n) for n in names]
-        single = os.path.join(path, "model.safetensors")
-        if not os.path.exists(single):
-            raise FileNotFoundError(
-                f"{path}: no model.safetensors or model.safetensors.index.json in this directory"
-            )
-        path = single
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    return [path]
+def _open_weights(path: str) -> Any:
+    """A safetensors handle on `path`; anything else (a .pt, text, a truncated file) is one
+    ValueError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # SafetensorError (no file name), OSError, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None

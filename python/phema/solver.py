@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -11,6 +12,7 @@ from typing import Any, overload
 import numpy as np
 
 from phema import _core
+from phema.naming import format_t, value_text
 
 NOISE_BY_DTYPE = {
     "F16": _core.NOISE_FLOAT16,
@@ -64,17 +66,19 @@ class Target:
 
     @property
     def label(self) -> str:
-        """Short name used in file names and tables, e.g. `sigma_rel-0.080` or `beta-0.9999`."""
-        v = self.value
-        text = {"sigma_rel": f"{v:.3f}", "gamma": f"{v:.3f}"}.get(self.kind, f"{v:g}")
-        return f"{self.kind}-{text}"
+        """Short name used in file names and tables, e.g. `sigma_rel-0.080` or `beta-0.9999`.
+
+        Values the short form does not give exactly are written in full (`sigma_rel-0.0801`), so
+        distinct targets never share a name."""
+        fmt = ".3f" if self.kind in ("sigma_rel", "gamma") else "g"
+        return f"{self.kind}-{value_text(self.value, fmt)}"
 
     def metadata(self) -> dict[str, str]:
         """Metadata keys describing this target (SPEC §2 style)."""
         spec = self.spec()
         sigma_rel, initial = _core.profile_info(spec)
         meta = {"phema.target.kind": self.kind, f"phema.{self.kind}": repr(self.value)}
-        meta["phema.t"] = _format_t(self.t)
+        meta["phema.t"] = format_t(self.t)
         meta["phema.sigma_rel"] = repr(sigma_rel)
         if self.kind == "beta":
             meta["phema.dt"] = repr(self.dt)
@@ -83,10 +87,6 @@ class Target:
         if self.kind in ("sigma_rel", "gamma"):
             meta["phema.gamma"] = repr(spec[2])
         return meta
-
-
-def _format_t(t: float) -> str:
-    return str(int(t)) if float(t).is_integer() else repr(float(t))
 
 
 @dataclass
@@ -244,27 +244,48 @@ def make_targets(
     halflives: Iterable[float] | None = None,
     dt: float = 1.0,
 ) -> list[Target]:
-    """Targets ending at time `t`, in the order sigma_rels, gammas, betas, halflives."""
-    out: list[Target] = []
+    """Targets ending at time `t`, in the order sigma_rels, gammas, betas, halflives; a target
+    given twice is kept once, and at most MAX_TARGETS are taken."""
+    [dt] = _as_list(dt, "dt")
+    if not dt > 0:
+        raise ValueError(f"dt={dt!r}: expected a finite number > 0")
+    out: dict[tuple[str, float], Target] = {}
     for kind, values in (
         ("sigma_rel", sigma_rels),
         ("gamma", gammas),
         ("beta", betas),
         ("halflife", halflives),
     ):
-        for v in _as_list(values):
-            out.append(Target(kind, float(v), float(t), float(dt)))
+        for v in _as_list(values, kind + "s"):
+            out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
     if not out:
         raise ValueError("no target given: pass sigma_rels, gammas, betas or halflives")
-    return out
+    if len(out) > MAX_TARGETS:
+        raise ValueError(f"{len(out)} targets: at most {MAX_TARGETS} are taken at once")
+    return list(out.values())
 
 
-def _as_list(values: Iterable[float] | float | None) -> list[float]:
+# Most targets one solve takes: each is a model-sized output, and a typo in a range
+# (`0.0001:0.28:1e-9`) would otherwise ask for hundreds of millions.
+MAX_TARGETS = 10_000
+
+
+def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
+    """`values` (one number or several) as finite floats, at most MAX_TARGETS of them."""
     if values is None:
         return []
-    if np.ndim(values) == 0:
-        return [float(values)]  # type: ignore[arg-type]
-    return [float(v) for v in values]  # type: ignore[union-attr]
+    out: list[float] = []
+    for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
+        if len(out) == MAX_TARGETS:
+            raise ValueError(f"{what}: more than {MAX_TARGETS} targets")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {v!r} is not a number") from None
+        if not math.isfinite(x):
+            raise ValueError(f"{what}: {x} is not a finite number")
+        out.append(x)
+    return out
 
 
 def solve(
@@ -288,7 +309,7 @@ def solve(
     dtype (fp16 when unknown); 0 gives the plain mass-preserving least-squares solution. Targets
     phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`).
     """
-    records = list(getattr(snapshots, "snapshots", snapshots))
+    records = _records(snapshots)
     if not records:
         raise ValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
@@ -310,6 +331,8 @@ def solve(
             raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
     raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise), causal)
     notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
@@ -322,10 +345,26 @@ def solve(
     return Solution(targets=targets, snapshots=records, noise=float(noise), notes=notes, **raw)
 
 
+def _records(snapshots: Any) -> list[Any]:
+    """The snapshot records of a store, a store directory, or a sequence of records."""
+    if isinstance(snapshots, (str, os.PathLike)):
+        from phema.store import open_store
+
+        snapshots = open_store(snapshots)
+    try:
+        return list(getattr(snapshots, "snapshots", snapshots))
+    except TypeError:
+        raise ValueError(f"{snapshots!r}: expected a store, its directory or records") from None
+
+
 def _target_time(ts: list[float], at: float | None) -> float:
     t_last = max(ts)
     if at is None:
         return t_last
+    try:
+        at = float(at)
+    except (TypeError, ValueError):
+        raise ValueError(f"at={at!r}: expected a time") from None
     if not (0 < at <= t_last * (1 + 1e-12)):
         raise ValueError(f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})")
     return float(at)

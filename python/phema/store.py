@@ -75,6 +75,9 @@ class Store:
     problems: list[str]
     headers: Any = field(repr=False)  # _core.Sources, in the order of `snapshots`
     incomplete: list[str] = field(default_factory=list)
+    # `path` is the directory the snapshots were listed from (not the common parent of files
+    # given one by one): outputs may not go there either.
+    listed: bool = True
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -85,6 +88,15 @@ class Store:
         if not self.snapshots:
             return []
         return self.headers.select([0]).describe()[0]["tensors"]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The paths a writer must not overwrite or write into: the store directory (when the
+        snapshots were listed from it) and every snapshot's files."""
+        paths = [self.path] if self.listed else []
+        for s in self.snapshots:
+            paths += [s.path, *s.paths]
+        return paths
 
     @property
     def gammas(self) -> list[float]:

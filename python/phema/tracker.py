@@ -13,7 +13,7 @@ import queue
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from phema import naming
 from phema.store import normalize_dtype, write_snapshot
 
 if TYPE_CHECKING:
@@ -74,6 +75,29 @@ class _Job:
     step: int
     events: list[Any]  # CUDA events the writer waits on before reading the host buffers
     buffers: tuple[list[list[torch.Tensor]], list[torch.Tensor]]  # ([profile][tensor], ints)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A snapshot file the writer thread could not write."""
+
+    path: str
+    t: int | float
+    error: BaseException
+
+
+class SnapshotWriteError(RuntimeError):
+    """Snapshot files could not be written; `failed` lists (path, error) of every one."""
+
+    def __init__(self, failed: Sequence[_Failure]) -> None:
+        self.failed = [(f.path, f.error) for f in failed]
+        names = [os.path.basename(f.path) for f in failed]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        super().__init__(
+            f"phema: {len(failed)} snapshot file(s) could not be written: {shown}; first error: "
+            f"writing {failed[0].path} failed: {failed[0].error}. The averages are kept: later "
+            "snapshots are written as usual"
+        )
 
 
 class PostHocEMA:
@@ -175,8 +199,9 @@ class PostHocEMA:
         self._step = 0
         self._last_snapshot_t: int | float | None = None
         self._deferred: tuple[list[Any], list[float]] | None = None
-        self._errors: collections.deque[tuple[str, BaseException]] = collections.deque()
+        self._errors: collections.deque[_Failure] = collections.deque()
         self._closed = False
+        self._swapped = 0  # depth of swapped() blocks: the model holds an average meanwhile
 
         self._names, self._floats, self._int_names, self._ints, tied = _select(
             module,
@@ -189,6 +214,14 @@ class PostHocEMA:
                 f"(include={include!r}, exclude={exclude!r})"
             )
         self._sharding = _sharding(self._names + self._int_names, self._floats + self._ints, mesh)
+        self._slots = _slots(module, self._names + self._int_names, self._floats + self._ints)
+        where = {id(x): (c, k) for c, k, x in self._slots}
+        self._expected = [
+            (name, x, _local([x])[0].dtype, _local([x])[0].device, where.get(id(x), (None, "")))
+            for name, x in zip(
+                self._names + self._int_names, self._floats + self._ints, strict=True
+            )
+        ]
         self._groups, self._accs = _make_groups(
             self._floats, len(self.gammas), torch.device("cpu") if offload else device, offload
         )
@@ -220,7 +253,7 @@ class PostHocEMA:
             suffix = ""
             if self._sharding is not None:
                 r, w = self._sharding.rank, self._sharding.world_size
-                suffix = f".rank{r:05d}-of-{w:05d}"
+                suffix = naming.rank_suffix(r, w)
                 metadata["phema.rank"] = str(r)
                 metadata["phema.world_size"] = str(w)
                 metadata["phema.shards"] = json.dumps(
@@ -229,7 +262,14 @@ class PostHocEMA:
             os.makedirs(store, exist_ok=True)
             self._writer = _SnapshotWriter(
                 os.fspath(store),
-                list(zip(self.gammas, self.sigma_rels, _labels(self.sigma_rels), strict=True)),
+                list(
+                    zip(
+                        self.gammas,
+                        self.sigma_rels,
+                        naming.profile_labels(self.sigma_rels),
+                        strict=True,
+                    )
+                ),
                 self._names,
                 self._int_names,
                 dtype,
@@ -253,26 +293,38 @@ class PostHocEMA:
 
     def update(self, t: float | None = None) -> None:
         """Move the averages to time `t` (default: previous time + 1) with the current weights."""
+        if self._swapped:
+            raise RuntimeError(
+                "update() inside swapped(): the model holds an average there, not the trained "
+                "weights; update after the with block"
+            )
+        self._check_model(full=False)
         t_prev = self._t
         if t is None:
             t = t_prev + 1
         else:
+            if not _is_number(t):
+                raise ValueError(f"update(t={t!r}): t must be a number")
             t = t if isinstance(t, int) else float(t)
             if not (t > t_prev and math.isfinite(t)):
                 raise ValueError(f"update(t={t!r}): t must be finite and > the last t={t_prev!r}")
         # beta = (t_prev / t)^(gamma+1) over the actual dt (EDM2 eq. 127); t_prev = 0 gives 0.
         ratio = t_prev / t
         weights = [1.0 - ratio**e for e in self._exps]
-        with torch.no_grad():
-            self._settle()
-            for g in self._groups:
-                if g.staging is not None:
-                    torch._foreach_copy_(g.staging, g.local(), non_blocking=g.non_blocking)
-            if self._offload:
-                # The copy is in flight: fold it in at the next call, when it has landed.
-                self._deferred = (_record_events(self._offload_devices), weights)
-            else:
-                self._lerp(weights)
+        try:
+            with torch.no_grad():
+                self._settle()
+                for g in self._groups:
+                    if g.staging is not None:
+                        torch._foreach_copy_(g.staging, g.local(), non_blocking=g.non_blocking)
+                if self._offload:
+                    # The copy is in flight: fold it in at the next call, when it has landed.
+                    self._deferred = (_record_events(self._offload_devices), weights)
+                else:
+                    self._lerp(weights)
+        except RuntimeError:
+            self._check_model(full=True)  # a changed dtype or device: say which tensor
+            raise
         self._t = t
         self._step += 1
         if self._every is not None and t // self._every != t_prev // self._every:
@@ -294,6 +346,7 @@ class PostHocEMA:
             raise RuntimeError("snapshot() before the first update(): there is no average yet")
         if self._closed:
             raise RuntimeError("snapshot() on a closed PostHocEMA")
+        self._check_model()
         # Only the writing rank writes, and never twice the same (t, gamma).
         if self._writer is not None and self._t != self._last_snapshot_t:
             self._copy_out(self._writer)
@@ -316,6 +369,30 @@ class PostHocEMA:
         events = _record_events(self._snapshot_devices)
         writer.jobs.put(_Job(self._t, self._step, events, buffers))
         self._last_snapshot_t = self._t
+
+    def _check_model(self, full: bool = True) -> None:
+        """Raise if a tracked tensor is no longer the model's, or changed dtype or device: the
+        tracker would average a stale tensor, or fail in a fused op with a cryptic error.
+
+        Every update checks identity only (~0.1 us a tensor); dtype and device (`full`) when a
+        fused op fails, at snapshots and in swapped()."""
+        if not full and all(c.get(k) is x for c, k, x in self._slots):
+            return
+        for name, x, dtype, device, (container, key) in self._expected:
+            now = x if container is None else container.get(key)
+            local = _local([now])[0] if isinstance(now, torch.Tensor) else None
+            if local is not None and (local.dtype != dtype or local.device != device):
+                raise RuntimeError(
+                    f"{name} is now {local.dtype} on {local.device}, but was {dtype} on "
+                    f"{device} when PostHocEMA was created (model.half() or .to() after it): "
+                    "create the tracker once the model has its final dtype and device"
+                )
+            if now is not x:
+                raise RuntimeError(
+                    f"{name} was replaced in the model after PostHocEMA was created (a new "
+                    "Parameter or buffer), so its average would follow the old tensor: create "
+                    "the tracker once the model is built"
+                )
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is on disk; raise if a write failed."""
@@ -370,35 +447,78 @@ class PostHocEMA:
 
         A sharded state loads only on the same rank of the same world size and layout.
         """
-        gammas = list(state["gammas"])
-        if len(gammas) != len(self.gammas) or not all(
-            math.isclose(a, b, rel_tol=1e-9) for a, b in zip(gammas, self.gammas, strict=True)
+        t, step, last, sources = self._checked_state(state)
+        self._deferred = None
+        with torch.no_grad():
+            for accs, src in zip(self._accs, sources, strict=True):
+                torch._foreach_copy_(accs, src)
+        self._t = t
+        self._step = step
+        self._last_snapshot_t = last
+
+    def _checked_state(
+        self, state: Any
+    ) -> tuple[int | float, int, int | float | None, list[list[torch.Tensor]]]:
+        """t, step, last snapshot time and the averages of a state_dict(), each checked: a
+        ValueError names the entry at fault."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state_dict: expected the dict of state_dict(), not {type(state)}")
+        need = ("t", "step", "gammas", "last_snapshot_t", "averages")
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {', '.join(map(repr, missing))}: not a PostHocEMA state"
+            )
+        t, step, last = state["t"], state["step"], state["last_snapshot_t"]
+        if not (_is_number(t) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"state_dict['t']={t!r}: expected a finite time >= 0")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state_dict['step']={step!r}: expected an integer >= 0")
+        if last is not None and not (_is_number(last) and 0 < last <= t):
+            raise ValueError(
+                f"state_dict['last_snapshot_t']={last!r}: expected None or a time in (0, t]"
+            )
+        gammas = state["gammas"]
+        if (
+            not isinstance(gammas, (list, tuple))
+            or not all(_is_number(g) for g in gammas)
+            or len(gammas) != len(self.gammas)
+            or not all(
+                math.isclose(a, b, rel_tol=1e-9) for a, b in zip(gammas, self.gammas, strict=True)
+            )
         ):
-            raise ValueError(f"state tracks gammas {gammas}, this tracker {list(self.gammas)}")
+            raise ValueError(f"state tracks gammas {gammas!r}, this tracker {list(self.gammas)}")
         self._check_sharding(state.get("sharding"))
+        averages = state["averages"]
+        if not isinstance(averages, (list, tuple)) or len(averages) != len(self.gammas):
+            raise ValueError(
+                f"state_dict['averages']: expected a list of {len(self.gammas)} dicts (one per "
+                "profile)"
+            )
         sources = []
         names = set(self._names)
-        for averages in state["averages"]:
-            missing = [n for n in self._names if n not in averages]
-            unexpected = [n for n in averages if n not in names]
+        for i, profile in enumerate(averages):
+            if not isinstance(profile, Mapping):
+                raise ValueError(f"state_dict['averages'][{i}]: expected a dict of tensors")
+            missing = [n for n in self._names if n not in profile]
+            unexpected = [n for n in profile if n not in names]
             if missing or unexpected:
                 raise ValueError(
                     f"state tracks other tensors: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
             for name, acc in zip(self._names, self._accs[0], strict=True):
-                if tuple(averages[name].shape) != tuple(acc.shape):
+                x = profile[name]
+                where = f"state_dict['averages'][{i}][{name!r}]"
+                if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                    raise ValueError(f"{where}: expected a floating tensor, not {type(x)}")
+                if tuple(x.shape) != tuple(acc.shape):
                     raise ValueError(
-                        f"state has {name} of shape {tuple(averages[name].shape)}, "
-                        f"the model {tuple(acc.shape)}"
+                        f"state has {name} of shape {tuple(x.shape)}, the model {tuple(acc.shape)}"
                     )
-            sources.append([averages[n] for n in self._names])
-        self._deferred = None
-        with torch.no_grad():
-            for accs, src in zip(self._accs, sources, strict=True):
-                torch._foreach_copy_(accs, src)
-        self._t = state["t"]
-        self._step = state["step"]
-        self._last_snapshot_t = state["last_snapshot_t"]
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{where} holds NaN or infinite values")
+            sources.append([profile[n] for n in self._names])
+        return t, step, last, sources
 
     def _check_sharding(self, saved: dict[str, Any] | None) -> None:
         """Raise ValueError unless a state saved with sharding `saved` fits this rank exactly."""
@@ -435,15 +555,18 @@ class PostHocEMA:
         index = self._profile_index(sigma_rel, gamma)
         if self._step == 0:
             raise RuntimeError("swapped() before the first update(): there is no average yet")
+        self._check_model()
         self._settle()
         params = _local(self._floats)  # local shards of DTensors: each rank swaps its own
         with torch.no_grad():
             raw = [p.detach().clone() for p in params]
             _drop_gathered(self._model)
             torch._foreach_copy_(params, self._accs[index])
+        self._swapped += 1
         try:
             yield self._model
         finally:
+            self._swapped -= 1
             with torch.no_grad():
                 _drop_gathered(self._model)
                 torch._foreach_copy_(params, raw)
@@ -492,9 +615,16 @@ class PostHocEMA:
         ]
 
     def _raise_writer_error(self) -> None:
-        """Raise the oldest error of the writer thread in the caller's thread."""
-        path, err = self._errors.popleft()
-        raise RuntimeError(f"phema: writing snapshot {path} failed: {err}") from err
+        """Raise every write failure so far as one SnapshotWriteError, in the caller's thread.
+
+        The averages are untouched by a failed write; a snapshot at a time whose write failed
+        may be taken again (after freeing space, say)."""
+        failed = []
+        while self._errors:
+            failed.append(self._errors.popleft())
+        if any(f.t == self._last_snapshot_t for f in failed):
+            self._last_snapshot_t = None
+        raise SnapshotWriteError(failed) from failed[0].error
 
 
 class _SnapshotWriter:
@@ -510,7 +640,7 @@ class _SnapshotWriter:
         metadata: dict[str, str],
         suffix: str,
         max_pending: int,
-        errors: collections.deque[tuple[str, BaseException]],
+        errors: collections.deque[_Failure],
     ) -> None:
         """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples.
 
@@ -543,11 +673,11 @@ class _SnapshotWriter:
         while (job := self.jobs.get()) is not None:
             try:
                 self._write(job)
-            except Exception as err:
+            except BaseException as err:  # a panic too: the thread must go on, or flush() hangs
                 where = os.path.join(
-                    self.directory, f"{_time_stem(job.t)}-*{self.suffix}.safetensors"
+                    self.directory, f"{naming.time_stem(job.t)}-*{self.suffix}.safetensors"
                 )
-                self.errors.append((where, err))
+                self.errors.append(_Failure(where, job.t, err))
             finally:
                 self.free.put(job.buffers)
                 self.jobs.task_done()
@@ -560,11 +690,11 @@ class _SnapshotWriter:
         averages, ints = job.buffers
         extra = {n: x.numpy() for n, x in zip(self.int_names, ints, strict=True)}
         for (gamma, sigma_rel, label), accs in zip(self.profiles, averages, strict=True):
-            name = f"{_time_stem(job.t)}-{label}{self.suffix}.safetensors"
+            name = f"{naming.time_stem(job.t)}-{label}{self.suffix}.safetensors"
             path = os.path.join(self.directory, name)
             metadata = {
                 **self.metadata,
-                "phema.t": _decimal(job.t),
+                "phema.t": naming.format_t(job.t),
                 "phema.gamma": repr(gamma),
                 "phema.sigma_rel": repr(sigma_rel),
                 "phema.step": str(job.step),
@@ -572,8 +702,8 @@ class _SnapshotWriter:
             tensors = {n: a.numpy() for n, a in zip(self.names, accs, strict=True)} | extra
             try:
                 kept_fp32 = write_snapshot(path, tensors, self.dtype, metadata)
-            except Exception as err:
-                self.errors.append((path, err))
+            except BaseException as err:
+                self.errors.append(_Failure(path, job.t, err))
                 continue
             for name in kept_fp32:
                 if name not in self._warned:
@@ -584,6 +714,35 @@ class _SnapshotWriter:
 def _as_tuple(x: Any) -> tuple[Any, ...]:
     """A bare value as a 1-tuple, a sequence as a tuple."""
     return (x,) if isinstance(x, (str, int, float)) else tuple(x)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _slots(
+    module: nn.Module, names: list[str], tensors: list[torch.Tensor]
+) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """Where each tracked plain tensor lives in the model: (its module's parameter or buffer
+    dict, key, tensor), for _check_model to see that it is still there.
+
+    DTensors are left out (FSDP2 swaps sharded and gathered ones in and out), and so are names
+    a custom state_dict() made up."""
+    dtensor = _dtensor_class()
+    out = []
+    for name, x in zip(names, tensors, strict=True):
+        if dtensor is not None and isinstance(x, dtensor):
+            continue
+        prefix, _, key = name.rpartition(".")
+        try:
+            owner = module.get_submodule(prefix)
+        except AttributeError:
+            continue
+        for container in (owner._parameters, owner._buffers):
+            if container.get(key) is x:
+                out.append((container, key, x))
+                break
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -771,25 +930,6 @@ def _root_mesh(mesh: DeviceMesh) -> DeviceMesh:
 def _mesh_ranks(mesh: DeviceMesh) -> tuple[int, ...]:
     """Global ranks of a device mesh, row-major over its dimensions."""
     return tuple(mesh.mesh.flatten().tolist())
-
-
-def _labels(sigma_rels: Sequence[float]) -> list[str]:
-    """File-name labels of the profiles: 3 decimals, more if needed to tell them apart."""
-    for digits in range(3, 17):
-        labels = [f"{s:.{digits}f}" for s in sigma_rels]
-        if len(set(labels)) == len(labels):
-            break
-    return labels
-
-
-def _decimal(t: float) -> str:
-    """Time as a decimal string: an integer string when integral."""
-    return str(int(t)) if float(t).is_integer() else repr(float(t))
-
-
-def _time_stem(t: float) -> str:
-    """Time as a zero-padded file-name stem that sorts (integral and fractional alike)."""
-    return f"{int(t):012d}" if float(t).is_integer() else f"{t:019.6f}"
 
 
 def _record_events(devices: list[torch.device]) -> list[Any]:

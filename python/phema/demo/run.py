@@ -104,6 +104,13 @@ def run_demo(
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out = Path(out)
     store_dir, recon_dir = out / "ema", out / "reconstructions"
+    # Earlier demo outputs are replaced; anything else in their place is the user's.
+    marker = out / ".phema-demo"
+    for d in (store_dir, recon_dir):
+        if d.exists() and any(d.iterdir()) and not marker.exists():
+            raise ValueError(f"{d} exists and was not written by phema demo: give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     for d in (store_dir, recon_dir):
         if d.exists():
             for f in d.iterdir():

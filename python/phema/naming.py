@@ -1,0 +1,145 @@
+"""The file names phema writes, and the one rule for where it may write them.
+
+Snapshots (the tracker) are `{time_stem}-{label}{rank_suffix}.safetensors`; reconstructions are
+`{label}[-t{at}]` plus `.safetensors`, `{rank_suffix}.safetensors` per rank, or a directory of
+shards; averages are `model.safetensors` or `model-NNNNN-of-NNNNN.safetensors` shards with a
+`model.safetensors.index.json` (see docs/outputs.md).
+
+`check_outputs` is the rule that no output overwrites or lands inside an input, and that no
+output replaces something of another kind: every writer calls it before doing any work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+# Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
+MAX_SHARD_SIZE = 2**63
+
+# What `average` writes into its output directory (the engine's names for one file or shards).
+AVERAGE_OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+
+_RANK_SUFFIX = re.compile(r"\.rank\d+-of-\d+$")
+
+
+def rank_suffix(rank: int, world_size: int) -> str:
+    """The part of a sharded run's file name that says which rank wrote it."""
+    return f".rank{rank:05d}-of-{world_size:05d}"
+
+
+def format_t(t: float) -> str:
+    """A time as a decimal string: an integer string when integral."""
+    return str(int(t)) if float(t).is_integer() else repr(float(t))
+
+
+def time_stem(t: float) -> str:
+    """A time as a zero-padded file-name stem that sorts (integral and fractional alike)."""
+    return f"{int(t):012d}" if float(t).is_integer() else f"{t:019.6f}"
+
+
+def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
+    """File-name labels of tracked profiles: 3 decimals, more if needed to tell them apart."""
+    for digits in range(3, 17):
+        labels = [f"{s:.{digits}f}" for s in sigma_rels]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
+def value_text(value: float, fmt: str) -> str:
+    """`value` in the short format `fmt` when that reads back as the same number, else in full.
+
+    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), and the
+    usual ones keep their short names (`0.100`, `0.999`)."""
+    short = format(value, fmt)
+    return short if float(short) == value else repr(float(value))
+
+
+def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:
+    """The output name (without extension) of every target; raises if two would collide."""
+    suffix = "" if at is None else f"-t{format_t(at)}"
+    stems = [label + suffix for label in labels]
+    seen: set[str] = set()
+    for stem in stems:
+        if stem in seen:
+            raise ValueError(f"two targets would both be written to {stem}: give each target once")
+        seen.add(stem)
+    return stems
+
+
+def output_stem(relpath: str) -> str:
+    """The target stem an output path (relative to the output directory) belongs to."""
+    first = relpath.split(os.sep)[0].removesuffix(".safetensors")
+    return _RANK_SUFFIX.sub("", first)
+
+
+def check_shard_size(shard_size: object) -> int | None:
+    """`shard_size` as a positive number of bytes, or None (no sharding)."""
+    if shard_size is None:
+        return None
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, float)):
+        raise ValueError(f"shard_size={shard_size!r}: expected a number of bytes")
+    if not (math.isfinite(shard_size) and 1 <= shard_size <= MAX_SHARD_SIZE):
+        raise ValueError(f"shard_size={shard_size!r}: expected 1 to 2**63 bytes")
+    return int(shard_size)
+
+
+def check_outputs(
+    out: str | os.PathLike[str], written: Iterable[str], inputs: Iterable[str]
+) -> None:
+    """Raise unless writing `written` into the directory `out` is safe for `inputs`.
+
+    `written` are names inside `out`: a trailing `/` marks a directory, `*` a run of characters
+    (shard numbers). Refused: `out` being an input or inside one; a written path being an input
+    or holding one (`model.safetensors` in `--out` of its own directory); a written file where a
+    directory is, or the other way round (found only when the engine renames, after all the
+    work, and then the outputs already renamed were removed again). Paths are compared after
+    resolving symbolic links.
+    """
+    out = os.fspath(out)
+    real_out = os.path.realpath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
+    reals = [(p, os.path.realpath(p)) for p in map(os.fspath, inputs)]
+    for given, real in reals:
+        if _within(real_out, real):
+            where = "is" if real_out == real else "is inside"
+            raise ValueError(f"output directory {out} {where} the input {given}")
+    for name in written:
+        is_dir = name.endswith("/")
+        name = name.rstrip("/")
+        pattern = os.path.join(glob.escape(real_out), name)
+        for given, real in reals:
+            if fnmatch.fnmatchcase(real, pattern) or any(
+                fnmatch.fnmatchcase(parent, pattern) for parent in _parents(real, real_out)
+            ):
+                raise ValueError(
+                    f"the output {os.path.join(out, name)} would replace the input {given}"
+                )
+        if "*" in name:
+            continue
+        path = os.path.join(out, name)
+        if is_dir and os.path.exists(path) and not os.path.isdir(path):
+            raise FileExistsError(f"{path}: exists and is not a directory; the output is one")
+        if not is_dir and os.path.isdir(path):
+            raise FileExistsError(f"{path}: exists and is a directory; the output is a file")
+
+
+def _within(path: str, root: str) -> bool:
+    """`path` is `root` or inside it (both resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _parents(path: str, top: str) -> list[str]:
+    """The directories between `top` (exclusive) and `path` (exclusive)."""
+    out = []
+    parent = os.path.dirname(path)
+    while _within(parent, top) and parent != top:
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
