@@ -105,20 +105,14 @@ impl Profile {
             });
         }
         check_positive("dt", dt)?;
-        Ok(Profile::Exponential {
-            t,
-            rate: -beta.ln() / dt,
-        })
+        exponential(t, -beta.ln() / dt)
     }
 
     /// A classic EMA whose weights halve every `halflife` time units.
     pub fn from_halflife(t: f64, halflife: f64) -> Result<Self> {
         check_time(t)?;
         check_positive("halflife", halflife)?;
-        Ok(Profile::Exponential {
-            t,
-            rate: std::f64::consts::LN_2 / halflife,
-        })
+        exponential(t, std::f64::consts::LN_2 / halflife)
     }
 
     /// The time the profile ends at.
@@ -196,6 +190,19 @@ impl Profile {
             }
         }
     }
+}
+
+/// A classic EMA profile whose decay rate per time unit is a positive finite number: a rate that
+/// overflows (a half-life of 1e-320) or underflows to 0 has no profile to integrate.
+fn exponential(t: f64, rate: f64) -> Result<Profile> {
+    if !(rate > 0.0 && rate.is_finite() && (rate * t).is_finite()) {
+        return Err(PhemaError::OutOfRange {
+            name: "decay rate",
+            value: rate,
+            expected: format!("must be positive and finite at t={t} (beta/dt or halflife)"),
+        });
+    }
+    Ok(Profile::Exponential { t, rate })
 }
 
 fn check_time(t: f64) -> Result<()> {
@@ -342,6 +349,14 @@ fn gauss_legendre<const N: usize>() -> ([f64; N], [f64; N]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decay_rates_that_overflow_or_vanish_are_refused() {
+        assert!(Profile::from_halflife(1000.0, 1e-320).is_err());
+        assert!(Profile::from_beta(1000.0, 0.5, 1e-320).is_err());
+        assert!(Profile::from_beta(1e307, 1e-300, 1.0).is_err());
+        assert!(Profile::from_halflife(1000.0, 10.0).is_ok());
+    }
 
     fn close(a: f64, b: f64, rel: f64) -> bool {
         (a - b).abs() <= rel * b.abs().max(1e-300)

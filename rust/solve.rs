@@ -737,7 +737,11 @@ mod tests {
             let target = Profile::power(6_500.0, sigma_rel_to_gamma(s).unwrap()).unwrap();
             let causal = &solve(&snaps, &[target], &CAUSAL).unwrap()[0];
             let all = &solve(&snaps, &[target], &EXACT).unwrap()[0];
-            assert!(all.weights.iter().zip(&snaps).any(|(w, p)| p.t() > 6_500.0 && *w != 0.0));
+            assert!(all
+                .weights
+                .iter()
+                .zip(&snaps)
+                .any(|(w, p)| p.t() > 6_500.0 && *w != 0.0));
             assert!(all.fit_error < causal.fit_error);
             assert!(
                 error(all) < 0.1 * error(causal) && error(all) < 2e-3,
@@ -770,19 +774,27 @@ mod tests {
                 (false, false) => 0.0,
                 _ => 1.0,
             });
-            let rhs = Mat::from_fn(m + 1, 1, |i, _| {
-                if i < m {
-                    inner(&snaps[i], target)
-                } else {
-                    1.0
-                }
-            });
+            let rhs = Mat::from_fn(
+                m + 1,
+                1,
+                |i, _| {
+                    if i < m {
+                        inner(&snaps[i], target)
+                    } else {
+                        1.0
+                    }
+                },
+            );
             let want = kkt.full_piv_lu().solve(&rhs);
             let sum: f64 = fit.weights.iter().sum();
             assert!((sum - 1.0).abs() < 1e-9, "{sum}");
             assert!((fit.mass - sum).abs() < 1e-12);
             for (i, w) in fit.weights.iter().enumerate() {
-                assert!((w - want[(i, 0)]).abs() < 1e-6 * fit.gain, "{i}: {w} vs {}", want[(i, 0)]);
+                assert!(
+                    (w - want[(i, 0)]).abs() < 1e-6 * fit.gain,
+                    "{i}: {w} vs {}",
+                    want[(i, 0)]
+                );
             }
         }
     }
@@ -795,7 +807,11 @@ mod tests {
         let narrow = Profile::power(8_000.0, sigma_rel_to_gamma(0.003).unwrap()).unwrap();
         let fits = solve(&snaps, &[good, narrow], &SolveOptions::default()).unwrap();
         assert!(!fits[0].poor, "{:?}", fits[0]);
-        assert!(fits[1].poor && fits[1].cdf_error > POOR_CDF_ERROR, "{:?}", fits[1]);
+        assert!(
+            fits[1].poor && fits[1].cdf_error > POOR_CDF_ERROR,
+            "{:?}",
+            fits[1]
+        );
         assert!(is_poor(0.0, 2.0 * POOR_NOISE) && is_poor(f64::NAN, 0.0));
         assert!(!is_poor(POOR_CDF_ERROR, POOR_NOISE));
         for f in &fits {
@@ -814,7 +830,11 @@ mod tests {
         let all = solve_raw(&times, &target, false).unwrap();
         let causal = solve_raw(&times, &target, true).unwrap();
         let head = integrate(|x| target.density(x) * (1000.0 - x), 0.0, 1000.0, 400);
-        assert!((avg(&all) - head - mean).abs() < 1e-8 * mean, "{} {mean}", avg(&all));
+        assert!(
+            (avg(&all) - head - mean).abs() < 1e-8 * mean,
+            "{} {mean}",
+            avg(&all)
+        );
         assert!(avg(&causal) < mean - 10.0, "{} {mean}", avg(&causal));
         assert!(all.weights[6] > 0.0 && causal.weights[6] == 0.0);
         for f in [&all, &causal] {
