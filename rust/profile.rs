@@ -158,6 +158,17 @@ impl Profile {
         }
     }
 
+    /// Mass of the profile on `(0, tau]` (its cumulative distribution), given `ln(tau)` too:
+    /// callers evaluating many profiles at one point take the logarithm once.
+    pub fn cdf_ln(&self, tau: f64, ln_tau: f64) -> f64 {
+        match *self {
+            Profile::Power { t, gamma } if tau > 0.0 && tau < t => {
+                ((gamma + 1.0) * (ln_tau - t.ln())).exp()
+            }
+            _ => self.cdf(tau),
+        }
+    }
+
     /// Mass of the profile on `(0, tau]` (its cumulative distribution).
     pub fn cdf(&self, tau: f64) -> f64 {
         let t = self.t();
@@ -311,9 +322,17 @@ pub fn integrate(f: impl Fn(f64) -> f64, a: f64, b: f64, panels: usize) -> f64 {
 
 /// Nodes and weights of the 20-point Gauss-Legendre rule on `[-1, 1]`, computed once by Newton
 /// iteration on the Legendre polynomial.
-pub(crate) fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
+fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
     static RULE: OnceLock<([f64; 20], [f64; 20])> = OnceLock::new();
     let (x, w) = RULE.get_or_init(gauss_legendre::<20>);
+    (x, w)
+}
+
+/// The 8-point Gauss-Legendre rule on `[-1, 1]`, for integrands that need a figure, not f64
+/// precision.
+pub(crate) fn gauss_legendre_8() -> (&'static [f64; 8], &'static [f64; 8]) {
+    static RULE: OnceLock<([f64; 8], [f64; 8])> = OnceLock::new();
+    let (x, w) = RULE.get_or_init(gauss_legendre::<8>);
     (x, w)
 }
 
