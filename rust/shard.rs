@@ -1,11 +1,12 @@
 //! Snapshots written by sharded training (FSDP2 / DTensor): one file per rank, each holding that
-//! rank's local block of every sharded tensor. This module reads the shard metadata and works out
-//! where every element of the full (global) tensors lives, so the engine can assemble them while
-//! streaming, never holding a whole tensor.
+//! rank's local block of every sharded tensor. This module joins the rank files of a snapshot and
+//! works out where every element of the full (global) tensors lives, so the engine can assemble
+//! them while streaming, never holding a whole tensor (docs/sharded-snapshots.md).
 //!
-//! Metadata of a rank file: `phema.rank`, `phema.world_size`, and `phema.shards`, a JSON object
-//! `{name: {"shape": [global dims], "offset": [global index of the local block's first element]}}`
-//! for the tensors that are sharded; the others are whole in every rank's file.
+//! Metadata of a rank file, parsed by [`crate::meta`]: `phema.rank`, `phema.world_size`, and
+//! `phema.shards`, a JSON object `{name: {"shape": [global dims], "offset": [global index of the
+//! local block's first element]}}` for the tensors that are sharded; the others are whole in
+//! every rank's file. Every position is computed without overflow (docs/store-format.md).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

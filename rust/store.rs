@@ -90,12 +90,14 @@ pub fn scan(dir: &Path) -> Result<Scan> {
             out.ignored.push((path, "not a .safetensors file".into()));
         } else if kind.as_ref().is_ok_and(|k| k.is_file()) {
             files.push(path);
-        } else if kind.is_ok() {
-            out.ignored
-                .push((path, "not a regular file (a FIFO, socket or device)".into()));
         } else {
-            out.ignored
-                .push((path, "cannot be read (a broken link?)".into()));
+            match kind {
+                Ok(_) => out
+                    .ignored
+                    .push((path, "not a regular file (a FIFO, socket or device)".into())),
+                // A snapshot's name that leads nowhere (a dangling link): its data is lost.
+                Err(e) => out.problems.push(PhemaError::io(&path, e).to_string()),
+            }
         }
     }
     type Parsed = Result<Option<(Snapshot, Option<ShardId>)>>;

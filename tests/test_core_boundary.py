@@ -35,7 +35,9 @@ def test_cancelled_is_its_own_exception_not_a_value_error(tmp_path):
 @pytest.mark.parametrize("rows", [0, 2, 3])
 def test_a_weight_matrix_of_the_wrong_shape_is_a_value_error(tmp_path, rows):
     src = _core.Sources([[_snapshot(tmp_path / "a.safetensors", 10)]])
-    weights = np.ones((rows, 1))
+    # Only the last row is non-zero: indexing the inputs by it was out of bounds (a panic).
+    weights = np.zeros((rows, 1))
+    weights[rows - 1 :] = 1.0
     out = {"path": os.fspath(tmp_path / "o.safetensors"), "dtype": "F16", "metadata": {}}
     with pytest.raises(ValueError, match="weights must be 1 x 1"):
         src.combine_to_files(weights, [out | {"shard_size": None}], _core.EngineProgress())
