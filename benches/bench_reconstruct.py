@@ -1,4 +1,4 @@
-"""The reconstruction engine (SPEC §3, §5) against the read floor and the straightforward torch loop.
+"""The reconstruction engine (docs/design.md) against the read floor and the straightforward torch loop.
 
 A synthetic store of 32 fp16 snapshots (16 times x sigma_rel 0.05 / 0.10) of a 25M-parameter
 transformer-like model (~1.6 GB) is written once under bench-data/ and reused. Measured in one run,
@@ -43,7 +43,7 @@ EVERY = 4096
 ONE = 0.08
 MANY = [round(float(s), 4) for s in np.linspace(0.03, 0.25, 16)]
 
-# Goals (benches/README.md, SPEC §5).
+# Goals (benches/README.md, docs/design.md).
 GOAL_FLOOR = 2.0  # one target <= 2x the read floor
 GOAL_TORCH = 10.0  # >= 10x faster than the torch loop
 GOAL_MANY = 1.5  # 16 targets <= 1.5x one target

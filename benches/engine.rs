@@ -1,4 +1,4 @@
-//! The engine alone (SPEC §5 "many targets in one pass vs one target"), without Python and,
+//! The engine alone (docs/design.md, "many targets in one pass vs one target"), without Python and,
 //! with a sink that discards the encoded outputs, without any output I/O: what one pass over
 //! the snapshots costs for 1 and for 16 targets. Uses the store `bench_reconstruct.py` writes.
 //!

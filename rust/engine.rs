@@ -1,4 +1,4 @@
-//! The reconstruction engine (SPEC §3): `out_k[name] = sum_i x[i, k] * snapshot_i[name]` for all
+//! The reconstruction engine (docs/design.md): `out_k[name] = sum_i x[i, k] * snapshot_i[name]` for all
 //! targets in one pass over the snapshots, read in bounded chunks, spread over all cores.
 
 use std::collections::HashMap;
@@ -11,11 +11,11 @@ use half::f16;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use crate::codec::{encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
+use crate::header::{is_float, read_header, Header, TensorEntry};
 use crate::meta::shard_id;
 use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
-use crate::store::{is_float, read_header, Header, TensorEntry};
-use crate::writer::{encode_into, has_nonfinite};
 
 /// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
 /// size of the largest tensor.

@@ -1,9 +1,12 @@
 //! phema: post-hoc EMA of neural-network weights (Karras et al., EDM2, 2024, appendix C).
 //!
-//! Data flows one way: [`profile`] (the math) -> [`solve`] (weights per target) ->
-//! [`store`] (what snapshots exist) -> [`engine`] (weighted combination) -> [`writer`]
-//! (safetensors output). The Python binding lives in `bindings` behind the `python` feature.
+//! Data flows one way: [`header`] and [`meta`] (what a file holds, validated once) ->
+//! [`store`] (what snapshots exist) and [`solve`] (weights per target, from [`profile`]) ->
+//! [`engine`] (weighted combination, encoding by [`codec`]) -> [`writer`] (safetensors output).
+//! `docs/design.md` draws the modules. The Python binding lives in `bindings` behind the
+//! `python` feature.
 
+pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod header;

@@ -8,7 +8,7 @@ use crate::error::{PhemaError, Result};
 /// Largest relative width a power profile can have (`gamma -> 0`): `12^-0.5`.
 pub const SIGMA_REL_MAX: f64 = 0.288_675_134_594_812_9;
 
-/// Relative standard deviation of the power profile with exponent `gamma` (SPEC §1).
+/// Relative standard deviation of the power profile with exponent `gamma` (docs/accuracy.md).
 pub fn gamma_to_sigma_rel(gamma: f64) -> Result<f64> {
     if !(gamma > 0.0 && gamma.is_finite()) {
         return Err(PhemaError::OutOfRange {
@@ -395,7 +395,7 @@ mod tests {
             let s = SIGMA_REL_MAX * i as f64 / 1000.0;
             let g = sigma_rel_to_gamma(s).unwrap();
             assert!(close(gamma_to_sigma_rel(g).unwrap(), s, 1e-12), "{s}");
-            // g is a root of the cubic of SPEC §1.
+            // g is a root of the cubic in `sigma_rel_to_gamma`.
             let k = s.powi(-2);
             let cubic = ((g + 7.0) * g + (16.0 - k)) * g + (12.0 - k);
             assert!(cubic.abs() <= 1e-9 * (g.powi(3) + k * g + k), "{s}");

@@ -882,7 +882,7 @@ mod tests {
         let exact = &solve(&snaps, &[target], &EXACT).unwrap()[0];
         let robust = &solve(&snaps, &[target], &SolveOptions::default()).unwrap()[0];
         let total = |f: &TargetFit| f.fit_error.powi(2) + (NOISE_FLOAT16 * f.norm).powi(2);
-        // Plain least squares on 512 snapshots: ||x|| ~ 100 for sigma_rel 0.01 (SPEC §1).
+        // Plain least squares on 512 snapshots: ||x|| ~ 100 for sigma_rel 0.01 (docs/accuracy.md).
         assert!(exact.norm > 50.0, "{}", exact.norm);
         assert!(robust.regularized);
         assert!(

@@ -10,14 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-use half::{bf16, f16};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
+use crate::codec::encode_into;
 use crate::engine::Sink;
 use crate::error::{PhemaError, Result};
-use crate::store::{is_float, TensorEntry};
+use crate::header::{is_float, TensorEntry};
 
 /// Name, dtype and shape of one tensor to be written.
 #[derive(Clone, Debug)]
@@ -351,103 +350,6 @@ pub fn sync_dir(path: &Path) {
     }
 }
 
-/// Converts f32 values to the little-endian bytes of `dtype` (F16, BF16, F32 or F64) in `out`,
-/// which holds exactly `values.len()` of them.
-pub fn encode_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
-    debug_assert_eq!(out.len(), values.len() * dtype.bitsize() / 8);
-    match dtype {
-        Dtype::F16 => {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c") {
-                // SAFETY: both features were just detected.
-                return unsafe { encode_f16_f16c(values, out) };
-            }
-            encode_f16_half(values, out)
-        }
-        Dtype::BF16 => encode_halves(values, out, |src, dst: &mut [u16]| {
-            dst.reinterpret_cast_mut::<bf16>()
-                .convert_from_f32_slice(src)
-        }),
-        Dtype::F64 => {
-            for (d, &v) in out.chunks_exact_mut(8).zip(values) {
-                d.copy_from_slice(&(v as f64).to_le_bytes());
-            }
-        }
-        _ => {
-            for (d, v) in out.chunks_exact_mut(4).zip(values) {
-                d.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-    }
-}
-
-/// Whether little-endian `bytes` of float `dtype` hold a NaN or an infinity (exponent bits all
-/// set): one pass over output just encoded, while it is in cache.
-pub fn has_nonfinite(dtype: Dtype, bytes: &[u8]) -> bool {
-    fn any<const N: usize>(bytes: &[u8], exponent: u64) -> bool {
-        bytes.chunks_exact(N).fold(false, |acc, c| {
-            let mut b = [0u8; 8];
-            b[..N].copy_from_slice(c);
-            acc | (u64::from_le_bytes(b) & exponent == exponent)
-        })
-    }
-    match dtype {
-        Dtype::F16 => any::<2>(bytes, 0x7c00),
-        Dtype::BF16 => any::<2>(bytes, 0x7f80),
-        Dtype::F32 => any::<4>(bytes, 0x7f80_0000),
-        Dtype::F64 => any::<8>(bytes, 0x7ff0_0000_0000_0000),
-        _ => false,
-    }
-}
-
-/// fp16 by `half`'s slice conversion.
-fn encode_f16_half(values: &[f32], out: &mut [u8]) {
-    encode_halves(values, out, |src, dst: &mut [u16]| {
-        dst.reinterpret_cast_mut::<f16>()
-            .convert_from_f32_slice(src)
-    })
-}
-
-/// fp16 with F16C inline: `half`'s conversion costs a call per 8 values, a sixth of a
-/// many-target reconstruction. Both round to nearest even, so the bytes are the same.
-///
-/// # Safety
-/// AVX and F16C must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn encode_f16_f16c(values: &[f32], out: &mut [u8]) {
-    use std::arch::x86_64::*;
-    let n = values.len().min(out.len() / 2);
-    let mut j = 0;
-    while j + 8 <= n {
-        // SAFETY: floats j..j + 8 and bytes 2j..2j + 16 are in bounds (j + 8 <= n).
-        let h =
-            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(values.as_ptr().add(j)));
-        _mm_storeu_si128(out.as_mut_ptr().add(2 * j).cast(), h);
-        j += 8;
-    }
-    encode_f16_half(&values[j..n], &mut out[2 * j..2 * n]);
-}
-
-/// Two-byte encodings by `half`'s SIMD conversion: straight into `out` when it is aligned for
-/// `u16` on a little-endian machine, else through a small stack buffer.
-fn encode_halves(values: &[f32], out: &mut [u8], convert: impl Fn(&[f32], &mut [u16])) {
-    // SAFETY: every bit pattern is a valid u16.
-    let (head, mid, tail) = unsafe { out.align_to_mut::<u16>() };
-    if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
-        return convert(values, mid);
-    }
-    const STEP: usize = 512;
-    let mut buf = [0u16; STEP];
-    for (src, dst) in values.chunks(STEP).zip(out.chunks_mut(2 * STEP)) {
-        let h = &mut buf[..src.len()];
-        convert(src, h);
-        for (d, &v) in dst.chunks_exact_mut(2).zip(h.iter()) {
-            d.copy_from_slice(&v.to_le_bytes());
-        }
-    }
-}
-
 /// Largest finite fp16 value.
 const F16_MAX: f32 = 65504.0;
 
@@ -712,6 +614,8 @@ impl Sink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::encode_f16_half;
+    use half::{bf16, f16};
     use safetensors::SafeTensors;
 
     fn meta() -> BTreeMap<String, String> {

@@ -14,7 +14,7 @@ SIGMA_RELS = (0.05, 0.10)
 
 
 def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
-    """SPEC §2 metadata of a power snapshot."""
+    """docs/store-format.md metadata of a power snapshot."""
     return {
         "phema.version": "1",
         "phema.kind": "power",

@@ -1,4 +1,4 @@
-"""The store: listing by headers, problems named per SPEC §2, crash-safe writes."""
+"""The store: listing by headers, problems named as docs/store-format.md says, crash-safe writes."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def snapshots(store) -> dict[str, tuple[dict[str, np.ndarray], dict[str, str]]]:
 
 
 def sigma_rel_of(gamma: float) -> float:
-    """SPEC §1, written out independently of the package."""
+    """The tracking rule of docs/accuracy.md, written out independently of the package."""
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 

@@ -74,7 +74,7 @@ class Target:
         return f"{self.kind}-{value_text(self.value, fmt)}"
 
     def metadata(self) -> dict[str, str]:
-        """Metadata keys describing this target (SPEC §2 style)."""
+        """Metadata keys describing this target (docs/store-format.md)."""
         spec = self.spec()
         sigma_rel, initial = _core.profile_info(spec)
         meta = {"phema.target.kind": self.kind, f"phema.{self.kind}": repr(self.value)}
@@ -91,7 +91,7 @@ class Target:
 
 @dataclass
 class Solution:
-    """Snapshot weights for every target, with the fit report of SPEC §1."""
+    """Snapshot weights for every target, with the fit report of docs/accuracy.md."""
 
     targets: list[Target]
     snapshots: list[Any]

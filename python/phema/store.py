@@ -1,4 +1,4 @@
-"""The snapshot store (SPEC §2): a directory of safetensors files, listed by their headers."""
+"""The snapshot store (docs/store-format.md): a directory of safetensors files, listed by their headers."""
 
 from __future__ import annotations
 
