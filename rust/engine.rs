@@ -400,6 +400,10 @@ pub fn combine(
             progress.bytes_done.fetch_add(read, Ordering::Relaxed);
             Ok(())
         })?;
+    // A cancel that came after the last item still means: commit nothing.
+    if progress.cancel.load(Ordering::Relaxed) {
+        return Err(PhemaError::Cancelled);
+    }
     let mut raw_mismatch = mismatched.into_inner().unwrap_or_default();
     raw_mismatch.sort();
     let nonfinite = layout

@@ -42,28 +42,38 @@ def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, des
     progress; Ctrl-C cancels the engine cleanly instead of leaving it running."""
     handle = _core.EngineProgress()
     result: dict[str, Any] = {}
+    # An event, not Thread.join: a join that Ctrl-C interrupts can later return while the thread
+    # still runs, and the engine's temporary files would outlive the exception.
+    done = threading.Event()
 
     def work() -> None:
         try:
             result["value"] = call(handle)
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
+        finally:
+            done.set()
 
     thread = threading.Thread(target=work, name="phema-engine", daemon=True)
-    thread.start()
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
     try:
-        while thread.is_alive():
-            thread.join(0.1)
+        # Inside the try: a Ctrl-C right after the start must cancel too.
+        thread.start()
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
+        while not done.wait(0.1):
             if bar is not None:
                 bar.update(handle.bytes_done - bar.n)
     except KeyboardInterrupt:
         handle.cancel()
-        thread.join()
+        while thread.ident is not None:
+            try:
+                done.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C: still wait for the cleanup
+                continue
         raise
     finally:
         if bar is not None:
