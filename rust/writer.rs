@@ -552,18 +552,28 @@ impl FileSink {
     /// Completes every file and returns, per target, the paths written (the index first when
     /// sharded). Called only after the engine succeeded; dropping the sink instead removes all.
     pub fn finish(mut self) -> Result<Vec<Vec<PathBuf>>> {
-        // All data reaches the disk before any file takes its final name; if a rename then
-        // fails, the outputs already renamed are removed again so no partial set is left.
+        // All data reaches the disk before any file takes its final name; a file already at a
+        // final name is set aside first, and if a rename then fails the outputs already renamed
+        // are removed and what they replaced is put back, so no partial set is left and no
+        // earlier output is lost. A sharded output's index is written after its shards.
         // The files are synced in parallel, so the device sees all their writeback at once.
         let writers: Vec<&SafetensorsWriter> =
             self.targets.iter().flat_map(|t| &t.writers).collect();
         sync_all(&writers)?;
         let mut done: Vec<PathBuf> = Vec::new();
+        let mut aside: Vec<(PathBuf, PathBuf)> = Vec::new();
         let mut out = Vec::with_capacity(self.targets.len());
         let result = (|| {
             for t in &mut self.targets {
                 let mut paths = Vec::new();
+                for w in &mut t.writers {
+                    set_aside(&w.path, &mut aside)?;
+                    let p = w.commit(true)?;
+                    done.push(p.clone());
+                    paths.push(p);
+                }
                 if let Some((path, bytes)) = &t.index {
+                    set_aside(path, &mut aside)?;
                     let tmp = temporary_path(path);
                     let written =
                         std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
@@ -572,12 +582,7 @@ impl FileSink {
                         return Err(PhemaError::io(path, e));
                     }
                     done.push(path.clone());
-                    paths.push(path.clone());
-                }
-                for w in &mut t.writers {
-                    let p = w.commit(true)?;
-                    done.push(p.clone());
-                    paths.push(p);
+                    paths.insert(0, path.clone());
                 }
                 out.push(paths);
             }
@@ -587,9 +592,29 @@ impl FileSink {
             for p in &done {
                 let _ = std::fs::remove_file(p);
             }
+            for (path, backup) in &aside {
+                let _ = std::fs::rename(backup, path);
+            }
             return Err(e);
         }
+        for (_, backup) in &aside {
+            let _ = std::fs::remove_file(backup);
+        }
         Ok(out)
+    }
+}
+
+/// Moves a file at `path` to a temporary name beside it (recorded in `aside`), so that a failed
+/// commit can put it back.
+fn set_aside(path: &Path, aside: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => {
+            let backup = temporary_path(path);
+            std::fs::rename(path, &backup).map_err(|e| PhemaError::io(path, e))?;
+            aside.push((path.to_path_buf(), backup));
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -812,5 +837,49 @@ mod tests {
         let mut want = kept.to_vec();
         want.sort();
         assert_eq!(left, want);
+    }
+
+    #[test]
+    fn a_failed_commit_puts_back_the_outputs_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = vec![TensorEntry {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+            offset: 0,
+            nbytes: 16,
+        }];
+        let request = |name: &str| OutputRequest {
+            path: dir.path().join(name),
+            dtype: Dtype::F32,
+            metadata: meta(),
+            shard_size: None,
+        };
+        std::fs::write(dir.path().join("a.safetensors"), b"earlier output").unwrap();
+        let sink = FileSink::create(
+            &layout,
+            &[request("a.safetensors"), request("b.safetensors")],
+        )
+        .unwrap();
+        for k in 0..2 {
+            sink.put(k, 0, 0, &[0u8; 16]).unwrap();
+        }
+        // Target b's temporary file vanishes before the commit: its rename fails.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.starts_with(".b.safetensors.tmp-") {
+                std::fs::remove_file(dir.path().join(name)).unwrap();
+            }
+        }
+        assert!(sink.finish().is_err());
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec!["a.safetensors".to_string()]);
+        assert_eq!(
+            std::fs::read(dir.path().join("a.safetensors")).unwrap(),
+            b"earlier output"
+        );
     }
 }
