@@ -102,6 +102,8 @@ def check_outputs(
     resolving symbolic links.
     """
     out = os.fspath(out)
+    if not out:
+        raise ValueError("the output directory is an empty name")
     real_out = os.path.realpath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
