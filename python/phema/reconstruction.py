@@ -220,6 +220,30 @@ def _reconstruct_per_rank(
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
     total = {"read": [int(i) for i in used], "bytes_read": 0, "raw_mismatch": []}
+    names = [
+        f"{name}{naming.rank_suffix(r, world)}.safetensors" for name in labels for r in range(world)
+    ]
+    with naming.restore_on_failure(os.path.join(out, n) for n in names):
+        _run_ranks(store, sol, used, world, weights, labels, out, dtype, progress, written, total)
+    if stats is not None:
+        stats.update(total)
+    return written
+
+
+def _run_ranks(
+    store: Store,
+    sol: Solution,
+    used: np.ndarray,
+    world: int,
+    weights: np.ndarray,
+    labels: list[str],
+    out: str | os.PathLike[str],
+    dtype: str,
+    progress: bool,
+    written: list[str],
+    total: dict[str, Any],
+) -> None:
+    """The engine over each rank's files in turn; on failure, what it wrote is removed."""
     try:
         for rank in range(world):
             sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
@@ -252,9 +276,6 @@ def _reconstruct_per_rank(
         for p in written:
             os.remove(p)
         raise
-    if stats is not None:
-        stats.update(total)
-    return written
 
 
 def reconstruct_state_dict(
