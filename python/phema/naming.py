@@ -34,6 +34,11 @@ def rank_suffix(rank: int, world_size: int) -> str:
     return f".rank{rank:05d}-of-{world_size:05d}"
 
 
+def has_rank_suffix(name: str) -> bool:
+    """The file name is one rank's part of a sharded run's snapshot or output."""
+    return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
+
+
 def format_t(t: float) -> str:
     """A time as a decimal string: an integer string when integral."""
     return str(int(t)) if float(t).is_integer() else repr(float(t))
