@@ -167,6 +167,10 @@ def test_solution_of_another_store_is_refused(small_store, tmp_path):
     shifted = phema.solve(phema.open_store(tmp_path / "shifted"), sigma_rels=[0.1])
     with pytest.raises(ValueError, match="other snapshots"):
         phema.reconstruct_state_dicts(store, solution=shifted)
+    sol = phema.solve(store, sigma_rels=[0.1])
+    zero = Solution(**{**sol.__dict__, "weights": np.zeros_like(sol.weights)})
+    with pytest.raises(ValueError, match="every weight is zero"):
+        phema.reconstruct_state_dicts(store, solution=zero)
     assert not os.path.exists(tmp_path / "o")
 
 

@@ -193,6 +193,8 @@ def _check_solution(sol: Solution, store: Store) -> None:
         )
     if not np.all(np.isfinite(sol.weights)):
         raise ValueError("solution= holds non-finite weights")
+    if not np.all(np.any(np.asarray(sol.weights) != 0, axis=0)):
+        raise ValueError("solution= gives a target no snapshot: every weight is zero")
 
 
 _SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
