@@ -255,3 +255,20 @@ def test_per_rank_failure_on_a_later_rank_keeps_the_earlier_outputs(tmp_path):
     with pytest.raises(phema.StoreError, match=victim.name):
         phema.reconstruct(store, sigma_rels=[0.1], out=out, per_rank=True)
     assert listing(out) == before  # the earlier outputs, as they were, and nothing else
+
+
+def test_wrong_types_in_the_api_are_value_errors(small_store, two_checkpoints, tmp_path):
+    path, _ = small_store
+    with pytest.raises(ValueError, match="out=123"):
+        phema.reconstruct(path, sigma_rels=[0.1], out=123)
+    with pytest.raises(ValueError, match="sigma_rels: None is not a number"):
+        phema.solve(path, sigma_rels=[None])
+    with pytest.raises(ValueError, match="at='late'"):
+        phema.solve(path, sigma_rels=[0.1], at="late")
+    with pytest.raises(ValueError, match="weights="):
+        phema.average([two_checkpoints[0]], weights=[None], out=tmp_path / "o")
+    with pytest.raises(ValueError, match="expected a store"):
+        phema.solve(42, sigma_rels=[0.1])
+    # One path is one checkpoint, not a list of its characters.
+    (p,) = phema.average(str(two_checkpoints[0] / "model.safetensors"), out=tmp_path / "one")
+    assert os.path.basename(p) == "model.safetensors"

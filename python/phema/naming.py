@@ -108,7 +108,10 @@ def check_outputs(
     work, and then the outputs already renamed were removed again). Paths are compared after
     resolving symbolic links.
     """
-    out = os.fspath(out)
+    try:
+        out = os.fspath(out)
+    except TypeError:
+        raise ValueError(f"out={out!r}: expected a directory path") from None
     if not out:
         raise ValueError("the output directory is an empty name")
     real_out = os.path.realpath(out)
