@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Bounds on what a caller asks for: profiles are each a model-sized accumulator, pending
+# snapshots each a model-sized host buffer.
+MAX_PROFILES = 64
+MAX_PENDING = 64
+
+
 @dataclass
 class _Group:
     """Tracked tensors sharing (device, dtype, accumulator device): one fused op per profile."""
@@ -179,6 +185,10 @@ class PostHocEMA:
             self.gammas = tuple(float(sigma_rel_to_gamma(s)) for s in self.sigma_rels)
         if not self.gammas:
             raise ValueError("track at least one profile (sigma_rels or gammas is empty)")
+        if len(self.gammas) > MAX_PROFILES:
+            raise ValueError(
+                f"{len(self.gammas)} profiles: at most {MAX_PROFILES} (each is a copy of the model)"
+            )
         for i, g in enumerate(self.gammas):
             for h in self.gammas[:i]:
                 if math.isclose(g, h, rel_tol=1e-6):
@@ -186,8 +196,8 @@ class PostHocEMA:
         if snapshot_every is not None and not snapshot_every > 0:
             raise ValueError(f"snapshot_every must be > 0 (or None), got {snapshot_every!r}")
         dtype = normalize_dtype(str(dtype))
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
+        if not (isinstance(max_pending, int) and 1 <= max_pending <= MAX_PENDING):
+            raise ValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
         if offload and device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"offload=True keeps the averages on the CPU, not on {device}")
 
