@@ -36,6 +36,8 @@ HOSTILE = [
     (["solve", "{store}", "--beta", "0.9:0.99:1e-12"], "at most 10000"),
     (["solve", "{store}", "--beta", "nan"], "'nan'"),
     (["solve", "{store}", "--beta", "0.99", "--dt", "0"], "dt=0.0"),
+    (["solve", "{store}", "--halflife", "1e-320"], "halflife=1e-320"),
+    (["solve", "{store}", "--beta", "0.99", "--dt", "1e-320"], "too fast"),
     (["solve", "{store}", "--beta", "0.99", "--dt", "nan"], "dt"),
     (["solve", "{store}", "--beta", "0.99", "--dt=-inf"], "dt"),
     (["solve", "{store}", *TARGET, "--at", "nan"], "at=nan"),
@@ -55,6 +57,7 @@ HOSTILE = [
     (["reconstruct", "{store}", *TARGET, "--out", "{out}", "--threads", "-1"], "--threads -1"),
     (["reconstruct", "{store}", *TARGET, "--out", "{out}", "--threads", "1000000000"], "1024"),
     (["reconstruct", "{store}", *TARGET, "--out", "{store}"], "{store}"),
+    (["reconstruct", "{store}", *TARGET, "--out="], "empty name"),
     (["average", "{store}", "--out", "{out}", "--weights", "nan"], "'nan'"),
     (
         ["average", "{ckpts}/step-100.safetensors", "--out", "{out}", "--weights", "1:1e12:1"],

@@ -357,6 +357,7 @@ def test_every_rank_writes_its_files_with_shard_metadata(run):
                 "phema.rank": str(rank),
                 "phema.world_size": str(WORLD),
                 "phema.shards": meta["phema.shards"],
+                "phema.run_id": meta["phema.run_id"],  # each run has its own
             }
             shards = json.loads(meta["phema.shards"])
             assert meta["phema.shards"] == json.dumps(shards, sort_keys=True, separators=(",", ":"))

@@ -3,6 +3,7 @@ refusal; and every input file that is not what it should be is one error naming 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -12,8 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import phema
+from conftest import snapshot_metadata
 from phema.cli import main
 from phema.solver import Solution, Target
+from phema.store import write_snapshot
 
 
 def listing(root) -> dict[str, bytes]:
@@ -165,6 +168,10 @@ def test_solution_of_another_store_is_refused(small_store, tmp_path):
     shifted = phema.solve(phema.open_store(tmp_path / "shifted"), sigma_rels=[0.1])
     with pytest.raises(ValueError, match="other snapshots"):
         phema.reconstruct_state_dicts(store, solution=shifted)
+    sol = phema.solve(store, sigma_rels=[0.1])
+    zero = Solution(**{**sol.__dict__, "weights": np.zeros_like(sol.weights)})
+    with pytest.raises(ValueError, match="every weight is zero"):
+        phema.reconstruct_state_dicts(store, solution=zero)
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -206,3 +213,63 @@ def test_demo_never_clears_a_directory_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "work"), "--steps", "10"]) == 2
     one_error_line(capsys, "demo", str(mine))
     assert (mine / "000000000100-0.050.safetensors").read_bytes() == b"the user's own store"
+
+
+def sharded_store(path, times=(100, 200, 300)) -> None:
+    """Snapshots of a 2-rank run: each rank's file holds its half of `w`."""
+    os.makedirs(path)
+    rng = np.random.default_rng(0)
+    for t in times:
+        for s in (0.05, 0.10):
+            g = phema.sigma_rel_to_gamma(s)
+            for rank in range(2):
+                shards = {
+                    "w": {"shape": [8], "offset": [4 * rank], "placements": "(Shard(dim=0),)"}
+                }
+                meta = snapshot_metadata(t, g) | {
+                    "phema.rank": str(rank),
+                    "phema.world_size": "2",
+                    "phema.shards": json.dumps(shards),
+                }
+                write_snapshot(
+                    path / f"{t:012d}-{s:.3f}.rank{rank:05d}-of-00002.safetensors",
+                    {"w": rng.standard_normal(4).astype(np.float32)},
+                    metadata=meta,
+                )
+
+
+def test_per_rank_failure_on_a_later_rank_keeps_the_earlier_outputs(tmp_path):
+    store_dir = tmp_path / "store"
+    sharded_store(store_dir)
+    out = tmp_path / "out"
+    phema.reconstruct(store_dir, sigma_rels=[0.1], out=out, per_rank=True)
+    before = listing(out)
+    assert sorted(before) == [
+        "sigma_rel-0.100.rank00000-of-00002.safetensors",
+        "sigma_rel-0.100.rank00001-of-00002.safetensors",
+    ]
+    store = phema.open_store(store_dir)
+    # Rank 1's newest file breaks after listing: rank 0's new output was already committed over
+    # the earlier one, and the rollback used to delete it, losing both.
+    victim = store_dir / "000000000300-0.100.rank00001-of-00002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-8])
+    with pytest.raises(phema.StoreError, match=victim.name):
+        phema.reconstruct(store, sigma_rels=[0.1], out=out, per_rank=True)
+    assert listing(out) == before  # the earlier outputs, as they were, and nothing else
+
+
+def test_wrong_types_in_the_api_are_value_errors(small_store, two_checkpoints, tmp_path):
+    path, _ = small_store
+    with pytest.raises(ValueError, match="out=123"):
+        phema.reconstruct(path, sigma_rels=[0.1], out=123)
+    with pytest.raises(ValueError, match="sigma_rels: None is not a number"):
+        phema.solve(path, sigma_rels=[None])
+    with pytest.raises(ValueError, match="at='late'"):
+        phema.solve(path, sigma_rels=[0.1], at="late")
+    with pytest.raises(ValueError, match="weights="):
+        phema.average([two_checkpoints[0]], weights=[None], out=tmp_path / "o")
+    with pytest.raises(ValueError, match="expected a store"):
+        phema.solve(42, sigma_rels=[0.1])
+    # One path is one checkpoint, not a list of its characters.
+    (p,) = phema.average(str(two_checkpoints[0] / "model.safetensors"), out=tmp_path / "one")
+    assert os.path.basename(p) == "model.safetensors"

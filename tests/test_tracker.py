@@ -158,7 +158,9 @@ def test_resume_is_bit_exact(tmp_path, offload):
     a, b = snapshots(tmp_path / "a"), snapshots(tmp_path / "b")
     assert list(a) == list(b) and len(a) == 2 * 4  # t crosses 16, 32, 48, 64
     for name in a:
-        assert a[name][1] == b[name][1]
+        # Two runs: the same metadata but their run ids; the resumed one kept its own.
+        assert a[name][1] | {"phema.run_id": ""} == b[name][1] | {"phema.run_id": ""}
+        assert b[name][1]["phema.run_id"] == ema.run_id
         assert a[name][0]["w"].tobytes() == b[name][0]["w"].tobytes()
 
 
@@ -395,6 +397,7 @@ def test_metadata_and_file_names(tmp_path):
         "phema.step": "2",
         "phema.run": "exp1",
         "phema.model": "Linear",
+        "phema.run_id": ema.run_id,
     }
     assert files["000000004096-0.099.safetensors"][1]["phema.t"] == "4096"
 

@@ -229,3 +229,12 @@ def test_full_tmpfs_reports_every_failed_snapshot(tmp_path):
                 assert f.get_tensor("weight").shape == (64, 64)
     finally:
         subprocess.run(["umount", str(store)])
+
+
+def test_counts_given_to_the_tracker_are_bounded():
+    m = model()
+    with pytest.raises(ValueError, match="at most 64"):
+        phema.PostHocEMA(m, None, [0.01 + i * 0.001 for i in range(100)])
+    for bad in (0, 10**9, 2.5):
+        with pytest.raises(ValueError, match="max_pending must be 1 to 64"):
+            phema.PostHocEMA(m, None, max_pending=bad)

@@ -82,6 +82,8 @@ def average(
     """
     from phema.reconstruction import run_engine
 
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # one checkpoint, not the characters of its name
     if not paths:
         raise ValueError("no checkpoints to average")
     _check_count(len(paths))
@@ -97,7 +99,7 @@ def average(
     if w.shape != (len(files),):
         raise ValueError(f"{len(w)} weights for {len(files)} checkpoints")
     if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights {list(w)} must be finite")
+        raise ValueError(f"weights={weights!r}: every weight must be a finite number")
     if abs(w.sum() - 1.0) > 1e-6:
         warnings.warn(f"weights sum to {w.sum():.6g}, not 1", stacklevel=2)
     sources = _core.Sources(files)

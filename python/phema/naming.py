@@ -11,12 +11,14 @@ output replaces something of another kind: every writer calls it before doing an
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
 MAX_SHARD_SIZE = 2**63
@@ -30,6 +32,11 @@ _RANK_SUFFIX = re.compile(r"\.rank\d+-of-\d+$")
 def rank_suffix(rank: int, world_size: int) -> str:
     """The part of a sharded run's file name that says which rank wrote it."""
     return f".rank{rank:05d}-of-{world_size:05d}"
+
+
+def has_rank_suffix(name: str) -> bool:
+    """The file name is one rank's part of a sharded run's snapshot or output."""
+    return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
 
 
 def format_t(t: float) -> str:
@@ -101,7 +108,12 @@ def check_outputs(
     work, and then the outputs already renamed were removed again). Paths are compared after
     resolving symbolic links.
     """
-    out = os.fspath(out)
+    try:
+        out = os.fspath(out)
+    except TypeError:
+        raise ValueError(f"out={out!r}: expected a directory path") from None
+    if not out:
+        raise ValueError("the output directory is an empty name")
     real_out = os.path.realpath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
@@ -143,3 +155,38 @@ def _parents(path: str, top: str) -> list[str]:
         out.append(parent)
         parent = os.path.dirname(parent)
     return out
+
+
+@contextlib.contextmanager
+def restore_on_failure(paths: Iterable[str]) -> Iterator[None]:
+    """Outputs that exist at `paths` now are back as they were if the block raises.
+
+    For writers that commit in several steps (per-rank reconstruction, one engine run per
+    rank): a failure after some steps removes what they committed, which had replaced earlier
+    outputs of the same names. Kept under a temporary name (`.NAME.tmp-keep-PID`, which store
+    listings skip), hard-linked when the file system allows it."""
+    kept: list[tuple[str, str]] = []
+    try:
+        for path in paths:
+            if os.path.isfile(path):
+                aside = os.path.join(
+                    os.path.dirname(path), f".{os.path.basename(path)}.tmp-keep-{os.getpid()}"
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(aside)
+                try:
+                    os.link(path, aside)
+                except OSError:
+                    shutil.copy2(path, aside)
+                kept.append((aside, path))
+        yield
+    except BaseException:
+        for aside, path in kept:
+            # rename() of two links to one file does nothing: then the output is untouched.
+            if os.path.exists(path) and os.path.samefile(aside, path):
+                os.remove(aside)
+            else:
+                os.replace(aside, path)
+        raise
+    for aside, _ in kept:
+        os.remove(aside)

@@ -268,6 +268,8 @@ def _check_solution(sol: Solution, store: Store) -> None:
         )
     if not np.all(np.isfinite(sol.weights)):
         raise ValueError("solution= holds non-finite weights")
+    if not np.all(np.any(np.asarray(sol.weights) != 0, axis=0)):
+        raise ValueError("solution= gives a target no snapshot: every weight is zero")
 
 
 _SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
@@ -298,6 +300,34 @@ def _reconstruct_per_rank(
     written: list[str] = []
     total = {"read": [int(i) for i in nonzero], "bytes_read": 0, "raw_mismatch": []}
     raw_from = int(np.searchsorted(used, copy_from))
+    names = [
+        f"{name}{naming.rank_suffix(r, world)}.safetensors" for name in labels for r in range(world)
+    ]
+    with naming.restore_on_failure(os.path.join(out, n) for n in names):
+        _run_ranks(
+            store, sol, used, raw_from, world, weights, labels, out, dtype, progress, written, total
+        )
+    if stats is not None:
+        stats.update(total)
+    return written
+
+
+def _run_ranks(
+    store: Store,
+    sol: Solution,
+    used: np.ndarray,
+    raw_from: int,
+    world: int,
+    weights: np.ndarray,
+    labels: list[str],
+    out: str | os.PathLike[str],
+    dtype: str,
+    progress: bool,
+    written: list[str],
+    total: dict[str, Any],
+) -> None:
+    """The engine over each rank's files in turn (non-float tensors from input `raw_from`); on
+    failure, what it wrote is removed."""
     try:
         for rank in range(world):
             sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
@@ -332,9 +362,6 @@ def _reconstruct_per_rank(
         for p in written:
             os.remove(p)
         raise
-    if stats is not None:
-        stats.update(total)
-    return written
 
 
 def reconstruct_state_dict(

@@ -257,12 +257,25 @@ def make_targets(
         ("halflife", halflives),
     ):
         for v in _as_list(values, kind + "s"):
+            _check_decay(kind, v, dt)
             out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
     if not out:
         raise ValueError("no target given: pass sigma_rels, gammas, betas or halflives")
     if len(out) > MAX_TARGETS:
         raise ValueError(f"{len(out)} targets: at most {MAX_TARGETS} are taken at once")
     return list(out.values())
+
+
+def _check_decay(kind: str, value: float, dt: float) -> None:
+    """A classic EMA whose decay rate per time unit overflows (a halflife of 1e-320) would
+    never finish integrating; other range checks are the core's."""
+    rate = 1.0
+    if kind == "beta" and 0 < value < 1:
+        rate = -math.log(value) / dt
+    elif kind == "halflife" and value > 0:
+        rate = math.log(2) / value
+    if not math.isfinite(rate):
+        raise ValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
 
 
 # Most targets one solve takes: each is a model-sized output, and a typo in a range

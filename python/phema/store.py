@@ -131,6 +131,7 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     out either way and listed in `Store.incomplete`: a run still writing is not an error.
     """
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
+    problems = problems + _mixed_runs(os.fspath(path), records)
     if strict and problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise _core.StoreError(problems[0] + more)
@@ -142,6 +143,21 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
         headers=headers,
         incomplete=incomplete,
     )
+
+
+def _mixed_runs(path: str, records: list[dict[str, Any]]) -> list[str]:
+    """A problem when snapshots of several runs share the store (docs/runs.md)."""
+    runs: dict[str, str] = {}
+    for r in records:
+        run_id = r["metadata"].get("phema.run_id")
+        if run_id is not None:
+            runs.setdefault(run_id, os.path.basename(r["path"]))
+    if len(runs) < 2:
+        return []
+    shown = ", ".join(f"{k} (e.g. {v})" for k, v in list(runs.items())[:3])
+    return [
+        f"{path}: snapshots of {len(runs)} runs are mixed (phema.run_id {shown}): a store holds one run"
+    ]
 
 
 def write_snapshot(

@@ -12,6 +12,7 @@ import os
 import queue
 import sys
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
+
+
+# Bounds on what a caller asks for: profiles are each a model-sized accumulator, pending
+# snapshots each a model-sized host buffer.
+MAX_PROFILES = 64
+MAX_PENDING = 64
 
 
 @dataclass
@@ -178,6 +185,10 @@ class PostHocEMA:
             self.gammas = tuple(float(sigma_rel_to_gamma(s)) for s in self.sigma_rels)
         if not self.gammas:
             raise ValueError("track at least one profile (sigma_rels or gammas is empty)")
+        if len(self.gammas) > MAX_PROFILES:
+            raise ValueError(
+                f"{len(self.gammas)} profiles: at most {MAX_PROFILES} (each is a copy of the model)"
+            )
         for i, g in enumerate(self.gammas):
             for h in self.gammas[:i]:
                 if math.isclose(g, h, rel_tol=1e-6):
@@ -185,8 +196,8 @@ class PostHocEMA:
         if snapshot_every is not None and not snapshot_every > 0:
             raise ValueError(f"snapshot_every must be > 0 (or None), got {snapshot_every!r}")
         dtype = normalize_dtype(str(dtype))
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
+        if not (isinstance(max_pending, int) and 1 <= max_pending <= MAX_PENDING):
+            raise ValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
         if offload and device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"offload=True keeps the averages on the CPU, not on {device}")
 
@@ -202,6 +213,10 @@ class PostHocEMA:
         self._errors: collections.deque[_Failure] = collections.deque()
         self._closed = False
         self._swapped = 0  # depth of swapped() blocks: the model holds an average meanwhile
+        # One id per run (docs/runs.md): kept by load_state_dict(), written into every snapshot.
+        self.run_id = uuid.uuid4().hex[:16]
+        self._resumed_t: int | float | None = None  # the t load_state_dict() resumed at
+        self._claimed = False  # the store was checked for other runs' snapshots
 
         self._names, self._floats, self._int_names, self._ints, tied = _select(
             module,
@@ -245,6 +260,7 @@ class PostHocEMA:
                 "phema.version": "1",
                 "phema.kind": "power",
                 "phema.model": _model_name(module),
+                "phema.run_id": self.run_id,
             }
             if run is not None:
                 metadata["phema.run"] = run
@@ -349,9 +365,54 @@ class PostHocEMA:
         self._check_model()
         # Only the writing rank writes, and never twice the same (t, gamma).
         if self._writer is not None and self._t != self._last_snapshot_t:
+            if not self._claimed:
+                self._claim_store(self._writer)
             self._copy_out(self._writer)
         if self._errors:
             self._raise_writer_error()
+
+    def _claim_store(self, writer: _SnapshotWriter) -> None:
+        """Before the first write: the store must hold this run's snapshots only (docs/runs.md).
+
+        Another run's snapshots are refused. This run's own snapshots after t were written by an
+        interrupted attempt that this resumed tracker replaces: moved into `superseded/`."""
+        later, others = [], set()
+        for name in sorted(os.listdir(writer.directory)):
+            if not name.endswith(writer.suffix + ".safetensors") or name.startswith("."):
+                continue
+            if not writer.suffix and naming.has_rank_suffix(name):
+                continue
+            path = os.path.join(writer.directory, name)
+            meta = _metadata_of(path)
+            run_id = meta.get("phema.run_id")
+            if run_id is None:  # written before run ids, or not a snapshot
+                continue
+            if run_id != self.run_id:
+                others.add((run_id, name))
+            elif (
+                self._resumed_t is not None and _float_or_nan(meta.get("phema.t")) > self._resumed_t
+            ):
+                later.append(name)
+        if others:
+            run_id, name = sorted(others)[0]
+            raise ValueError(
+                f"{writer.directory} holds snapshots of another run (phema.run_id {run_id}, "
+                f"e.g. {name}); this tracker is run {self.run_id}: a store holds one run, so "
+                "write to another directory, or resume that run with load_state_dict()"
+            )
+        if later:
+            aside = os.path.join(writer.directory, "superseded")
+            os.makedirs(aside, exist_ok=True)
+            for name in later:
+                os.replace(os.path.join(writer.directory, name), os.path.join(aside, name))
+            with open(os.path.join(aside, "NOTE.txt"), "a") as f:
+                f.write(
+                    f"run {self.run_id} resumed at t={naming.format_t(self._resumed_t)}: the "
+                    "snapshots "
+                    f"an interrupted attempt wrote after it were moved here: {', '.join(later)}\n"
+                )
+            log.warning("moved %d superseded snapshots into %s", len(later), aside)
+        self._claimed = True
 
     def _copy_out(self, writer: _SnapshotWriter) -> None:
         """Copy the averages into free host buffers and hand them to the writer thread."""
@@ -440,6 +501,7 @@ class PostHocEMA:
                 "shards": sharding.shards,
             },
             "averages": [dict(zip(self._names, accs, strict=True)) for accs in self._accs],
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -455,6 +517,13 @@ class PostHocEMA:
         self._t = t
         self._step = step
         self._last_snapshot_t = last
+        run_id = state.get("run_id")
+        if run_id is not None:
+            self.run_id = run_id
+            if self._writer is not None:
+                self._writer.metadata["phema.run_id"] = run_id
+        self._resumed_t = t
+        self._claimed = False
 
     def _checked_state(
         self, state: Any
@@ -489,6 +558,9 @@ class PostHocEMA:
         ):
             raise ValueError(f"state tracks gammas {gammas!r}, this tracker {list(self.gammas)}")
         self._check_sharding(state.get("sharding"))
+        run_id = state.get("run_id")  # absent in states saved before run ids
+        if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
+            raise ValueError(f"state_dict['run_id']={run_id!r}: expected the id of a run")
         averages = state["averages"]
         if not isinstance(averages, (list, tuple)) or len(averages) != len(self.gammas):
             raise ValueError(
@@ -714,6 +786,25 @@ class _SnapshotWriter:
 def _as_tuple(x: Any) -> tuple[Any, ...]:
     """A bare value as a 1-tuple, a sequence as a tuple."""
     return (x,) if isinstance(x, (str, int, float)) else tuple(x)
+
+
+def _metadata_of(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file; empty when it cannot be read (its problem is for
+    open_store to report)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def _float_or_nan(text: str | None) -> float:
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _is_number(x: Any) -> bool:
