@@ -643,6 +643,27 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
     Ok((headers, records, ignored, scan.problems, scan.incomplete))
 }
 
+/// Block layout: `{name: (global shape, offset)}`.
+type Blocks = BTreeMap<String, (Vec<usize>, Vec<usize>)>;
+
+/// The rank part a file is of sharded training: `(rank, world_size, blocks)`, or None for an
+/// ordinary file; the metadata is validated as for a store.
+#[pyfunction]
+fn shard_layout(py: Python<'_>, path: PathBuf) -> PyResult<Option<(usize, usize, Blocks)>> {
+    py.detach(|| {
+        let header = store::read_header(&path)?;
+        let Some(id) = crate::meta::shard_id(&header)? else {
+            return Ok(None);
+        };
+        let blocks = crate::meta::blocks(&header)?
+            .into_iter()
+            .map(|(name, b)| (name, (b.shape, b.offset)))
+            .collect();
+        Ok(Some((id.rank, id.world_size, blocks)))
+    })
+    .map_err(err)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -663,6 +684,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(solve_raw, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(scan_store, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_layout, m)?)?;
     m.add_class::<Sources>()?;
     m.add_class::<EngineProgress>()?;
     Ok(())

@@ -37,6 +37,9 @@ def solve(
 def solve_raw(
     times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False
 ) -> dict[str, np.ndarray]: ...
+def shard_layout(
+    path: str | PathLike[str],
+) -> tuple[int, int, dict[str, tuple[list[int], list[int]]]] | None: ...
 def write_snapshot(
     path: str | PathLike[str],
     tensors: Sequence[tuple[str, np.ndarray]],

@@ -562,9 +562,9 @@ class _ShardedReader:
 
     def _open(self, path: str) -> None:
         handle = _open_weights(path)
-        meta = handle.metadata() or {}
-        if "phema.rank" in meta:
-            rank, world = int(meta["phema.rank"]), int(meta["phema.world_size"])
+        layout = _core.shard_layout(path)
+        if layout is not None:
+            rank, world, blocks = layout
             if world != self.world:
                 raise ValueError(
                     f"{path} is rank {rank}'s part of a {world}-rank reconstruction, but this "
@@ -582,7 +582,9 @@ class _ShardedReader:
                         f"{mine} does not exist"
                     )
                 return self._open(mine)
-            self.file_blocks = json.loads(meta.get("phema.shards", "{}"))
+            self.file_blocks = {
+                name: {"shape": shape, "offset": offset} for name, (shape, offset) in blocks.items()
+            }
         for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
             self.handles[name] = handle
             stored = tuple(handle.get_slice(name).get_shape())
