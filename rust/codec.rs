@@ -1,5 +1,5 @@
-//! Float encodings of stored tensors: f32 to fp16/bf16/f32/f64 bytes (SIMD where the CPU has
-//! it) and the non-finite check of encoded bytes. Below the engine and the writer, which both
+//! Float encodings of stored tensors: fp16/bf16/f32/f64 bytes to f32 and back (SIMD where the
+//! CPU has it) and the non-finite check of encoded bytes. Below the engine and the writer, which both
 //! encode.
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -100,5 +100,90 @@ fn encode_halves(values: &[f32], out: &mut [u8], convert: impl Fn(&[f32], &mut [
         for (d, &v) in dst.chunks_exact_mut(2).zip(h.iter()) {
             d.copy_from_slice(&v.to_le_bytes());
         }
+    }
+}
+
+/// Little-endian bytes of a float dtype to f32 (exact for fp16, bf16 and f32), with AVX2/F16C
+/// when `simd` and the CPU has them (every path gives the same values).
+pub fn decode(simd: bool, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if simd && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+                // SAFETY: both features were just detected.
+                return unsafe { decode_f16_f16c(bytes, out) };
+            }
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        Dtype::BF16 => {
+            #[cfg(target_arch = "x86_64")]
+            if simd && is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was just detected.
+                return unsafe { decode_bf16_avx2(bytes, out) };
+            }
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                *o = f64::from_le_bytes(b) as f32;
+            }
+        }
+        other => unreachable!("decode called on non-float {other:?}"),
+    }
+}
+
+/// bf16 is the upper half of an f32.
+#[inline(always)]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// # Safety
+/// AVX2 and F16C must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn decode_f16_f16c(bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(bytes.len() / 2);
+    let mut j = 0;
+    while j + 8 <= n {
+        // SAFETY: bytes 2j..2j + 16 and floats j..j + 8 are in bounds (j + 8 <= n).
+        let h = _mm_loadu_si128(bytes.as_ptr().add(2 * j).cast());
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_cvtph_ps(h));
+        j += 8;
+    }
+    for (o, c) in out[j..n].iter_mut().zip(bytes[2 * j..].chunks_exact(2)) {
+        *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+    }
+}
+
+/// # Safety
+/// AVX2 must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_bf16_avx2(bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(bytes.len() / 2);
+    let mut j = 0;
+    while j + 8 <= n {
+        // SAFETY: as in `decode_f16_f16c`.
+        let h = _mm_loadu_si128(bytes.as_ptr().add(2 * j).cast());
+        let x = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_castsi256_ps(x));
+        j += 8;
+    }
+    for (o, c) in out[j..n].iter_mut().zip(bytes[2 * j..].chunks_exact(2)) {
+        *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
     }
 }

@@ -7,11 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use half::f16;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::codec::{encode_into, has_nonfinite};
+use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, read_header, Header, TensorEntry};
 use crate::meta::shard_id;
@@ -573,7 +572,7 @@ fn combine_chunk(
         {
             let size = dtype.bitsize() / 8;
             decode(
-                kernel.isa,
+                kernel.isa != Isa::Portable,
                 *dtype,
                 &bytes[b0 * size..(b0 + bl) * size],
                 &mut x[..bl],
@@ -892,96 +891,12 @@ unsafe fn step_avx512<const T: usize, const V: usize>(b: &mut Block, g: &Group, 
     }
 }
 
-/// Little-endian bytes of a float dtype to f32 (exact for fp16, bf16 and f32).
-fn decode(isa: Isa, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
-    match dtype {
-        Dtype::F16 => {
-            #[cfg(target_arch = "x86_64")]
-            if isa != Isa::Portable {
-                // SAFETY: `Isa::Avx2` is chosen only where AVX2 and F16C exist.
-                return unsafe { decode_f16_f16c(bytes, out) };
-            }
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        Dtype::BF16 => {
-            #[cfg(target_arch = "x86_64")]
-            if isa != Isa::Portable {
-                // SAFETY: `Isa::Avx2` is chosen only where AVX2 exists.
-                return unsafe { decode_bf16_avx2(bytes, out) };
-            }
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-            }
-        }
-        Dtype::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        Dtype::F64 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                *o = f64::from_le_bytes(b) as f32;
-            }
-        }
-        other => unreachable!("decode called on non-float {other:?}"),
-    }
-}
-
-/// bf16 is the upper half of an f32.
-#[inline(always)]
-fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
-}
-
-/// # Safety
-/// AVX2 and F16C must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn decode_f16_f16c(bytes: &[u8], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = out.len().min(bytes.len() / 2);
-    let mut j = 0;
-    while j + 8 <= n {
-        // SAFETY: bytes 2j..2j + 16 and floats j..j + 8 are in bounds (j + 8 <= n).
-        let h = _mm_loadu_si128(bytes.as_ptr().add(2 * j).cast());
-        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_cvtph_ps(h));
-        j += 8;
-    }
-    for (o, c) in out[j..n].iter_mut().zip(bytes[2 * j..].chunks_exact(2)) {
-        *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-    }
-}
-
-/// # Safety
-/// AVX2 must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn decode_bf16_avx2(bytes: &[u8], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = out.len().min(bytes.len() / 2);
-    let mut j = 0;
-    while j + 8 <= n {
-        // SAFETY: as in `decode_f16_f16c`.
-        let h = _mm_loadu_si128(bytes.as_ptr().add(2 * j).cast());
-        let x = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-        _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_castsi256_ps(x));
-        j += 8;
-    }
-    for (o, c) in out[j..n].iter_mut().zip(bytes[2 * j..].chunks_exact(2)) {
-        *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::store::read_header;
     use crate::writer::{write_snapshot, TensorData};
-    use half::bf16;
+    use half::{bf16, f16};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
@@ -1176,7 +1091,12 @@ pub(crate) mod tests {
                 let bl = bs.min(len - b0);
                 for (m, x) in staged.chunks_exact_mut(bs).enumerate() {
                     let dtype = if m % 2 == 0 { Dtype::F16 } else { Dtype::BF16 };
-                    decode(isa, dtype, &bytes[m][b0 * 2..(b0 + bl) * 2], &mut x[..bl]);
+                    decode(
+                        isa != Isa::Portable,
+                        dtype,
+                        &bytes[m][b0 * 2..(b0 + bl) * 2],
+                        &mut x[..bl],
+                    );
                 }
                 kernel.run(&staged, bs, bl, &mut rows, len, b0);
                 b0 += bl;
