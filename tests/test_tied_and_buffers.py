@@ -88,3 +88,21 @@ def test_float_buffers_are_averaged_and_counters_come_from_the_latest_snapshot_b
     [path] = phema.reconstruct(store, sigma_rels=0.1, at=70, out=tmp_path / "o")
     with safe_open(path, "pt") as f:
         assert int(f.get_tensor("norm.num_batches_tracked")) == counters[60]
+
+
+def test_plain_checkpoints_follow_the_same_rules(tmp_path):
+    from safetensors.torch import save_file
+
+    # theta(t) = t: a linear trajectory, so the average is exact; `step` is the counter.
+    for t in range(100, 1100, 100):
+        save_file(
+            {"w": torch.full((4,), float(t)), "step": torch.tensor([t])},
+            tmp_path / f"step-{t}.safetensors",
+        )
+    store = phema.open_checkpoints(tmp_path)
+    sol = phema.solve(store, sigma_rels=0.2, at=650)
+    assert abs(sol.weights.sum() - 1) < 1e-9 and sol.weights[6, 0] > 0  # t = 700 contributes
+    sd = phema.reconstruct_state_dict(store, sigma_rel=0.2, at=650)
+    assert int(sd["step"]) == 600
+    want = sum(w * t for w, t in zip(sol.weights[:, 0], range(100, 1100, 100)))
+    torch.testing.assert_close(sd["w"], torch.full((4,), float(want)))
