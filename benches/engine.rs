@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use phema::engine::{combine, layout_of, Progress, Sink, Source};
+use phema::engine::{combine, Plan, Progress, Sink, Source};
+use phema::ops;
 use phema::profile::{sigma_rel_to_gamma, Profile};
 use phema::solve::{solve, SolveOptions};
 use phema::store::scan;
-use phema::writer::{FileSink, OutputRequest};
+use phema::writer::OutputRequest;
 use safetensors::Dtype;
 
 const STORE: &str = "bench-data/reconstruct-25M-fp16";
@@ -51,12 +52,12 @@ fn weights(profiles: &[Profile], sigma_rels: &[f64]) -> phema::Result<Vec<Vec<f6
 fn run(sources: &[Source], w: &[Vec<f64>], out: Option<&Path>) -> phema::Result<f64> {
     let k = w[0].len();
     let start = Instant::now();
+    let plan = Plan::new(w.to_vec(), None);
     match out {
         None => {
-            combine(sources, w, k, None, &Discard, &Progress::default())?;
+            combine(sources, &plan, &Discard, &Progress::default())?;
         }
         Some(dir) => {
-            let layout = layout_of(&sources[0])?;
             let requests: Vec<OutputRequest> = (0..k)
                 .map(|j| OutputRequest {
                     path: dir.join(format!("target-{j}.safetensors")),
@@ -65,9 +66,8 @@ fn run(sources: &[Source], w: &[Vec<f64>], out: Option<&Path>) -> phema::Result<
                     shard_size: None,
                 })
                 .collect();
-            let sink = FileSink::create(&layout, &requests)?;
-            combine(sources, w, k, None, &sink, &Progress::default())?;
-            for p in sink.finish()?.iter().flatten() {
+            let (paths, _) = ops::to_files(sources, &plan, &requests, &Progress::default())?;
+            for p in paths.iter().flatten() {
                 std::fs::remove_file(p).map_err(|e| phema::PhemaError::io(p, e))?;
             }
         }

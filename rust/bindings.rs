@@ -16,12 +16,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use safetensors::Dtype;
 
-use crate::engine::{self, Progress, Sink, Source};
+use crate::engine::{self, Progress, Source};
 use crate::error::PhemaError;
+use crate::ops;
 use crate::profile::{self, Profile};
 use crate::solve::{self as solver, SolveOptions};
 use crate::store::{self, Header};
-use crate::writer::{self, FileSink, OutputRequest, TensorData};
+use crate::writer::{self, OutputRequest, TensorData};
 
 create_exception!(
     _core,
@@ -395,10 +396,11 @@ impl Sources {
             .map(Sources)
     }
 
-    /// Writes `sum_i weights[i, k] * input_i` for every target `k` to the requested outputs
-    /// (dicts with path, dtype, metadata, shard_size); returns (paths per target, stats).
-    /// Non-float tensors come from input `copy_from` (default: the last input read).
-    #[pyo3(signature = (weights, outputs, progress, copy_from=None))]
+    /// Writes `sum_i weights[i, c] * input_i` for every column `c` to the requested outputs
+    /// (dicts with path, dtype, metadata, shard_size); returns (paths per output, stats).
+    /// Non-float tensors come from input `copy_from` (default: the last input read). With `mix`
+    /// (a list of `(column, {tensor name: column})` per output) outputs mix columns per tensor.
+    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None))]
     fn combine_to_files<'py>(
         &self,
         py: Python<'py>,
@@ -406,21 +408,20 @@ impl Sources {
         outputs: Vec<Bound<'py, PyDict>>,
         progress: &EngineProgress,
         copy_from: Option<usize>,
+        mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
     ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
         let w = rows(&weights)?;
         let requests = outputs
             .iter()
             .map(output_request)
             .collect::<PyResult<Vec<_>>>()?;
-        let k = requests.len();
-        let headers = &self.0;
+        let inputs = &self.0;
         let progress = Arc::clone(&progress.0);
+        let mix = mix.map(to_mix);
         let (paths, stats) = py
             .detach(|| {
-                let layout = engine::output_layout(headers, &w, k)?;
-                let sink = FileSink::create(&layout, &requests)?;
-                let stats = engine::combine(headers, &w, k, copy_from, &sink, &progress)?;
-                Ok::<_, PhemaError>((sink.finish()?, stats))
+                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                ops::to_files(inputs, &plan, &requests, &progress)
             })
             .map_err(err)?;
         let paths = paths
@@ -435,9 +436,9 @@ impl Sources {
     }
 
     /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
-    /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of target `k`
+    /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of output `k`
     /// as float32 (float tensors) or in its stored dtype (others, from input `copy_from`).
-    #[pyo3(signature = (weights, buffers, progress, copy_from=None))]
+    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None))]
     fn combine_to_memory<'py>(
         &self,
         py: Python<'py>,
@@ -445,40 +446,49 @@ impl Sources {
         buffers: Vec<Vec<Bound<'py, PyArrayDyn<u8>>>>,
         progress: &EngineProgress,
         copy_from: Option<usize>,
+        mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let w = rows(&weights)?;
         let mut held = Vec::with_capacity(buffers.len());
-        for per_target in &buffers {
-            let mut v = Vec::with_capacity(per_target.len());
-            for b in per_target {
+        for per_output in &buffers {
+            let mut v = Vec::with_capacity(per_output.len());
+            for b in per_output {
                 v.push(b.try_readwrite().map_err(|_| {
                     PyValueError::new_err("an output buffer is given twice or is in use elsewhere")
                 })?);
             }
             held.push(v);
         }
-        let mut slices: Vec<Vec<SharedSlice>> = Vec::with_capacity(held.len());
-        for per_target in held.iter_mut() {
-            let mut v = Vec::with_capacity(per_target.len());
-            for b in per_target.iter_mut() {
-                let s = b
-                    .as_slice_mut()
-                    .map_err(|_| PyValueError::new_err("output buffers must be C-contiguous"))?;
-                v.push(SharedSlice(s.as_mut_ptr(), s.len()));
+        let mut slices: Vec<Vec<&mut [u8]>> = Vec::with_capacity(held.len());
+        for per_output in held.iter_mut() {
+            let mut v = Vec::with_capacity(per_output.len());
+            for b in per_output.iter_mut() {
+                v.push(
+                    b.as_slice_mut().map_err(|_| {
+                        PyValueError::new_err("output buffers must be C-contiguous")
+                    })?,
+                );
             }
             slices.push(v);
         }
-        let headers = &self.0;
-        let k = slices.len();
+        let inputs = &self.0;
         let progress = Arc::clone(&progress.0);
-        let sink = MemorySink(slices);
+        let mix = mix.map(to_mix);
         let stats = py
             .detach(|| {
-                sink.check(&engine::output_layout(headers, &w, k)?)?;
-                engine::combine(headers, &w, k, copy_from, &sink, &progress)
+                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                ops::to_memory(inputs, &plan, slices, &progress)
             })
             .map_err(err)?;
         stats_dict(py, &stats)
+    }
+}
+
+fn to_mix(per_output: Vec<(usize, BTreeMap<String, usize>)>) -> ops::Mix {
+    let (defaults, overrides) = per_output.into_iter().unzip();
+    ops::Mix {
+        defaults,
+        overrides,
     }
 }
 
@@ -511,80 +521,6 @@ fn stats_dict<'py>(py: Python<'py>, s: &engine::Stats) -> PyResult<Bound<'py, Py
     d.set_item("raw_mismatch", s.raw_mismatch.clone())?;
     d.set_item("nonfinite", s.nonfinite.clone())?;
     Ok(d)
-}
-
-/// A raw view of a numpy buffer that outlives the interpreter lock: the engine writes disjoint
-/// ranges from several threads while the arrays are borrowed (and so kept alive) by the caller.
-#[derive(Clone, Copy)]
-struct SharedSlice(*mut u8, usize);
-// SAFETY: see above; every write is bounds-checked against the length and ranges are disjoint.
-unsafe impl Send for SharedSlice {}
-unsafe impl Sync for SharedSlice {}
-
-struct MemorySink(Vec<Vec<SharedSlice>>);
-
-impl MemorySink {
-    fn check(&self, layout: &[store::TensorEntry]) -> crate::Result<()> {
-        for per_target in &self.0 {
-            if per_target.len() != layout.len() {
-                return Err(PhemaError::Invalid(format!(
-                    "{} buffers for {} tensors",
-                    per_target.len(),
-                    layout.len()
-                )));
-            }
-            for (b, t) in per_target.iter().zip(layout) {
-                let want = if store::is_float(t.dtype) {
-                    t.numel() * 4
-                } else {
-                    t.nbytes as usize
-                };
-                if b.1 != want {
-                    return Err(PhemaError::Invalid(format!(
-                        "buffer for `{}` has {} bytes, expected {want}",
-                        t.name, b.1
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn write(
-        &self,
-        target: usize,
-        tensor: usize,
-        byte_offset: usize,
-        src: &[u8],
-    ) -> crate::Result<()> {
-        let b = self
-            .0
-            .get(target)
-            .and_then(|t| t.get(tensor))
-            .copied()
-            .ok_or_else(|| PhemaError::Invalid("no output buffer for this tensor".into()))?;
-        if byte_offset
-            .checked_add(src.len())
-            .is_none_or(|end| end > b.1)
-        {
-            return Err(PhemaError::Invalid("output buffer too small".into()));
-        }
-        // SAFETY: in bounds (checked above); the engine writes disjoint ranges.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.0.add(byte_offset), src.len()) };
-        Ok(())
-    }
-}
-
-impl Sink for MemorySink {
-    fn dtype(&self, _: usize, _: usize) -> Dtype {
-        Dtype::F32
-    }
-    fn put(&self, target: usize, tensor: usize, off: usize, bytes: &[u8]) -> crate::Result<()> {
-        self.write(target, tensor, off * 4, bytes)
-    }
-    fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> crate::Result<()> {
-        self.write(target, tensor, 0, bytes)
-    }
 }
 
 /// What `scan_store` returns: the sources, their records, ignored files, problems and

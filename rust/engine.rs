@@ -25,13 +25,84 @@ const BLOCK: usize = 256;
 
 /// Receives finished pieces of the outputs.
 pub trait Sink: Sync {
-    /// The dtype (F16, BF16 or F32) float tensor `tensor` of target `target` is delivered in.
-    fn dtype(&self, target: usize, tensor: usize) -> Dtype;
-    /// `bytes` are elements `elem_offset..` of float tensor `tensor` of target `target`,
-    /// little-endian in `self.dtype(target, tensor)`.
-    fn put(&self, target: usize, tensor: usize, elem_offset: usize, bytes: &[u8]) -> Result<()>;
-    /// The bytes of a non-float tensor, copied unchanged into every target.
-    fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()>;
+    /// The dtype (F16, BF16 or F32) float tensor `tensor` of output `output` is delivered in.
+    fn dtype(&self, output: usize, tensor: usize) -> Dtype;
+    /// `bytes` are elements `elem_offset..` of float tensor `tensor` of output `output`,
+    /// little-endian in `self.dtype(output, tensor)`.
+    fn put(&self, output: usize, tensor: usize, elem_offset: usize, bytes: &[u8]) -> Result<()>;
+    /// The bytes of a non-float tensor, copied unchanged into every output.
+    fn put_raw(&self, output: usize, tensor: usize, bytes: &[u8]) -> Result<()>;
+    /// Whether output `output` takes tensor `tensor` (a sink writing one shard of a model takes
+    /// only that shard's tensors); tensors no output takes are not computed.
+    fn wants(&self, _output: usize, _tensor: usize) -> bool {
+        true
+    }
+}
+
+/// What a combination computes: weighted sums of the inputs (columns), and which column every
+/// tensor of every output takes, so that outputs may mix EMA lengths per tensor.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// `weights[i][c]`: the weight of input `i` in column `c`.
+    pub weights: Vec<Vec<f64>>,
+    /// Per output: the column of every tensor, in the output layout's order. Empty: one output
+    /// per column, every tensor of output `k` from column `k`.
+    pub routes: Vec<Vec<usize>>,
+    /// The input whose non-float tensors are copied (default: the last input read).
+    pub copy_from: Option<usize>,
+}
+
+impl Plan {
+    /// One output per column of `weights` (`[input][column]`).
+    pub fn new(weights: Vec<Vec<f64>>, copy_from: Option<usize>) -> Self {
+        Plan {
+            weights,
+            routes: Vec::new(),
+            copy_from,
+        }
+    }
+
+    /// Number of columns (distinct weighted sums).
+    pub fn columns(&self) -> usize {
+        self.weights.first().map_or(0, Vec::len)
+    }
+
+    /// Number of outputs.
+    pub fn outputs(&self) -> usize {
+        if self.routes.is_empty() {
+            self.columns()
+        } else {
+            self.routes.len()
+        }
+    }
+
+    fn column(&self, output: usize, tensor: usize) -> usize {
+        if self.routes.is_empty() {
+            output
+        } else {
+            self.routes[output][tensor]
+        }
+    }
+
+    /// Checks the routes against the output layout: one column per tensor, each existing.
+    fn check_routes(&self, layout: &[TensorEntry]) -> Result<()> {
+        let n = self.columns();
+        for (k, r) in self.routes.iter().enumerate() {
+            if r.len() != layout.len() {
+                return Err(PhemaError::Invalid(format!(
+                    "output {k} routes {} tensors, but the snapshots hold {}",
+                    r.len(),
+                    layout.len()
+                )));
+            }
+            if let Some(c) = r.iter().find(|&&c| c >= n) {
+                return Err(PhemaError::Invalid(format!(
+                    "output {k} takes column {c}, but the weights have {n} columns"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Progress and cancellation shared with the caller while the engine runs.
@@ -290,20 +361,22 @@ fn allow_open_files(needed: usize) {
     }
 }
 
-/// Combines `inputs` with `weights[i][k]` (input `i`, target `k`) into `sink`.
+/// Combines `inputs` as `plan` says into `sink`: column `c` of the plan is
+/// `sum_i weights[i][c] * input_i`, and every output tensor takes the column its route names.
 ///
-/// Inputs whose weight is zero for every target are never read, but for input `copy_from`
+/// Inputs whose weight is zero in every column are never read, but for input `copy_from`
 /// (default: the last input read), whose non-float tensors are copied to every output; they are
 /// compared with every input read, and the names of those that differ are returned in the stats.
 pub fn combine(
     inputs: &[Source],
-    weights: &[Vec<f64>],
-    n_targets: usize,
-    copy_from: Option<usize>,
+    plan: &Plan,
     sink: &dyn Sink,
     progress: &Progress,
 ) -> Result<Stats> {
-    check_weights(inputs, weights, n_targets)?;
+    let weights = &plan.weights;
+    let n_columns = plan.columns();
+    let n_outputs = plan.outputs();
+    check_weights(inputs, weights, n_columns)?;
     let used: Vec<usize> = (0..inputs.len())
         .filter(|&i| weights[i].iter().any(|&w| w != 0.0))
         .collect();
@@ -312,7 +385,7 @@ pub fn combine(
             "every weight is zero: nothing to combine".into(),
         ));
     };
-    let copy_from = copy_from.unwrap_or(used[used.len() - 1]);
+    let copy_from = plan.copy_from.unwrap_or(used[used.len() - 1]);
     if copy_from >= inputs.len() {
         return Err(PhemaError::Invalid(format!(
             "input {copy_from} to copy non-float tensors from does not exist ({} inputs)",
@@ -320,6 +393,7 @@ pub fn combine(
         )));
     }
     let layout = layout_of(&inputs[first])?;
+    plan.check_routes(&layout)?;
     allow_open_files(used.iter().map(|&i| inputs[i].files.len()).sum());
     let mut opened = Vec::with_capacity(used.len());
     for &i in &used {
@@ -350,14 +424,17 @@ pub fn combine(
         Some(o) => o,
         None => &opened[used.iter().position(|&u| u == copy_from).unwrap_or(0)],
     };
-    // Weights as f32, `[input][target]`, and the kernel chosen for this CPU.
+    // Weights as f32, `[input][column]`, and the kernel chosen for this CPU.
     let w: Vec<f32> = used
         .iter()
         .flat_map(|&i| weights[i].iter().map(|&x| x as f32))
         .collect();
     let isa = Isa::detect();
-    let kernel = Kernel::new(isa, &w, opened.len(), n_targets);
-    let items = work_items(&layout, &opened, sink, n_targets);
+    let kernel = Kernel::new(isa, &w, opened.len(), n_columns);
+    let wanted: Vec<Vec<usize>> = (0..layout.len())
+        .map(|ti| (0..n_outputs).filter(|&k| sink.wants(k, ti)).collect())
+        .collect();
+    let items = work_items(&layout, &opened, sink, &wanted);
     let mismatched = std::sync::Mutex::new(Vec::new());
     let flagged: Vec<AtomicBool> = layout.iter().map(|_| AtomicBool::new(false)).collect();
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.
@@ -368,6 +445,7 @@ pub fn combine(
             if progress.cancel.load(Ordering::Relaxed) {
                 return Err(PhemaError::Cancelled);
             }
+            let outputs = &wanted[ti];
             if !is_float(layout[ti].dtype) {
                 let bytes = raw_source.whole(ti)?;
                 for o in &opened {
@@ -378,7 +456,7 @@ pub fn combine(
                         break;
                     }
                 }
-                for k in 0..n_targets {
+                for &k in outputs {
                     sink.put_raw(k, ti, &bytes)?;
                 }
                 return Ok(());
@@ -388,7 +466,13 @@ pub fn combine(
                 .ok()
                 .and_then(|mut p| p.pop())
                 .unwrap_or_default();
-            let result = combine_chunk(&opened, &kernel, ti, start, len, &mut scratch, sink);
+            let item = Item {
+                tensor: ti,
+                start,
+                len,
+                outputs,
+            };
+            let result = combine_chunk(&opened, &kernel, plan, &item, &mut scratch, sink);
             if let Ok(mut p) = pool.lock() {
                 p.push(scratch);
             }
@@ -411,22 +495,30 @@ pub fn combine(
         .filter(|(_, f)| f.load(Ordering::Relaxed))
         .map(|(t, _)| t.name.clone())
         .collect();
+    let read_all = wanted.iter().all(|o| !o.is_empty());
     Ok(Stats {
-        bytes_read: used.iter().map(|&i| inputs[i].size()).sum(),
+        bytes_read: if read_all {
+            used.iter().map(|&i| inputs[i].size()).sum()
+        } else {
+            progress.bytes_done.load(Ordering::Relaxed)
+        },
         read: used,
         raw_mismatch,
         nonfinite,
     })
 }
 
-/// Checks that `weights` is an `inputs x n_targets` matrix of finite numbers.
-fn check_weights(inputs: &[Source], weights: &[Vec<f64>], n_targets: usize) -> Result<()> {
-    if weights.len() != inputs.len() || weights.iter().any(|w| w.len() != n_targets) {
-        let cols = weights.first().map_or(0, Vec::len);
+/// Checks that `weights` is an `inputs x n_columns` matrix of finite numbers.
+fn check_weights(inputs: &[Source], weights: &[Vec<f64>], n_columns: usize) -> Result<()> {
+    if weights.len() != inputs.len()
+        || n_columns == 0
+        || weights.iter().any(|w| w.len() != n_columns)
+    {
         return Err(PhemaError::Invalid(format!(
-            "weights must be {} x {n_targets} (inputs x targets), not {} x {cols}",
+            "weights must be {} x (targets), at least one target, not {} rows of {:?} columns",
             inputs.len(),
-            weights.len()
+            weights.len(),
+            weights.iter().map(Vec::len).max().unwrap_or(0)
         )));
     }
     if let Some(bad) = weights.iter().flatten().find(|w| !w.is_finite()) {
@@ -437,12 +529,8 @@ fn check_weights(inputs: &[Source], weights: &[Vec<f64>], n_targets: usize) -> R
 
 /// The tensor layout [`combine`] gives its outputs for these weights: that of the first input
 /// with a non-zero weight.
-pub fn output_layout(
-    inputs: &[Source],
-    weights: &[Vec<f64>],
-    n_targets: usize,
-) -> Result<Vec<TensorEntry>> {
-    check_weights(inputs, weights, n_targets)?;
+pub fn output_layout(inputs: &[Source], weights: &[Vec<f64>]) -> Result<Vec<TensorEntry>> {
+    check_weights(inputs, weights, weights.first().map_or(0, Vec::len))?;
     let first = weights
         .iter()
         .position(|r| r.iter().any(|&x| x != 0.0))
@@ -458,15 +546,18 @@ const MIN_ITEM: usize = 4096;
 /// Work items `(tensor, first element, element count)`: float tensors cut where any input's
 /// segment ends and into pieces whose input and output bytes fit [`ITEM_BYTES`] (at least
 /// [`MIN_ITEM`], at most [`CHUNK`] elements), so each item lies in one segment of every input;
-/// non-float tensors whole, as `(tensor, 0, 0)`.
+/// non-float tensors whole, as `(tensor, 0, 0)`. Tensors no output wants have none.
 fn work_items(
     layout: &[TensorEntry],
     opened: &[Opened],
     sink: &dyn Sink,
-    n_targets: usize,
+    wanted: &[Vec<usize>],
 ) -> Vec<(usize, usize, usize)> {
     let mut items = Vec::new();
     for (ti, t) in layout.iter().enumerate() {
+        if wanted[ti].is_empty() {
+            continue;
+        }
         if !is_float(t.dtype) {
             items.push((ti, 0, 0));
             continue;
@@ -480,7 +571,7 @@ fn work_items(
                     .max()
                     .unwrap_or(4)
             })
-            .chain((0..n_targets).map(|k| sink.dtype(k, ti).bitsize() / 8))
+            .chain(wanted[ti].iter().map(|&k| sink.dtype(k, ti).bitsize() / 8))
             .sum();
         let step = (ITEM_BYTES / per_elem.max(1) / BLOCK * BLOCK).clamp(MIN_ITEM, CHUNK);
         let mut cuts: Vec<usize> = opened
@@ -524,17 +615,30 @@ fn block_len(n_inputs: usize) -> usize {
     (STAGE_FLOATS / n_inputs.max(1) / 16 * 16).clamp(16, BLOCK)
 }
 
-/// Elements `start..start + len` of float tensor `ti` for every target, handed to `sink`.
-/// Returns the snapshot bytes read and whether an output element is NaN or infinite.
+/// One work item: elements `start..start + len` of float tensor `tensor`, for `outputs`.
+struct Item<'a> {
+    tensor: usize,
+    start: usize,
+    len: usize,
+    outputs: &'a [usize],
+}
+
+/// One work item for every output that wants it, handed to `sink`. Returns the snapshot bytes
+/// read and whether an output element is NaN or infinite.
 fn combine_chunk(
     opened: &[Opened],
     kernel: &Kernel,
-    ti: usize,
-    start: usize,
-    len: usize,
+    plan: &Plan,
+    item: &Item,
     scratch: &mut Scratch,
     sink: &dyn Sink,
 ) -> Result<(u64, bool)> {
+    let &Item {
+        tensor: ti,
+        start,
+        len,
+        outputs,
+    } = item;
     let nm = opened.len();
     let kk = kernel.n_targets;
     let bs = block_len(nm);
@@ -552,13 +656,13 @@ fn combine_chunk(
         .zip(raw.iter_mut())
         .map(|(o, buf)| o.read(ti, start, len, buf))
         .collect::<Result<Vec<_>>>()?;
-    // Where each target's encoded item starts in `out`.
-    let mut spans = Vec::with_capacity(kk);
+    // Where each output's encoded item starts in `out`, and the column it takes.
+    let mut spans = Vec::with_capacity(outputs.len());
     let mut end = 0;
-    for k in 0..kk {
+    for &k in outputs {
         let dtype = sink.dtype(k, ti);
         let size = dtype.bitsize() / 8;
-        spans.push((end, dtype, size));
+        spans.push((end, dtype, size, plan.column(k, ti)));
         end += len * size;
     }
     out.resize(end, 0);
@@ -580,14 +684,14 @@ fn combine_chunk(
         }
         kernel.run(staged, bs, bl, block, bs, 0);
         // Encoded while the block is in L1: the item's f32 results are never stored whole.
-        for (k, &(at, dtype, size)) in spans.iter().enumerate() {
+        for &(at, dtype, size, c) in &spans {
             let dst = &mut out[at + b0 * size..at + (b0 + bl) * size];
-            encode_into(&block[k * bs..k * bs + bl], dtype, dst);
+            encode_into(&block[c * bs..c * bs + bl], dtype, dst);
         }
         b0 += bl;
     }
     let mut nonfinite = false;
-    for (k, &(at, dtype, size)) in spans.iter().enumerate() {
+    for (&k, &(at, dtype, size, _)) in outputs.iter().zip(&spans) {
         let bytes = &out[at..at + len * size];
         nonfinite |= has_nonfinite(dtype, bytes);
         sink.put(k, ti, start, bytes)?;
@@ -958,7 +1062,8 @@ pub(crate) mod tests {
             vec![vec![0.0; n], vec![0.0; 6], vec![]];
             2
         ]));
-        let stats = combine(&headers, &weights, 2, None, &sink, &Progress::default()).unwrap();
+        let plan = Plan::new(weights.clone(), None);
+        let stats = combine(&headers, &plan, &sink, &Progress::default()).unwrap();
         assert_eq!(stats.read, vec![0, 2, 3]);
         assert_eq!(stats.raw_mismatch, vec!["step".to_string()]);
         let out = sink.0.into_inner().unwrap();
@@ -1035,15 +1140,8 @@ pub(crate) mod tests {
         let h = read_header(&p).unwrap();
         write(&a[..5]);
         let sink = VecSink(Mutex::new(vec![vec![vec![0.0; 10]]]));
-        let err = combine(
-            &[Source::single(h)],
-            &[vec![1.0]],
-            1,
-            None,
-            &sink,
-            &Progress::default(),
-        )
-        .unwrap_err();
+        let plan = Plan::new(vec![vec![1.0]], None);
+        let err = combine(&[Source::single(h)], &plan, &sink, &Progress::default()).unwrap_err();
         assert!(err.to_string().contains("x.safetensors"), "{err}");
     }
 
@@ -1167,7 +1265,7 @@ pub(crate) mod tests {
             }];
             let w: Vec<Vec<f64>> = inputs.iter().map(|_| vec![1.0]).collect();
             let sink = FileSink::create(&layout_of(&inputs[0]).unwrap(), &requests).unwrap();
-            let stats = combine(inputs, &w, 1, None, &sink, &Progress::default()).unwrap();
+            let stats = combine(inputs, &Plan::new(w, None), &sink, &Progress::default()).unwrap();
             sink.finish().unwrap();
             stats.nonfinite
         };
@@ -1199,7 +1297,8 @@ pub(crate) mod tests {
         let sink = VecSink(Mutex::new(vec![vec![vec![0.0; 10]]]));
         let progress = Progress::default();
         progress.cancel.store(true, Ordering::Relaxed);
-        let err = combine(&[s], &[vec![1.0]], 1, None, &sink, &progress).unwrap_err();
+        let plan = Plan::new(vec![vec![1.0]], None);
+        let err = combine(&[s], &plan, &sink, &progress).unwrap_err();
         assert!(matches!(err, PhemaError::Cancelled), "{err}");
     }
 
@@ -1214,12 +1313,12 @@ pub(crate) mod tests {
             vec![vec![1.0], vec![1.0, 2.0]],
             vec![],
         ] {
-            let err = output_layout(&inputs, &w, 1).unwrap_err().to_string();
-            assert!(err.contains("weights must be 2 x 1"), "{err}");
+            let err = output_layout(&inputs, &w).unwrap_err().to_string();
+            assert!(err.contains("weights must be 2 x (targets)"), "{err}");
         }
-        let err = output_layout(&inputs, &[vec![0.0], vec![0.0]], 1).unwrap_err();
+        let err = output_layout(&inputs, &[vec![0.0], vec![0.0]]).unwrap_err();
         assert!(err.to_string().contains("every weight is zero"), "{err}");
-        let layout = output_layout(&inputs, &[vec![0.0], vec![2.0]], 1).unwrap();
+        let layout = output_layout(&inputs, &[vec![0.0], vec![2.0]]).unwrap();
         assert_eq!(layout[0].name, "a");
     }
 }

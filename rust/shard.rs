@@ -463,7 +463,8 @@ mod tests {
         let layout = crate::engine::layout_of(&sources[0]).unwrap();
         let empty = layout.iter().map(|t| vec![0.0; t.numel()]).collect();
         let sink = VecSink(Mutex::new(vec![empty]));
-        combine(sources, weights, 1, None, &sink, &Progress::default()).unwrap();
+        let plan = crate::engine::Plan::new(weights.to_vec(), None);
+        combine(sources, &plan, &sink, &Progress::default()).unwrap();
         sink.0.into_inner().unwrap().remove(0)
     }
 

@@ -69,6 +69,7 @@ class Sources:
         outputs: Sequence[Mapping[str, Any]],
         progress: EngineProgress,
         copy_from: int | None = None,
+        mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
     ) -> tuple[list[list[str]], dict[str, Any]]: ...
     def combine_to_memory(
         self,
@@ -76,4 +77,5 @@ class Sources:
         buffers: Sequence[Sequence[np.ndarray]],
         progress: EngineProgress,
         copy_from: int | None = None,
+        mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
     ) -> dict[str, Any]: ...

@@ -1,0 +1,226 @@
+//! The operations the bindings and the benchmarks call: a combination of inputs written to files
+//! or into memory. Each is one way through: check the plan against the inputs' layout, create
+//! the outputs, run the engine, commit.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::engine::{combine, output_layout, Plan, Progress, Source, Stats};
+use crate::error::{PhemaError, Result};
+use crate::header::TensorEntry;
+use crate::memory::MemorySink;
+use crate::writer::{FileSink, OutputRequest};
+
+/// Writes every output of `plan` to the file (or directory of shards) its request names; returns
+/// the paths written per output and what was read. Nothing is committed unless all succeed.
+pub fn to_files(
+    inputs: &[Source],
+    plan: &Plan,
+    requests: &[OutputRequest],
+    progress: &Progress,
+) -> Result<(Vec<Vec<PathBuf>>, Stats)> {
+    check_outputs(plan, requests.len())?;
+    let layout = output_layout(inputs, &plan.weights)?;
+    let sink = FileSink::create(&layout, requests)?;
+    let stats = combine(inputs, plan, &sink, progress)?;
+    Ok((sink.finish()?, stats))
+}
+
+/// Writes every output of `plan` into `buffers[output][tensor]` (float tensors as f32, others in
+/// their stored dtype, tensors in the order of [`layout`]).
+pub fn to_memory(
+    inputs: &[Source],
+    plan: &Plan,
+    buffers: Vec<Vec<&mut [u8]>>,
+    progress: &Progress,
+) -> Result<Stats> {
+    check_outputs(plan, buffers.len())?;
+    let sink = MemorySink::new(buffers, &output_layout(inputs, &plan.weights)?)?;
+    combine(inputs, plan, &sink, progress)
+}
+
+/// Which column each output's tensors take: output `k` takes column `defaults[k]` for every
+/// tensor but those `overrides[k]` names.
+#[derive(Clone, Debug, Default)]
+pub struct Mix {
+    pub defaults: Vec<usize>,
+    pub overrides: Vec<BTreeMap<String, usize>>,
+}
+
+/// The plan for `weights` (`[input][column]`): one output per column, or the outputs `mix`
+/// describes; non-float tensors from input `copy_from` (default: the last input read).
+pub fn plan(
+    inputs: &[Source],
+    weights: Vec<Vec<f64>>,
+    copy_from: Option<usize>,
+    mix: Option<&Mix>,
+) -> Result<Plan> {
+    let mut plan = Plan::new(weights, copy_from);
+    if let Some(mix) = mix {
+        let layout = output_layout(inputs, &plan.weights)?;
+        plan.routes = routes(&layout, &mix.defaults, &mix.overrides)?;
+    }
+    Ok(plan)
+}
+
+/// Output `k` takes column `defaults[k]` for every tensor but those `overrides[k]` names; a name
+/// the inputs do not hold is an error.
+fn routes(
+    layout: &[TensorEntry],
+    defaults: &[usize],
+    overrides: &[BTreeMap<String, usize>],
+) -> Result<Vec<Vec<usize>>> {
+    if defaults.len() != overrides.len() {
+        return Err(PhemaError::Invalid(format!(
+            "{} default columns for {} outputs",
+            defaults.len(),
+            overrides.len()
+        )));
+    }
+    defaults
+        .iter()
+        .zip(overrides)
+        .map(|(&d, over)| {
+            if let Some(name) = over.keys().find(|n| !layout.iter().any(|t| &t.name == *n)) {
+                return Err(PhemaError::Invalid(format!(
+                    "tensor `{name}` is not in the snapshots"
+                )));
+            }
+            Ok(layout
+                .iter()
+                .map(|t| over.get(&t.name).copied().unwrap_or(d))
+                .collect())
+        })
+        .collect()
+}
+
+fn check_outputs(plan: &Plan, given: usize) -> Result<()> {
+    if given != plan.outputs() {
+        return Err(PhemaError::Invalid(format!(
+            "{given} outputs given for a plan of {}",
+            plan.outputs()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::read_header;
+    use crate::writer::{write_snapshot, TensorData};
+    use safetensors::Dtype;
+
+    /// Two snapshots holding tensors `a` (3 values) and `b` (2 values), all equal to `v`.
+    fn inputs(dir: &std::path::Path) -> Vec<Source> {
+        [1.0f32, 2.0]
+            .iter()
+            .map(|&v| {
+                let p = dir.join(format!("{v}.safetensors"));
+                let (a, b) = (vec![v; 3], vec![v; 2]);
+                write_snapshot(
+                    &p,
+                    &[
+                        ("a".into(), vec![3], TensorData::F32(&a)),
+                        ("b".into(), vec![2], TensorData::F32(&b)),
+                    ],
+                    Dtype::F32,
+                    &BTreeMap::new(),
+                )
+                .unwrap();
+                Source::single(read_header(&p).unwrap())
+            })
+            .collect()
+    }
+
+    fn floats(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn outputs_take_each_tensor_from_the_column_their_mix_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path());
+        // Column 0: 0.25 * first + 0.75 * second = 1.75; column 1: the second = 2.
+        let weights = vec![vec![0.25, 0.0], vec![0.75, 1.0]];
+        let mix = Mix {
+            defaults: vec![0, 1, 1],
+            overrides: vec![
+                BTreeMap::from([("b".to_string(), 1)]),
+                BTreeMap::new(),
+                BTreeMap::from([("a".to_string(), 0)]),
+            ],
+        };
+        let plan = plan(&inputs, weights, None, Some(&mix)).unwrap();
+        let mut bufs = vec![[vec![0u8; 12], vec![0u8; 8]]; 3];
+        let views = bufs
+            .iter_mut()
+            .map(|[a, b]| vec![a.as_mut_slice(), b.as_mut_slice()])
+            .collect();
+        to_memory(&inputs, &plan, views, &Progress::default()).unwrap();
+        let got: Vec<(Vec<f32>, Vec<f32>)> =
+            bufs.iter().map(|[a, b]| (floats(a), floats(b))).collect();
+        assert_eq!(got[0], (vec![1.75; 3], vec![2.0; 2]));
+        assert_eq!(got[1], (vec![2.0; 3], vec![2.0; 2]));
+        assert_eq!(got[2], (vec![1.75; 3], vec![2.0; 2]));
+    }
+
+    #[test]
+    fn a_mix_naming_an_unknown_tensor_or_column_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path());
+        let weights = vec![vec![1.0], vec![0.0]];
+        let unknown = Mix {
+            defaults: vec![0],
+            overrides: vec![BTreeMap::from([("c".to_string(), 0)])],
+        };
+        let err = plan(&inputs, weights.clone(), None, Some(&unknown)).unwrap_err();
+        assert!(err.to_string().contains("tensor `c`"), "{err}");
+        let column = Mix {
+            defaults: vec![3],
+            overrides: vec![BTreeMap::new()],
+        };
+        let p = plan(&inputs, weights, None, Some(&column)).unwrap();
+        let mut a = vec![0u8; 12];
+        let mut b = vec![0u8; 8];
+        let err = to_memory(
+            &inputs,
+            &p,
+            vec![vec![&mut a, &mut b]],
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("column 3"), "{err}");
+    }
+
+    /// Takes only tensor `a`; anything else delivered is a failure.
+    struct OnlyA(std::sync::Mutex<Vec<usize>>);
+    impl crate::engine::Sink for OnlyA {
+        fn dtype(&self, _: usize, _: usize) -> Dtype {
+            Dtype::F32
+        }
+        fn put(&self, _: usize, tensor: usize, _: usize, _: &[u8]) -> Result<()> {
+            self.0.lock().unwrap().push(tensor);
+            Ok(())
+        }
+        fn put_raw(&self, _: usize, tensor: usize, _: &[u8]) -> Result<()> {
+            self.0.lock().unwrap().push(tensor);
+            Ok(())
+        }
+        fn wants(&self, _: usize, tensor: usize) -> bool {
+            tensor == 0
+        }
+    }
+
+    #[test]
+    fn tensors_no_output_wants_are_not_computed() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path());
+        let sink = OnlyA(std::sync::Mutex::new(Vec::new()));
+        let plan = Plan::new(vec![vec![0.5], vec![0.5]], None);
+        combine(&inputs, &plan, &sink, &Progress::default()).unwrap();
+        assert_eq!(sink.0.into_inner().unwrap(), vec![0]);
+    }
+}
