@@ -39,6 +39,12 @@ def has_rank_suffix(name: str) -> bool:
     return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
 
 
+def matches(name: str, pattern: str) -> bool:
+    """Whether a tensor name matches a pattern: shell-style (`fnmatch`), case-sensitive, `*`
+    also matching dots, as every tensor-name pattern phema takes."""
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def format_t(t: float) -> str:
     """A time as a decimal string: an integer string when integral."""
     return str(int(t)) if float(t).is_integer() else repr(float(t))

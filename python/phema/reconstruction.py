@@ -7,14 +7,16 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phema import _core, naming
 from phema.checkpoints import checkpoint_files
-from phema.solver import Solution, _field, solve
+from phema.solver import Solution, _field
 from phema.store import Store, normalize_dtype, open_store
+from phema.targets import Output, Targets
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +39,17 @@ def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, desc: str) -> Any:
+def run_engine(
+    call: Callable[[Any], Any],
+    total_bytes: int,
+    progress: bool,
+    desc: str,
+    handle: Any = None,
+) -> Any:
     """Runs the engine (which releases the interpreter) in a worker thread while this thread shows
-    progress; Ctrl-C cancels the engine cleanly instead of leaving it running."""
-    handle = _core.EngineProgress()
+    progress; Ctrl-C cancels the engine cleanly instead of leaving it running. A caller may pass
+    its own `handle` (`_core.EngineProgress`) to cancel from another thread."""
+    handle = handle or _core.EngineProgress()
     result: dict[str, Any] = {}
     # An event, not Thread.join: a join that Ctrl-C interrupts can later return while the thread
     # still runs, and the engine's temporary files would outlive the exception.
@@ -94,39 +103,61 @@ def run_engine(call: Callable[[Any], Any], total_bytes: int, progress: bool, des
     return value
 
 
-def _plan(
-    store: Store, solution: Solution | None, allow_poor_fit: bool, **targets: Any
-) -> tuple[Solution, np.ndarray, int]:
-    """The solution (solved here unless given), refused when poor, its weights as the engine
-    takes them, and the snapshot the non-float tensors come from: the latest at or before the
-    target time (the first snapshot for a target before it), since a step counter or mask
-    cannot be averaged."""
-    sol = solution or solve(store, **targets)
-    _check_solution(sol, store)
+@dataclass
+class _Plan:
+    """One reconstruction, planned once: the solution (refused when poor), its weights as the
+    engine takes them, the outputs (per-tensor columns), and the snapshot the non-float tensors
+    come from: the latest at or before the target time (the first snapshot for a target before
+    it), since a step counter or mask cannot be averaged."""
+
+    sol: Solution
+    weights: np.ndarray
+    outputs: list[Output]
+    copy_from: int
+
+    @property
+    def mix(self) -> list[tuple[int, dict[str, int]]] | None:
+        """The engine's per-output routes, or None when every output is one column."""
+        identity = all(o.column == k and not o.routes for k, o in enumerate(self.outputs))
+        if identity and len(self.outputs) == self.weights.shape[1]:
+            return None
+        return [(o.column, o.routes) for o in self.outputs]
+
+    def used(self) -> np.ndarray:
+        """The snapshots any output reads."""
+        cols = sorted({c for o in self.outputs for c in o.columns()})
+        return np.flatnonzero(np.any(self.weights[:, cols] != 0, axis=1))
+
+
+def _plan(store: Store, targets: Targets, solution: Solution | None, allow_poor_fit: bool) -> _Plan:
+    if solution is not None:
+        _check_solution(solution, store)
+    sol = solution if solution is not None else targets.solve(store)
+    outputs = targets.outputs(sol, [name for name, _, _ in store.tensors])
     sol.check(allow_poor_fit)
     weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
     t_r = sol.targets[0].t
     times = [s.t for s in store.snapshots]
     before = [i for i, t in enumerate(times) if t <= t_r * (1 + 1e-12)]
-    copy_from = before[-1] if before else 0
-    return sol, weights, copy_from
+    return _Plan(sol, weights, outputs, before[-1] if before else 0)
 
 
-def _tied(store: Store, sol: Solution) -> str | None:
+def _tied(store: Store, used: np.ndarray) -> str | None:
     """The `phema.tied` aliases of the snapshots used ({alias: canonical name}, as JSON)."""
-    for i in np.flatnonzero(np.any(sol.weights != 0, axis=1)):
+    for i in used:
         tied = store.snapshots[i].metadata.get("phema.tied")
         if tied:
             return tied
     return None
 
 
-def _snapshot_bytes(store: Store, weights: np.ndarray) -> int:
-    used = np.flatnonzero(np.any(weights != 0, axis=1))
+def _snapshot_bytes(store: Store, used: np.ndarray) -> int:
     return int(sum(store.snapshots[i].size for i in used))
 
 
-def _metadata(sol: Solution, k: int, store: Store) -> dict[str, str]:
+def _metadata(plan: _Plan, o: int, store: Store) -> dict[str, str]:
+    sol = plan.sol
+    k = plan.outputs[o].column
     target = sol.targets[k]
     used = sol.used(k)
     meta = {
@@ -142,12 +173,12 @@ def _metadata(sol: Solution, k: int, store: Store) -> dict[str, str]:
             {store.snapshots[i].name: float(sol.weights[i, k]) for i in used}
         ),
     }
-    if sol.poor[k]:
+    if any(sol.poor[c] for c in plan.outputs[o].columns()):
         meta["phema.poor_fit"] = "true"
-    tied = _tied(store, sol)
+    tied = _tied(store, plan.used())
     if tied:
         meta["phema.tied"] = tied
-    return meta
+    return meta | plan.outputs[o].metadata()
 
 
 def reconstruct(
@@ -160,6 +191,7 @@ def reconstruct(
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensors: Mapping[str, float] | None = None,
     out: str | os.PathLike[str] = "phema-reconstructions",
     dtype: str = "float16",
     shard_size: int | None = None,
@@ -179,16 +211,15 @@ def reconstruct(
     training on the same number of ranks. Returns the written paths; a `stats` dict, if given,
     receives what was read (`read`: snapshot indices, `bytes_read`).
 
+    `tensors` gives groups of tensors their own `sigma_rel` (`{"encoder.*": 0.05}`, first
+    matching pattern wins; see `phema.targets.Targets`), recorded in `phema.tensors`.
     Float tensors (parameters and float buffers) are combined with the target's weights, which
     sum to 1; non-float tensors come from the latest snapshot at or before the target time.
     Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
     """
     store = _as_store(store)
-    sol, weights, copy_from = _plan(
-        store,
-        solution,
-        allow_poor_fit,
+    targets = Targets.of(
         sigma_rels=sigma_rels,
         gammas=gammas,
         betas=betas,
@@ -197,29 +228,32 @@ def reconstruct(
         at=at,
         noise=noise,
         causal=causal,
+        tensors=tensors,
+        solution=solution,
     )
-    labels, shard_size = _plan_outputs(store, sol, out, at, shard_size, per_rank)
+    plan = _plan(store, targets, solution, allow_poor_fit)
+    labels, shard_size = _plan_outputs(store, plan, out, at, shard_size, per_rank)
     if per_rank:
         if shard_size:
             raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
-        return _reconstruct_per_rank(
-            store, sol, weights, copy_from, labels, out, dtype, progress, stats
-        )
+        return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
     os.makedirs(out, exist_ok=True)
     outputs = []
-    for k, name in enumerate(labels):
+    for o, name in enumerate(labels):
         path = os.path.join(out, name if shard_size else name + ".safetensors")
         outputs.append(
             {
                 "path": path,
                 "dtype": normalize_dtype(dtype),
-                "metadata": _metadata(sol, k, store),
+                "metadata": _metadata(plan, o, store),
                 "shard_size": shard_size,
             }
         )
     paths, run_stats = run_engine(
-        lambda handle: store.headers.combine_to_files(weights, outputs, handle, copy_from),
-        _snapshot_bytes(store, weights),
+        lambda handle: store.headers.combine_to_files(
+            plan.weights, outputs, handle, plan.copy_from, plan.mix
+        ),
+        _snapshot_bytes(store, plan.used()),
         progress,
         "reconstruct",
     )
@@ -230,17 +264,17 @@ def reconstruct(
 
 def _plan_outputs(
     store: Store,
-    sol: Solution,
+    plan: _Plan,
     out: str | os.PathLike[str],
     at: float | None,
     shard_size: object,
     per_rank: bool,
 ) -> tuple[list[str], int | None]:
-    """Every target's output name and the checked shard size; raises before any work if an
-    output would collide with another or with an input."""
+    """Every output's name and the checked shard size; raises before any work if an output
+    would collide with another or with an input."""
     shard_size = naming.check_shard_size(shard_size)
     stems = naming.reconstruction_stems(
-        [target.label for target in sol.targets], None if at is None else sol.targets[0].t
+        [o.label(plan.sol) for o in plan.outputs], None if at is None else plan.sol.targets[0].t
     )
     if per_rank:
         written = [f"{stem}.rank*-of-*.safetensors" for stem in stems]
@@ -277,9 +311,7 @@ _SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
 
 def _reconstruct_per_rank(
     store: Store,
-    sol: Solution,
-    weights: np.ndarray,
-    copy_from: int,
+    plan: _Plan,
     labels: list[str],
     out: str | os.PathLike[str],
     dtype: str,
@@ -287,8 +319,8 @@ def _reconstruct_per_rank(
     stats: dict[str, Any] | None,
 ) -> list[str]:
     """One engine run per rank over that rank's files; all outputs or none."""
-    nonzero = np.flatnonzero(np.any(weights != 0, axis=1))
-    used = np.union1d(nonzero, [copy_from])
+    nonzero = plan.used()
+    used = np.union1d(nonzero, [plan.copy_from])
     worlds = {store.snapshots[i].world_size for i in used}
     if len(worlds) != 1 or 1 in worlds:
         raise ValueError(
@@ -299,14 +331,11 @@ def _reconstruct_per_rank(
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
     total = {"read": [int(i) for i in nonzero], "bytes_read": 0, "raw_mismatch": []}
-    raw_from = int(np.searchsorted(used, copy_from))
     names = [
         f"{name}{naming.rank_suffix(r, world)}.safetensors" for name in labels for r in range(world)
     ]
     with naming.restore_on_failure(os.path.join(out, n) for n in names):
-        _run_ranks(
-            store, sol, used, raw_from, world, weights, labels, out, dtype, progress, written, total
-        )
+        _run_ranks(store, plan, used, world, labels, out, dtype, progress, written, total)
     if stats is not None:
         stats.update(total)
     return written
@@ -314,11 +343,9 @@ def _reconstruct_per_rank(
 
 def _run_ranks(
     store: Store,
-    sol: Solution,
+    plan: _Plan,
     used: np.ndarray,
-    raw_from: int,
     world: int,
-    weights: np.ndarray,
     labels: list[str],
     out: str | os.PathLike[str],
     dtype: str,
@@ -326,8 +353,9 @@ def _run_ranks(
     written: list[str],
     total: dict[str, Any],
 ) -> None:
-    """The engine over each rank's files in turn (non-float tensors from input `raw_from`); on
-    failure, what it wrote is removed."""
+    """The engine over each rank's files in turn; on failure, what it wrote is removed."""
+    raw_from = int(np.searchsorted(used, plan.copy_from))
+    rows = np.ascontiguousarray(plan.weights[used])
     try:
         for rank in range(world):
             sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
@@ -339,15 +367,14 @@ def _run_ranks(
                         out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"
                     ),
                     "dtype": normalize_dtype(dtype),
-                    "metadata": _metadata(sol, k, store) | shard_meta,
+                    "metadata": _metadata(plan, o, store) | shard_meta,
                     "shard_size": None,
                 }
-                for k, name in enumerate(labels)
+                for o, name in enumerate(labels)
             ]
-            rows = np.ascontiguousarray(weights[used])
             paths, run_stats = run_engine(
-                lambda handle, s=sources, o=outputs, w=rows: s.combine_to_files(
-                    w, o, handle, raw_from
+                lambda handle, s=sources, o=outputs: s.combine_to_files(
+                    rows, o, handle, raw_from, plan.mix
                 ),
                 sum(d["file_size"] for d in described),
                 progress,
@@ -374,13 +401,15 @@ def reconstruct_state_dict(
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensors: Mapping[str, float] | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
     dtype: Any = None,
 ) -> dict[str, torch.Tensor]:
-    """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files."""
+    """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files;
+    `tensors` as in `reconstruct` (then the target may be left out if a pattern is `*`)."""
     given = [v for v in (sigma_rel, beta, gamma, halflife) if v is not None]
-    if len(given) != 1:
+    if len(given) > 1 or not (given or tensors):
         raise ValueError("give exactly one of sigma_rel, beta, gamma, halflife")
     [sd] = reconstruct_state_dicts(
         store,
@@ -391,6 +420,7 @@ def reconstruct_state_dict(
         dt=dt,
         at=at,
         causal=causal,
+        tensors=tensors,
         noise=noise,
         allow_poor_fit=allow_poor_fit,
         dtype=dtype,
@@ -408,6 +438,7 @@ def reconstruct_state_dicts(
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensors: Mapping[str, float] | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
     dtype: Any = None,
@@ -417,13 +448,7 @@ def reconstruct_state_dicts(
     snapshots and without files: for sweeping EMA lengths in memory (each target holds a float32
     copy of the model). Same rules as `reconstruct`; tied weights appear under every name, as
     one tensor."""
-    import torch
-
-    store = _as_store(store)
-    sol, weights, copy_from = _plan(
-        store,
-        solution,
-        allow_poor_fit,
+    targets = Targets.of(
         sigma_rels=sigma_rels,
         gammas=gammas,
         betas=betas,
@@ -432,11 +457,23 @@ def reconstruct_state_dicts(
         at=at,
         noise=noise,
         causal=causal,
+        tensors=tensors,
+        solution=solution,
     )
-    layout = store.headers.select([copy_from]).describe()[0]["tensors"]
+    store = _as_store(store)
+    return state_dicts(store, _plan(store, targets, solution, allow_poor_fit), dtype)
+
+
+def state_dicts(
+    store: Store, plan: _Plan, dtype: Any = None, handle: Any = None
+) -> list[dict[str, torch.Tensor]]:
+    """Every output of a plan as a state dict, in one pass (cancelled through `handle`)."""
+    import torch
+
+    layout = store.headers.select([plan.copy_from]).describe()[0]["tensors"]
     results: list[dict[str, torch.Tensor]] = []
     buffers: list[list[np.ndarray]] = []
-    for _ in sol.targets:
+    for _ in plan.outputs:
         tensors: dict[str, torch.Tensor] = {}
         views = []
         for name, st_dtype, shape in layout:
@@ -448,17 +485,20 @@ def reconstruct_state_dicts(
         results.append(tensors)
         buffers.append(views)
     run_engine(
-        lambda handle: store.headers.combine_to_memory(weights, buffers, handle, copy_from),
-        _snapshot_bytes(store, weights),
+        lambda h: store.headers.combine_to_memory(
+            plan.weights, buffers, h, plan.copy_from, plan.mix
+        ),
+        _snapshot_bytes(store, plan.used()),
         False,
         "reconstruct",
+        handle,
     )
     if dtype is not None:
         results = [
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             for sd in results
         ]
-    tied = json.loads(_tied(store, sol) or "{}")
+    tied = json.loads(_tied(store, plan.used()) or "{}")
     for sd in results:
         for alias, canonical in tied.items():
             if alias not in sd and canonical in sd:
