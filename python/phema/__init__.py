@@ -21,6 +21,7 @@ from phema.solver import (
     solve,
 )
 from phema.store import SnapshotRecord, Store, open_store
+from phema.targets import Targets
 
 if TYPE_CHECKING:
     from phema.reconstruction import (
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         reconstruct_state_dict,
         reconstruct_state_dicts,
     )
+    from phema.sweeps import SweepResult, sweep
     from phema.tracker import PostHocEMA
 
 __all__ = [
@@ -51,6 +53,9 @@ __all__ = [
     "reconstruct_state_dicts",
     "sigma_rel_to_gamma",
     "solve",
+    "sweep",
+    "SweepResult",
+    "Targets",
 ]
 
 # Names whose modules import torch: loaded on first use so `import phema` and the CLI stay fast.
@@ -60,6 +65,8 @@ _LAZY = {
     "reconstruct_state_dict": "phema.reconstruction",
     "reconstruct_state_dicts": "phema.reconstruction",
     "load_into": "phema.reconstruction",
+    "sweep": "phema.sweeps",
+    "SweepResult": "phema.sweeps",
 }
 
 

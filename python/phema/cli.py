@@ -8,17 +8,23 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phema import _core, naming
+from phema.targets import Targets
 
 if TYPE_CHECKING:
+    from phema.reconstruction import Plan
     from phema.solver import Solution
     from phema.store import Store
 
 
 class UserError(Exception):
     """A mistake in the command line or its input: reported as one line, no traceback."""
+
+
+class UserCodeError(Exception):
+    """The user's own code (`--model`, `--eval`) raised: reported with its traceback."""
 
 
 # Most values one list (`--sigma-rel`, `--weights`, `--times`) may hold, checked before a range
@@ -166,6 +172,18 @@ def _print_feasible(store: Store) -> None:
     print(_table(rows, ["t", "sigma_rel"]))
 
 
+def _tensor_sigma_rels(args: argparse.Namespace) -> list[tuple[str, float]] | None:
+    """`--tensor-sigma-rel PATTERN=SIGMA_REL` options as (pattern, sigma_rel) pairs."""
+    pairs = []
+    for text in getattr(args, "tensor_sigma_rel", None) or []:
+        pattern, sep, value = text.rpartition("=")
+        if not sep or not pattern:
+            raise UserError(f"--tensor-sigma-rel {text!r}: expected PATTERN=SIGMA_REL")
+        [v] = parse_list(value)
+        pairs.append((pattern, v))
+    return pairs or None
+
+
 def _targets(args: argparse.Namespace) -> dict:
     kw = {
         "sigma_rels": parse_list(args.sigma_rel) if args.sigma_rel else None,
@@ -175,8 +193,9 @@ def _targets(args: argparse.Namespace) -> dict:
         "at": args.at,
         "noise": "auto" if args.noise is None else args.noise,
         "causal": args.causal,
+        "tensors": _tensor_sigma_rels(args),
     }
-    if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"]):
+    if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"] or kw["tensors"]):
         raise UserError("give at least one target: --sigma-rel, --beta or --halflife")
     return kw
 
@@ -213,10 +232,8 @@ def _poor_note(sol: Solution) -> list[str]:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from phema.solver import solve
-
     store = _open(args)
-    sol = solve(store, **_targets(args))
+    sol = Targets.of(**_targets(args)).solve(store)
     if args.json:
         print(sol.to_json())
         return 0
@@ -228,29 +245,26 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from phema.reconstruction import reconstruct
-    from phema.solver import solve
+    from phema.reconstruction import make_plan, write_outputs
     from phema.store import normalize_dtype
 
     _threads(args)
     normalize_dtype(args.dtype)
     store = _open(args)
-    kw = _targets(args)
-    sol = solve(store, **kw)
+    plan = make_plan(store, Targets.of(**_targets(args)), allow_poor_fit=args.allow_poor_fit)
     stats: dict = {}
-    paths = reconstruct(
+    paths = write_outputs(
         store,
+        plan,
         out=args.out,
         dtype=args.dtype,
-        at=kw["at"],
-        allow_poor_fit=args.allow_poor_fit,
         shard_size=parse_size(args.shard_size) if args.shard_size else None,
         progress=sys.stderr.isatty() and not args.quiet,
-        solution=sol,
         stats=stats,
         per_rank=args.per_rank,
     )
-    outputs = _outputs_per_target(sol, paths, args.out, kw["at"])
+    sol = plan.sol
+    outputs = _outputs_per_column(plan, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
     print(_table(rows, [*_REPORT, "output"]))
     print(
@@ -296,21 +310,129 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs_per_target(sol: Solution, paths: list[str], out: str, at: float | None) -> list[str]:
-    """Each target's output, briefly: its file, its rank files, or its directory of shards."""
+def _outputs_per_column(plan: Plan, paths: list[str], out: str) -> list[str]:
+    """Each solved column's output, briefly: its file, its rank files, or its directory of
+    shards; a column only some tensors take says so."""
+    sol = plan.sol
+    at = plan.targets.at
     stems = naming.reconstruction_stems(
-        [t.label for t in sol.targets], None if at is None else sol.targets[0].t
+        [o.label(sol) for o in plan.outputs], None if at is None else sol.targets[0].t
     )
-    result = []
-    for stem in stems:
+    result = ["(some tensors)"] * len(sol.targets)
+    for o, stem in zip(plan.outputs, stems):
         mine = [p for p in paths if naming.output_stem(os.path.relpath(p, out)) == stem]
         if len(mine) == 1:
-            result.append(os.path.relpath(mine[0], out))
+            result[o.column] = os.path.relpath(mine[0], out)
         elif ".rank" in os.path.basename(mine[0]):
-            result.append(re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out)))
+            result[o.column] = re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out))
         else:
-            result.append(f"{stem}/ ({len(mine)} files)")
+            result[o.column] = f"{stem}/ ({len(mine)} files)"
     return result
+
+
+def _load_callable(spec: str, flag: str) -> Any:
+    """`module:name` or `path/to/file.py:name` as the object it names."""
+    import importlib
+    import importlib.util
+
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise UserError(f"{flag} {spec!r}: expected MODULE:NAME or FILE.py:NAME")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise UserError(f"{flag} {spec!r}: no file {where}")
+            module_spec = importlib.util.spec_from_file_location(
+                os.path.basename(where)[:-3], where
+            )
+            if module_spec is None or module_spec.loader is None:
+                raise UserError(f"{flag} {spec!r}: {where} cannot be imported")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        raise UserError(f"{flag} {spec!r}: no module {e.name!r}") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserCodeError(f"{flag} {spec!r}: importing {where} failed") from e
+    obj = getattr(module, name, None)
+    if not callable(obj):
+        raise UserError(f"{flag} {spec!r}: {where} has no callable {name!r}")
+    return obj
+
+
+def _user_code(f: Any, what: str) -> Any:
+    """`f` whose exceptions are reported as the user's own, with their traceback."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return f(*args)
+        except Exception as e:
+            raise UserCodeError(f"{what} raised {type(e).__name__}") from e
+
+    return call
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from phema.sweeps import SweepRow, sweep
+
+    _threads(args)
+    store = _open(args)
+    kw = _targets(args)
+    at: Any = kw.pop("at")
+    if at is not None:
+        at = "all" if at == "all" else parse_list(at)
+    naming.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    model = _user_code(_load_callable(args.model, "--model"), args.model)()
+    evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
+    header = ["target", "t", "sigma_rel", "fit error", "gain"]
+    printed: list[str] = []
+    shown: set[int] = set()
+
+    def show(row: SweepRow) -> None:
+        shown.add(id(row))
+        if not printed:
+            printed.extend(row.metrics)
+            print("  ".join(f"{h:>14}" for h in header + printed))
+        cells = [row.label, f"{row.t:g}", f"{row.sigma_rel:.4f}", f"{row.fit_error:.2e}"]
+        cells += [f"{row.gain:.2f}"] + [f"{row.metrics.get(m, math.nan):.6g}" for m in printed]
+        print("  ".join(f"{c:>14}" for c in cells), flush=True)
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sweep(
+            store,
+            model,
+            evaluate,
+            **kw,
+            at=at,
+            vary=args.vary,
+            batch=args.batch,
+            results=os.path.join(args.out, "sweep.csv"),
+            raw=args.raw,
+            progress=sys.stderr.isatty() and not args.quiet,
+            on_row=show,
+        )
+    for w in caught:
+        print(f"note: {w.message}")
+    for row in result.rows:
+        if id(row) not in shown:  # taken from an earlier run's results
+            show(row)
+    if not result.rows:
+        raise UserError("no target could be evaluated (see the notes)")
+    best = result.best(args.metric, args.mode)
+    metric = args.metric or result.metric_names[0]
+    png = result.plot(os.path.join(args.out, "sweep.png"), metric, args.mode)
+    [path] = result.save_best(args.out, metric, args.mode, dtype=args.dtype)
+    print(
+        f"best {metric} {best.metrics[metric]:.6g} at {best.label} (t={best.t:g}); "
+        f"wrote {path}, {png} and {os.path.join(args.out, 'sweep.csv')}"
+    )
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -350,13 +472,25 @@ def build_parser() -> argparse.ArgumentParser:
     raw(s)
     s.set_defaults(func=cmd_inspect)
 
-    def targets(s: argparse.ArgumentParser) -> None:
+    def targets(s: argparse.ArgumentParser, times: str = "one") -> None:
         s.add_argument("store")
         s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
         s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
         s.add_argument("--halflife", help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
-        s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")
+        if times == "one":
+            s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")
+        else:
+            s.add_argument(
+                "--at", help="target time(s): one, a list, or 'all' (default: the last snapshot's)"
+            )
+        s.add_argument(
+            "--tensor-sigma-rel",
+            action="append",
+            metavar="PATTERN=SIGMA_REL",
+            help="give the tensors PATTERN matches their own sigma_rel (first match wins; "
+            "repeatable; e.g. 'encoder.*=0.05')",
+        )
         s.add_argument(
             "--noise",
             type=float,
@@ -395,6 +529,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser(
+        "sweep",
+        help="evaluate every target with your model and metric: table, CSV, figure, best weights",
+    )
+    targets(s, times="many")
+    s.add_argument("--model", required=True, help="MODULE:NAME or FILE.py:NAME making the model")
+    s.add_argument(
+        "--eval", required=True, help="MODULE:NAME or FILE.py:NAME: evaluate(model) -> metrics"
+    )
+    s.add_argument("--out", required=True, help="directory for sweep.csv, sweep.png, best weights")
+    s.add_argument("--vary", metavar="PATTERN", help="vary only these tensors' EMA length")
+    s.add_argument("--batch", type=int, help="targets per pass (default: what memory allows)")
+    s.add_argument("--raw", help="raw-weights checkpoint to evaluate as the baseline")
+    s.add_argument("--metric", help="metric choosing the best (default: the first)")
+    s.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher wins")
+    s.add_argument("--dtype", default="f16", help="dtype of the best weights written")
+    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser(
         "average", help="weighted average of checkpoints (SWA, soups) in bounded memory"
     )
     s.add_argument(
@@ -421,6 +575,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except UserCodeError as e:
+        import traceback
+
+        traceback.print_exception(e.__cause__ or e)
+        print(f"phema {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (UserError, ValueError, OSError) as e:
         # One line naming the value or file at fault; StoreError is a ValueError.
         print(f"phema {args.command}: error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
@@ -196,3 +197,22 @@ def restore_on_failure(paths: Iterable[str]) -> Iterator[None]:
         raise
     for aside, _ in kept:
         os.remove(aside)
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replaces the file at `path` with `data` in one step (temporary file, fsync, rename), so
+    an interrupted write leaves the old file whole."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

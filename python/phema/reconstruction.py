@@ -104,7 +104,7 @@ def run_engine(
 
 
 @dataclass
-class _Plan:
+class Plan:
     """One reconstruction, planned once: the solution (refused when poor), its weights as the
     engine takes them, the outputs (per-tensor columns), and the snapshot the non-float tensors
     come from: the latest at or before the target time (the first snapshot for a target before
@@ -114,6 +114,7 @@ class _Plan:
     weights: np.ndarray
     outputs: list[Output]
     copy_from: int
+    targets: Targets
 
     @property
     def mix(self) -> list[tuple[int, dict[str, int]]] | None:
@@ -129,7 +130,11 @@ class _Plan:
         return np.flatnonzero(np.any(self.weights[:, cols] != 0, axis=1))
 
 
-def _plan(store: Store, targets: Targets, solution: Solution | None, allow_poor_fit: bool) -> _Plan:
+def make_plan(
+    store: Store, targets: Targets, solution: Solution | None = None, allow_poor_fit: bool = False
+) -> Plan:
+    """Solves `targets` once (unless `solution` is given), refuses poor fits unless allowed, and
+    lays out the outputs."""
     if solution is not None:
         _check_solution(solution, store)
     sol = solution if solution is not None else targets.solve(store)
@@ -139,7 +144,7 @@ def _plan(store: Store, targets: Targets, solution: Solution | None, allow_poor_
     t_r = sol.targets[0].t
     times = [s.t for s in store.snapshots]
     before = [i for i, t in enumerate(times) if t <= t_r * (1 + 1e-12)]
-    return _Plan(sol, weights, outputs, before[-1] if before else 0)
+    return Plan(sol, weights, outputs, before[-1] if before else 0, targets)
 
 
 def _tied(store: Store, used: np.ndarray) -> str | None:
@@ -155,7 +160,7 @@ def _snapshot_bytes(store: Store, used: np.ndarray) -> int:
     return int(sum(store.snapshots[i].size for i in used))
 
 
-def _metadata(plan: _Plan, o: int, store: Store) -> dict[str, str]:
+def _metadata(plan: Plan, o: int, store: Store) -> dict[str, str]:
     sol = plan.sol
     k = plan.outputs[o].column
     target = sol.targets[k]
@@ -231,7 +236,31 @@ def reconstruct(
         tensors=tensors,
         solution=solution,
     )
-    plan = _plan(store, targets, solution, allow_poor_fit)
+    return write_outputs(
+        store,
+        make_plan(store, targets, solution, allow_poor_fit),
+        out=out,
+        dtype=dtype,
+        shard_size=shard_size,
+        progress=progress,
+        stats=stats,
+        per_rank=per_rank,
+    )
+
+
+def write_outputs(
+    store: Store,
+    plan: Plan,
+    *,
+    out: str | os.PathLike[str],
+    dtype: str = "float16",
+    shard_size: int | None = None,
+    progress: bool = False,
+    stats: dict[str, Any] | None = None,
+    per_rank: bool = False,
+) -> list[str]:
+    """Writes every output of a plan (see `reconstruct`)."""
+    at = plan.targets.at
     labels, shard_size = _plan_outputs(store, plan, out, at, shard_size, per_rank)
     if per_rank:
         if shard_size:
@@ -264,7 +293,7 @@ def reconstruct(
 
 def _plan_outputs(
     store: Store,
-    plan: _Plan,
+    plan: Plan,
     out: str | os.PathLike[str],
     at: float | None,
     shard_size: object,
@@ -311,7 +340,7 @@ _SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
 
 def _reconstruct_per_rank(
     store: Store,
-    plan: _Plan,
+    plan: Plan,
     labels: list[str],
     out: str | os.PathLike[str],
     dtype: str,
@@ -343,7 +372,7 @@ def _reconstruct_per_rank(
 
 def _run_ranks(
     store: Store,
-    plan: _Plan,
+    plan: Plan,
     used: np.ndarray,
     world: int,
     labels: list[str],
@@ -461,11 +490,11 @@ def reconstruct_state_dicts(
         solution=solution,
     )
     store = _as_store(store)
-    return state_dicts(store, _plan(store, targets, solution, allow_poor_fit), dtype)
+    return state_dicts(store, make_plan(store, targets, solution, allow_poor_fit), dtype)
 
 
 def state_dicts(
-    store: Store, plan: _Plan, dtype: Any = None, handle: Any = None
+    store: Store, plan: Plan, dtype: Any = None, handle: Any = None
 ) -> list[dict[str, torch.Tensor]]:
     """Every output of a plan as a state dict, in one pass (cancelled through `handle`)."""
     import torch

@@ -1,0 +1,599 @@
+"""Choosing the EMA length after training: reconstruct every target, evaluate it, tabulate,
+plot, pick (docs/sweep.md).
+
+The store is read once per batch of targets (the engine's all-targets-in-one-pass), in a worker
+thread, so that reconstructing the next batch overlaps evaluating the current one; memory is
+bounded by two batches of float32 state dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from phema import _core, naming
+from phema.reconstruction import (
+    Plan,
+    _as_store,
+    load_into,
+    make_plan,
+    state_dicts,
+    write_outputs,
+)
+from phema.solver import MAX_TARGETS, Solution
+from phema.store import Store
+from phema.targets import Output, Targets
+
+if TYPE_CHECKING:
+    import torch
+
+# Largest sigma_rel a power profile can have (gamma > -1 ... 0 gives sigma_rel < 1/sqrt(12)).
+_SIGMA_REL_LIMIT = 1 / math.sqrt(12)
+# Targets reconstructed per pass unless `batch` says: bounded by memory, and by this.
+MAX_BATCH = 64
+# Share of the available memory two batches of float32 state dicts may take.
+_MEMORY_SHARE = 0.25
+# Columns every row has, before the metrics.
+COLUMNS = (
+    "label",
+    "kind",
+    "value",
+    "sigma_rel",
+    "t",
+    "fit_error",
+    "cdf_error",
+    "gain",
+    "tensors",
+    "vary",
+    "snapshots",
+)
+_RAW = "raw"
+
+
+@dataclass
+class SweepRow:
+    """One evaluated target: what it was, how well it was reconstructed, and its metrics."""
+
+    label: str
+    kind: str
+    value: float
+    sigma_rel: float
+    t: float
+    fit_error: float
+    cdf_error: float
+    gain: float
+    tensors: str
+    vary: str
+    snapshots: str
+    metrics: dict[str, float]
+    targets: Targets | None = field(default=None, repr=False)
+    store: Store | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What a result is for: target kind and value, time, per-tensor mapping, snapshots."""
+        return (self.kind, repr(self.value), repr(self.t), self.tensors, self.vary, self.snapshots)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as CSV columns."""
+        return {c: getattr(self, c) for c in COLUMNS} | self.metrics
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The row's averaged weights (float32), reconstructed again from the store."""
+        if self.targets is None or self.store is None:
+            raise ValueError(f"{self.label}: raw weights or a row read from a CSV file alone")
+        [sd] = state_dicts(self.store, make_plan(self.store, self.targets))
+        return sd
+
+
+@dataclass
+class SweepResult:
+    """Every row of a sweep, with the notes about targets left out."""
+
+    rows: list[SweepRow]
+    notes: list[str]
+    store: Store
+    raw: SweepRow | None = None
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per (target, time): the columns of `COLUMNS` and the metrics."""
+        return [r.as_dict() for r in self.rows]
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric name, in order of first appearance."""
+        return list(dict.fromkeys(m for r in self.rows for m in r.metrics))
+
+    def best(self, metric: str | None = None, mode: str = "min") -> SweepRow:
+        """The row with the lowest (`mode="min"`) or highest (`"max"`) `metric` (default: the
+        only or first metric); NaN values never win."""
+        metric = self._metric(metric)
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
+        scored = [r for r in self.rows if math.isfinite(r.metrics.get(metric, math.nan))]
+        if not scored:
+            raise ValueError(f"no row has a finite value of {metric!r}")
+        sign = 1 if mode == "min" else -1
+        return min(scored, key=lambda r: sign * r.metrics[metric])
+
+    def save_best(
+        self,
+        out: str | os.PathLike[str],
+        metric: str | None = None,
+        mode: str = "min",
+        dtype: str = "float16",
+    ) -> list[str]:
+        """Writes the best row's weights into `out` as `reconstruct` would; returns the paths."""
+        row = self.best(metric, mode)
+        if row.targets is None:
+            raise ValueError(f"{row.label}: no targets to reconstruct (a row read from CSV)")
+        return write_outputs(self.store, make_plan(self.store, row.targets), out=out, dtype=dtype)
+
+    def plot(
+        self, path: str | os.PathLike[str], metric: str | None = None, mode: str = "min"
+    ) -> str:
+        """Draws the sweep to `path` (see `plot_sweep`); returns the path."""
+        from phema.sweep_plot import plot_sweep
+
+        return plot_sweep(self, os.fspath(path), self._metric(metric) if self.rows else None, mode)
+
+    def _metric(self, metric: str | None) -> str:
+        names = self.metric_names
+        if metric is None:
+            if not names:
+                raise ValueError("the sweep has no evaluated rows")
+            return names[0]
+        if metric not in names:
+            raise ValueError(f"metric {metric!r}: the sweep measured {', '.join(names) or 'none'}")
+        return metric
+
+
+def sweep(
+    store: Store | str | os.PathLike[str],
+    model: torch.nn.Module,
+    evaluate: Callable[[torch.nn.Module], float | Mapping[str, float]],
+    *,
+    sigma_rels: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
+    gammas: Iterable[float] | float | None = None,
+    halflives: Iterable[float] | float | None = None,
+    dt: float = 1.0,
+    at: float | Sequence[float] | str | None = None,
+    tensors: Mapping[str, float] | None = None,
+    vary: str | None = None,
+    batch: int | None = None,
+    results: str | os.PathLike[str] | None = None,
+    raw: Any = None,
+    causal: bool = False,
+    noise: float | str = "auto",
+    progress: bool = True,
+    on_row: Callable[[SweepRow], None] | None = None,
+) -> SweepResult:
+    """Reconstructs every target (at every time of `at`: one, a list, or "all" snapshot times),
+    loads it into `model`, calls `evaluate(model)` (a float or a dict of floats), and returns
+    the table. The model's own weights and modes are restored afterwards, whatever `evaluate`
+    does; its exceptions propagate after that.
+
+    Targets as in `reconstruct` (`tensors` for per-tensor lengths, `vary` to sweep one group's
+    length with the others fixed by `tensors`). Targets past the feasible range or that the
+    accuracy rules refuse are left out with a note instead of failing the sweep. `results` is a
+    CSV file updated after every target; a re-run skips the targets it already holds (same
+    kind, value, time, per-tensor mapping and snapshots). `raw` (a state dict or checkpoint) is
+    evaluated too, as the raw-weights baseline. `batch` targets are reconstructed per pass
+    (default: what two batches of float32 copies fit in a quarter of the available memory).
+    """
+    import torch
+
+    store = _as_store(store)
+    if not callable(evaluate):
+        raise TypeError(f"evaluate={evaluate!r} is not callable")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, not {type(model).__name__}")
+    base = Targets.of(
+        sigma_rels=_feasible(sigma_rels),
+        gammas=gammas,
+        betas=betas,
+        halflives=halflives,
+        dt=dt,
+        causal=causal,
+        noise=noise,
+        tensors=tensors,
+        vary=vary,
+    )
+    notes = _infeasible_note(sigma_rels)
+    names = [n for n, _, _ in store.tensors]
+    _check_model(model, names, store)
+    batch = _batch_size(batch, store)
+    done = _read_results(results)
+    rows: list[SweepRow] = []
+    jobs: list[tuple[Plan, list[int], list[SweepRow]]] = []
+    for t in _times(store, at):
+        targets = base.replace(at=t)
+        plan = make_plan(store, targets, allow_poor_fit=True)
+        fresh = []
+        for o, output in enumerate(plan.outputs):
+            row = _row(plan, output, store, targets)
+            poor = [plan.sol.targets[c].label for c in output.columns() if plan.sol.poor[c]]
+            if poor:
+                notes.append(f"t={row.t:g}: {row.label} left out (poor fit of {', '.join(poor)})")
+            elif row.key in done:
+                row.metrics = done[row.key]
+                rows.append(row)
+            else:
+                fresh.append((o, row))
+        for i in range(0, len(fresh), batch):
+            part = fresh[i : i + batch]
+            jobs.append((plan, [o for o, _ in part], [r for _, r in part]))
+    n_fresh = sum(len(j[2]) for j in jobs)
+    if notes:
+        warnings.warn("sweep: " + "; ".join(notes), stacklevel=2)
+    raw_row = None
+    saved = _Saved(model)
+    try:
+        if raw is not None:
+            raw_row = _raw_row(raw, done)
+            if raw_row.key not in done:
+                load_into(model, raw, strict=False)
+                raw_row.metrics = _metrics(evaluate(model))
+                saved.restore()
+        _run(store, model, evaluate, jobs, rows, n_fresh, progress, saved, results, raw_row, on_row)
+    finally:
+        saved.restore()
+    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row)
+
+
+def _run(
+    store: Store,
+    model: torch.nn.Module,
+    evaluate: Callable[[torch.nn.Module], Any],
+    jobs: list[tuple[Plan, list[int], list[SweepRow]]],
+    rows: list[SweepRow],
+    total: int,
+    progress: bool,
+    saved: _Saved,
+    results: str | os.PathLike[str] | None,
+    raw_row: SweepRow | None,
+    on_row: Callable[[SweepRow], None] | None,
+) -> None:
+    """Evaluates every job's outputs as the worker thread reconstructs them."""
+    handle = _core.EngineProgress()
+    stop = threading.Event()
+    # Whole batches in flight: the one being evaluated and the next one being built.
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+
+    def produce() -> None:
+        try:
+            for plan, outputs, job_rows in jobs:
+                if stop.is_set():
+                    return
+                part = Plan(
+                    plan.sol,
+                    plan.weights,
+                    [plan.outputs[o] for o in outputs],
+                    plan.copy_from,
+                    plan.targets,
+                )
+                sds = state_dicts(store, part, handle=handle)
+                _put(ready, (job_rows, sds), stop)
+        except BaseException as e:  # handed to the evaluating thread
+            _put(ready, e, stop)
+        finally:
+            _put(ready, None, stop)
+
+    worker = threading.Thread(target=produce, name="phema-sweep", daemon=True)
+    bar = None
+    if progress and total:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="target", desc="sweep", leave=False)
+    try:
+        worker.start()
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            job_rows, sds = item
+            while sds:
+                row = job_rows.pop(0)
+                sd = sds.pop(0)  # freed once loaded
+                load_into(model, sd, strict=False)
+                del sd
+                row.metrics = _metrics(evaluate(model))
+                rows.append(row)
+                if results is not None:
+                    _write_results(results, rows, raw_row)
+                if on_row is not None:
+                    on_row(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_best_text(rows))
+        if results is not None and raw_row is not None:
+            _write_results(results, rows, raw_row)
+    except BaseException:
+        stop.set()
+        handle.cancel()
+        raise
+    finally:
+        stop.set()
+        while worker.is_alive():
+            # Unblock a worker waiting to hand over a batch; it then sees `stop`.
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()
+            worker.join(0.05)
+        if bar is not None:
+            bar.close()
+        saved.restore()
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+class _Saved:
+    """The model's weights (a CPU copy) and train/eval modes, to put back."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def restore(self) -> None:
+        import torch
+
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in self.state.items():
+                if k in own:
+                    own[k].copy_(v.to(own[k].device), non_blocking=True)
+        for m, training in self.modes:
+            m.train(training)
+
+
+def _feasible(sigma_rels: Iterable[float] | float | None) -> list[float] | None:
+    """The sigma_rels a power profile can have (the others are noted, not fatal)."""
+    if sigma_rels is None:
+        return None
+    values = [sigma_rels] if np.ndim(sigma_rels) == 0 else list(sigma_rels)  # type: ignore[arg-type]
+    if len(values) > MAX_TARGETS:
+        raise ValueError(f"sigma_rels: more than {MAX_TARGETS} targets")
+    ok = [v for v in values if _is_feasible(v)]
+    if values and not ok:
+        raise ValueError(
+            f"sigma_rels: none of {values[:5]} is a feasible EMA length (0 < sigma_rel < "
+            f"{_SIGMA_REL_LIMIT:.4f})"
+        )
+    return ok or None
+
+
+def _is_feasible(v: Any) -> bool:
+    try:
+        return 0 < float(v) < _SIGMA_REL_LIMIT
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma_rels: {v!r} is not a number") from None
+
+
+def _infeasible_note(sigma_rels: Iterable[float] | float | None) -> list[str]:
+    if sigma_rels is None:
+        return []
+    values = [sigma_rels] if np.ndim(sigma_rels) == 0 else list(sigma_rels)  # type: ignore[arg-type]
+    bad = [v for v in values if not _is_feasible(v)]
+    if not bad:
+        return []
+    return [
+        f"sigma_rel {', '.join(f'{float(v):g}' for v in bad)} left out: a power EMA has "
+        f"0 < sigma_rel < {_SIGMA_REL_LIMIT:.4f}"
+    ]
+
+
+def _times(store: Store, at: float | Sequence[float] | str | None) -> list[float | None]:
+    """The target times: the last snapshot's (None), one, several, or every snapshot time."""
+    if at is None:
+        return [None]
+    if isinstance(at, str):
+        if at != "all":
+            raise ValueError(f"at={at!r}: expected a time, a list of times or 'all'")
+        return sorted({float(s.t) for s in store.snapshots})
+    values = [at] if np.ndim(at) == 0 else list(at)  # type: ignore[arg-type]
+    if len(values) > MAX_TARGETS:
+        raise ValueError(f"at: more than {MAX_TARGETS} times")
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"at: {v!r} is not a time") from None
+    return list(dict.fromkeys(out))
+
+
+def _check_model(model: torch.nn.Module, names: Sequence[str], store: Store) -> None:
+    from phema.tracker import _unwrap
+
+    own = set(_unwrap(model).state_dict())
+    foreign = [n for n in names if n not in own]
+    if foreign:
+        raise ValueError(
+            f"the store {store.path} holds {len(foreign)} tensor(s) the model does not have "
+            f"(e.g. {', '.join(foreign[:3])}): a model of another architecture?"
+        )
+
+
+def _batch_size(batch: int | None, store: Store) -> int:
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch={batch!r}: expected a whole number from 1 to {MAX_BATCH}")
+        return batch
+    f32 = sum(4 * int(np.prod(shape)) for _, _, shape in store.tensors)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 8 << 30
+    return int(np.clip(available * _MEMORY_SHARE // max(2 * f32, 1), 1, MAX_BATCH))
+
+
+def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow:
+    sol: Solution = plan.sol
+    k = output.column
+    tg = sol.targets[k]
+    one = _one_output(targets, tg.kind, tg.value)
+    used = np.flatnonzero(np.any(plan.weights[:, output.columns()] != 0, axis=1))
+    digest = hashlib.sha1(
+        json.dumps(
+            [
+                [
+                    store.snapshots[i].name,
+                    [round(float(w), 12) for w in plan.weights[i, output.columns()]],
+                ]
+                for i in used
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    return SweepRow(
+        label=output.label(sol),
+        kind=tg.kind,
+        value=float(tg.value),
+        sigma_rel=float(sol.sigma_rel[k]),
+        t=float(tg.t),
+        fit_error=float(sol.fit_error[k]),
+        cdf_error=float(sol.cdf_error[k]),
+        gain=float(sol.gain[k]),
+        tensors=json.dumps([[p, s] for p, s in targets.tensors]) if targets.tensors else "",
+        vary=targets.vary or "",
+        snapshots=digest,
+        metrics={},
+        targets=one,
+        store=store,
+    )
+
+
+def _one_output(targets: Targets, kind: str, value: float) -> Targets:
+    """The targets of one row alone (to reconstruct it again)."""
+    empty: dict[str, tuple[float, ...]] = {
+        "sigma_rels": (),
+        "gammas": (),
+        "betas": (),
+        "halflives": (),
+    }
+    own = kind + "s"
+    if own not in empty:  # a per-tensor output without a target of its own
+        return targets
+    return targets.replace(**(empty | {own: (value,)}))
+
+
+def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> SweepRow:
+    source = raw if isinstance(raw, (str, os.PathLike)) else "state dict"
+    row = SweepRow(
+        label=_RAW,
+        kind=_RAW,
+        value=math.nan,
+        sigma_rel=math.nan,
+        t=math.nan,
+        fit_error=math.nan,
+        cdf_error=math.nan,
+        gain=math.nan,
+        tensors="",
+        vary="",
+        snapshots=os.fspath(source),
+        metrics={},
+    )
+    row.metrics = dict(done.get(row.key, {}))
+    return row
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    """`evaluate`'s result as named floats."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        items = [("metric", value)]
+    out = {}
+    for name, v in items:
+        if not isinstance(name, str) or name in COLUMNS:
+            raise TypeError(f"evaluate returned the metric name {name!r}: use other names")
+        try:
+            out[name] = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"evaluate returned {name}={v!r}: expected a number or a dict of numbers"
+            ) from None
+    if not out:
+        raise TypeError("evaluate returned no metric")
+    return out
+
+
+def _best_text(rows: list[SweepRow]) -> str:
+    names = list(dict.fromkeys(m for r in rows for m in r.metrics))
+    if not names:
+        return ""
+    scored = [r for r in rows if math.isfinite(r.metrics.get(names[0], math.nan))]
+    if not scored:
+        return ""
+    best = min(scored, key=lambda r: r.metrics[names[0]])
+    return f"lowest {names[0]} {best.metrics[names[0]]:.4g} at {best.label}"
+
+
+def _read_results(path: str | os.PathLike[str] | None) -> dict[tuple[str, ...], dict[str, float]]:
+    """The metrics of the rows a results file already holds, by row key."""
+    if path is None or not os.path.exists(path):
+        return {}
+    done = {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"not a phema sweep results file (no {missing[0]} column)")
+            for line in reader:
+                key = (
+                    line["kind"],
+                    repr(float(line["value"])),
+                    repr(float(line["t"])),
+                    line["tensors"],
+                    line["vary"],
+                    line["snapshots"],
+                )
+                done[key] = {
+                    k: float(v) for k, v in line.items() if k not in COLUMNS and v not in ("", None)
+                }
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable sweep results ({e})") from None
+    return done
+
+
+def _write_results(
+    path: str | os.PathLike[str], rows: list[SweepRow], raw_row: SweepRow | None
+) -> None:
+    """Writes every row so far to `path` (replaced atomically, so a kill keeps the old file)."""
+    everything = rows + ([raw_row] if raw_row is not None and raw_row.metrics else [])
+    metrics = list(dict.fromkeys(m for r in everything for m in r.metrics))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metrics], lineterminator="\n")
+    w.writeheader()
+    for r in everything:
+        w.writerow({k: _cell(v) for k, v in r.as_dict().items()})
+    naming.write_atomically(path, buf.getvalue().encode())
+
+
+def _cell(v: Any) -> Any:
+    return repr(v) if isinstance(v, float) else v

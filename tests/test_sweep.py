@@ -1,0 +1,281 @@
+"""phema.sweep on a real (tiny) training run: every metric equals evaluating that target's
+reconstruction by hand, the model comes back untouched, results files resume, per-tensor
+sweeps vary one group, and the CLI writes table, CSV, figure and the best checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import phema
+from phema.cli import main
+
+SIGMAS = [0.03, 0.06, 0.12, 0.2]
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 4, generator=g)
+    return x, (x[:, :1] * x[:, 1:2]).sin()
+
+
+def evaluate(model: torch.nn.Module) -> dict[str, float]:
+    x, y = data()
+    with torch.no_grad():
+        err = model(x) - y
+    return {"mse": float((err**2).mean()), "mae": float(err.abs().mean())}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A noisy SGD run of 400 steps tracked at sigma_rel 0.05 and 0.15, snapshots every 40."""
+    store = tmp_path_factory.mktemp("sweep") / "store"
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    x, y = data()
+    g = torch.Generator().manual_seed(2)
+    with phema.PostHocEMA(model, store, (0.05, 0.15), snapshot_every=40) as ema:
+        for _ in range(400):
+            i = torch.randint(0, 256, (16,), generator=g)
+            loss = ((model(x[i]) - y[i]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update()
+    return store, model
+
+
+def by_hand(store, model, **target) -> dict[str, float]:
+    probe = make_model()
+    phema.load_into(probe, phema.reconstruct_state_dict(store, **target))
+    return evaluate(probe)
+
+
+def test_each_metric_is_that_targets_evaluation_and_the_model_is_restored(run, tmp_path):
+    store, model = run
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS, betas=[0.99], batch=2)
+    assert [r["kind"] for r in result.table] == ["sigma_rel"] * 4 + ["beta"]
+    for row in result.rows:
+        kw = {row.kind: row.value}
+        want = by_hand(store, model, **kw)
+        assert row.metrics == pytest.approx(want, rel=1e-6), row.label
+        assert row.fit_error >= 0 and row.gain >= 1 - 1e-9
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training
+    best = result.best("mse")
+    assert best.metrics["mse"] == min(r.metrics["mse"] for r in result.rows)
+    assert result.best("mse", mode="max").metrics["mse"] == max(r["mse"] for r in result.table)
+    # The best row's weights load and evaluate to its metric.
+    probe = make_model()
+    phema.load_into(probe, best.state_dict)
+    assert evaluate(probe)["mse"] == pytest.approx(best.metrics["mse"], rel=1e-6)
+
+
+def test_batches_of_any_size_give_the_same_table(run):
+    store, model = run
+    one = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS, batch=1, progress=False)
+    many = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS, batch=64, progress=False)
+    assert [r.metrics for r in one.rows] == [r.metrics for r in many.rows]
+
+
+def test_infeasible_and_poor_targets_are_left_out_with_one_note(run):
+    store, model = run
+    with pytest.warns(UserWarning, match="0.3 left out") as caught:
+        result = phema.sweep(store, model, evaluate, sigma_rels=[0.001, 0.1, 0.3])
+    assert [r.value for r in result.rows] == [0.1]
+    assert "sigma_rel-0.001" in str(caught[0].message)
+    assert result.notes and len(caught) == 1
+    with pytest.raises(phema.PoorFitError):  # reconstruct keeps refusing them
+        phema.reconstruct_state_dict(store, sigma_rel=0.001)
+
+
+def test_results_file_resumes_and_keeps_rows_done_before_an_interrupt(run, tmp_path):
+    store, model = run
+    results = tmp_path / "runs" / "sweep.csv"
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(m)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        phema.sweep(store, model, counting, sigma_rels=SIGMAS, results=results, batch=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with open(results) as f:
+        assert [r["label"] for r in csv.DictReader(f)] == ["sigma_rel-0.030", "sigma_rel-0.060"]
+    calls.clear()
+    result = phema.sweep(store, model, counting, sigma_rels=SIGMAS, results=results)
+    assert len(calls) == 2  # only the two not done yet
+    assert len(result.rows) == 4
+    with open(results) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["value"]) for r in rows] == SIGMAS
+    assert float(rows[0]["mse"]) == pytest.approx(by_hand(store, model, sigma_rel=0.03)["mse"])
+    # Another time is another target: evaluated, not taken from the file.
+    calls.clear()
+    t = phema.open_store(store).snapshots[-3].t
+    phema.sweep(store, model, counting, sigma_rels=[0.06], at=t, results=results)
+    assert len(calls) == 1
+
+
+def test_evaluate_errors_propagate_after_the_model_is_restored(run):
+    store, model = run
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(m):
+        m.eval()
+        with torch.no_grad():
+            m[0].weight.mul_(0)
+        raise RuntimeError("user code failed")
+
+    model.train()
+    with pytest.raises(RuntimeError, match="user code failed"):
+        phema.sweep(store, model, broken, sigma_rels=SIGMAS)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model[0].training
+
+
+def test_bad_arguments_are_one_clear_error(run, tmp_path):
+    store, model = run
+    with pytest.raises(TypeError, match="not callable"):
+        phema.sweep(store, model, "evaluate", sigma_rels=SIGMAS)
+    with pytest.raises(TypeError, match="expected a number"):
+        phema.sweep(store, model, lambda m: "good", sigma_rels=[0.1])
+    with pytest.raises(ValueError, match="another architecture"):
+        phema.sweep(store, torch.nn.Linear(2, 2), evaluate, sigma_rels=[0.1])
+    with pytest.raises(ValueError, match="batch=0"):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.1], batch=0)
+    with pytest.raises(ValueError, match="'soon'"):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.1], at="soon")
+    with pytest.raises(ValueError, match="feasible"):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.5])
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="garbage.csv"):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.1], results=garbage)
+    assert garbage.read_text() == "a,b\n1,2\n"
+
+
+def test_every_snapshot_time_gives_a_heatmap_and_the_plot_marks_the_best(run, tmp_path):
+    store, model = run
+    times = [s.t for s in phema.open_store(store).snapshots]
+    result = phema.sweep(store, model, evaluate, sigma_rels=[0.06, 0.12], at="all")
+    assert {r.t for r in result.rows} <= set(times)
+    assert len({r.t for r in result.rows}) > 3
+    png = result.plot(tmp_path / "heat.png", "mae")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    curve = phema.sweep(
+        store,
+        model,
+        evaluate,
+        sigma_rels=SIGMAS,
+        betas=[0.99],
+        raw=phema.open_store(store).inputs[-1],
+    )
+    assert curve.raw is not None and "mse" in curve.raw.metrics
+    png = curve.plot(tmp_path / "curve.png")
+    assert os.path.getsize(png) > 1000
+
+
+def test_save_best_writes_the_best_weights(run, tmp_path):
+    store, model = run
+    result = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS)
+    [path] = result.save_best(tmp_path / "best", "mse")
+    best = result.best("mse")
+    assert os.path.basename(path) == best.label + ".safetensors"
+    got = load_file(path)
+    want = best.state_dict
+    for k, v in want.items():
+        assert torch.equal(got[k], v.half()), k
+
+
+def test_varying_one_group_keeps_the_others_fixed(run):
+    store, model = run
+    result = phema.sweep(
+        store, model, evaluate, sigma_rels=[0.04, 0.2], tensors={"*": 0.1}, vary="2.*"
+    )
+    fixed = phema.reconstruct_state_dict(store, sigma_rel=0.1)
+    for row in result.rows:
+        sd = row.state_dict
+        own = phema.reconstruct_state_dict(store, sigma_rel=row.value)
+        for k, v in sd.items():
+            want = own[k] if k.startswith("2.") else fixed[k]
+            assert torch.equal(v, want), (row.label, k)
+        probe = make_model()
+        phema.load_into(probe, sd)
+        assert evaluate(probe) == pytest.approx(row.metrics, rel=1e-6)
+
+
+CLI_MODULE = """
+import torch
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+def evaluate(model):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 4, generator=g)
+    y = (x[:, :1] * x[:, 1:2]).sin()
+    with torch.no_grad():
+        err = model(x) - y
+    return {"mse": float((err**2).mean()), "mae": float(err.abs().mean())}
+"""
+
+
+def test_cli_sweep_writes_table_csv_figure_and_best(run, tmp_path, capsys, monkeypatch):
+    store, model = run
+    (tmp_path / "sweepmod.py").write_text(textwrap.dedent(CLI_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    args = [
+        "sweep",
+        str(store),
+        "--model",
+        "sweepmod:make_model",
+        "--eval",
+        "sweepmod:evaluate",
+        "--sigma-rel",
+        "0.03:0.12:0.03",
+        "--beta",
+        "0.99",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "sigma_rel-0.090" in printed and "beta-0.99" in printed and "best mse" in printed
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    best = min(rows, key=lambda r: float(r["mse"]))
+    assert (out / f"{best['label']}.safetensors").is_file()
+    assert (out / "sweep.png").stat().st_size > 1000
+    want = by_hand(store, model, **{best["kind"]: float(best["value"])})["mse"]
+    assert float(best["mse"]) == pytest.approx(want, rel=1e-6)
+    # User mistakes: one line, no traceback.
+    for bad, message in [
+        (["--model", "nosuchmod:make_model"], "nosuchmod"),
+        (["--model", "sweepmod:nothing"], "nothing"),
+        (["--tensor-sigma-rel", "oops"], "PATTERN=SIGMA_REL"),
+    ]:
+        assert main([*args[:2], *args[2:], *bad]) == 2
+        assert message in capsys.readouterr().err
+    del sys.modules["sweepmod"]
