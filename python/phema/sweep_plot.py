@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# Smallest fit error drawn.
+_FLOOR = 1e-6
+
 if TYPE_CHECKING:
     from phema.sweeps import SweepResult, SweepRow
 
@@ -36,6 +39,7 @@ def plot_sweep(result: SweepResult, path: str, metric: str | None, mode: str) ->
 
 
 def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
+    import matplotlib.ticker
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
     )
@@ -55,7 +59,9 @@ def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib ob
             top.plot(x, y, "s", ms=6, label=f"classic EMA ({name}) at its sigma_rel")
             for r in members:
                 top.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
-        bottom.plot(x, [r.fit_error for r in members], ".-", ms=3, label=f"fit error, {name}")
+        # A target equal to a stored profile fits exactly: kept visible on the log axis.
+        fit = [max(r.fit_error, _FLOOR) for r in members]
+        bottom.plot(x, fit, ".-", ms=3, label=f"fit error, {name}")
         bottom.plot(x, [r.gain for r in members], ":", label=f"gain, {name}")
     if raw is not None and metric in raw.metrics:
         top.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")
@@ -69,6 +75,8 @@ def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib ob
     top.legend(fontsize=8)
     top.grid(alpha=0.3, which="both")
     bottom.set_xscale("log")
+    bottom.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    bottom.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     bottom.set_yscale("log")
     bottom.set_xlabel("sigma_rel (equivalent, for classic decays)")
     bottom.set_ylabel("fit error / gain")
@@ -78,6 +86,7 @@ def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib ob
 
 
 def _heatmap(plt, rows, times, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
+    import matplotlib.ticker
     power = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
     sigmas = sorted({round(r.sigma_rel, 12) for r in power})
     grid = np.full((len(times), len(sigmas)), np.nan)
@@ -91,7 +100,9 @@ def _heatmap(plt, rows, times, metric, best):  # noqa: ANN001, ANN202 (matplotli
         ax.legend(fontsize=8)
         ax.set_title(f"best {metric} {best.metrics[metric]:.4g} at {best.label}, t={best.t:g}")
     ax.set_xscale("log")
-    ax.set_xlabel("sigma_rel")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("sigma_rel (white: left out, poor fit)")
     ax.set_ylabel("training time t")
     return fig
 

@@ -1,5 +1,5 @@
 """What to rebuild, as one value: EMA lengths and decays at one time, optionally a different
-EMA length per group of tensors (docs/per-tensor.md).
+EMA length per group of tensors (docs/sweep.md).
 
 Every entry point (`solve`, `reconstruct*`, `sweep`, the CLI) turns its arguments into a
 `Targets` once; `Targets.plan(store)` solves once and says which solved column each tensor of
