@@ -600,6 +600,22 @@ fn shard_layout(py: Python<'_>, path: PathBuf) -> PyResult<Option<(usize, usize,
     .map_err(err)
 }
 
+/// Verifies the checksum a snapshot records (docs/store-format.md): `("ok" | "not recorded" |
+/// "mismatch", recorded, computed)`.
+#[pyfunction]
+fn verify_checksum(
+    py: Python<'_>,
+    path: PathBuf,
+) -> PyResult<(&'static str, Option<String>, Option<String>)> {
+    use crate::checksum::{verify, Verified};
+    let found = py.detach(|| verify(&path)).map_err(err)?;
+    Ok(match found {
+        Verified::Ok => ("ok", None, None),
+        Verified::NotRecorded => ("not recorded", None, None),
+        Verified::Mismatch { recorded, computed } => ("mismatch", Some(recorded), Some(computed)),
+    })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -612,6 +628,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POOR_CDF_ERROR", solver::POOR_CDF_ERROR)?;
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;
     m.add_function(wrap_pyfunction!(profile_info, m)?)?;

@@ -6,6 +6,7 @@
 //! `docs/design.md` draws the modules. The Python binding lives in `bindings` behind the
 //! `python` feature.
 
+pub mod checksum;
 pub mod codec;
 pub mod engine;
 pub mod error;

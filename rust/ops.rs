@@ -19,8 +19,8 @@ pub fn to_files(
     requests: &[OutputRequest],
     progress: &Progress,
 ) -> Result<(Vec<Vec<PathBuf>>, Stats)> {
-    check_outputs(plan, requests.len())?;
     let layout = output_layout(inputs, &plan.weights)?;
+    check_outputs(plan, requests.len())?;
     let sink = FileSink::create(&layout, requests)?;
     let stats = combine(inputs, plan, &sink, progress)?;
     Ok((sink.finish()?, stats))
@@ -34,8 +34,9 @@ pub fn to_memory(
     buffers: Vec<Vec<&mut [u8]>>,
     progress: &Progress,
 ) -> Result<Stats> {
+    let layout = output_layout(inputs, &plan.weights)?;
     check_outputs(plan, buffers.len())?;
-    let sink = MemorySink::new(buffers, &output_layout(inputs, &plan.weights)?)?;
+    let sink = MemorySink::new(buffers, &layout)?;
     combine(inputs, plan, &sink, progress)
 }
 

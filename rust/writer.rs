@@ -13,10 +13,12 @@ use std::sync::{Mutex, OnceLock};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
+use crate::checksum;
 use crate::codec::encode_into;
 use crate::engine::Sink;
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, TensorEntry};
+use crate::meta::CHECKSUM;
 
 /// Name, dtype and shape of one tensor to be written.
 #[derive(Clone, Debug)]
@@ -47,6 +49,8 @@ pub struct SafetensorsWriter {
     file: File,
     /// Absolute file offset of each tensor's data.
     offsets: Vec<u64>,
+    /// The header JSON as written (after its 8-byte length).
+    header: Vec<u8>,
     finished: bool,
 }
 
@@ -230,6 +234,7 @@ impl SafetensorsWriter {
             tmp: tmp.clone(),
             file: file.try_clone().map_err(io)?,
             offsets: relative.iter().map(|&o| data_start + o as u64).collect(),
+            header: json.clone(),
             finished: false,
         };
         file.write_all(&(json.len() as u64).to_le_bytes())
@@ -247,18 +252,16 @@ impl SafetensorsWriter {
             .map_err(|e| PhemaError::io(&self.tmp, e))
     }
 
-    /// Writes f32 values converted to `dtype` at element `elem_offset` of tensor `index`.
-    pub fn write_f32_at(
-        &self,
-        index: usize,
-        dtype: Dtype,
-        elem_offset: usize,
-        values: &[f32],
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        scratch.resize(values.len() * dtype.bitsize() / 8, 0);
-        encode_into(values, dtype, scratch);
-        self.write_at(index, elem_offset * dtype.bitsize() / 8, scratch)
+    /// Fills in the checksum the header holds as a placeholder (`checksum::placeholder`), in
+    /// place: its length does not change.
+    fn write_checksum(&self, value: &str) -> Result<()> {
+        let at = crate::checksum::digits_at(&self.header).ok_or_else(|| {
+            PhemaError::Invalid("the header holds no checksum placeholder".into())
+        })?;
+        let digits = &value.as_bytes()[value.len().saturating_sub(32)..];
+        self.file
+            .write_all_at(digits, 8 + at as u64)
+            .map_err(|e| PhemaError::io(&self.tmp, e))
     }
 
     /// Syncs the data, renames the file to its final name and syncs the directory.
@@ -422,19 +425,31 @@ pub fn write_snapshot(
             shape: shape.clone(),
         });
     }
-    let writer = SafetensorsWriter::create(path, &specs, metadata)?;
+    let mut metadata = metadata.clone();
+    metadata.insert(CHECKSUM.into(), checksum::placeholder());
+    let writer = SafetensorsWriter::create(path, &specs, &metadata)?;
+    // Tensors are written in file order, so the data is hashed as it is written.
+    let mut hasher = checksum::Hasher::new(&writer.header);
     let mut scratch = Vec::new();
     const CHUNK: usize = 1 << 20;
     for (index, ((_, _, data), spec)) in tensors.iter().zip(&specs).enumerate() {
         match data {
             TensorData::F32(v) => {
+                let size = spec.dtype.bitsize() / 8;
                 for (c, chunk) in v.chunks(CHUNK).enumerate() {
-                    writer.write_f32_at(index, spec.dtype, c * CHUNK, chunk, &mut scratch)?;
+                    scratch.resize(chunk.len() * size, 0);
+                    encode_into(chunk, spec.dtype, &mut scratch);
+                    hasher.update(&scratch);
+                    writer.write_at(index, c * CHUNK * size, &scratch)?;
                 }
             }
-            TensorData::Raw(_, bytes) => writer.write_at(index, 0, bytes)?,
+            TensorData::Raw(_, bytes) => {
+                hasher.update(bytes);
+                writer.write_at(index, 0, bytes)?;
+            }
         }
     }
+    writer.write_checksum(&hasher.value())?;
     writer.finish_new()?;
     Ok(promoted)
 }

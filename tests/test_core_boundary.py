@@ -39,9 +39,9 @@ def test_a_weight_matrix_of_the_wrong_shape_is_a_value_error(tmp_path, rows):
     weights = np.zeros((rows, 1))
     weights[rows - 1 :] = 1.0
     out = {"path": os.fspath(tmp_path / "o.safetensors"), "dtype": "F16", "metadata": {}}
-    with pytest.raises(ValueError, match="weights must be 1 x 1"):
+    with pytest.raises(ValueError, match="weights must be 1 x"):
         src.combine_to_files(weights, [out | {"shard_size": None}], _core.EngineProgress())
-    with pytest.raises(ValueError, match="weights must be 1 x 1"):
+    with pytest.raises(ValueError, match="weights must be 1 x"):
         src.combine_to_memory(weights, [[np.zeros(24, np.uint8)]], _core.EngineProgress())
 
 

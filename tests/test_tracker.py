@@ -159,7 +159,8 @@ def test_resume_is_bit_exact(tmp_path, offload):
     assert list(a) == list(b) and len(a) == 2 * 4  # t crosses 16, 32, 48, 64
     for name in a:
         # Two runs: the same metadata but their run ids; the resumed one kept its own.
-        assert a[name][1] | {"phema.run_id": ""} == b[name][1] | {"phema.run_id": ""}
+        same = {"phema.run_id": "", "phema.checksum": ""}  # both cover the run id
+        assert a[name][1] | same == b[name][1] | same
         assert b[name][1]["phema.run_id"] == ema.run_id
         assert a[name][0]["w"].tobytes() == b[name][0]["w"].tobytes()
 
@@ -398,7 +399,10 @@ def test_metadata_and_file_names(tmp_path):
         "phema.run": "exp1",
         "phema.model": "Linear",
         "phema.run_id": ema.run_id,
+        "phema.checksum": meta["phema.checksum"],
     }
+    path = tmp_path / "new" / "store" / "000000004096.500000-0.099.safetensors"
+    assert phema._core.verify_checksum(path)[0] == "ok"
     assert files["000000004096-0.099.safetensors"][1]["phema.t"] == "4096"
 
 

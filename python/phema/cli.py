@@ -154,7 +154,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"note: ignored {path}: {why}")
     for p in store.problems + store.incomplete:
         print(f"problem: {p}")
-    return 1 if store.problems or store.incomplete else 0
+    changed = _verify(store) if args.verify else 0
+    return 1 if store.problems or store.incomplete or changed else 0
+
+
+def _verify(store: Store) -> int:
+    """Checks every snapshot file against the checksum it recorded; returns how many differ."""
+    counts = {"ok": 0, "not recorded": 0, "mismatch": 0}
+    for s in store.snapshots:
+        for path in s.paths:
+            status, recorded, computed = _core.verify_checksum(path)
+            counts[status] += 1
+            if status == "mismatch":
+                print(
+                    f"problem: {path} changed after it was written (checksum {recorded}, "
+                    f"now {computed})"
+                )
+    print(
+        f"verified {sum(counts.values())} files: {counts['ok']} intact, {counts['mismatch']} "
+        f"changed, {counts['not recorded']} without a checksum (written by another tool or an "
+        "older phema)"
+    )
+    return counts["mismatch"]
 
 
 def _print_feasible(store: Store) -> None:
@@ -469,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="what a store holds: times, profiles, sizes, problems")
     s.add_argument("store")
     s.add_argument("-v", "--verbose", action="store_true", help="list every snapshot")
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every snapshot and check it against the checksum written with it",
+    )
     raw(s)
     s.set_defaults(func=cmd_inspect)
 

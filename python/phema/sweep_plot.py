@@ -40,6 +40,7 @@ def plot_sweep(result: SweepResult, path: str, metric: str | None, mode: str) ->
 
 def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
     import matplotlib.ticker
+
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
     )
@@ -87,6 +88,7 @@ def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib ob
 
 def _heatmap(plt, rows, times, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
     import matplotlib.ticker
+
     power = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
     sigmas = sorted({round(r.sigma_rel, 12) for r in power})
     grid = np.full((len(times), len(sigmas)), np.nan)

@@ -1,0 +1,170 @@
+//! The checksum a snapshot records of itself (`phema.checksum`, docs/store-format.md): XXH3-128
+//! of the header JSON, with the checksum's own value zeroed, followed by every byte after it.
+//! It is written with the file and verified on demand (`phema inspect --verify`): it tells a
+//! file changed after it was written (the same size, other data) from the one phema wrote.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{PhemaError, Result};
+use crate::header::read_header;
+use crate::meta::CHECKSUM;
+
+/// The algorithm named in the recorded value.
+const ALGORITHM: &str = "xxh3-128:";
+/// Hex digits of a digest.
+const DIGITS: usize = 32;
+
+/// The value written before the data is known: the same length as the final one, so the header
+/// keeps its size when it is filled in.
+pub fn placeholder() -> String {
+    format!("{ALGORITHM}{}", "0".repeat(DIGITS))
+}
+
+/// Hashes a file's bytes in the order they are written.
+pub struct Hasher(Xxh3);
+
+impl Hasher {
+    /// A hasher started on the header JSON (holding the placeholder).
+    pub fn new(header_json: &[u8]) -> Self {
+        let mut h = Xxh3::new();
+        h.update(header_json);
+        Hasher(h)
+    }
+
+    /// Adds the next bytes of data.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The value to record.
+    pub fn value(&self) -> String {
+        format!("{ALGORITHM}{:0width$x}", self.0.digest128(), width = DIGITS)
+    }
+}
+
+/// Where the placeholder's digits sit in `header_json`, if it records a checksum.
+pub fn digits_at(header_json: &[u8]) -> Option<usize> {
+    let key = format!("\"{CHECKSUM}\":\"{ALGORITHM}");
+    header_json
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .map(|p| p + key.len())
+        .filter(|&p| p + DIGITS <= header_json.len())
+}
+
+/// What verifying a file found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verified {
+    /// The recorded checksum matches the file.
+    Ok,
+    /// The file records no checksum (written before phema recorded them, or by another tool).
+    NotRecorded,
+    /// The file differs from the one that was written.
+    Mismatch { recorded: String, computed: String },
+}
+
+/// Verifies the checksum `path` records against its contents.
+pub fn verify(path: &Path) -> Result<Verified> {
+    let header = read_header(path)?;
+    let Some(recorded) = header.metadata.get(CHECKSUM).cloned() else {
+        return Ok(Verified::NotRecorded);
+    };
+    let io = |e| PhemaError::io(path, e);
+    let mut file = File::open(path).map_err(io)?;
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(io)?;
+    // The length was bounded when the header was read.
+    let n = usize::try_from(u64::from_le_bytes(prefix)).unwrap_or(0);
+    let mut json = vec![0u8; n];
+    file.read_exact(&mut json).map_err(io)?;
+    let Some(at) = digits_at(&json) else {
+        return Ok(Verified::Mismatch {
+            recorded,
+            computed: "(the header does not hold the value where it was written)".into(),
+        });
+    };
+    json[at..at + DIGITS].fill(b'0');
+    let mut hasher = Hasher::new(&json);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let got = file.read(&mut buf).map_err(io)?;
+        if got == 0 {
+            break;
+        }
+        hasher.update(&buf[..got]);
+    }
+    let computed = hasher.value();
+    Ok(if computed == recorded {
+        Verified::Ok
+    } else {
+        Verified::Mismatch { recorded, computed }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{write_snapshot, TensorData};
+    use safetensors::Dtype;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::FileExt;
+
+    fn write(path: &Path) {
+        let a: Vec<f32> = (0..3000).map(|i| i as f32 / 7.0).collect();
+        let step = 5i64.to_le_bytes();
+        let meta = BTreeMap::from([("phema.t".to_string(), "100".to_string())]);
+        write_snapshot(
+            path,
+            &[
+                ("a".into(), vec![3000], TensorData::F32(&a)),
+                ("step".into(), vec![1], TensorData::Raw(Dtype::I64, &step)),
+            ],
+            Dtype::F16,
+            &meta,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_written_snapshot_verifies_and_any_changed_byte_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        write(&p);
+        assert_eq!(verify(&p).unwrap(), Verified::Ok);
+        let original = std::fs::read(&p).unwrap();
+        let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+        let t_at = original
+            .windows(13)
+            .position(|w| w == b"\"phema.t\":\"10")
+            .unwrap();
+        // A data byte, the last byte, and a metadata value of the same length.
+        for (at, byte) in [
+            (8 + header_len + 100, None),
+            (original.len() - 1, None),
+            (t_at + 12, Some(b'9')),
+        ] {
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            let new = byte.unwrap_or(original[at] ^ 1);
+            f.write_all_at(&[new], at as u64).unwrap();
+            assert!(
+                matches!(verify(&p).unwrap(), Verified::Mismatch { .. }),
+                "byte {at}"
+            );
+            f.write_all_at(&original[at..at + 1], at as u64).unwrap();
+            assert_eq!(verify(&p).unwrap(), Verified::Ok);
+        }
+    }
+
+    #[test]
+    fn a_file_without_a_checksum_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("plain.safetensors");
+        let data = safetensors::tensor::TensorView::new(Dtype::U8, vec![2], &[1, 2]).unwrap();
+        safetensors::serialize_to_file([("x", data)], None, &p).unwrap();
+        assert_eq!(verify(&p).unwrap(), Verified::NotRecorded);
+    }
+}
