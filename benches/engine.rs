@@ -64,6 +64,7 @@ fn run(sources: &[Source], w: &[Vec<f64>], out: Option<&Path>) -> phema::Result<
                     dtype: Dtype::F16,
                     metadata: BTreeMap::new(),
                     shard_size: None,
+                    shard: None,
                 })
                 .collect();
             let (paths, _) = ops::to_files(sources, &plan, &requests, &Progress::default())?;

@@ -482,7 +482,37 @@ impl Sources {
             .map_err(err)?;
         stats_dict(py, &stats)
     }
+
+    /// The files `output` makes of the outputs of `weights`: `([(path, [tensor names])],
+    /// index path or None)`, one entry per shard (the tasks of a distributed run).
+    fn output_files(
+        &self,
+        weights: PyReadonlyArray2<'_, f64>,
+        output: Bound<'_, PyDict>,
+    ) -> PyResult<(Vec<ShardFiles>, Option<String>)> {
+        let (shards, index) =
+            ops::output_files(&self.0, &rows(&weights)?, &output_request(&output)?).map_err(err)?;
+        let text = |p: PathBuf| p.to_string_lossy().into_owned();
+        Ok((
+            shards.into_iter().map(|(p, n)| (text(p), n)).collect(),
+            index.map(text),
+        ))
+    }
+
+    /// Writes the index of a sharded output after every shard was committed; its path or None.
+    fn write_index(
+        &self,
+        weights: PyReadonlyArray2<'_, f64>,
+        output: Bound<'_, PyDict>,
+    ) -> PyResult<Option<String>> {
+        let path =
+            ops::write_index(&self.0, &rows(&weights)?, &output_request(&output)?).map_err(err)?;
+        Ok(path.map(|p| p.to_string_lossy().into_owned()))
+    }
 }
+
+/// A shard's path and tensor names, as `output_files` returns them.
+type ShardFiles = (String, Vec<String>);
 
 fn to_mix(per_output: Vec<(usize, BTreeMap<String, usize>)>) -> ops::Mix {
     let (defaults, overrides) = per_output.into_iter().unzip();
@@ -502,15 +532,15 @@ fn output_request(d: &Bound<'_, PyDict>) -> PyResult<OutputRequest> {
         d.get_item(k)?
             .ok_or_else(|| PyValueError::new_err(format!("output lacks `{k}`")))
     };
-    let shard: Option<u64> = match d.get_item("shard_size")? {
-        Some(v) if !v.is_none() => Some(v.extract()?),
-        _ => None,
+    let optional = |k: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(d.get_item(k)?.filter(|v| !v.is_none()))
     };
     Ok(OutputRequest {
         path: get("path")?.extract()?,
         dtype: parse_dtype(&get("dtype")?.extract::<String>()?)?,
         metadata: get("metadata")?.extract()?,
-        shard_size: shard,
+        shard_size: optional("shard_size")?.map(|v| v.extract()).transpose()?,
+        shard: optional("shard")?.map(|v| v.extract()).transpose()?,
     })
 }
 

@@ -1262,6 +1262,7 @@ pub(crate) mod tests {
                 dtype,
                 metadata: BTreeMap::new(),
                 shard_size: None,
+                shard: None,
             }];
             let w: Vec<Vec<f64>> = inputs.iter().map(|_| vec![1.0]).collect();
             let sink = FileSink::create(&layout_of(&inputs[0]).unwrap(), &requests).unwrap();

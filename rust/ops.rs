@@ -9,7 +9,7 @@ use crate::engine::{combine, output_layout, Plan, Progress, Source, Stats};
 use crate::error::{PhemaError, Result};
 use crate::header::TensorEntry;
 use crate::memory::MemorySink;
-use crate::writer::{FileSink, OutputRequest};
+use crate::writer::{self, FileSink, OutputRequest};
 
 /// Writes every output of `plan` to the file (or directory of shards) its request names; returns
 /// the paths written per output and what was read. Nothing is committed unless all succeed.
@@ -38,6 +38,35 @@ pub fn to_memory(
     check_outputs(plan, buffers.len())?;
     let sink = MemorySink::new(buffers, &layout)?;
     combine(inputs, plan, &sink, progress)
+}
+
+/// One shard of an output: its path and the names of its tensors.
+pub type Shard = (PathBuf, Vec<String>);
+
+/// The files `request` makes of the outputs of these weights: each shard's path and tensor
+/// names, and the index path when sharded (to plan a distributed run, one task per shard).
+pub fn output_files(
+    inputs: &[Source],
+    weights: &[Vec<f64>],
+    request: &OutputRequest,
+) -> Result<(Vec<Shard>, Option<PathBuf>)> {
+    let layout = output_layout(inputs, weights)?;
+    let files = writer::output_files(&layout, request)?;
+    let shards = files
+        .shards
+        .into_iter()
+        .map(|(p, members)| (p, members.iter().map(|&i| layout[i].name.clone()).collect()))
+        .collect();
+    Ok((shards, files.index.map(|(p, _)| p)))
+}
+
+/// Writes the index of a sharded output once a distributed run committed every shard.
+pub fn write_index(
+    inputs: &[Source],
+    weights: &[Vec<f64>],
+    request: &OutputRequest,
+) -> Result<Option<PathBuf>> {
+    writer::write_index(&output_layout(inputs, weights)?, request)
 }
 
 /// Which column each output's tensors take: output `k` takes column `defaults[k]` for every
@@ -213,6 +242,65 @@ mod tests {
         fn wants(&self, _: usize, tensor: usize) -> bool {
             tensor == 0
         }
+    }
+
+    #[test]
+    fn shards_written_one_by_one_and_the_index_equal_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path());
+        let weights = vec![vec![0.25], vec![0.75]];
+        let request = |path: &str, shard| OutputRequest {
+            path: dir.path().join(path),
+            dtype: Dtype::F16,
+            metadata: BTreeMap::new(),
+            shard_size: Some(6),
+            shard,
+        };
+        let plan = Plan::new(weights.clone(), None);
+        let (whole, _) = to_files(
+            &inputs,
+            &plan,
+            &[request("one", None)],
+            &Progress::default(),
+        )
+        .unwrap();
+        let (shards, index) = output_files(&inputs, &weights, &request("parts", None)).unwrap();
+        assert_eq!(shards.len(), 2);
+        assert_eq!(shards[0].1, vec!["a".to_string()]);
+        for i in 0..shards.len() {
+            let (paths, stats) = to_files(
+                &inputs,
+                &plan,
+                &[request("parts", Some(i))],
+                &Progress::default(),
+            )
+            .unwrap();
+            assert_eq!(paths[0], vec![shards[i].0.clone()]);
+            // Only this shard's tensor is read: 3 or 2 f32 values from each input.
+            assert_eq!(stats.bytes_read, [24, 16][i]);
+        }
+        assert!(!index.as_ref().unwrap().exists()); // the client writes it, last
+        assert_eq!(
+            write_index(&inputs, &weights, &request("parts", None)).unwrap(),
+            index
+        );
+        for p in &whole[0] {
+            let name = p.file_name().unwrap();
+            let other = dir.path().join("parts").join(name);
+            assert_eq!(
+                std::fs::read(p).unwrap(),
+                std::fs::read(other).unwrap(),
+                "{name:?}"
+            );
+        }
+        let err = to_files(
+            &inputs,
+            &plan,
+            &[request("x", Some(2))],
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("has 2 shards"), "{err}");
     }
 
     #[test]

@@ -466,6 +466,9 @@ pub struct OutputRequest {
     pub metadata: BTreeMap<String, String>,
     /// Largest shard in bytes.
     pub shard_size: Option<u64>,
+    /// Only this shard (0-based) and no index: one task of a distributed run, whose client
+    /// writes the index ([`write_index`]) once every shard is committed.
+    pub shard: Option<usize>,
 }
 
 /// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
@@ -473,10 +476,115 @@ fn shard_name(i: usize, n: usize) -> String {
     format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
 }
 
+/// The files of one output: every shard's path and tensors (layout indices), and the index
+/// (its path and contents) when there are several shards.
+pub struct OutputFiles {
+    pub shards: Vec<(PathBuf, Vec<usize>)>,
+    pub specs: Vec<TensorSpec>,
+    pub index: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// Where the tensors of `layout` go for `req`: greedy sharding in layout order (a tensor larger
+/// than a shard gets one of its own), the same for every caller.
+pub fn output_files(layout: &[TensorEntry], req: &OutputRequest) -> Result<OutputFiles> {
+    if !matches!(req.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
+        return Err(PhemaError::Invalid(format!(
+            "output dtype {:?} is not one of float16, bfloat16, float32",
+            req.dtype
+        )));
+    }
+    let specs: Vec<TensorSpec> = layout
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: if is_float(t.dtype) {
+                req.dtype
+            } else {
+                t.dtype
+            },
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let mut members: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let b = s.nbytes() as u64;
+        if let Some(limit) = req.shard_size {
+            if size > 0 && size.saturating_add(b) > limit {
+                members.push(Vec::new());
+                size = 0;
+            }
+        }
+        if let Some(last) = members.last_mut() {
+            last.push(i);
+        }
+        size = size.saturating_add(b);
+    }
+    let n = members.len();
+    let paths: Vec<PathBuf> = match (req.shard_size, n) {
+        (None, _) => vec![req.path.clone()],
+        (Some(_), 1) => vec![req.path.join("model.safetensors")],
+        (Some(_), _) => (0..n).map(|i| req.path.join(shard_name(i, n))).collect(),
+    };
+    let index = (n > 1).then(|| {
+        let mut weight_map = serde_json::Map::new();
+        for (m, path) in members.iter().zip(&paths) {
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+            for &i in m {
+                weight_map.insert(
+                    specs[i].name.clone(),
+                    file.clone().unwrap_or_default().into(),
+                );
+            }
+        }
+        let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
+        let mut meta = serde_json::Map::new();
+        meta.insert("total_size".into(), total.into());
+        // Loaders that read only the index must still learn which names share a tensor.
+        if let Some(tied) = req.metadata.get("phema.tied") {
+            meta.insert("phema.tied".into(), tied.clone().into());
+        }
+        let json = serde_json::json!({"metadata": meta, "weight_map": weight_map});
+        let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
+        (req.path.join("model.safetensors.index.json"), bytes)
+    });
+    Ok(OutputFiles {
+        shards: paths.into_iter().zip(members).collect(),
+        specs,
+        index,
+    })
+}
+
+/// Writes the index of a sharded output (temporary name, fsync, rename), for a distributed run
+/// once every shard is committed; returns its path, or None when the output is one file.
+pub fn write_index(layout: &[TensorEntry], req: &OutputRequest) -> Result<Option<PathBuf>> {
+    let Some((path, bytes)) = output_files(layout, req)?.index else {
+        return Ok(None);
+    };
+    write_small_file(&path, &bytes)?;
+    sync_dir(&path);
+    Ok(Some(path))
+}
+
+/// Writes `bytes` to `path` under a temporary name, synced, then renamed into place.
+fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_path(path);
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PhemaError::io(path, e));
+    }
+    Ok(())
+}
+
 struct TargetFiles {
     writers: Vec<SafetensorsWriter>,
-    /// For every layout tensor: (writer, index inside it, stored dtype).
-    place: Vec<(usize, usize, Dtype)>,
+    /// For every layout tensor this sink writes: (writer, index inside it, stored dtype).
+    place: Vec<Option<(usize, usize, Dtype)>>,
+    /// The dtype of float tensors.
+    dtype: Dtype,
     index: Option<(PathBuf, Vec<u8>)>,
 }
 
@@ -490,75 +598,39 @@ impl FileSink {
     pub fn create(layout: &[TensorEntry], requests: &[OutputRequest]) -> Result<Self> {
         let mut targets = Vec::with_capacity(requests.len());
         for req in requests {
-            if !matches!(req.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) {
+            let files = output_files(layout, req)?;
+            let n = files.shards.len();
+            if let Some(i) = req.shard.filter(|&i| i >= n) {
                 return Err(PhemaError::Invalid(format!(
-                    "output dtype {:?} is not one of float16, bfloat16, float32",
-                    req.dtype
+                    "shard {i} of {}: the output has {n} shards",
+                    req.path.display()
                 )));
             }
-            let specs: Vec<TensorSpec> = layout
-                .iter()
-                .map(|t| TensorSpec {
-                    name: t.name.clone(),
-                    dtype: if is_float(t.dtype) {
-                        req.dtype
-                    } else {
-                        t.dtype
-                    },
-                    shape: t.shape.clone(),
-                })
-                .collect();
-            // Greedy sharding in layout order: a tensor larger than a shard gets one of its own.
-            let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
-            let mut size = 0u64;
-            for (i, s) in specs.iter().enumerate() {
-                let b = s.nbytes() as u64;
-                if let Some(limit) = req.shard_size {
-                    if size > 0 && size + b > limit {
-                        shards.push(Vec::new());
-                        size = 0;
-                    }
-                }
-                shards.last_mut().expect("never empty").push(i);
-                size += b;
-            }
-            let n = shards.len();
-            let paths: Vec<PathBuf> = match (req.shard_size, n) {
-                (None, _) => vec![req.path.clone()],
-                (Some(_), 1) => vec![req.path.join("model.safetensors")],
-                (Some(_), _) => (0..n).map(|i| req.path.join(shard_name(i, n))).collect(),
-            };
             if req.shard_size.is_some() {
                 std::fs::create_dir_all(&req.path).map_err(|e| PhemaError::io(&req.path, e))?;
             }
-            let mut place = vec![(0, 0, Dtype::F32); specs.len()];
+            let mut place = vec![None; files.specs.len()];
             let mut writers = Vec::with_capacity(n);
-            let mut weight_map = serde_json::Map::new();
-            for (w, (members, path)) in shards.iter().zip(&paths).enumerate() {
-                let sub: Vec<TensorSpec> = members.iter().map(|&i| specs[i].clone()).collect();
-                for (j, &i) in members.iter().enumerate() {
-                    place[i] = (w, j, specs[i].dtype);
-                    let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
-                    weight_map.insert(specs[i].name.clone(), file.unwrap_or_default().into());
+            for (i, (path, members)) in files.shards.iter().enumerate() {
+                if req.shard.is_some_and(|only| only != i) {
+                    continue;
+                }
+                let sub: Vec<TensorSpec> =
+                    members.iter().map(|&t| files.specs[t].clone()).collect();
+                for (j, &t) in members.iter().enumerate() {
+                    place[t] = Some((writers.len(), j, files.specs[t].dtype));
                 }
                 writers.push(SafetensorsWriter::create(path, &sub, &req.metadata)?);
             }
-            let index = (n > 1).then(|| {
-                let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
-                let mut meta = serde_json::Map::new();
-                meta.insert("total_size".into(), total.into());
-                // Loaders that read only the index must still learn which names share a tensor.
-                if let Some(tied) = req.metadata.get("phema.tied") {
-                    meta.insert("phema.tied".into(), tied.clone().into());
-                }
-                let json = serde_json::json!({"metadata": meta, "weight_map": weight_map});
-                let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
-                (req.path.join("model.safetensors.index.json"), bytes)
-            });
             targets.push(TargetFiles {
                 writers,
                 place,
-                index,
+                dtype: req.dtype,
+                index: if req.shard.is_some() {
+                    None
+                } else {
+                    files.index
+                },
             });
         }
         Ok(FileSink { targets })
@@ -589,13 +661,7 @@ impl FileSink {
                 }
                 if let Some((path, bytes)) = &t.index {
                     set_aside(path, &mut aside)?;
-                    let tmp = temporary_path(path);
-                    let written =
-                        std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-                    if let Err(e) = written {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(PhemaError::io(path, e));
-                    }
+                    write_small_file(path, bytes)?;
                     done.push(path.clone());
                     paths.insert(0, path.clone());
                 }
@@ -633,21 +699,33 @@ fn set_aside(path: &Path, aside: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {
     }
 }
 
+impl FileSink {
+    fn place(&self, target: usize, tensor: usize) -> Result<(usize, usize, Dtype)> {
+        self.targets
+            .get(target)
+            .and_then(|t| t.place.get(tensor).copied().flatten())
+            .ok_or_else(|| PhemaError::Invalid(format!("output {target} takes no tensor {tensor}")))
+    }
+}
+
 impl Sink for FileSink {
     fn dtype(&self, target: usize, tensor: usize) -> Dtype {
-        self.targets[target].place[tensor].2
+        let t = &self.targets[target];
+        t.place[tensor].map_or(t.dtype, |p| p.2)
     }
 
     fn put(&self, target: usize, tensor: usize, elem_offset: usize, bytes: &[u8]) -> Result<()> {
-        let t = &self.targets[target];
-        let (w, j, dtype) = t.place[tensor];
-        t.writers[w].write_at(j, elem_offset * dtype.bitsize() / 8, bytes)
+        let (w, j, dtype) = self.place(target, tensor)?;
+        self.targets[target].writers[w].write_at(j, elem_offset * dtype.bitsize() / 8, bytes)
     }
 
     fn put_raw(&self, target: usize, tensor: usize, bytes: &[u8]) -> Result<()> {
-        let t = &self.targets[target];
-        let (w, j, _) = t.place[tensor];
-        t.writers[w].write_at(j, 0, bytes)
+        let (w, j, _) = self.place(target, tensor)?;
+        self.targets[target].writers[w].write_at(j, 0, bytes)
+    }
+
+    fn wants(&self, target: usize, tensor: usize) -> bool {
+        self.targets[target].place[tensor].is_some()
     }
 }
 
@@ -869,6 +947,7 @@ mod tests {
             dtype: Dtype::F32,
             metadata: meta(),
             shard_size: None,
+            shard: None,
         };
         std::fs::write(dir.path().join("a.safetensors"), b"earlier output").unwrap();
         let sink = FileSink::create(
