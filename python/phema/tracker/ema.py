@@ -47,7 +47,9 @@ class PostHocEMA:
     (never when it is None); ``snapshot()`` writes one now. Each snapshot is one safetensors file
     per profile in ``store``, written by a background thread; at most ``max_pending`` snapshots
     wait for it, each in a host copy of the averages (the training thread blocks beyond that).
-    Call ``close()`` (or use ``with``) at the end of training so that every write completes.
+    Call ``close()`` (or use ``with``) at the end of training: it writes a last snapshot at the
+    last ``t`` (unless one is there already, ``final_snapshot=False`` or ``close(snapshot=False)``;
+    leaving ``with`` by an exception writes none) and waits until every write completes.
 
     Create the tracker once the model has its final device and dtype. Accumulators live on each
     tensor's device unless ``device`` says otherwise. ``offload=True`` keeps them in CPU memory
@@ -90,6 +92,7 @@ class PostHocEMA:
         write: bool | None = None,
         max_pending: int = 2,
         mesh: DeviceMesh | None = None,
+        final_snapshot: bool = True,
     ) -> None:
         """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`."""
         self._profiles = Profiles.of(sigma_rels, gammas)
@@ -106,6 +109,7 @@ class PostHocEMA:
         module = unwrap(model)
         self._model = model
         self._every = snapshot_every
+        self._final_snapshot = final_snapshot
         self._t: int | float = 0
         self._step = 0
         self._last_snapshot_t: int | float | None = None
@@ -214,6 +218,11 @@ class PostHocEMA:
             raise RuntimeError("snapshot() before the first update(): there is no average yet")
         if self._closed:
             raise RuntimeError("snapshot() on a closed PostHocEMA")
+        self._submit_snapshot()
+        self._raise_failures()
+
+    def _submit_snapshot(self) -> None:
+        """Hand the averages at t to the writer thread, unless this t is written already."""
         self._tracked.check()
         # Only the writing rank writes, and never twice the same (t, gamma).
         writer = self._writer
@@ -224,7 +233,6 @@ class PostHocEMA:
             buffers = writer.buffers() or self._accs.host_buffers()
             writer.submit(self._t, self._step, self._accs.copy_out(buffers), buffers)
             self._last_snapshot_t = self._t
-        self._raise_failures()
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is on disk; raise if a write failed."""
@@ -232,9 +240,19 @@ class PostHocEMA:
             self._writer.join()
         self._raise_failures()
 
-    def close(self) -> None:
-        """Finish pending writes and stop the writer thread (idempotent)."""
-        if not self._closed:
+    def close(self, snapshot: bool | None = None) -> None:
+        """Write a last snapshot at the last t (`snapshot`, default: the constructor's
+        `final_snapshot`; none when one is there already), finish pending writes and stop the
+        writer thread (idempotent); raise every failed write as one SnapshotWriteError.
+
+        In a sharded run, close on every rank (each writes its part of the last snapshot)."""
+        if self._closed:
+            self._raise_failures()
+            return
+        try:
+            if (self._final_snapshot if snapshot is None else snapshot) and self._step > 0:
+                self._submit_snapshot()
+        finally:
             self._closed = True
             if self._writer is not None:
                 self._stop_writer()
@@ -244,9 +262,9 @@ class PostHocEMA:
         """Use the tracker as a context manager that closes it on exit."""
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Close the tracker."""
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Close the tracker; with a final snapshot only when the block ended normally."""
+        self.close(snapshot=None if exc_type is None else False)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; the averages are the live fp32 accumulators.
