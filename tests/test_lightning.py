@@ -152,6 +152,17 @@ def test_time_in_samples_counts_every_batch(tmp_path):
     assert snapshots == [times[1], times[3], times[4]]  # steps 2, 4 and the end
 
 
+def test_resuming_from_a_checkpoint_without_the_tracker_state_is_refused(tmp_path):
+    saves = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, filename="{step}")
+    trainer(tmp_path, [saves], max_steps=2).fit(Net(), loader())
+    cb = PostHocEMACallback()
+    with pytest.raises(ValueError, match="resumes at step 2, but the checkpoint holds no Post"):
+        trainer(tmp_path, [cb], max_steps=4, enable_checkpointing=False).fit(
+            Net(), loader(), ckpt_path=tmp_path / "step=2.ckpt"
+        )
+    assert cb.ema.step == 0 and not os.listdir(tmp_path / "phema")
+
+
 def test_a_damaged_checkpoint_entry_is_refused():
     cb = PostHocEMACallback()
     with pytest.raises(ValueError, match="expected the keys tracker"):

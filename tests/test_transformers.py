@@ -117,6 +117,13 @@ def test_updates_per_optimizer_step_evaluates_the_average_and_ends_with_a_snapsh
     assert (state["t"], state["step"], state["run_id"]) == (8, 8, cb.ema.run_id)
 
 
+def test_an_end_of_epoch_evaluation_sees_the_average_too(tmp_path):
+    cb = PostHocEMACallback()
+    probe = Probe(cb)
+    trainer(tmp_path, [probe, cb], max_steps=3, eval_strategy="epoch").train()
+    assert probe.evaluated == 1  # the run ends inside the first epoch: one evaluation at its end
+
+
 def test_resume_from_checkpoint_continues_the_averages_exactly(tmp_path):
     whole = PostHocEMACallback(snapshot_every=3)
     trainer(tmp_path / "whole", [whole]).train()

@@ -69,6 +69,20 @@ class PostHocEMACallback(pl.Callback):
         store = os.path.join(trainer.default_root_dir, "phema")
         self._driver.start(pl_module, store, trainer.estimated_stepping_batches)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The loops are restored now: a resumed fit must resume the tracker at its step."""
+        if trainer.global_step != self._last_step:
+            raise ValueError(
+                f"fit resumes at step {trainer.global_step}, but the checkpoint holds "
+                + (
+                    f"the {type(self).__name__} state of step {self._last_step}"
+                    if self._last_step
+                    else f"no {type(self).__name__} state"
+                )
+                + ": a tracker cannot continue averages it has not seen; resume from a "
+                "checkpoint saved with the callback, or start a fresh fit with another store"
+            )
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
