@@ -238,3 +238,14 @@ def test_counts_given_to_the_tracker_are_bounded():
     for bad in (0, 10**9, 2.5):
         with pytest.raises(ValueError, match="max_pending must be 1 to 64"):
             phema.PostHocEMA(m, None, max_pending=bad)
+
+
+def test_final_snapshot_options_must_be_booleans(tmp_path):
+    with pytest.raises(TypeError, match="final_snapshot='no'"):
+        phema.PostHocEMA(model(), tmp_path, final_snapshot="no")
+    ema = phema.PostHocEMA(model(), tmp_path)
+    ema.update()
+    with pytest.raises(TypeError, match="close\\(snapshot=0\\)"):
+        ema.close(snapshot=0)
+    ema.close(snapshot=False)
+    assert os.listdir(tmp_path) == []

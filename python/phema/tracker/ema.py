@@ -103,6 +103,8 @@ class PostHocEMA:
         dtype = normalize_dtype(str(dtype))
         if not (isinstance(max_pending, int) and 1 <= max_pending <= MAX_PENDING):
             raise ValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
+        if not isinstance(final_snapshot, bool):
+            raise TypeError(f"final_snapshot={final_snapshot!r}: expected True or False")
         if offload and device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"offload=True keeps the averages on the CPU, not on {device}")
 
@@ -246,6 +248,8 @@ class PostHocEMA:
         writer thread (idempotent); raise every failed write as one SnapshotWriteError.
 
         In a sharded run, close on every rank (each writes its part of the last snapshot)."""
+        if snapshot is not None and not isinstance(snapshot, bool):
+            raise TypeError(f"close(snapshot={snapshot!r}): expected True, False or None")
         if self._closed:
             self._raise_failures()
             return
