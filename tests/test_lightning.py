@@ -165,7 +165,7 @@ def test_resuming_from_a_checkpoint_without_the_tracker_state_is_refused(tmp_pat
 
 def test_a_damaged_checkpoint_entry_is_refused():
     cb = PostHocEMACallback()
-    with pytest.raises(ValueError, match="expected the keys tracker"):
+    with pytest.raises(ValueError, match="expected the keys global_step, samples and tracker"):
         cb.load_state_dict({"tracker": {}})
     with pytest.raises(ValueError, match="global_step=-1"):
         cb.load_state_dict({"tracker": {}, "global_step": -1, "samples": 0})

@@ -128,14 +128,14 @@ class PostHocEMACallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a checkpoint's state_dict() (loaded before fit starts)."""
-        if not state_dict:  # saved before the first update
+        if not state_dict:  # saved before fit made the tracker
             return
-        if not isinstance(state_dict, Mapping) or not {"tracker", "global_step", "samples"} <= set(
-            state_dict
-        ):
+        keys = {"tracker", "global_step", "samples"}
+        if not isinstance(state_dict, Mapping) or not keys <= set(state_dict):
+            got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
             raise ValueError(
-                f"checkpoint entry of {type(self).__name__}: expected the keys tracker, "
-                f"global_step and samples, got {sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)}"
+                f"checkpoint entry of {type(self).__name__}: expected the keys global_step, "
+                f"samples and tracker, got {got}"
             )
         step, samples = state_dict["global_step"], state_dict["samples"]
         for key, value in (("global_step", step), ("samples", samples)):
