@@ -152,6 +152,15 @@ def test_time_in_samples_counts_every_batch(tmp_path):
     assert snapshots == [times[1], times[3], times[4]]  # steps 2, 4 and the end
 
 
+def test_a_callback_used_for_a_second_fit_starts_a_new_run(tmp_path):
+    cb = PostHocEMACallback(snapshot_every=2)
+    trainer(tmp_path / "a", [cb], max_steps=2, enable_checkpointing=False).fit(Net(), loader())
+    first = cb.ema
+    trainer(tmp_path / "b", [cb], max_steps=3, enable_checkpointing=False).fit(Net(), loader())
+    assert (cb.ema.t, cb.ema.step) == (3, 3) and cb.ema.run_id != first.run_id
+    assert sorted({s.t for s in phema.open_store(tmp_path / "b" / "phema").snapshots}) == [2, 3]
+
+
 def test_resuming_from_a_checkpoint_without_the_tracker_state_is_refused(tmp_path):
     saves = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, filename="{step}")
     trainer(tmp_path, [saves], max_steps=2).fit(Net(), loader())

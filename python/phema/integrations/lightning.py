@@ -58,6 +58,7 @@ class PostHocEMACallback(pl.Callback):
         )
         self._last_step = 0  # the global step of the last update
         self._samples = 0  # samples seen, for time="samples"
+        self._restored = False  # load_state_dict() gave the two above for this fit
 
     @property
     def ema(self) -> PostHocEMA | None:
@@ -66,6 +67,9 @@ class PostHocEMACallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Make the tracker: the module has its device and dtype, its checkpoint is loaded."""
+        if not self._restored:  # a fit from the start, also when this callback ran one before
+            self._last_step = self._samples = 0
+        self._restored = False
         store = os.path.join(trainer.default_root_dir, "phema")
         self._driver.start(pl_module, store, trainer.estimated_stepping_batches)
 
@@ -146,3 +150,4 @@ class PostHocEMACallback(pl.Callback):
                 )
         self._driver.load_state_dict(state_dict["tracker"])
         self._last_step, self._samples = step, samples
+        self._restored = True
