@@ -39,7 +39,7 @@ def median_ms(fns, repeats: int) -> list[float]:
 
 def bench_update(name: str, model: nn.Module, repeats: int, store: str) -> None:
     """Print update() time, the fused-lerp floor (accumulators of the model's dtype), the ratio."""
-    ema = phema.PostHocEMA(model, store, PROFILES)
+    ema = phema.PostHocEMA(model, store, PROFILES, final_snapshot=False)
     params = [p.detach() for p in model.parameters()]
     accs = [[torch.zeros_like(p) for p in params] for _ in PROFILES]
 

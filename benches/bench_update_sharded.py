@@ -36,7 +36,7 @@ def shard(model: nn.Sequential) -> nn.Sequential:
 
 def bench(name: str, model: nn.Sequential, repeats: int, store: str) -> str:
     """This rank's update() time, the fused floor over its local shards, and the ratio."""
-    ema = phema.PostHocEMA(model, store, PROFILES)
+    ema = phema.PostHocEMA(model, store, PROFILES, final_snapshot=False)
     params = list(model.parameters())
     local = [p._local_tensor for p in params]
     accs = [[torch.zeros_like(x) for x in local] for _ in PROFILES]

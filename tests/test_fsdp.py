@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +254,27 @@ def load_worker(rank: int, directory: Path, full: str, rank0_file: str) -> None:
     torch.save(result, directory / f"load-rank{rank}.pt")
 
 
-WORKERS = {"train": train_worker, "load": load_worker}
+def run_id_worker(rank: int, directory: Path) -> None:
+    """A tracker on a 2 x 2 mesh numbered against the global ranks ([[3, 1], [2, 0]]: its first
+    rank is global rank 3), each rank's fresh id made from its rank; saves the id it ends with."""
+    import uuid
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = DeviceMesh("cpu", torch.tensor([[3, 1], [2, 0]]))
+    model = nn.Linear(4, 4)
+    model.weight = nn.Parameter(
+        distribute_tensor(model.weight.detach(), mesh, [Shard(0), Replicate()])
+    )
+    uuid.uuid4 = lambda: uuid.UUID(int=(rank + 1) << 64)  # this process only
+    ema = phema.PostHocEMA(model, directory / "store", (0.1,))
+    ema.update()
+    ema.close()
+    (directory / f"run-id-rank{rank}.json").write_text(json.dumps(ema.run_id))
+
+
+WORKERS = {"train": train_worker, "load": load_worker, "run_id": run_id_worker}
 
 
 def run_ranks(mode: str, directory: Path, *args: Any, world: int = WORLD, timeout: float = 120):
@@ -316,6 +337,31 @@ def block(full: torch.Tensor, rank: int) -> torch.Tensor:
     """FSDP2's part for `rank`: chunk `rank` of torch.chunk on dim 0, empty past the chunks."""
     chunks = torch.chunk(full, WORLD, dim=0)
     return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def test_every_rank_file_carries_the_run_id_of_the_first_rank(run):
+    sharded, _, ranks, _, directory = run
+
+    def ids(store: Path) -> set[str]:
+        out = set()
+        for name in os.listdir(store):
+            with safe_open(store / name, "np") as f:
+                out.add(f.metadata()["phema.run_id"])
+        return out
+
+    assert ids(sharded) == {ranks[0]["state"]["run_id"]} == {ranks[1]["state"]["run_id"]}
+    assert len(ids(directory / "tp-sharded")) == 1
+
+
+def test_ranks_of_a_two_dimensional_mesh_take_the_id_of_its_first_rank(tmp_path):
+    run_ranks("run_id", tmp_path, world=4)
+    ids = [json.loads((tmp_path / f"run-id-rank{r}.json").read_text()) for r in range(4)]
+    first = uuid.UUID(int=(3 + 1) << 64).hex[:16]  # global rank 3 is at mesh position (0, 0)
+    assert ids == [first] * 4 and first != uuid.UUID(int=1 << 64).hex[:16]
+    for name in os.listdir(tmp_path / "store"):
+        if name.endswith(".safetensors"):
+            with safe_open(tmp_path / "store" / name, "np") as f:
+                assert f.metadata()["phema.run_id"] == first
 
 
 def test_each_rank_averages_its_block_of_the_unsharded_run(run):

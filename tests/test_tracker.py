@@ -1,5 +1,6 @@
 """PostHocEMA: exact profiles, snapshots on disk, resume, swap, and the awkward models."""
 
+import contextlib
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 import phema
+from phema.tracker import SnapshotWriteError
 
 
 class Vector(nn.Module):
@@ -74,7 +76,14 @@ def assert_one_hot_run_exact(store, times: list[float], snapshot_every: float) -
             model.set(np.eye(len(times))[k])
             ema.update(t=t)
     files = snapshots(store)
-    assert len(files) == 2 * int(times[-1] // snapshot_every)
+    # One at each crossed multiple of snapshot_every, and the last at the end of the run.
+    due = {
+        float(t)
+        for t, prev in zip(times, [0, *times])
+        if t // snapshot_every > prev // snapshot_every
+    }
+    due.add(float(times[-1]))
+    assert sorted(float(meta["phema.t"]) for _, meta in files.values()) == sorted(2 * list(due))
     for tensors, meta in files.values():
         t, gamma = float(meta["phema.t"]), float(meta["phema.gamma"])
         assert math.isclose(sigma_rel_of(gamma), float(meta["phema.sigma_rel"]), rel_tol=1e-9)
@@ -94,6 +103,77 @@ def assert_one_hot_run_exact(store, times: list[float], snapshot_every: float) -
 
 def test_unit_steps_track_exact_power_profile(tmp_path):
     assert_one_hot_run_exact(tmp_path, [float(k) for k in range(1, 41)], snapshot_every=10)
+
+
+def test_close_writes_a_last_snapshot_at_the_last_t(tmp_path):
+    # 250 steps, snapshots every 100: at 100, 200 and, written by close(), 250; exact like the rest.
+    files = assert_one_hot_run_exact(tmp_path, [float(k) for k in range(1, 251)], 100)
+    assert sorted({meta["phema.t"] for _, meta in files.values()}) == ["100", "200", "250"]
+    assert files["000000000250-0.050.safetensors"][1]["phema.step"] == "250"
+
+
+def test_close_writes_no_second_snapshot_at_a_t_already_written(tmp_path):
+    ema = phema.PostHocEMA(Vector(2), tmp_path, (0.1,), snapshot_every=2)
+    for _ in range(4):
+        ema.update()
+    ema.close()
+    ema.close()  # idempotent
+    assert sorted(os.listdir(tmp_path)) == [
+        "000000000002-0.100.safetensors",
+        "000000000004-0.100.safetensors",
+    ]
+
+
+@pytest.mark.parametrize("how", ["close", "constructor", "exception"])
+def test_no_last_snapshot_when_told_or_when_with_ends_by_an_exception(tmp_path, how):
+    ema = phema.PostHocEMA(
+        Vector(2), tmp_path, (0.1,), snapshot_every=2, final_snapshot=how != "constructor"
+    )
+    with pytest.raises(KeyboardInterrupt) if how == "exception" else contextlib.nullcontext():
+        with ema:
+            for _ in range(3):
+                ema.update()
+            if how == "close":
+                ema.close(snapshot=False)
+            if how == "exception":
+                raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["000000000002-0.100.safetensors"]
+    # close(snapshot=True) overrides final_snapshot=False, until the tracker is closed.
+    other = phema.PostHocEMA(Vector(2), tmp_path / "b", (0.1,), final_snapshot=False)
+    other.update()
+    other.close(snapshot=True)
+    assert os.listdir(tmp_path / "b") == ["000000000001-0.100.safetensors"]
+
+
+def test_a_failed_last_snapshot_is_raised_by_close(tmp_path, monkeypatch):
+    real = phema._core.write_snapshot
+
+    def full(path, *args):
+        if "000000000003-" in path:
+            raise OSError("disk full")
+        return real(path, *args)
+
+    monkeypatch.setattr(phema._core, "write_snapshot", full)
+    ema = phema.PostHocEMA(Vector(2), tmp_path, snapshot_every=2)
+    for _ in range(3):
+        ema.update()
+    with pytest.raises(SnapshotWriteError, match="2 snapshot file.*000000000003-0.050") as caught:
+        ema.close()
+    assert len(caught.value.failed) == 2
+    assert sorted(os.listdir(tmp_path)) == [
+        "000000000002-0.050.safetensors",
+        "000000000002-0.100.safetensors",
+    ]
+    ema.close()  # reported once
+
+
+def test_close_without_updates_or_store_writes_nothing(tmp_path):
+    phema.PostHocEMA(Vector(2), tmp_path / "a").close()
+    assert os.listdir(tmp_path / "a") == []
+    ema = phema.PostHocEMA(Vector(2), None)
+    ema.update()
+    ema.close()
+    assert os.listdir(tmp_path) == ["a"]
 
 
 def test_update_every_three_steps_tracks_exact_profile(tmp_path):
@@ -142,7 +222,7 @@ def test_resume_is_bit_exact(tmp_path, offload):
     run_random_walk(first, ema, range(17))
     saved = io.BytesIO()
     torch.save({"model": first.state_dict(), "ema": ema.state_dict()}, saved)
-    ema.close()
+    ema.close(snapshot=False)  # interrupted: no last snapshot
     saved.seek(0)
     state = torch.load(saved)
     second = Vector(257)
@@ -156,7 +236,7 @@ def test_resume_is_bit_exact(tmp_path, offload):
     for x, y in zip(averages(ema), reference, strict=True):
         assert torch.equal(x, y)  # the fp32 accumulators, bit for bit
     a, b = snapshots(tmp_path / "a"), snapshots(tmp_path / "b")
-    assert list(a) == list(b) and len(a) == 2 * 4  # t crosses 16, 32, 48, 64
+    assert list(a) == list(b) and len(a) == 2 * 5  # t crosses 16, 32, 48, 64; the last at 79
     for name in a:
         # Two runs: the same metadata but their run ids; the resumed one kept its own.
         same = {"phema.run_id": "", "phema.checksum": ""}  # both cover the run id
@@ -255,7 +335,7 @@ def test_writer_error_surfaces_on_next_update(tmp_path, monkeypatch):
     # Every failed file is reported, each once.
     assert sorted(failed) == ["000000000001-0.050.safetensors", "000000000001-0.100.safetensors"]
     ema.flush()
-    ema.close()
+    ema.close(snapshot=False)
 
 
 def test_nan_is_refused_with_error_naming_tensor(tmp_path):
@@ -267,7 +347,7 @@ def test_nan_is_refused_with_error_naming_tensor(tmp_path):
     ema.snapshot()
     with pytest.raises(RuntimeError, match="bias"):
         ema.flush()
-    ema.close()
+    ema.close(snapshot=False)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
 
 

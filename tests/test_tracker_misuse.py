@@ -195,7 +195,7 @@ def test_a_panic_in_the_writer_is_reported_not_a_hang(tmp_path, monkeypatch):
     ema.snapshot()
     with pytest.raises(SnapshotWriteError, match="index out of bounds"):
         ema.flush()
-    ema.close()
+    ema.close(snapshot=False)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount")
@@ -238,3 +238,14 @@ def test_counts_given_to_the_tracker_are_bounded():
     for bad in (0, 10**9, 2.5):
         with pytest.raises(ValueError, match="max_pending must be 1 to 64"):
             phema.PostHocEMA(m, None, max_pending=bad)
+
+
+def test_final_snapshot_options_must_be_booleans(tmp_path):
+    with pytest.raises(TypeError, match="final_snapshot='no'"):
+        phema.PostHocEMA(model(), tmp_path, final_snapshot="no")
+    ema = phema.PostHocEMA(model(), tmp_path)
+    ema.update()
+    with pytest.raises(TypeError, match="close\\(snapshot=0\\)"):
+        ema.close(snapshot=0)
+    ema.close(snapshot=False)
+    assert os.listdir(tmp_path) == []

@@ -563,10 +563,11 @@ def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch
     any rank's file, the sibling file of this rank is used)."""
     import torch
 
-    from phema.tracker import _dtensor_class, _unwrap
+    from phema.tracker.distributed import dtensor_class
+    from phema.tracker.model import unwrap
 
-    own = _unwrap(model).state_dict()
-    dtensor = _dtensor_class()
+    own = unwrap(model).state_dict()
+    dtensor = dtensor_class()
     sharded = dtensor is not None and any(isinstance(v, dtensor) for v in own.values())
     reader = _ShardedReader(source, own) if sharded else _PlainReader(source)
     shapes = reader.shapes
@@ -615,9 +616,9 @@ class _ShardedReader:
     holds is read)."""
 
     def __init__(self, source: Any, own: Mapping[str, Any]) -> None:
-        from phema.tracker import _sharding
+        from phema.tracker.distributed import sharding
 
-        layout = _sharding(list(own), list(own.values()), None)
+        layout = sharding(list(own), list(own.values()), None)
         self.rank = layout.rank if layout else 0
         self.world = layout.world_size if layout else 1
         self.blocks = layout.shards if layout else {}

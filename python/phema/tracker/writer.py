@@ -1,0 +1,219 @@
+"""Snapshot files: the background writer thread, its failures, and the store's one-run rule."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from phema import naming
+from phema.store import write_snapshot
+
+if TYPE_CHECKING:
+    from phema.tracker.accumulators import HostBuffers
+
+log = logging.getLogger("phema.tracker")
+
+# Each pending snapshot is a model-sized host buffer.
+MAX_PENDING = 64
+
+
+@dataclass
+class _Job:
+    """One snapshot() call: averages already copied out of the training thread's way."""
+
+    t: int | float
+    step: int
+    events: list[Any]  # CUDA events the writer waits on before reading the host buffers
+    buffers: HostBuffers
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A snapshot file the writer thread could not write."""
+
+    path: str
+    t: int | float
+    error: BaseException
+
+
+class SnapshotWriteError(RuntimeError):
+    """Snapshot files could not be written; `failed` lists (path, error) of every one."""
+
+    def __init__(self, failed: Sequence[Failure]) -> None:
+        self.failed = [(f.path, f.error) for f in failed]
+        names = [os.path.basename(f.path) for f in failed]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        super().__init__(
+            f"phema: {len(failed)} snapshot file(s) could not be written: {shown}; first error: "
+            f"writing {failed[0].path} failed: {failed[0].error}. The averages are kept: later "
+            "snapshots are written as usual"
+        )
+
+
+class SnapshotWriter:
+    """Background thread turning copied-out averages into safetensors files, one per profile."""
+
+    def __init__(
+        self,
+        directory: str,
+        profiles: list[tuple[float, float, str]],
+        names: list[str],
+        int_names: list[str],
+        dtype: str,
+        metadata: dict[str, str],
+        suffix: str,
+        max_pending: int,
+    ) -> None:
+        """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples.
+
+        `suffix` goes between the label and `.safetensors` (a sharded run's rank part).
+        """
+        self.directory = directory
+        self.suffix = suffix
+        self.profiles = profiles
+        self.names = names
+        self.int_names = int_names
+        self.dtype = dtype
+        self.metadata = metadata
+        self._failures: collections.deque[Failure] = collections.deque()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        # Host buffer sets, allocated on first use; their number bounds the pending snapshots.
+        self._free: queue.SimpleQueue[HostBuffers | None] = queue.SimpleQueue()
+        for _ in range(max_pending):
+            self._free.put(None)
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="phema-writer", daemon=True)
+        self._thread.start()
+
+    def buffers(self) -> HostBuffers | None:
+        """A free set of host buffers (None: allocate one); blocks while max_pending snapshots
+        are unwritten."""
+        return self._free.get()
+
+    def submit(self, t: int | float, step: int, events: list[Any], buffers: HostBuffers) -> None:
+        """Queue one snapshot at time t, whose averages are (being) copied into `buffers`."""
+        self._jobs.put(_Job(t, step, events, buffers))
+
+    def join(self) -> None:
+        """Wait until every queued snapshot is written (or failed)."""
+        self._jobs.join()
+
+    def take_failures(self) -> list[Failure]:
+        """The failures since the last call."""
+        failed = []
+        while self._failures:
+            failed.append(self._failures.popleft())
+        return failed
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def claim(self, run_id: str, resumed_t: int | float | None) -> None:
+        """Before the first write: the store must hold this run's snapshots only (docs/runs.md).
+
+        Another run's snapshots are refused. This run's own snapshots after `resumed_t` were
+        written by an interrupted attempt that a resumed tracker replaces: moved into
+        `superseded/`."""
+        later, others = [], set()
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(self.suffix + ".safetensors") or name.startswith("."):
+                continue
+            if not self.suffix and naming.has_rank_suffix(name):
+                continue
+            path = os.path.join(self.directory, name)
+            meta = _metadata_of(path)
+            found = meta.get("phema.run_id")
+            if found is None:  # written before run ids, or not a snapshot
+                continue
+            if found != run_id:
+                others.add((found, name))
+            elif resumed_t is not None and _float_or_nan(meta.get("phema.t")) > resumed_t:
+                later.append(name)
+        if others:
+            found, name = sorted(others)[0]
+            raise ValueError(
+                f"{self.directory} holds snapshots of another run (phema.run_id {found}, "
+                f"e.g. {name}); this tracker is run {run_id}: a store holds one run, so "
+                "write to another directory, or resume that run with load_state_dict()"
+            )
+        if later:
+            aside = os.path.join(self.directory, "superseded")
+            os.makedirs(aside, exist_ok=True)
+            for name in later:
+                os.replace(os.path.join(self.directory, name), os.path.join(aside, name))
+            with open(os.path.join(aside, "NOTE.txt"), "a") as f:
+                f.write(
+                    f"run {run_id} resumed at t={naming.format_t(resumed_t)}: the snapshots "
+                    f"an interrupted attempt wrote after it were moved here: {', '.join(later)}\n"
+                )
+            log.warning("moved %d superseded snapshots into %s", len(later), aside)
+
+    def _run(self) -> None:
+        """Write jobs until the None sentinel; errors are kept for the training thread."""
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._write(job)
+            except BaseException as err:  # a panic too: the thread must go on, or join() hangs
+                where = os.path.join(
+                    self.directory, f"{naming.time_stem(job.t)}-*{self.suffix}.safetensors"
+                )
+                self._failures.append(Failure(where, job.t, err))
+            finally:
+                self._free.put(job.buffers)
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _write(self, job: _Job) -> None:
+        """Write one file per profile; a failed file is reported and the others still written."""
+        for event in job.events:
+            event.synchronize()
+        averages, ints = job.buffers
+        extra = {n: x.numpy() for n, x in zip(self.int_names, ints, strict=True)}
+        for (gamma, sigma_rel, label), accs in zip(self.profiles, averages, strict=True):
+            name = f"{naming.time_stem(job.t)}-{label}{self.suffix}.safetensors"
+            path = os.path.join(self.directory, name)
+            metadata = {
+                **self.metadata,
+                "phema.t": naming.format_t(job.t),
+                "phema.gamma": repr(gamma),
+                "phema.sigma_rel": repr(sigma_rel),
+                "phema.step": str(job.step),
+            }
+            tensors = {n: a.numpy() for n, a in zip(self.names, accs, strict=True)} | extra
+            try:
+                kept_fp32 = write_snapshot(path, tensors, self.dtype, metadata)
+            except BaseException as err:
+                self._failures.append(Failure(path, job.t, err))
+                continue
+            for name in kept_fp32:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    log.warning("%s exceeds the float16 range: stored as float32", name)
+
+
+def _metadata_of(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file; empty when it cannot be read (its problem is for
+    open_store to report)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def _float_or_nan(text: str | None) -> float:
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
