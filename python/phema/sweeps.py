@@ -428,9 +428,9 @@ def _times(store: Store, at: float | Sequence[float] | str | None) -> list[float
 
 
 def _check_model(model: torch.nn.Module, names: Sequence[str], store: Store) -> None:
-    from phema.tracker import _unwrap
+    from phema.tracker.model import unwrap
 
-    own = set(_unwrap(model).state_dict())
+    own = set(unwrap(model).state_dict())
     foreign = [n for n in names if n not in own]
     if foreign:
         raise ValueError(

@@ -3,13 +3,13 @@ unwrapped, and the check that the model still holds them as they were."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from phema import naming
 from phema.tracker.distributed import dtensor_class, local
 from phema.tracker.profiles import as_tuple
 
@@ -38,8 +38,8 @@ class Tracked:
         for name, x in module.state_dict(keep_vars=True).items():
             if not isinstance(x, torch.Tensor):  # get_extra_state() entries
                 continue
-            if not any(fnmatch.fnmatchcase(name, p) for p in includes) or any(
-                fnmatch.fnmatchcase(name, p) for p in excludes
+            if not any(naming.matches(name, p) for p in includes) or any(
+                naming.matches(name, p) for p in excludes
             ):
                 continue
             canonical = first_name.setdefault(id(x), name)
