@@ -1267,7 +1267,7 @@ pub(crate) mod tests {
             let w: Vec<Vec<f64>> = inputs.iter().map(|_| vec![1.0]).collect();
             let sink = FileSink::create(&layout_of(&inputs[0]).unwrap(), &requests).unwrap();
             let stats = combine(inputs, &Plan::new(w, None), &sink, &Progress::default()).unwrap();
-            sink.finish().unwrap();
+            sink.finish(&AtomicBool::new(false)).unwrap();
             stats.nonfinite
         };
         assert_eq!(

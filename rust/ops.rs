@@ -23,7 +23,7 @@ pub fn to_files(
     check_outputs(plan, requests.len())?;
     let sink = FileSink::create(&layout, requests)?;
     let stats = combine(inputs, plan, &sink, progress)?;
-    Ok((sink.finish()?, stats))
+    Ok((sink.finish(&progress.cancel)?, stats))
 }
 
 /// Writes every output of `plan` into `buffers[output][tensor]` (float tensors as f32, others in

@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use safetensors::tensor::TensorInfo;
@@ -638,7 +638,8 @@ impl FileSink {
 
     /// Completes every file and returns, per target, the paths written (the index first when
     /// sharded). Called only after the engine succeeded; dropping the sink instead removes all.
-    pub fn finish(mut self) -> Result<Vec<Vec<PathBuf>>> {
+    /// A `cancel` set while the data is synced still commits nothing.
+    pub fn finish(mut self, cancel: &AtomicBool) -> Result<Vec<Vec<PathBuf>>> {
         // All data reaches the disk before any file takes its final name; a file already at a
         // final name is set aside first, and if a rename then fails the outputs already renamed
         // are removed and what they replaced is put back, so no partial set is left and no
@@ -647,6 +648,9 @@ impl FileSink {
         let writers: Vec<&SafetensorsWriter> =
             self.targets.iter().flat_map(|t| &t.writers).collect();
         sync_all(&writers)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(PhemaError::Cancelled);
+        }
         let mut done: Vec<PathBuf> = Vec::new();
         let mut aside: Vec<(PathBuf, PathBuf)> = Vec::new();
         let mut out = Vec::with_capacity(self.targets.len());
@@ -965,7 +969,7 @@ mod tests {
                 std::fs::remove_file(dir.path().join(name)).unwrap();
             }
         }
-        assert!(sink.finish().is_err());
+        assert!(sink.finish(&AtomicBool::new(false)).is_err());
         let left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

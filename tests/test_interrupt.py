@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import _thread
 import os
+import signal
 import threading
 import time
 
@@ -18,7 +18,8 @@ def _interrupt_when_writing(out, stop: threading.Event) -> None:
     # is seen lands mid-run.
     while not stop.is_set():
         if os.path.isdir(out) and any(".tmp-" in n for n in os.listdir(out)):
-            _thread.interrupt_main()
+            # A real SIGINT, as Ctrl-C sends: it wakes the waiting main thread at once.
+            os.kill(os.getpid(), signal.SIGINT)
             return
         time.sleep(0.0005)
 

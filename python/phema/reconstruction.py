@@ -72,7 +72,7 @@ def run_engine(
             from tqdm import tqdm
 
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
-        while not done.wait(0.1):
+        while not done.wait(0.05):
             if bar is not None:
                 bar.update(handle.bytes_done - bar.n)
     except KeyboardInterrupt:
