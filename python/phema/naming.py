@@ -49,6 +49,12 @@ def time_stem(t: float) -> str:
     return f"{int(t):012d}" if float(t).is_integer() else f"{t:019.6f}"
 
 
+def snapshot_name(t: float, label: str, suffix: str = "") -> str:
+    """The file name of a snapshot at time `t` of the profile `label` (`raw` for plain weights);
+    `suffix` is a sharded run's rank part."""
+    return f"{time_stem(t)}-{label}{suffix}.safetensors"
+
+
 def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
     """File-name labels of tracked profiles: 3 decimals, more if needed to tell them apart."""
     for digits in range(3, 17):
