@@ -630,13 +630,47 @@ def load_edm2_pickle(path: str | os.PathLike[str]) -> Any:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            return _EDM2Unpickler(f, path).load()
-    except SourceError:
-        raise
-    except OSError:
+            reader = _Bounded(f)
+            _check_opcodes(reader, path)
+            f.seek(0)
+            return _EDM2Unpickler(reader, path).load()
+    except (SourceError, OSError):
         raise
     except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
         raise SourceError(f"{path}: not a readable EDM2 network pickle ({_brief(e)})") from None
+
+
+class _Bounded:
+    """A file whose reads never ask for more than what is left: a length field of a crafted
+    pickle cannot make a reader allocate beyond the file's size."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.f.tell()
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(reader: _Bounded, path: str) -> None:
+    """Walks the opcodes without building anything: a memo index beyond the objects made so far
+    (which would make the unpickler allocate a memo table of that size) or a length beyond the
+    file is refused before unpickling."""
+    import pickletools
+
+    for count, (op, arg, pos) in enumerate(pickletools.genops(reader), 1):
+        if op.name in _MEMO_PUTS and isinstance(arg, int) and not 0 <= arg <= count:
+            raise SourceError(f"{path}: memo index {arg} at byte {pos} is out of range")
 
 
 def _edm2_pickle_tensors(path: str) -> Mapping[str, Any]:
