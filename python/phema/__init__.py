@@ -23,6 +23,7 @@ from phema.solver import (
 from phema.store import SnapshotRecord, Store, open_store
 
 if TYPE_CHECKING:
+    from phema.importers import import_store
     from phema.reconstruction import (
         load_into,
         reconstruct,
@@ -44,6 +45,7 @@ __all__ = [
     "StoreError",
     "Target",
     "gamma_to_sigma_rel",
+    "import_store",
     "load_into",
     "open_store",
     "reconstruct",
@@ -60,6 +62,7 @@ _LAZY = {
     "reconstruct_state_dict": "phema.reconstruction",
     "reconstruct_state_dicts": "phema.reconstruction",
     "load_into": "phema.reconstruction",
+    "import_store": "phema.importers",
 }
 
 
