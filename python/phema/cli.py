@@ -233,7 +233,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from phema.store import normalize_dtype
 
     _threads(args)
-    normalize_dtype(args.dtype)
+    if args.dtype is not None:
+        normalize_dtype(args.dtype)
     store = _open(args)
     kw = _targets(args)
     sol = solve(store, **kw)
@@ -249,6 +250,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         solution=sol,
         stats=stats,
         per_rank=args.per_rank,
+        like=args.like,
     )
     outputs = _outputs_per_target(sol, paths, args.out, kw["at"])
     rows = _report_rows(sol, [[o] for o in outputs])
@@ -410,8 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reconstruct", help="write the averaged weights for every target")
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--dtype", default="f16", help="f16 (default), bf16 or f32")
+    s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
+    s.add_argument(
+        "--like",
+        metavar="CHECKPOINT_DIR",
+        help="write each target as a directory laid out like this transformers/diffusers "
+        "checkpoint (weights file, dtype, config and tokenizer files), for from_pretrained",
+    )
     s.add_argument(
         "--per-rank",
         action="store_true",
