@@ -393,14 +393,17 @@ def ema_pytorch_weights(gamma: float, update_every: int, steps: int) -> np.ndarr
 
 def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> float:
     """Relative L2 distance between the profile an ema-pytorch average really has after `steps`
-    calls (`ema_pytorch_weights`, each call's weight spread over the `update_every` steps
-    centred on it) and the power profile `ema_pytorch_gamma` stores for it."""
+    calls (`ema_pytorch_weights`) and the power profile `ema_pytorch_gamma` stores for it.
+
+    Each call's weight stands for the `update_every` steps up to the next call, counted back
+    from the snapshot (the first call takes what is left): the weights of the steps between
+    two calls are never seen, so where inside its interval a call sits is the sampling every
+    such average makes, and what this measures is the shape of the profile."""
     g = ema_pytorch_gamma(gamma, update_every)
     w = ema_pytorch_weights(gamma, update_every, steps)
     n = float(steps)
-    # Call j sees the weights of step s_j + 1 (after the optimizer step).
-    edges = np.clip(np.arange(len(w) + 1) * update_every + 1.0 - update_every / 2.0, 0.0, n)
-    edges[0], edges[-1] = 0.0, n
+    edges = n - update_every * np.arange(len(w), -1, -1, dtype=np.float64)
+    edges[0] = 0.0
     width = np.diff(edges)
     mass = np.diff((edges / n) ** (g + 1.0))
     norm2 = (g + 1.0) ** 2 / ((2.0 * g + 1.0) * n)  # integral of p^2 over (0, n]
