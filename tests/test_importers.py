@@ -241,7 +241,7 @@ def test_recorded_profile_error_matches_a_fine_grid_integral(update_every):
     if update_every > 1:
         wrong = (gamma + 1) * x**gamma / steps ** (gamma + 1)
         naive = np.sqrt(np.mean((density - wrong) ** 2) / np.mean(wrong**2))
-        assert naive > 5 * got
+        assert naive > 20 * got
 
 
 def test_ema_pytorch_needs_sigma_rels_and_update_every_and_a_positive_exponent(tmp_path):
