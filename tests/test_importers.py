@@ -396,3 +396,55 @@ def test_cli_import_prints_one_line_and_errors_are_one_line(tmp_path, marker, ca
     assert "imported 4 snapshots" in out and "phema.import_profile_error" in out
     assert main(["import", "edm2", str(tmp_path / "nowhere"), str(tmp_path / "s2")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_ctrl_c_midway_leaves_no_store(tmp_path, marker, monkeypatch):
+    _edm2_run(tmp_path / "run", marker)
+    calls = []
+    real = importers._edm2_pickle_tensors
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(importers, "_edm2_pickle_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_store("edm2", tmp_path / "run", tmp_path / "store")
+    assert not (tmp_path / "store").exists() and len(calls) == 2
+
+
+def test_a_malicious_torch_file_is_refused_by_the_safe_loader(tmp_path, marker):
+    src = tmp_path / "ck"
+    src.mkdir()
+    torch.save(
+        {"global_step": 1, "state_dict": {"w": formats.MaliciousReduce(str(marker))}},
+        src / "evil-1.ckpt",
+    )
+    with pytest.raises(SourceError, match=r"evil-1\.ckpt: holds (posix|os)\.system"):
+        import_store("lightning", src, tmp_path / "store")
+
+
+def test_bad_arguments_are_one_error_each(tmp_path, marker):
+    _edm2_run(tmp_path / "run", marker)
+    with pytest.raises(ValueError, match="kind='edm3'"):
+        import_store("edm3", tmp_path / "run", tmp_path / "s")
+    with pytest.raises(ValueError, match="sigma_rels is for ema-pytorch"):
+        import_store("edm2", tmp_path / "run", tmp_path / "s", sigma_rels=[0.1])
+    with pytest.raises(ValueError, match="times are for plain checkpoints"):
+        import_store("edm2", tmp_path / "run", tmp_path / "s", times=[1, 2])
+    with pytest.raises(ValueError, match="dtype='f8'"):
+        import_store("edm2", tmp_path / "run", tmp_path / "s", dtype="f8")
+    with pytest.raises(ValueError, match="no EDM2 files"):
+        import_store("edm2", tmp_path, tmp_path / "s")
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "network-snapshot-0001024-0.500.pkl").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"0\.500\.pkl: sigma_rel 0\.500"):
+        import_store("edm2", tmp_path / "wide", tmp_path / "s")
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "wide" / "a.pth")
+    with pytest.raises(ValueError, match="3 times for 1 checkpoints"):
+        import_store("timm", tmp_path / "wide" / "a.pth", tmp_path / "s", times=[1, 2, 3])
+    with pytest.raises(SourceError, match=r"a\.pth: no training time"):
+        import_store("timm", tmp_path / "wide" / "a.pth", tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -492,22 +493,28 @@ def _torch_load(path: str) -> Any:
     import torch
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A mutated protocol byte makes torch warn before it fails; the failure says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except SourceError:
         raise
     except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
         if found:
             raise SourceError(
                 f"{path}: holds {found.group(1)}, which torch's safe loader (weights_only=True) "
                 "refuses: phema reads only tensors and plain containers"
             ) from None
-        raise SourceError(f"{path}: not a readable torch file ({_brief(e)})") from None
+        detail = re.search(r"WeightsUnpickler error: (.+)", text)
+        why = detail.group(1).strip()[:200] if detail else _brief(e)
+        raise SourceError(f"{path}: not a readable torch file ({why})") from None
 
 
 def _brief(e: BaseException) -> str:
@@ -570,7 +577,9 @@ def _load_from_bytes(b: Any) -> Any:
 
     if not isinstance(b, bytes):
         raise pickle.UnpicklingError("a storage that is not bytes")
-    storage = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        storage = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise pickle.UnpicklingError("a storage that is not a storage")
     return storage
