@@ -26,7 +26,7 @@ import numpy as np
 
 from phema import naming
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
-from phema.store import normalize_dtype, open_store, write_snapshot
+from phema.store import normalize_dtype, open_store, snapshot_metadata, write_snapshot
 
 KINDS = ("edm2", "ema-pytorch", "lightning", "timm")
 # Most files one import takes (as for checkpoints: each becomes a snapshot of the store).
@@ -131,15 +131,6 @@ def import_store(
                 os.rmdir(store)
         raise
     return written
-
-
-def snapshot_metadata(t: float, gamma: float | None, sigma_rel: float | None) -> dict[str, str]:
-    """The per-snapshot `phema.*` keys, as the tracker writes them (docs/store-format.md)."""
-    meta = {"phema.t": naming.format_t(t)}
-    if gamma is not None:
-        meta["phema.gamma"] = repr(float(gamma))
-        meta["phema.sigma_rel"] = repr(float(sigma_rel if sigma_rel is not None else 0.0))
-    return meta
 
 
 def _labels(items: list[_Item]) -> dict[float | None, str]:
