@@ -162,6 +162,23 @@ def test_diffusers_unet_like_output_loads_with_from_pretrained(tmp_path):
     for k, v in unet.state_dict().items():
         assert torch.equal(v, sd[k]), k
 
+    # A sharded diffusers checkpoint is imitated by one file, which diffusers loads.
+    unet.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert "diffusion_pytorch_model.safetensors.index.json" in os.listdir(tmp_path / "sharded")
+    phema.reconstruct(
+        store,
+        sigma_rels=[0.08],
+        out=tmp_path / "r2",
+        like=tmp_path / "sharded",
+        allow_poor_fit=True,
+    )
+    target = tmp_path / "r2" / "sigma_rel-0.080"
+    assert "diffusion_pytorch_model.safetensors" in os.listdir(target)
+    loaded = diffusers.UNet2DModel.from_pretrained(target)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    phema.load_into(unet, tmp_path / "sharded")  # load_into reads diffusers' index
+
 
 def test_like_refuses_another_models_checkpoint_and_outputs_inside_it(tmp_path, capsys):
     store, ckpt, _ = _train_gpt2(tmp_path)
