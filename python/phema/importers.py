@@ -71,7 +71,8 @@ def import_store(
     `ema-pytorch` (a `PostHocEMA` checkpoint folder of `{ind}.{step}.pt`; `sigma_rels` per `ind`
     and the `update_every` of its run are required), `lightning` (`.ckpt`) or `timm` (`.pth`,
     plain weights: a store of kind `raw`, times from `times`, the checkpoint or its name).
-    `strip_prefix` removes a prefix from every tensor name (`model.` of a LightningModule).
+    `strip_prefix` keeps the tensors whose names start with it, without it (`model.` of a
+    LightningModule).
     Float tensors keep their dtype unless `dtype` is given. A non-empty `store` is refused unless
     `append` (the snapshots then join its run). All snapshots are written or none. Returns the
     paths written.
@@ -85,6 +86,8 @@ def import_store(
     out_dtype = None if dtype is None else normalize_dtype(dtype)
     if strip_prefix is not None and not isinstance(strip_prefix, str):
         raise ValueError(f"strip_prefix={strip_prefix!r}: expected a string")
+    if times is not None and kind in ("edm2", "ema-pytorch"):
+        raise ValueError(f"times are for plain checkpoints; {kind} files carry their own")
     if kind == "ema-pytorch":
         items = _plan_ema_pytorch(src, sigma_rels, update_every)
     else:
@@ -92,8 +95,6 @@ def import_store(
             if value is not None:
                 raise ValueError(f"{name} is for ema-pytorch folders, not {kind}")
         items = _plan_edm2(src) if kind == "edm2" else _plan_plain(kind, src, times)
-    if times is not None and kind in ("edm2", "ema-pytorch"):
-        raise ValueError(f"times are for plain checkpoints; {kind} files carry their own")
     items.sort(key=lambda it: (it.t, it.gamma or 0.0))
     labels = _labels(items)
     names = [naming.snapshot_name(it.t, labels[it.sigma_rel]) for it in items]
@@ -172,23 +173,25 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
     for name, x in item.read().items():
         if not isinstance(name, str) or not name:
             raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
-        if not isinstance(x, torch.Tensor):
-            raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
         if strip_prefix:
             if not name.startswith(strip_prefix):
-                raise SourceError(
-                    f"{item.path}: `{name}` does not start with strip_prefix {strip_prefix!r}"
-                )
+                continue  # another part of the module (a loss, a metric)
             name = name[len(strip_prefix) :]
-        if x.layout != torch.strided or x.is_complex() or x.dtype.is_floating_point is None:
-            raise SourceError(f"{item.path}: `{name}` is not a dense real tensor")
-        x = x.detach().to("cpu")
-        if x.is_floating_point():
-            floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
-            x = x.float()
-        out[name] = x.contiguous().numpy()
+        if not isinstance(x, torch.Tensor):
+            raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
+        try:
+            if x.is_complex():
+                raise TypeError("complex")
+            x = x.detach().to("cpu")
+            if x.is_floating_point():
+                floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
+                x = x.float()
+            out[name] = x.contiguous().numpy()
+        except (TypeError, RuntimeError) as e:  # sparse, quantized, complex, meta tensors
+            raise SourceError(f"{item.path}: `{name}` is not a dense real tensor ({e})") from None
     if not out:
-        raise SourceError(f"{item.path}: holds no tensors")
+        what = f" whose name starts with {strip_prefix!r}" if strip_prefix else ""
+        raise SourceError(f"{item.path}: holds no tensors{what}")
     return out, max(set(floats), key=floats.count) if floats else "F32"
 
 
