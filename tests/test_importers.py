@@ -448,3 +448,10 @@ def test_bad_arguments_are_one_error_each(tmp_path, marker):
     with pytest.raises(SourceError, match=r"a\.pth: no training time"):
         import_store("timm", tmp_path / "wide" / "a.pth", tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_profile_error_of_long_runs_is_extrapolated_as_one_over_calls(monkeypatch):
+    gamma = phema.sigma_rel_to_gamma(0.05)
+    exact = importers.ema_pytorch_profile_error(gamma, 3, 30_000)
+    monkeypatch.setattr(importers, "MAX_PROFILE_CALLS", 2_000)
+    assert importers.ema_pytorch_profile_error(gamma, 3, 30_000) == pytest.approx(exact, rel=0.02)

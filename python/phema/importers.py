@@ -34,6 +34,11 @@ MAX_FILES = 10_000
 # Largest update interval of ema-pytorch accepted (its calls are then far apart in steps).
 MAX_UPDATE_EVERY = 1_000_000
 _SIGMA_REL_MAX = 12**-0.5
+# Largest time a snapshot may have (docs/store-format.md, `MAX_T`).
+MAX_T = 1e15
+# Calls of the exact ema-pytorch recurrence evaluated at most (16 MB per array); beyond, the
+# profile error is extrapolated as 1 / calls, the decay it shows (docs/importers.md).
+MAX_PROFILE_CALLS = 2_000_000
 
 
 class SourceError(ValueError):
@@ -220,7 +225,7 @@ def _files(src: str, match: Callable[[str], bool], what: str) -> list[str]:
     return found
 
 
-_EDM2_PKL = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")
+_EDM2_PKL = re.compile(r"(network-snapshot)-(\d+)-(\d+\.\d+)\.pkl")
 _EDM2_STATE = re.compile(r"training-state-(\d+)\.pt")
 
 
@@ -334,8 +339,8 @@ def _plan_ema_pytorch(
             raise ValueError(
                 f"{path} is ema index {ind}, but {len(sigma_rels)} sigma_rels were given"
             )
-        if step < 1:
-            raise SourceError(f"{path}: step 0 holds no average")
+        if not 1 <= step <= MAX_T:
+            raise SourceError(f"{path}: step {step} is not a time from 1 to 1e15")
         if ind not in profiles:
             profiles[ind] = ema_pytorch_gamma(sigma_rel_to_gamma(sigma_rels[ind]), update_every)
         gamma = profiles[ind]
@@ -394,6 +399,10 @@ def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> fl
     from the snapshot (the first call takes what is left): the weights of the steps between
     two calls are never seen, so where inside its interval a call sits is the sampling every
     such average makes, and what this measures is the shape of the profile."""
+    calls = -(-steps // update_every)
+    if calls > MAX_PROFILE_CALLS:
+        shorter = MAX_PROFILE_CALLS * update_every
+        return ema_pytorch_profile_error(gamma, update_every, shorter) * shorter / steps
     g = ema_pytorch_gamma(gamma, update_every)
     w = ema_pytorch_weights(gamma, update_every, steps)
     n = float(steps)
