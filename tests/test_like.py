@@ -207,6 +207,13 @@ def test_like_refuses_another_models_checkpoint_and_outputs_inside_it(tmp_path, 
     )
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and err.count("\n") == 1
+    # The engine failing (a snapshot truncated after listing) leaves no target directory.
+    last = store.snapshots[-1].path
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) - 64)
+    with pytest.raises(ValueError):
+        phema.reconstruct(store, sigma_rels=[0.08], out=tmp_path / "o", like=ckpt)
+    assert os.listdir(tmp_path / "o") == []
 
 
 def test_load_into_strips_or_adds_a_prefix(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -216,13 +217,16 @@ def reconstruct(
         )
     os.makedirs(out, exist_ok=True)
     outputs = []
+    made: list[str] = []  # target directories made here, removed again if the engine fails
     for k, name in enumerate(labels):
         if layout is None:
             path = os.path.join(out, name if shard_size else name + ".safetensors")
         elif layout.shard_size:
             path, shard_size = os.path.join(out, name), layout.shard_size
         else:
-            os.makedirs(os.path.join(out, name), exist_ok=True)
+            if not os.path.isdir(os.path.join(out, name)):
+                os.makedirs(os.path.join(out, name))
+                made.append(os.path.join(out, name))
             path = os.path.join(out, name, layout.weights)
         outputs.append(
             {
@@ -232,12 +236,18 @@ def reconstruct(
                 "shard_size": shard_size,
             }
         )
-    paths, run_stats = run_engine(
-        lambda handle: store.headers.combine_to_files(weights, outputs, handle, copy_from),
-        _snapshot_bytes(store, weights),
-        progress,
-        "reconstruct",
-    )
+    try:
+        paths, run_stats = run_engine(
+            lambda handle: store.headers.combine_to_files(weights, outputs, handle, copy_from),
+            _snapshot_bytes(store, weights),
+            progress,
+            "reconstruct",
+        )
+    except BaseException:
+        for directory in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
     if stats is not None:
         stats.update(run_stats)
     written = [p for per_target in paths for p in per_target]
