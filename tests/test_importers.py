@@ -455,3 +455,44 @@ def test_profile_error_of_long_runs_is_extrapolated_as_one_over_calls(monkeypatc
     exact = importers.ema_pytorch_profile_error(gamma, 3, 30_000)
     monkeypatch.setattr(importers, "MAX_PROFILE_CALLS", 2_000)
     assert importers.ema_pytorch_profile_error(gamma, 3, 30_000) == pytest.approx(exact, rel=0.02)
+
+
+def test_an_imported_update_every_run_reconstructs_what_phema_would_have_tracked(tmp_path):
+    """ema-pytorch averaging every 4th step, imported with --update-every 4: the sigma_rel 0.15
+    rebuilt from it matches a phema tracker's exact 0.15 average of the same run; imported as
+    if it averaged every step, it is far off."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    sigma_rels, every = (0.05, 0.08), 4
+    emas = [formats.KarrasEMA(model, phema.sigma_rel_to_gamma(s)) for s in sigma_rels]
+    exact = phema.PostHocEMA(model, None, sigma_rels=(0.15,), write=False)
+    (tmp_path / "ck").mkdir()
+    for _ in range(800):
+        x = torch.randn(16, 8)
+        opt.zero_grad()
+        (model(x) - x[:, :4]).square().mean().backward()
+        opt.step()
+        for e in emas:
+            e.update(model, every)
+        exact.update()
+        step = int(emas[0].step)
+        if step % 80 == 0:
+            for ind, e in enumerate(emas):
+                torch.save(e.state_dict(), tmp_path / "ck" / f"{ind}.{step}.pt")
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    with exact.swapped(sigma_rel=0.15):
+        truth = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def error(update_every: int) -> float:
+        store = tmp_path / f"store-{update_every}"
+        import_store(
+            "ema-pytorch", tmp_path / "ck", store, sigma_rels=sigma_rels, update_every=update_every
+        )
+        sd = phema.reconstruct_state_dict(store, sigma_rel=0.15, allow_poor_fit=True)
+        num = sum((sd[k] - truth[k]).square().sum() for k in truth)
+        return float((num / sum((raw[k] - truth[k]).square().sum() for k in truth)).sqrt())
+
+    corrected, naive = error(every), error(1)
+    assert corrected < 0.05  # of the distance between the average and the raw weights
+    assert naive > 20 * corrected
