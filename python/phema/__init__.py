@@ -24,6 +24,7 @@ from phema.store import SnapshotRecord, Store, open_store
 from phema.targets import Targets
 
 if TYPE_CHECKING:
+    from phema.importers import import_store
     from phema.reconstruction import (
         load_into,
         reconstruct,
@@ -46,6 +47,7 @@ __all__ = [
     "StoreError",
     "Target",
     "gamma_to_sigma_rel",
+    "import_store",
     "load_into",
     "open_store",
     "reconstruct",
@@ -67,6 +69,7 @@ _LAZY = {
     "load_into": "phema.reconstruction",
     "sweep": "phema.sweeps",
     "SweepResult": "phema.sweeps",
+    "import_store": "phema.importers",
 }
 
 

@@ -16,19 +16,24 @@ from phema import _core, naming
 from phema.store import SnapshotRecord, Store, normalize_dtype
 
 INDEX = "model.safetensors.index.json"
+# The index diffusers writes for a sharded `diffusion_pytorch_model.safetensors`.
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # Most checkpoints one average or store takes (each is opened while the engine runs).
 MAX_CHECKPOINTS = 10_000
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     """The safetensors files of one checkpoint: a `.safetensors` file, or a directory holding a
-    sharded `model.safetensors.index.json`, a `model.safetensors`, or exactly one `.safetensors`."""
+    sharded `model.safetensors.index.json` (or diffusers' index), a `model.safetensors`, or
+    exactly one `.safetensors`."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     index = os.path.join(path, INDEX)
+    if not os.path.exists(index):
+        index = os.path.join(path, DIFFUSERS_INDEX)
     if os.path.exists(index):
         try:
             with open(index, "rb") as f:

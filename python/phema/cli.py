@@ -1,4 +1,4 @@
-"""The `phema` command line: inspect, solve, reconstruct, demo."""
+"""The `phema` command line: inspect, solve, reconstruct, average, import, demo."""
 
 from __future__ import annotations
 
@@ -270,7 +270,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from phema.store import normalize_dtype
 
     _threads(args)
-    normalize_dtype(args.dtype)
+    if args.dtype is not None:
+        normalize_dtype(args.dtype)
     store = _open(args)
     plan = make_plan(store, Targets.of(**_targets(args)), allow_poor_fit=args.allow_poor_fit)
     stats: dict = {}
@@ -283,6 +284,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.quiet,
         stats=stats,
         per_rank=args.per_rank,
+        like=args.like,
     )
     sol = plan.sol
     outputs = _outputs_per_column(plan, paths, args.out)
@@ -456,6 +458,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from phema.importers import import_store
+
+    paths = import_store(
+        args.kind,
+        args.src,
+        args.store,
+        sigma_rels=parse_list(args.sigma_rel) if args.sigma_rel else None,
+        update_every=args.update_every,
+        times=parse_list(args.times) if args.times else None,
+        strip_prefix=args.strip_prefix,
+        dtype=args.dtype,
+        append=args.append,
+    )
+    print(f"imported {len(paths)} snapshots from {args.src} into {args.store}")
+    errors = [
+        float(e) for p in paths if (e := _metadata(p).get("phema.import_profile_error")) is not None
+    ]
+    if errors:
+        print(
+            f"note: the profiles ema-pytorch tracked differ from the stored power profiles by "
+            f"at most {max(errors):.2e} (relative L2; phema.import_profile_error)"
+        )
+    return 0
+
+
+def _metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        return dict(f.metadata() or {})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from phema.demo.run import run_demo
 
@@ -537,8 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reconstruct", help="write the averaged weights for every target")
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--dtype", default="f16", help="f16 (default), bf16 or f32")
+    s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
+    s.add_argument(
+        "--like",
+        metavar="CHECKPOINT_DIR",
+        help="write each target as a directory laid out like this transformers/diffusers "
+        "checkpoint (weights file, dtype, config and tokenizer files), for from_pretrained",
+    )
     s.add_argument(
         "--per-rank",
         action="store_true",
@@ -587,6 +628,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_average)
+
+    s = sub.add_parser(
+        "import",
+        help="write another project's EMA snapshots or checkpoints as a phema store",
+        description="KIND: edm2 (network-snapshot-*.pkl, training-state-*.pt), ema-pytorch "
+        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth). "
+        "See docs/importers.md.",
+    )
+    s.add_argument("kind", choices=["edm2", "ema-pytorch", "lightning", "timm"])
+    s.add_argument("src", help="the run's directory (or one file)")
+    s.add_argument("store", help="the phema store to write (a new or empty directory)")
+    s.add_argument("--sigma-rel", help="ema-pytorch: the sigma_rels of the run, one per ind")
+    s.add_argument(
+        "--update-every", type=int, help="ema-pytorch: the run's update_every (its default: 100)"
+    )
+    s.add_argument("--times", help="lightning/timm: training times in file-name order")
+    s.add_argument("--strip-prefix", help="remove this prefix from tensor names, e.g. model.")
+    s.add_argument("--dtype", help="f16, bf16 or f32 (default: the source's)")
+    s.add_argument("--append", action="store_true", help="add to the run already stored in STORE")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
     s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")

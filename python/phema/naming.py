@@ -5,6 +5,9 @@ Snapshots (the tracker) are `{time_stem}-{label}{rank_suffix}.safetensors`; reco
 shards; averages are `model.safetensors` or `model-NNNNN-of-NNNNN.safetensors` shards with a
 `model.safetensors.index.json` (see docs/outputs.md).
 
+`like_layout` gives the names of a `like=` output: the weights file (or shards) and the
+configuration files of the checkpoint directory it imitates.
+
 `check_outputs` is the rule that no output overwrites or lands inside an input, and that no
 output replaces something of another kind: every writer calls it before doing any work.
 """
@@ -20,12 +23,34 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
 MAX_SHARD_SIZE = 2**63
 
 # What `average` writes into its output directory (the engine's names for one file or shards).
 AVERAGE_OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+
+# Weights files a Hugging Face checkpoint directory holds (transformers, diffusers).
+LIKE_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+# What a `like=` output copies from the checkpoint directory: configuration and tokenizer
+# files. Never optimizer, LR-scheduler, RNG, scaler or trainer state, nor weights.
+LIKE_COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template*",
+    "*.tiktoken",
+)
+_NEVER_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.index.json")
 
 _RANK_SUFFIX = re.compile(r"\.rank\d+-of-\d+$")
 
@@ -54,6 +79,12 @@ def format_t(t: float) -> str:
 def time_stem(t: float) -> str:
     """A time as a zero-padded file-name stem that sorts (integral and fractional alike)."""
     return f"{int(t):012d}" if float(t).is_integer() else f"{t:019.6f}"
+
+
+def snapshot_name(t: float, label: str, suffix: str = "") -> str:
+    """The file name of a snapshot at time `t` of the profile `label` (`raw` for plain weights);
+    `suffix` is a sharded run's rank part."""
+    return f"{time_stem(t)}-{label}{suffix}.safetensors"
 
 
 def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
@@ -101,6 +132,60 @@ def check_shard_size(shard_size: object) -> int | None:
     if not (math.isfinite(shard_size) and 1 <= shard_size <= MAX_SHARD_SIZE):
         raise ValueError(f"shard_size={shard_size!r}: expected 1 to 2**63 bytes")
     return int(shard_size)
+
+
+@dataclass(frozen=True)
+class LikeLayout:
+    """How a `like=` output is laid out: the weights under `weights` (a file name in the
+    target's directory) or, when `shard_size` is set, as `model-NNNNN-of-NNNNN.safetensors`
+    shards with `model.safetensors.index.json`; `copied` are the files taken over from
+    `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
+
+    source: str
+    weights: str
+    shard_size: int | None
+    copied: tuple[str, ...]
+    inputs: tuple[str, ...]
+
+
+def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
+    """The layout of the checkpoint directory `like` (a transformers or diffusers
+    `save_pretrained` directory, or a Trainer's `checkpoint-N/`) for outputs that load like it."""
+    like = os.fspath(like)
+    if not os.path.isdir(like):
+        raise ValueError(f"like={like}: not a checkpoint directory")
+    names = sorted(n for n in os.listdir(like) if os.path.isfile(os.path.join(like, n)))
+    weights = [n for n in LIKE_WEIGHTS if n in names]
+    indexes = [n for n in LIKE_WEIGHTS if n + ".index.json" in names]
+    shard_size = None
+    if indexes and not weights:
+        weights = indexes
+        shards = [n for n in names if fnmatch.fnmatchcase(n, "*-of-*.safetensors")]
+        if weights[0] == "model.safetensors" and shards:
+            # The engine names shards as transformers does; diffusers' names it does not
+            # write, so a sharded diffusers checkpoint is imitated by one file.
+            shard_size = max(os.path.getsize(os.path.join(like, n)) for n in shards)
+    if not weights:
+        found = [n for n in names if n.endswith(".safetensors")]
+        if len(found) != 1:
+            raise ValueError(
+                f"like={like}: expected {' or '.join(LIKE_WEIGHTS)} (or a sharded index), "
+                f"found {len(found)} other .safetensors files"
+            )
+        weights = found
+    copied = tuple(
+        n
+        for n in names
+        if any(fnmatch.fnmatchcase(n, p) for p in LIKE_COPIED)
+        and not any(fnmatch.fnmatchcase(n, p) for p in _NEVER_COPIED)
+    )
+    return LikeLayout(
+        source=like,
+        weights=weights[0],
+        shard_size=shard_size,
+        copied=copied,
+        inputs=(like, *(os.path.join(like, n) for n in names)),
+    )
 
 
 def check_outputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -198,7 +199,7 @@ def reconstruct(
     causal: bool = False,
     tensors: Mapping[str, float] | None = None,
     out: str | os.PathLike[str] = "phema-reconstructions",
-    dtype: str = "float16",
+    dtype: str | None = None,
     shard_size: int | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
@@ -206,6 +207,7 @@ def reconstruct(
     solution: Solution | None = None,
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
+    like: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
@@ -245,6 +247,7 @@ def reconstruct(
         progress=progress,
         stats=stats,
         per_rank=per_rank,
+        like=like,
     )
 
 
@@ -253,42 +256,113 @@ def write_outputs(
     plan: Plan,
     *,
     out: str | os.PathLike[str],
-    dtype: str = "float16",
+    dtype: str | None = None,
     shard_size: int | None = None,
     progress: bool = False,
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
+    like: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Writes every output of a plan (see `reconstruct`)."""
-    at = plan.targets.at
-    labels, shard_size = _plan_outputs(store, plan, out, at, shard_size, per_rank)
+    layout = None
+    if like is not None:
+        if per_rank or shard_size is not None:
+            raise ValueError("like= gives the output layout: per_rank and shard_size do not apply")
+        layout = naming.like_layout(like)
+        like_dtype = _check_like(store, layout)
+        dtype = dtype or like_dtype
+    dtype = normalize_dtype(dtype or "float16")
+    labels, shard_size = _plan_outputs(
+        store, plan, out, plan.targets.at, shard_size, per_rank, layout
+    )
     if per_rank:
         if shard_size:
             raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
     os.makedirs(out, exist_ok=True)
     outputs = []
+    made: list[str] = []  # target directories made here, removed again if the engine fails
     for o, name in enumerate(labels):
-        path = os.path.join(out, name if shard_size else name + ".safetensors")
+        if layout is None:
+            path = os.path.join(out, name if shard_size else name + ".safetensors")
+        elif layout.shard_size:
+            path, shard_size = os.path.join(out, name), layout.shard_size
+        else:
+            if not os.path.isdir(os.path.join(out, name)):
+                os.makedirs(os.path.join(out, name))
+                made.append(os.path.join(out, name))
+            path = os.path.join(out, name, layout.weights)
         outputs.append(
             {
                 "path": path,
-                "dtype": normalize_dtype(dtype),
+                "dtype": dtype,
                 "metadata": _metadata(plan, o, store),
                 "shard_size": shard_size,
             }
         )
-    paths, run_stats = run_engine(
-        lambda handle: store.headers.combine_to_files(
-            plan.weights, outputs, handle, plan.copy_from, plan.mix
-        ),
-        _snapshot_bytes(store, plan.used()),
-        progress,
-        "reconstruct",
-    )
+    try:
+        paths, run_stats = run_engine(
+            lambda handle: store.headers.combine_to_files(
+                plan.weights, outputs, handle, plan.copy_from, plan.mix
+            ),
+            _snapshot_bytes(store, plan.used()),
+            progress,
+            "reconstruct",
+        )
+    except BaseException:
+        for directory in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
     if stats is not None:
         stats.update(run_stats)
-    return [p for per_target in paths for p in per_target]
+    written = [p for per_target in paths for p in per_target]
+    if layout is not None:
+        for name in labels:
+            written += _copy_like_files(layout, os.path.join(out, name))
+    return written
+
+
+def _check_like(store: Store, layout: naming.LikeLayout) -> str:
+    """The dtype of the checkpoint `layout` describes; raises unless the store holds every
+    tensor it holds, under the same names and shapes (tied aliases count)."""
+    files = checkpoint_files(layout.source)
+    [described] = _core.Sources([files]).describe()
+    theirs = {name: tuple(shape) for name, _, shape in described["tensors"]}
+    ours = {name: tuple(shape) for name, _, shape in store.tensors}
+    tied = (
+        json.loads(store.snapshots[0].metadata.get("phema.tied", "{}")) if store.snapshots else {}
+    )
+    # An alias is written only as its canonical tensor: fine when the checkpoint has that one
+    # too (the framework ties them when loading), not when it has only the alias.
+    missing = [n for n in theirs if n not in ours and tied.get(n) not in theirs]
+    bad = [f"{n}: {ours[n]} vs {theirs[n]}" for n in theirs if n in ours and ours[n] != theirs[n]]
+    if missing or bad:
+        what = f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else ""
+        what += ("; " if what and bad else "") + (
+            f"shapes differ: {'; '.join(bad[:3])}" if bad else ""
+        )
+        raise ValueError(
+            f"the store {store.path} does not hold the tensors of {layout.source} under their "
+            f"names: {what}; track the model whose checkpoint it is, by its state_dict() names"
+        )
+    floats = [d for _, d, _ in described["tensors"] if d in ("F16", "BF16", "F32")]
+    return max(set(floats), key=floats.count) if floats else "F32"
+
+
+def _copy_like_files(layout: naming.LikeLayout, target: str) -> list[str]:
+    """Copies the configuration and tokenizer files of `layout` into `target`, each under a
+    temporary name first."""
+    import shutil
+
+    copied = []
+    for name in layout.copied:
+        dst = os.path.join(target, name)
+        tmp = os.path.join(target, f".{name}.tmp-copy-{os.getpid()}")
+        shutil.copyfile(os.path.join(layout.source, name), tmp)
+        os.replace(tmp, dst)
+        copied.append(dst)
+    return copied
 
 
 def _plan_outputs(
@@ -298,6 +372,7 @@ def _plan_outputs(
     at: float | None,
     shard_size: object,
     per_rank: bool,
+    layout: naming.LikeLayout | None = None,
 ) -> tuple[list[str], int | None]:
     """Every output's name and the checked shard size; raises before any work if an output
     would collide with another or with an input."""
@@ -305,11 +380,15 @@ def _plan_outputs(
     stems = naming.reconstruction_stems(
         [o.label(plan.sol) for o in plan.outputs], None if at is None else plan.sol.targets[0].t
     )
+    inputs = store.inputs
     if per_rank:
         written = [f"{stem}.rank*-of-*.safetensors" for stem in stems]
+    elif layout is not None:
+        written = [stem + "/" for stem in stems]
+        inputs = [*inputs, *layout.inputs]
     else:
         written = [stem + ("/" if shard_size else ".safetensors") for stem in stems]
-    naming.check_outputs(out, written, store.inputs)
+    naming.check_outputs(out, written, inputs)
     return stems, shard_size
 
 
@@ -395,7 +474,7 @@ def _run_ranks(
                     "path": os.path.join(
                         out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"
                     ),
-                    "dtype": normalize_dtype(dtype),
+                    "dtype": dtype,
                     "metadata": _metadata(plan, o, store) | shard_meta,
                     "shard_size": None,
                 }
@@ -553,10 +632,22 @@ def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return sd, meta
 
 
-def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch.nn.Module:
-    """Loads averaged weights (a file, a directory with one or a sharded index, or a state dict)
-    into `model`, casting to each parameter's dtype and device. Missing or unexpected names and
+def load_into(
+    model: torch.nn.Module,
+    source: Any,
+    strict: bool = True,
+    *,
+    prefix: str = "",
+    strip_prefix: str = "",
+) -> torch.nn.Module:
+    """Loads averaged weights (a file, a directory with one or a sharded index — a `like=`
+    output, a transformers, diffusers or Trainer checkpoint directory — or a state dict) into
+    `model`, casting to each parameter's dtype and device. Missing or unexpected names and
     shape mismatches are one clear error.
+
+    `strip_prefix` removes a prefix the file's names carry and the model's lack (a Lightning
+    checkpoint's `model.`); `prefix` adds one the model's names carry (loading a plain model's
+    weights into the LightningModule that wraps it as `self.model`).
 
     A sharded model (FSDP2, DTensor parameters) gets its local blocks: each rank reads only its
     slices of a full (consolidated) reconstruction, or its own file of a `per_rank` one (given
@@ -569,7 +660,14 @@ def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch
     own = unwrap(model).state_dict()
     dtensor = dtensor_class()
     sharded = dtensor is not None and any(isinstance(v, dtensor) for v in own.values())
-    reader = _ShardedReader(source, own) if sharded else _PlainReader(source)
+    for name, value in (("prefix", prefix), ("strip_prefix", strip_prefix)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r}: expected a string")
+
+    def rename(name: str) -> str:
+        return prefix + (name[len(strip_prefix) :] if name.startswith(strip_prefix) else name)
+
+    reader = _ShardedReader(source, own, rename) if sharded else _PlainReader(source, rename)
     shapes = reader.shapes
     missing = [k for k in own if k not in shapes]
     unexpected = [k for k in shapes if k not in own]
@@ -599,11 +697,12 @@ def load_into(model: torch.nn.Module, source: Any, strict: bool = True) -> torch
 class _PlainReader:
     """A whole state dict (from a file, a directory, or given), tied aliases filled in."""
 
-    def __init__(self, source: Any) -> None:
-        self.sd, meta = _load_source(source)
+    def __init__(self, source: Any, rename: Callable[[str], str]) -> None:
+        sd, meta = _load_source(source)
         for alias, canonical in json.loads(meta.get("phema.tied", "{}")).items():
-            if alias not in self.sd and canonical in self.sd:
-                self.sd[alias] = self.sd[canonical]
+            if alias not in sd and canonical in sd:
+                sd[alias] = sd[canonical]
+        self.sd = _renamed(sd, rename)
         self.shapes = {k: tuple(v.shape) for k, v in self.sd.items()}
 
     def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -615,15 +714,17 @@ class _ShardedReader:
     checks, and each tensor's local block, sliced lazily from the files (only what the rank
     holds is read)."""
 
-    def __init__(self, source: Any, own: Mapping[str, Any]) -> None:
+    def __init__(self, source: Any, own: Mapping[str, Any], rename: Callable[[str], str]) -> None:
         from phema.tracker.distributed import sharding
 
         layout = sharding(list(own), list(own.values()), None)
         self.rank = layout.rank if layout else 0
         self.world = layout.world_size if layout else 1
         self.blocks = layout.shards if layout else {}
-        self.given: dict[str, Any] = dict(source) if isinstance(source, Mapping) else {}
+        self.rename = rename
+        self.given: dict[str, Any] = _renamed(source, rename) if isinstance(source, Mapping) else {}
         self.handles: dict[str, Any] = {}  # tensor name -> safe_open handle of its file
+        self.stored: dict[str, str] = {}  # tensor name -> its name in the file
         self.file_blocks: dict[str, Any] = {}  # a per-rank file's blocks: name -> block
         self.shapes = {k: tuple(v.shape) for k, v in self.given.items()}
         if not isinstance(source, Mapping):
@@ -653,11 +754,16 @@ class _ShardedReader:
                     )
                 return self._open(mine)
             self.file_blocks = {
-                name: {"shape": shape, "offset": offset} for name, (shape, offset) in blocks.items()
+                self.rename(name): {"shape": shape, "offset": offset}
+                for name, (shape, offset) in blocks.items()
             }
-        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+        for stored_name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            name = self.rename(stored_name)
+            if name in self.handles:
+                raise ValueError(f"{path}: two tensors load into `{name}`")
             self.handles[name] = handle
-            stored = tuple(handle.get_slice(name).get_shape())
+            self.stored[name] = stored_name
+            stored = tuple(handle.get_slice(stored_name).get_shape())
             self.shapes[name] = tuple(self.file_blocks.get(name, {}).get("shape", stored))
 
     def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -671,11 +777,26 @@ class _ShardedReader:
                     f"rank holds the one at {mine and mine['offset']}: the model is sharded "
                     "differently from the run that wrote the file"
                 )
-            return self.handles[name].get_tensor(name)
-        whole = self.handles[name].get_slice(name) if name in self.handles else self.given[name]
+            return self.handles[name].get_tensor(self.stored[name])
+        whole = (
+            self.handles[name].get_slice(self.stored[name])
+            if name in self.handles
+            else self.given[name]
+        )
         if mine is None:
             return whole[...]
         return whole[tuple(slice(o, o + n) for o, n in zip(mine["offset"], shape, strict=True))]
+
+
+def _renamed(sd: Mapping[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    """`sd` under the model's names; two names that become one are an error."""
+    out: dict[str, Any] = {}
+    for name, x in sd.items():
+        mine = rename(name)
+        if mine in out:
+            raise ValueError(f"two tensors load into `{mine}` (one of them `{name}`)")
+        out[mine] = x
+    return out
 
 
 def _open_weights(path: str) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core
+from phema import _core, naming
 
 _DTYPES = {
     "float16": "F16",
@@ -158,6 +158,19 @@ def _mixed_runs(path: str, records: list[dict[str, Any]]) -> list[str]:
     return [
         f"{path}: snapshots of {len(runs)} runs are mixed (phema.run_id {shown}): a store holds one run"
     ]
+
+
+def snapshot_metadata(
+    t: float, gamma: float | None, sigma_rel: float | None = None
+) -> dict[str, str]:
+    """The per-snapshot `phema.*` keys of docs/store-format.md: `phema.t`, and for a power
+    average `phema.gamma` and `phema.sigma_rel` (from gamma unless given)."""
+    meta = {"phema.t": naming.format_t(t)}
+    if gamma is not None:
+        sigma_rel = _core.gamma_to_sigma_rel(gamma) if sigma_rel is None else sigma_rel
+        meta["phema.gamma"] = repr(float(gamma))
+        meta["phema.sigma_rel"] = repr(float(sigma_rel))
+    return meta
 
 
 def write_snapshot(

@@ -1,0 +1,745 @@
+"""Importers: other projects' EMA snapshots and checkpoints written as a phema store.
+
+`import_store(kind, src, store)` reads one source file at a time and writes it as one snapshot
+through `store.write_snapshot` (crash-safe, never replacing a file), with the metadata the
+tracker writes. Pickles are read without running any code from them: EDM2's network pickles
+through a restricted unpickler, everything else through torch's safe loader
+(`weights_only=True`). See docs/importers.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import pickle
+import re
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phema import naming
+from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
+from phema.store import normalize_dtype, open_store, snapshot_metadata, write_snapshot
+
+KINDS = ("edm2", "ema-pytorch", "lightning", "timm")
+# Most files one import takes (as for checkpoints: each becomes a snapshot of the store).
+MAX_FILES = 10_000
+# Largest update interval of ema-pytorch accepted (its calls are then far apart in steps).
+MAX_UPDATE_EVERY = 1_000_000
+_SIGMA_REL_MAX = 12**-0.5
+# Largest time a snapshot may have (docs/store-format.md, `MAX_T`).
+MAX_T = 1e15
+# Calls of the exact ema-pytorch recurrence evaluated at most (16 MB per array); beyond, the
+# profile error is extrapolated as 1 / calls, the decay it shows (docs/importers.md).
+MAX_PROFILE_CALLS = 2_000_000
+
+
+class SourceError(ValueError):
+    """A file to import cannot be read, or holds something phema refuses to load; the message
+    names the file."""
+
+
+@dataclass
+class _Item:
+    """One snapshot to write: where it comes from, its time and profile, how to read it."""
+
+    path: str
+    t: float
+    gamma: float | None  # None: plain weights (kind raw)
+    sigma_rel: float | None
+    read: Callable[[], Mapping[str, Any]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def import_store(
+    kind: str,
+    src: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    *,
+    sigma_rels: Sequence[float] | None = None,
+    update_every: int | None = None,
+    times: Sequence[float] | None = None,
+    strip_prefix: str | None = None,
+    dtype: str | None = None,
+    append: bool = False,
+) -> list[str]:
+    """Writes the snapshots or checkpoints of another project in `src` as the phema store `store`.
+
+    `kind` is `edm2` (`network-snapshot-KKKKKKK-S.SSS.pkl`, `training-state-KKKKKKK.pt`),
+    `ema-pytorch` (a `PostHocEMA` checkpoint folder of `{ind}.{step}.pt`; `sigma_rels` per `ind`
+    and the `update_every` of its run are required), `lightning` (`.ckpt`) or `timm` (`.pth`,
+    plain weights: a store of kind `raw`, times from `times`, the checkpoint or its name).
+    `strip_prefix` keeps the tensors whose names start with it, without it (`model.` of a
+    LightningModule).
+    Float tensors keep their dtype unless `dtype` is given. A non-empty `store` is refused unless
+    `append` (the snapshots then join its run). All snapshots are written or none. Returns the
+    paths written.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    src = os.fspath(src)
+    store = os.fspath(store)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    out_dtype = None if dtype is None else normalize_dtype(dtype)
+    if strip_prefix is not None and not isinstance(strip_prefix, str):
+        raise ValueError(f"strip_prefix={strip_prefix!r}: expected a string")
+    if times is not None and kind in ("edm2", "ema-pytorch"):
+        raise ValueError(f"times are for plain checkpoints; {kind} files carry their own")
+    if kind == "ema-pytorch":
+        items = _plan_ema_pytorch(src, sigma_rels, update_every)
+    else:
+        for name, value in (("sigma_rels", sigma_rels), ("update_every", update_every)):
+            if value is not None:
+                raise ValueError(f"{name} is for ema-pytorch folders, not {kind}")
+        items = _plan_edm2(src) if kind == "edm2" else _plan_plain(kind, src, times)
+    items.sort(key=lambda it: (it.t, it.gamma or 0.0))
+    labels = _labels(items)
+    names = [naming.snapshot_name(it.t, labels[it.sigma_rel]) for it in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SourceError(f"{src}: two files give the same snapshot {dup}")
+    naming.check_outputs(store, names, [src, *(it.path for it in items)])
+    run_id = _claim(store, items, append)
+    created = not os.path.exists(store)
+    os.makedirs(store, exist_ok=True)
+    written: list[str] = []
+    try:
+        for item, name in zip(items, names, strict=True):
+            path = os.path.join(store, name)
+            tensors, source_dtype = _arrays(item, strip_prefix)
+            metadata = {
+                "phema.version": "1",
+                "phema.kind": "raw" if item.gamma is None else "power",
+                "phema.run_id": run_id,
+                "phema.imported_from": kind,
+                "phema.source": os.path.basename(item.path),
+                **item.metadata,
+                **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
+            }
+            write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+            written.append(path)
+            del tensors  # one source file in memory at a time
+        open_store(store)  # the result must be a store phema can use: same tensors everywhere
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(store)
+        raise
+    return written
+
+
+def _labels(items: list[_Item]) -> dict[float | None, str]:
+    """File-name label of every profile (as the tracker labels them), `raw` for plain weights."""
+    sigmas = sorted({it.sigma_rel for it in items if it.sigma_rel is not None})
+    return {None: "raw", **dict(zip(sigmas, naming.profile_labels(sigmas), strict=True))}
+
+
+def _claim(store: str, items: list[_Item], append: bool) -> str:
+    """The run id to write: a new one for an empty store, the store's own when appending.
+    Refuses a non-empty store unless `append`, and snapshots the store already has."""
+    if not (os.path.isdir(store) and os.listdir(store)):
+        return uuid.uuid4().hex[:16]  # as PostHocEMA makes them (docs/runs.md)
+    if not append:
+        raise ValueError(
+            f"{store} is not empty: import into a new directory, or pass append=True "
+            "(--append) to add these snapshots to the run stored there"
+        )
+    existing = open_store(store)
+    have = {(s.t, s.gamma) for s in existing.snapshots}
+    for it in items:
+        if (it.t, it.gamma) in have:
+            raise ValueError(
+                f"{store} already holds the snapshot at t={naming.format_t(it.t)}"
+                + ("" if it.sigma_rel is None else f", sigma_rel={it.sigma_rel:g}")
+                + f" that {it.path} would give"
+            )
+    ids = {s.metadata.get("phema.run_id") for s in existing.snapshots} - {None}
+    return ids.pop() if ids else uuid.uuid4().hex[:16]
+
+
+def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray], str]:
+    """The item's tensors as arrays for write_snapshot (float tensors as float32), and the
+    dtype most of its float tensors had (which they keep)."""
+    import torch
+
+    out: dict[str, np.ndarray] = {}
+    floats: list[str] = []
+    for name, x in item.read().items():
+        if not isinstance(name, str) or not name:
+            raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
+        if strip_prefix:
+            if not name.startswith(strip_prefix):
+                continue  # another part of the module (a loss, a metric)
+            name = name[len(strip_prefix) :]
+        if not isinstance(x, torch.Tensor):
+            raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
+        try:
+            if x.is_complex():
+                raise TypeError("complex")
+            x = x.detach().to("cpu")
+            if x.is_floating_point():
+                floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
+                x = x.float()
+            out[name] = x.contiguous().numpy()
+        except (TypeError, RuntimeError) as e:  # sparse, quantized, complex, meta tensors
+            raise SourceError(f"{item.path}: `{name}` is not a dense real tensor ({e})") from None
+    if not out:
+        what = f" whose name starts with {strip_prefix!r}" if strip_prefix else ""
+        raise SourceError(f"{item.path}: holds no tensors{what}")
+    return out, max(set(floats), key=floats.count) if floats else "F32"
+
+
+_FLOAT_NAMES = {"torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing sources
+
+
+def _files(src: str, match: Callable[[str], bool], what: str) -> list[str]:
+    """The regular files of the directory `src` whose name matches (or `src` itself)."""
+    if os.path.isfile(src):
+        return [src]
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: not a file or directory")
+    found = sorted(
+        os.path.join(src, n)
+        for n in os.listdir(src)
+        if not n.startswith(".") and match(n) and os.path.isfile(os.path.join(src, n))
+    )
+    if not found:
+        raise ValueError(f"{src}: no {what} found")
+    if len(found) > MAX_FILES:
+        raise ValueError(f"{src}: {len(found)} files, at most {MAX_FILES} are imported at once")
+    return found
+
+
+_EDM2_PKL = re.compile(r"(network-snapshot)-(\d+)-(\d+\.\d+)\.pkl")
+_EDM2_STATE = re.compile(r"training-state-(\d+)\.pt")
+
+
+def kimg_to_images(kimg: int) -> int:
+    """Training time in images of an EDM2 file named by `kimg` (`images // 1000`): EDM2 counts
+    in batches of multiples of 1024 images, so the time is the multiple of 1024 that `kimg`
+    names, as EDM2's reconstruct_phema.py deduces it; else `kimg * 1000`."""
+    images = (kimg * 1000 + 999) // 1024 * 1024
+    return images if images // 1000 == kimg else kimg * 1000
+
+
+def _plan_edm2(src: str) -> list[_Item]:
+    files = _files(
+        src,
+        lambda n: bool(_EDM2_PKL.fullmatch(n) or _EDM2_STATE.fullmatch(n)),
+        "EDM2 files (network-snapshot-KKKKKKK-S.SSS.pkl, training-state-KKKKKKK.pt)",
+    )
+    items: dict[tuple[float, float], _Item] = {}
+    pickles = []
+    for path in files:
+        name = os.path.basename(path)
+        if m := _EDM2_STATE.fullmatch(name):
+            for item in _edm2_state_items(path, int(m.group(1))):
+                items[(item.t, item.sigma_rel)] = item  # type: ignore[index]
+        elif m := _EDM2_PKL.fullmatch(name):
+            sigma_rel = float(m.group(3))
+            if not 0 < sigma_rel < _SIGMA_REL_MAX:
+                raise SourceError(
+                    f"{path}: sigma_rel {m.group(3)} in the name is not in (0, 0.289)"
+                )
+            pickles.append((path, kimg_to_images(int(m.group(2))), sigma_rel))
+        else:
+            raise SourceError(f"{path}: not an EDM2 file name")
+    for path, t, sigma_rel in pickles:
+        # A training state holds the same average in float32: that one is kept.
+        items.setdefault(
+            (t, sigma_rel),
+            _Item(
+                path,
+                t,
+                sigma_rel_to_gamma(sigma_rel),
+                sigma_rel,
+                lambda p=path: _edm2_pickle_tensors(p),
+            ),
+        )
+    return list(items.values())
+
+
+def _edm2_state_items(path: str, kimg: int) -> list[_Item]:
+    """The averages of an EDM2 `training-state-*.pt` (its `ema` entry: `stds`, `emas`)."""
+    data = _edm2_state(path)
+    ema = data.get("ema") if isinstance(data, Mapping) else None
+    if not (isinstance(ema, Mapping) and isinstance(ema.get("stds"), Sequence)):
+        raise SourceError(f"{path}: no power-function EMA state (`ema` with `stds`, `emas`)")
+    stds, emas = ema["stds"], ema.get("emas")
+    if not (isinstance(emas, Sequence) and len(emas) == len(stds)):
+        raise SourceError(f"{path}: `ema` holds {len(stds)} stds but not as many `emas`")
+    state = data.get("state")
+    nimg = state.get("cur_nimg") if isinstance(state, Mapping) else None
+    t = nimg if _is_count(nimg) and nimg > 0 and nimg // 1000 == kimg else kimg_to_images(kimg)
+    items = []
+    for i, std in enumerate(stds):
+        if not (isinstance(std, (int, float)) and 0 < std < _SIGMA_REL_MAX):
+            raise SourceError(f"{path}: ema std {std!r} is not a sigma_rel in (0, 0.289)")
+
+        def read(p: str = path, i: int = i) -> Mapping[str, Any]:
+            emas = _edm2_state(p)["ema"]["emas"]
+            if not isinstance(emas[i], Mapping):
+                raise SourceError(f"{p}: ema {i} is not a state dict")
+            return emas[i]
+
+        items.append(_Item(path, float(t), sigma_rel_to_gamma(float(std)), float(std), read))
+    return items
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _plan_ema_pytorch(
+    src: str, sigma_rels: Sequence[float] | None, update_every: int | None
+) -> list[_Item]:
+    if sigma_rels is None:
+        raise ValueError(
+            "ema-pytorch checkpoints do not store sigma_rel: give sigma_rels (--sigma-rel), "
+            "one per ema index, in order"
+        )
+    if isinstance(sigma_rels, (int, float)):
+        sigma_rels = [sigma_rels]
+    sigma_rels = [float(s) for s in sigma_rels]
+    for s in sigma_rels:
+        if not 0 < s < _SIGMA_REL_MAX:
+            raise ValueError(f"sigma_rel {s!r}: expected 0 < sigma_rel < 0.289")
+    if update_every is None:
+        raise ValueError(
+            "give update_every (--update-every): the update_every of the run's ema-pytorch "
+            "PostHocEMA (its default is 100; 1 if every step was averaged)"
+        )
+    if not (_is_count(update_every) and 1 <= update_every <= MAX_UPDATE_EVERY):
+        raise ValueError(f"update_every={update_every!r}: expected a whole number 1 to 1e6")
+    pattern = re.compile(r"(\d+)\.(\d+)\.pt")
+    files = _files(src, lambda n: bool(pattern.fullmatch(n)), "ema-pytorch files ({ind}.{step}.pt)")
+    profiles = {}
+    items = []
+    for path in files:
+        m = pattern.fullmatch(os.path.basename(path))
+        if m is None:
+            raise SourceError(f"{path}: not named {{ind}}.{{step}}.pt")
+        ind, step = int(m.group(1)), int(m.group(2))
+        if ind >= len(sigma_rels):
+            raise ValueError(
+                f"{path} is ema index {ind}, but {len(sigma_rels)} sigma_rels were given"
+            )
+        if not 1 <= step <= MAX_T:
+            raise SourceError(f"{path}: step {step} is not a time from 1 to 1e15")
+        if ind not in profiles:
+            profiles[ind] = ema_pytorch_gamma(sigma_rel_to_gamma(sigma_rels[ind]), update_every)
+        gamma = profiles[ind]
+        error = ema_pytorch_profile_error(sigma_rel_to_gamma(sigma_rels[ind]), update_every, step)
+        items.append(
+            _Item(
+                path,
+                float(step),
+                gamma,
+                gamma_to_sigma_rel(gamma),
+                lambda p=path, s=step: _ema_pytorch_tensors(p, s),
+                {
+                    "phema.step": str(step),
+                    "phema.import_sigma_rel": repr(sigma_rels[ind]),
+                    "phema.import_update_every": str(update_every),
+                    "phema.import_profile_error": f"{error:.3e}",
+                },
+            )
+        )
+    return items
+
+
+def ema_pytorch_gamma(gamma: float, update_every: int) -> float:
+    """Exponent of the power profile an ema-pytorch average of exponent `gamma` tracks when it
+    updates every `update_every` steps: its per-call beta is the per-step one, so the profile is
+    close to `tau ** ((gamma + 1) / update_every - 1)`."""
+    effective = (gamma + 1.0) / update_every - 1.0
+    if not effective > 0:
+        raise ValueError(
+            f"gamma {gamma:.4g} updated every {update_every} steps tracks the profile "
+            f"tau^{effective:.3g}, which is not a power profile phema stores (its exponent must "
+            f"be > 0): this run's averages cannot be imported (a smaller update_every, or a "
+            f"narrower sigma_rel in the run, would give one)"
+        )
+    return effective
+
+
+def ema_pytorch_weights(gamma: float, update_every: int, steps: int) -> np.ndarray:
+    """The exact weight of each ema-pytorch update call in its average after `steps` calls of
+    `update()`: calls at step counts `s = 0, k, 2k, ...` below `steps`, the first copying the
+    weights, each later one `ema.lerp_(model, 1 - beta)` with `beta = (1 - 1/(s + 2))**(gamma+1)`
+    (KarrasEMA.beta after its step counter was incremented)."""
+    s = np.arange(0, steps, update_every, dtype=np.float64)
+    log_beta = (gamma + 1.0) * np.log1p(-1.0 / (s + 2.0))
+    log_beta[0] = -np.inf  # the first call copies the model
+    # weight_j = (1 - beta_j) * prod_{i > j} beta_i
+    after = np.concatenate([np.cumsum(log_beta[:0:-1])[::-1], [0.0]])
+    return -np.expm1(log_beta) * np.exp(after)
+
+
+def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> float:
+    """Relative L2 distance between the profile an ema-pytorch average really has after `steps`
+    calls (`ema_pytorch_weights`) and the power profile `ema_pytorch_gamma` stores for it.
+
+    Each call's weight stands for the `update_every` steps up to the next call, counted back
+    from the snapshot (the first call takes what is left): the weights of the steps between
+    two calls are never seen, so where inside its interval a call sits is the sampling every
+    such average makes, and what this measures is the shape of the profile."""
+    calls = -(-steps // update_every)
+    if calls > MAX_PROFILE_CALLS:
+        shorter = MAX_PROFILE_CALLS * update_every
+        return ema_pytorch_profile_error(gamma, update_every, shorter) * shorter / steps
+    g = ema_pytorch_gamma(gamma, update_every)
+    w = ema_pytorch_weights(gamma, update_every, steps)
+    n = float(steps)
+    edges = n - update_every * np.arange(len(w), -1, -1, dtype=np.float64)
+    edges[0] = 0.0
+    width = np.diff(edges)
+    mass = np.diff((edges / n) ** (g + 1.0))
+    norm2 = (g + 1.0) ** 2 / ((2.0 * g + 1.0) * n)  # integral of p^2 over (0, n]
+    keep = width > 0
+    err2 = np.sum(w[keep] ** 2 / width[keep]) - 2.0 * np.sum(w[keep] * mass[keep] / width[keep])
+    return math.sqrt(max(err2 + norm2, 0.0) / norm2)
+
+
+def _plan_plain(kind: str, src: str, times: Sequence[float] | None) -> list[_Item]:
+    from phema.checkpoints import _time_from
+
+    suffixes = (".ckpt",) if kind == "lightning" else (".pth", ".pth.tar", ".pt", ".bin")
+    files = _files(
+        src, lambda n: n.endswith(suffixes), f"{kind} checkpoints ({', '.join(suffixes)})"
+    )
+    if times is not None and len(times) != len(files):
+        raise ValueError(f"{len(times)} times for {len(files)} checkpoints in {src}")
+    number = re.compile(r"(\d+(?:\.\d+)?)")
+    items = []
+    for i, path in enumerate(files):
+        if times is not None:
+            t = float(times[i])
+        else:
+            counters = _plain_counters(kind, _torch_load(path))
+            name = os.path.basename(path).split(".")[0]
+            t = _time_from(name, counters, number)  # type: ignore[assignment]
+        if t is None or not (t > 0 and math.isfinite(t)):
+            raise SourceError(
+                f"{path}: no training time > 0 (pass times=... / --times, or name it by step)"
+            )
+        items.append(_Item(path, t, None, None, lambda p=path: _plain_tensors(kind, p)))
+    return items
+
+
+def _plain_counters(kind: str, obj: Any) -> dict[str, str]:
+    """The training-time counters of a checkpoint, under the keys `_time_from` reads: Lightning's
+    `global_step` (optimizer steps); timm's `epoch` + 1 (epochs completed)."""
+    if not isinstance(obj, Mapping):
+        return {}
+    step = obj.get("global_step") if kind == "lightning" else obj.get("epoch")
+    if not _is_count(step):
+        return {}
+    return {"step": str(step if kind == "lightning" else step + 1)}
+
+
+def _plain_tensors(kind: str, path: str) -> Mapping[str, Any]:
+    """The weights of a Lightning or timm checkpoint (its `state_dict`, or the file itself when
+    it is a bare state dict)."""
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    elif kind == "lightning":
+        raise SourceError(f"{path}: no `state_dict` entry: not a Lightning checkpoint")
+    if not isinstance(obj, Mapping):
+        raise SourceError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _ema_pytorch_tensors(path: str, step: int) -> Mapping[str, Any]:
+    """The averaged weights of an ema-pytorch `KarrasEMA` state dict (`ema_model.*`); its
+    `step` counter must be the one the file is named by."""
+    import torch
+
+    sd = _torch_load(path)
+    if not isinstance(sd, Mapping) or "step" not in sd:
+        raise SourceError(f"{path}: not an ema-pytorch KarrasEMA state dict (no `step`)")
+    counter = sd["step"]
+    if not (isinstance(counter, torch.Tensor) and counter.numel() == 1):
+        raise SourceError(f"{path}: `step` is not a counter")
+    if int(counter) != step:
+        raise SourceError(f"{path}: its step counter is {int(counter)}, its name says {step}")
+    prefix = "ema_model."
+    out = {
+        k[len(prefix) :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe loading
+
+
+def _torch_load(path: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, memory-mapped when the format allows;
+    every failure is one SourceError naming the file (and the class it refused)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # A mutated protocol byte makes torch warn before it fails; the failure says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except SourceError:
+        raise
+    except Exception as e:
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise SourceError(
+                f"{path}: holds {found.group(1)}, which torch's safe loader (weights_only=True) "
+                "refuses: phema reads only tensors and plain containers"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: (.+)", text)
+        why = detail.group(1).strip()[:200] if detail else _brief(e)
+        raise SourceError(f"{path}: not a readable torch file ({why})") from None
+
+
+def _brief(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+class _Inert:
+    """What an object of a class phema does not run becomes: its class name and its state."""
+
+    _phema_class = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        obj = object.__new__(cls)
+        obj.state = None
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _InertDict(dict):
+    """An EDM2 `dnnlib.EasyDict`: a dict (whatever attribute state it carries is dropped)."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _persistent(meta: Any) -> _Inert:
+    """EDM2's `persistence._reconstruct_persistent_obj`, without running `meta['module_src']`:
+    a placeholder holding the class name and the state the object would receive."""
+    if not (isinstance(meta, dict) and isinstance(meta.get("class_name"), str)):
+        raise pickle.UnpicklingError("a persistent object without a class name")
+    obj = _Inert()
+    obj._phema_class = meta["class_name"]
+    obj.state = meta.get("state")
+    return obj
+
+
+def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> Any:
+    import torch
+
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError("a tensor whose storage is not a storage")
+    for v in (size, stride):
+        if not (isinstance(v, tuple) and all(_is_count(n) and n >= 0 for n in v)):
+            raise pickle.UnpicklingError("a tensor with an invalid shape or stride")
+    if not (_is_count(offset) and offset >= 0):
+        raise pickle.UnpicklingError("a tensor with an invalid offset")
+    return torch._utils._rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, *rest: Any) -> Any:
+    return data  # the parameter's tensor; requires_grad and hooks do not matter here
+
+
+def _load_from_bytes(b: Any) -> Any:
+    """A tensor storage pickled by `pickle.dump` (torch's legacy format), loaded safely."""
+    import torch
+
+    if not isinstance(b, bytes):
+        raise pickle.UnpicklingError("a storage that is not bytes")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        storage = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError("a storage that is not a storage")
+    return storage
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """copyreg's `_reconstructor` for the inert classes only."""
+    if isinstance(cls, type) and issubclass(cls, (_Inert, _InertDict, OrderedDict)):
+        return cls()
+    raise pickle.UnpicklingError("copyreg._reconstructor of a class that is not allowed")
+
+
+class _EDM2Unpickler(pickle.Unpickler):
+    """Rebuilds tensors and plain containers; EDM2's persistent classes and torch modules become
+    inert placeholders; any other global is refused."""
+
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self.path = path
+        self.inert: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        allowed: dict[tuple[str, str], Any] = {
+            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): _load_from_bytes,
+            ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
+            ("dnnlib.util", "EasyDict"): _InertDict,
+            ("collections", "OrderedDict"): OrderedDict,
+            ("copyreg", "_reconstructor"): _reconstructor,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("builtins", "object"): object,
+        }
+        if (module, name) in allowed:
+            return allowed[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith("torch.nn.modules.") and name.isidentifier():
+            key = f"{module}.{name}"
+            if key not in self.inert:
+                self.inert[key] = type(name, (_Inert,), {"_phema_class": key})
+            return self.inert[key]
+        raise SourceError(
+            f"{self.path}: refuses to load {module}.{name}: phema rebuilds only tensors, plain "
+            "containers and EDM2's persistent-class placeholders, and never runs code from a "
+            "pickle"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not part of an EDM2 network pickle")
+
+
+def load_edm2_pickle(path: str | os.PathLike[str]) -> Any:
+    """The object an EDM2 network pickle holds, with tensors rebuilt and every persistent or
+    torch-module object an inert placeholder (no code from the file runs)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            reader = _Bounded(f)
+            _check_opcodes(reader, path)
+            f.seek(0)
+            return _EDM2Unpickler(reader, path).load()
+    except (SourceError, OSError):
+        raise
+    except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
+        raise SourceError(f"{path}: not a readable EDM2 network pickle ({_brief(e)})") from None
+
+
+class _Bounded:
+    """A file whose reads never ask for more than what is left: a length field of a crafted
+    pickle cannot make a reader allocate beyond the file's size."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.f.tell()
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(reader: _Bounded, path: str) -> None:
+    """Walks the opcodes without building anything: a memo index beyond the objects made so far
+    (which would make the unpickler allocate a memo table of that size) or a length beyond the
+    file is refused before unpickling."""
+    import pickletools
+
+    for count, (op, arg, pos) in enumerate(pickletools.genops(reader), 1):
+        if op.name in _MEMO_PUTS and isinstance(arg, int) and not 0 <= arg <= count:
+            raise SourceError(f"{path}: memo index {arg} at byte {pos} is out of range")
+
+
+def _edm2_pickle_tensors(path: str) -> Mapping[str, Any]:
+    """The `ema` network of an EDM2 snapshot pickle as a state dict (names from its module tree:
+    parameters and persistent buffers, as `state_dict()` names them)."""
+    data = load_edm2_pickle(path)
+    if not (isinstance(data, dict) and "ema" in data):
+        raise SourceError(f"{path}: no `ema` network (not an EDM2 network snapshot)")
+    root = data["ema"]
+    if not isinstance(root, _Inert):
+        raise SourceError(f"{path}: `ema` is a {type(root).__name__}, not a network")
+    out: dict[str, Any] = {}
+    for name, x in _module_tensors(root, path):
+        out[name] = x
+    return out
+
+
+def _module_tensors(root: _Inert, path: str) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of a pickled module tree, depth first as `state_dict()` lists them."""
+    stack: list[tuple[str, Any, tuple[int, ...]]] = [("", root, ())]
+    while stack:
+        prefix, node, ancestors = stack.pop()
+        if id(node) in ancestors or len(ancestors) > 1000:
+            raise SourceError(f"{path}: the module tree is cyclic or too deep at {prefix!r}")
+        state = node.state
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):
+            state = state[0]  # (dict, slot state)
+        if not isinstance(state, dict):
+            raise SourceError(f"{path}: module {prefix or '(root)'} has no state dict")
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset)):
+            raise SourceError(f"{path}: module {prefix or '(root)'}: bad buffer set")
+        for group in ("_parameters", "_buffers"):
+            tensors = state.get(group) or {}
+            if not isinstance(tensors, dict):
+                raise SourceError(f"{path}: module {prefix or '(root)'}: {group} is not a dict")
+            for k, x in tensors.items():
+                if x is not None and not (group == "_buffers" and k in skip):
+                    yield f"{prefix}{k}", x
+        children = state.get("_modules") or {}
+        if not isinstance(children, dict):
+            raise SourceError(f"{path}: module {prefix or '(root)'}: _modules is not a dict")
+        for k, child in reversed(list(children.items())):
+            if child is None:
+                continue
+            if not isinstance(child, _Inert):
+                raise SourceError(f"{path}: {prefix}{k} is a {type(child).__name__}, not a module")
+            stack.append((f"{prefix}{k}.", child, (*ancestors, id(node))))
+
+
+def _edm2_state(path: str) -> Any:
+    """An EDM2 `training-state-*.pt` through torch's safe loader; its `dnnlib.EasyDict`s are
+    read as dicts."""
+    import torch
+
+    with torch.serialization.safe_globals([(dict, "dnnlib.util.EasyDict")]):
+        return _torch_load(path)
