@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phema import naming
-from phema.store import write_snapshot
+from phema.store import snapshot_metadata, write_snapshot
 
 if TYPE_CHECKING:
     from phema.tracker.accumulators import HostBuffers
@@ -179,13 +179,10 @@ class SnapshotWriter:
         averages, ints = job.buffers
         extra = {n: x.numpy() for n, x in zip(self.int_names, ints, strict=True)}
         for (gamma, sigma_rel, label), accs in zip(self.profiles, averages, strict=True):
-            name = f"{naming.time_stem(job.t)}-{label}{self.suffix}.safetensors"
-            path = os.path.join(self.directory, name)
+            path = os.path.join(self.directory, naming.snapshot_name(job.t, label, self.suffix))
             metadata = {
                 **self.metadata,
-                "phema.t": naming.format_t(job.t),
-                "phema.gamma": repr(gamma),
-                "phema.sigma_rel": repr(sigma_rel),
+                **snapshot_metadata(job.t, gamma, sigma_rel),
                 "phema.step": str(job.step),
             }
             tensors = {n: a.numpy() for n, a in zip(self.names, accs, strict=True)} | extra
