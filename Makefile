@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.2" "numpy>=1.24" "safetensors>=0.4" "tqdm>=4.60" \
 		"matplotlib>=3.7" "pytest>=8" "ruff>=0.6" "mpmath>=1.3" "maturin>=1.7,<2" \
-		"lightning>=2.0" "transformers>=4.41" "accelerate>=0.26"
+		"lightning>=2.0" "transformers>=4.41" "accelerate>=0.26" "distributed>=2024.1" \
+		"diffusers>=0.31"
 	touch $(STAMP)
 
 # The extension in release mode, installed editable into the venv.

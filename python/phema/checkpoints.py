@@ -76,8 +76,10 @@ def average(
     shard_size: int | None = None,
     progress: bool = False,
     stats: dict[str, Any] | None = None,
+    client: Any = None,
 ) -> list[str]:
-    """Writes `sum_i weights[i] * checkpoint_i` into the directory `out`, in bounded memory.
+    """Writes `sum_i weights[i] * checkpoint_i` into the directory `out`, in bounded memory
+    (with a Dask `client`, spread over its workers a shard each; docs/distributed.md).
 
     Weights default to uniform. Float tensors keep the inputs' dtype unless `dtype` is given;
     non-float tensors are copied from the first checkpoint (a warning names those that differ).
@@ -85,7 +87,7 @@ def average(
     Returns the written paths (the index first when sharded); a `stats` dict, if given, receives
     what was read (`read`, `bytes_read`, `raw_mismatch`).
     """
-    from phema.reconstruction import run_engine
+    from phema.reconstruction import run_engine, warn_nonfinite
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]  # one checkpoint, not the characters of its name
@@ -130,14 +132,21 @@ def average(
         # One unlimited shard gives a single `model.safetensors` in `out`.
         "shard_size": shard_size or 2**63,
     }
-    paths_out, run_stats = run_engine(
-        lambda handle: sources.combine_to_files(
-            np.ascontiguousarray(w[:, None]), [output], handle, first_read
-        ),
-        int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
-        progress,
-        "average",
-    )
+    matrix = np.ascontiguousarray(w[:, None])
+    if client is not None:
+        from phema.distributed import combine_on_cluster
+
+        paths_out, run_stats = combine_on_cluster(
+            client, files, matrix, [output], first_read, None, progress, "average"
+        )
+        warn_nonfinite(run_stats, "average")
+    else:
+        paths_out, run_stats = run_engine(
+            lambda handle: sources.combine_to_files(matrix, [output], handle, first_read),
+            int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
+            progress,
+            "average",
+        )
     if run_stats["raw_mismatch"]:
         warnings.warn(
             "non-float tensors differ between checkpoints (copied from the first): "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from phema import _core, naming
@@ -275,17 +276,19 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     store = _open(args)
     plan = make_plan(store, Targets.of(**_targets(args)), allow_poor_fit=args.allow_poor_fit)
     stats: dict = {}
-    paths = write_outputs(
-        store,
-        plan,
-        out=args.out,
-        dtype=args.dtype,
-        shard_size=parse_size(args.shard_size) if args.shard_size else None,
-        progress=sys.stderr.isatty() and not args.quiet,
-        stats=stats,
-        per_rank=args.per_rank,
-        like=args.like,
-    )
+    with _cluster(args) as client:
+        paths = write_outputs(
+            store,
+            plan,
+            out=args.out,
+            dtype=args.dtype,
+            shard_size=parse_size(args.shard_size) if args.shard_size else None,
+            progress=sys.stderr.isatty() and not args.quiet,
+            stats=stats,
+            per_rank=args.per_rank,
+            like=args.like,
+            client=client,
+        )
     sol = plan.sol
     outputs = _outputs_per_column(plan, paths, args.out)
     rows = _report_rows(sol, [[o] for o in outputs])
@@ -296,6 +299,30 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     for n in sol.notes:
         print(f"note: {n}")
     return 0
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """The Dask client `--scheduler` or `--workers` asks for (None: this machine alone)."""
+    if args.scheduler is None and args.workers is None:
+        yield None
+        return
+    if args.scheduler is not None and args.workers is not None:
+        raise UserError("give --scheduler or --workers, not both")
+    if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
+        raise UserError(f"--workers {args.workers}: need 1 to {MAX_THREADS}")
+    from phema.distributed import connect
+
+    try:
+        client = connect(args.scheduler, args.workers)
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if args.workers is not None:
+            client.cluster.close()
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -314,7 +341,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     _threads(args)
     weights = parse_list(args.weights) if args.weights else None
     stats: dict = {}
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _cluster(args) as client:
         warnings.simplefilter("always")
         paths = average(
             args.checkpoints,
@@ -324,6 +351,7 @@ def cmd_average(args: argparse.Namespace) -> int:
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
             progress=sys.stderr.isatty() and not args.quiet,
             stats=stats,
+            client=client,
         )
     for w in caught:
         print(f"note: {w.message}")
@@ -564,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         raw(s)
 
+    def cluster(s: argparse.ArgumentParser) -> None:
+        g = s.add_argument_group("on a Dask cluster (docs/distributed.md)")
+        g.add_argument("--scheduler", metavar="ADDRESS", help="e.g. tcp://HOST:8786")
+        g.add_argument("--workers", type=int, metavar="N", help="a local cluster of N processes")
+
     s = sub.add_parser("solve", help="weights, fit error and gain per target")
     targets(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -592,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write targets phema cannot reconstruct faithfully too (marked phema.poor_fit)",
     )
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    cluster(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reconstruct)
 
@@ -626,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
     s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    cluster(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_average)
 

@@ -63,34 +63,43 @@ def combine_on_cluster(
     except BaseException:
         client.cancel(futures)
         _drain(client, futures)
-        for o in staged:
-            _remove(_staging_root(o["path"], run))
+        for o in outputs:
+            _remove(_staging_root(o, run))
         raise
     stats = _merge([r[1] for r in results])
     return _commit(sources, weights, outputs, staged, run), stats
 
 
-def _check_client(client: Any) -> None:
+def _require() -> Any:
+    """The `distributed` package, or an ImportError saying how to get it."""
     try:
-        from distributed import Client
-    except ImportError:  # pragma: no cover - the extra is missing
+        import distributed
+    except ImportError:  # the optional extra is not installed
         raise ImportError(
-            "client= needs Dask distributed: pip install 'phema[distributed]'"
+            "running on a Dask cluster needs dask.distributed: pip install 'phema[distributed]'"
         ) from None
-    if not isinstance(client, Client):
+    return distributed
+
+
+def _check_client(client: Any) -> None:
+    if not isinstance(client, _require().Client):
         raise TypeError(f"client={client!r}: expected a dask.distributed.Client")
 
 
-def _staging_root(path: str, run: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".phema-staging-{run}")
+def _staging_root(output: dict[str, Any], run: str) -> str:
+    """Where a task writes an output's files until the client commits them: a hidden directory
+    inside the output directory (beside the output when it is one file), on the same file system
+    so that the commit is a rename."""
+    path = os.path.abspath(output["path"])
+    where = path if output.get("shard_size") else os.path.dirname(path)
+    return os.path.join(where, f".phema-staging-{run}")
 
 
 def _staged(output: dict[str, Any], run: str) -> dict[str, Any]:
     """The output written into the run's staging directory (same file names)."""
-    name = os.path.basename(os.path.normpath(output["path"]))
-    root = _staging_root(output["path"], run)
+    root = _staging_root(output, run)
     os.makedirs(root, exist_ok=True)
-    return output | {"path": os.path.join(root, name)}
+    return output | {"path": os.path.join(root, os.path.basename(os.path.abspath(output["path"])))}
 
 
 def _tasks(
@@ -174,34 +183,44 @@ def _commit(
     staged: list[dict[str, Any]],
     run: str,
 ) -> list[list[str]]:
-    """Moves every staged output into place (what it replaces set aside until all moved, put
-    back if one fails), then writes each sharded output's index: the commit point."""
+    """Moves every staged file into place, file by file as the engine commits (a file it
+    replaces set aside until all moved, put back if one fails), then writes each sharded
+    output's index: the commit point."""
     moved: list[tuple[str, str | None]] = []
+
+    def set_aside(path: str) -> None:
+        aside = None
+        if os.path.lexists(path):
+            aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.aside-{run}")
+            os.replace(path, aside)
+        moved.append((path, aside))
+
     try:
-        for final, stage in zip(outputs, staged):
-            path = os.path.normpath(final["path"])
-            aside = None
-            if os.path.lexists(path):
-                aside = os.path.join(
-                    os.path.dirname(path), f".{os.path.basename(path)}.aside-{run}"
-                )
-                os.replace(path, aside)
-            moved.append((path, aside))
-            os.replace(os.path.normpath(stage["path"]), path)
         written = []
-        for final in outputs:
-            shards, _ = sources.output_files(weights, final)
-            index = sources.write_index(weights, final)
-            written.append(([index] if index else []) + [p for p, _ in shards])
+        for final, stage in zip(outputs, staged):
+            shards, index = sources.output_files(weights, final)
+            staged_shards, _ = sources.output_files(weights, stage)
+            for (path, _), (staged_path, _) in zip(shards, staged_shards):
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                set_aside(path)
+                os.replace(staged_path, path)
+            written.append([p for p, _ in shards])
+        for final, paths in zip(outputs, written):
+            _, index = sources.output_files(weights, final)
+            if index is not None:
+                set_aside(index)
+                sources.write_index(weights, final)
+                paths.insert(0, index)
     except BaseException:
-        for path, aside in moved:
-            _remove(path)
+        for path, aside in reversed(moved):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             if aside is not None:
                 os.replace(aside, path)
         raise
     finally:
         for o in outputs:
-            _remove(_staging_root(o["path"], run))
+            _remove(_staging_root(o, run))
     for _, aside in moved:
         if aside is not None:
             _remove(aside)
@@ -216,12 +235,13 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-def local_client(workers: int) -> Any:
-    """A client of a local cluster of `workers` processes, one thread each (`--workers N`)."""
-    _check_client(None.__class__)  # raises ImportError when the extra is missing
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
+def connect(scheduler: str | None, workers: int | None) -> Any:
+    """A client of the scheduler at `scheduler` (`--scheduler tcp://HOST:PORT`), or of a local
+    cluster of `workers` processes, one engine thread pool each (`--workers N`)."""
+    distributed = _require()
+    if scheduler is not None:
+        return distributed.Client(scheduler, timeout="30s")
+    cluster = distributed.LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     )
-    return Client(cluster)
+    return distributed.Client(cluster)

@@ -91,17 +91,21 @@ def run_engine(
     if "error" in result:
         raise result["error"]
     value = result["value"]
-    stats = value[1] if isinstance(value, tuple) else value
-    if stats.get("nonfinite"):
-        names = stats["nonfinite"]
+    warn_nonfinite(value[1] if isinstance(value, tuple) else value, desc)
+    return value
+
+
+def warn_nonfinite(stats: Mapping[str, Any], desc: str) -> None:
+    """Warns, naming them, about output tensors that hold NaN or infinity."""
+    names = stats.get("nonfinite") or []
+    if names:
         warnings.warn(
             f"{desc}: {len(names)} tensor(s) hold NaN or infinity (NaN/inf in a snapshot, or "
             "values beyond the output dtype's range, e.g. above 65504 in float16): "
             + ", ".join(names[:5])
             + (" ..." if len(names) > 5 else ""),
-            stacklevel=3,
+            stacklevel=4,
         )
-    return value
 
 
 @dataclass
@@ -208,6 +212,7 @@ def reconstruct(
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
+    client: Any = None,
 ) -> list[str]:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
@@ -217,6 +222,9 @@ def reconstruct(
     `<label>.rankRRRRR-of-WWWWW.safetensors` per rank, each holding that rank's blocks, to resume
     training on the same number of ranks. Returns the written paths; a `stats` dict, if given,
     receives what was read (`read`: snapshot indices, `bytes_read`).
+
+    With a Dask `client` the work is spread over its workers, a task per output shard
+    (docs/distributed.md); the files are the same.
 
     `tensors` gives groups of tensors their own `sigma_rel` (`{"encoder.*": 0.05}`, first
     matching pattern wins; see `phema.targets.Targets`), recorded in `phema.tensors`.
@@ -248,6 +256,7 @@ def reconstruct(
         stats=stats,
         per_rank=per_rank,
         like=like,
+        client=client,
     )
 
 
@@ -262,8 +271,11 @@ def write_outputs(
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
+    client: Any = None,
 ) -> list[str]:
     """Writes every output of a plan (see `reconstruct`)."""
+    if client is not None and per_rank:
+        raise ValueError("per_rank outputs run on one machine: leave out client= with per_rank")
     layout = None
     if like is not None:
         if per_rank or shard_size is not None:
@@ -301,14 +313,29 @@ def write_outputs(
             }
         )
     try:
-        paths, run_stats = run_engine(
-            lambda handle: store.headers.combine_to_files(
-                plan.weights, outputs, handle, plan.copy_from, plan.mix
-            ),
-            _snapshot_bytes(store, plan.used()),
-            progress,
-            "reconstruct",
-        )
+        if client is not None:
+            from phema.distributed import combine_on_cluster
+
+            paths, run_stats = combine_on_cluster(
+                client,
+                [s.paths for s in store.snapshots],
+                plan.weights,
+                outputs,
+                plan.copy_from,
+                plan.mix,
+                progress,
+                "reconstruct",
+            )
+            warn_nonfinite(run_stats, "reconstruct")
+        else:
+            paths, run_stats = run_engine(
+                lambda handle: store.headers.combine_to_files(
+                    plan.weights, outputs, handle, plan.copy_from, plan.mix
+                ),
+                _snapshot_bytes(store, plan.used()),
+                progress,
+                "reconstruct",
+            )
     except BaseException:
         for directory in made:
             with contextlib.suppress(OSError):
