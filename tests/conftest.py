@@ -52,6 +52,16 @@ def make_store(
     return written
 
 
+def listing(root) -> dict[str, bytes]:
+    """Every file under `root` with its contents."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
 @pytest.fixture
 def small_store(tmp_path):
     """8 times x 2 profiles of a model with a few tensors, one crossing an engine chunk."""

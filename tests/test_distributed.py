@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import phema
-from conftest import SIGMA_RELS, make_store, snapshot_metadata
+from conftest import SIGMA_RELS, listing, make_store, snapshot_metadata
 from phema.cli import main
 from phema.store import write_snapshot
 
@@ -31,15 +31,6 @@ def client():
     cluster.close()
 
 
-def files(directory) -> dict[str, bytes]:
-    out = {}
-    for root, _, names in os.walk(directory):
-        for n in names:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, directory)] = open(p, "rb").read()
-    return out
-
-
 SHAPES = {f"layer{i}.weight": (64, 48) for i in range(6)} | {"bias": (48,)}
 
 
@@ -53,7 +44,7 @@ def test_same_files_as_one_machine_for_one_and_many_targets(client, tmp_path, sh
         there = phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
         rel = sorted(os.path.relpath(p, tmp_path / "there") for p in there)
         assert rel == sorted(os.path.relpath(p, tmp_path / "here") for p in here)
-        assert files(tmp_path / "there") == files(tmp_path / "here")
+        assert listing(tmp_path / "there") == listing(tmp_path / "here")
     if shard_size:
         index = json.loads(
             (tmp_path / "there" / "beta-0.99" / "model.safetensors.index.json").read_text()
@@ -94,7 +85,7 @@ def test_rank_file_stores_and_per_tensor_targets_distribute_alike(client, tmp_pa
     here = phema.reconstruct(store, out=tmp_path / "here", **kw)
     phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
     assert len(here) > 4
-    assert files(tmp_path / "there") == files(tmp_path / "here")
+    assert listing(tmp_path / "there") == listing(tmp_path / "here")
 
 
 def test_average_on_the_cluster_equals_one_machine(client, tmp_path):
@@ -106,7 +97,7 @@ def test_average_on_the_cluster_equals_one_machine(client, tmp_path):
     with pytest.warns(UserWarning, match="differ between checkpoints.*step"):
         there = phema.average(ckpts, out=tmp_path / "there", shard_size=20_000, client=client)
     assert [os.path.basename(p) for p in there] == [os.path.basename(p) for p in here]
-    assert files(tmp_path / "there") == files(tmp_path / "here")
+    assert listing(tmp_path / "there") == listing(tmp_path / "here")
 
 
 def test_a_worker_killed_mid_run_is_survived(client, tmp_path):
@@ -137,7 +128,7 @@ def test_a_worker_killed_mid_run_is_survived(client, tmp_path):
     assert killed is not None, "the run ended before a worker could be killed"
     assert "error" not in done, done.get("error")
     assert sorted(map(os.path.basename, done["paths"])) == sorted(map(os.path.basename, here))
-    assert files(tmp_path / "there") == files(tmp_path / "here")
+    assert listing(tmp_path / "there") == listing(tmp_path / "here")
     client.wait_for_workers(2, timeout=60)
 
 
@@ -165,6 +156,6 @@ def test_cli_workers_and_scheduler(client, tmp_path, capsys):
     args = ["reconstruct", str(store), "--sigma-rel", "0.1", "--shard-size", "20KB"]
     assert main([*args, "--out", str(tmp_path / "a"), "--scheduler", address]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
     assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err

@@ -13,20 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import phema
-from conftest import snapshot_metadata
+from conftest import listing, snapshot_metadata
 from phema.cli import main
 from phema.solver import Solution, Target
 from phema.store import write_snapshot
-
-
-def listing(root) -> dict[str, bytes]:
-    """Every file under `root` with its contents."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
-    return out
 
 
 def one_error_line(capsys, command: str, needle: str) -> str:

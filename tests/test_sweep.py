@@ -92,6 +92,25 @@ def test_batches_of_any_size_give_the_same_table(run):
     assert [r.metrics for r in one.rows] == [r.metrics for r in many.rows]
 
 
+def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, monkeypatch):
+    store, model = run
+    import phema.sweeps
+
+    passes = []
+    real = phema.sweeps.state_dicts
+
+    def recording(store_, plan, *args, **kwargs):
+        passes.append((len(plan.outputs), len(plan.used())))
+        return real(store_, plan, *args, **kwargs)
+
+    monkeypatch.setattr(phema.sweeps, "state_dicts", recording)
+    n = len(phema.open_store(store).snapshots)
+    result = phema.sweep(store, model, evaluate, sigma_rels=[0.03, 0.05, 0.08, 0.12], batch=2)
+    assert len(result.rows) == 4
+    # sigma_rel 0.05 is tracked: at the last time its own snapshot is the whole answer.
+    assert sorted(passes) == [(1, 1), (1, n), (2, n)]
+
+
 def test_infeasible_and_poor_targets_are_left_out_with_one_note(run):
     store, model = run
     with pytest.warns(UserWarning, match="0.3 left out") as caught:

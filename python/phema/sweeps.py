@@ -236,6 +236,10 @@ def sweep(
                 rows.append(row)
             else:
                 fresh.append((o, row))
+        # A target equal to a stored profile reads its one file, in a pass of its own.
+        alone = {o for o, _ in fresh if len(_used(plan, plan.outputs[o])) == 1}
+        jobs += [(plan, [o], [r]) for o, r in fresh if o in alone]
+        fresh = [(o, r) for o, r in fresh if o not in alone]
         for i in range(0, len(fresh), batch):
             part = fresh[i : i + batch]
             jobs.append((plan, [o for o, _ in part], [r for _, r in part]))
@@ -457,7 +461,7 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
     k = output.column
     tg = sol.targets[k]
     one = _one_output(targets, tg.kind, tg.value)
-    used = np.flatnonzero(np.any(plan.weights[:, output.columns()] != 0, axis=1))
+    used = _used(plan, output)
     digest = hashlib.sha1(
         json.dumps(
             [
@@ -485,6 +489,11 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
         targets=one,
         store=store,
     )
+
+
+def _used(plan: Plan, output: Output) -> np.ndarray:
+    """The snapshots an output reads."""
+    return np.flatnonzero(np.any(plan.weights[:, output.columns()] != 0, axis=1))
 
 
 def _one_output(targets: Targets, kind: str, value: float) -> Targets:
