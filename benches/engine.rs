@@ -65,6 +65,7 @@ fn run(sources: &[Source], w: &[Vec<f64>], out: Option<&Path>) -> phema::Result<
                     metadata: BTreeMap::new(),
                     shard_size: None,
                     shard: None,
+                    stem: None,
                 })
                 .collect();
             let (paths, _) = ops::to_files(sources, &plan, &requests, &Progress::default())?;

@@ -541,6 +541,7 @@ fn output_request(d: &Bound<'_, PyDict>) -> PyResult<OutputRequest> {
         metadata: get("metadata")?.extract()?,
         shard_size: optional("shard_size")?.map(|v| v.extract()).transpose()?,
         shard: optional("shard")?.map(|v| v.extract()).transpose()?,
+        stem: optional("stem")?.map(|v| v.extract()).transpose()?,
     })
 }
 

@@ -1263,6 +1263,7 @@ pub(crate) mod tests {
                 metadata: BTreeMap::new(),
                 shard_size: None,
                 shard: None,
+                stem: None,
             }];
             let w: Vec<Vec<f64>> = inputs.iter().map(|_| vec![1.0]).collect();
             let sink = FileSink::create(&layout_of(&inputs[0]).unwrap(), &requests).unwrap();

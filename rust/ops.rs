@@ -255,6 +255,7 @@ mod tests {
             metadata: BTreeMap::new(),
             shard_size: Some(6),
             shard,
+            stem: None,
         };
         let plan = Plan::new(weights.clone(), None);
         let (whole, _) = to_files(

@@ -469,11 +469,31 @@ pub struct OutputRequest {
     /// Only this shard (0-based) and no index: one task of a distributed run, whose client
     /// writes the index ([`write_index`]) once every shard is committed.
     pub shard: Option<usize>,
+    /// File stem of a sharded output: `model` as transformers names it (`model.safetensors`,
+    /// `model-00001-of-00002.safetensors`, `model.safetensors.index.json`), or
+    /// `diffusion_pytorch_model` as diffusers does. None: `model`.
+    pub stem: Option<String>,
+}
+
+impl OutputRequest {
+    fn stem(&self) -> Result<&str> {
+        let stem = self.stem.as_deref().unwrap_or("model");
+        if stem.is_empty()
+            || stem.len() > 200
+            || stem.contains(['/', '\\', '\0'])
+            || stem.starts_with('.')
+        {
+            return Err(PhemaError::Invalid(format!(
+                "output file stem {stem:?}: expected a plain file name"
+            )));
+        }
+        Ok(stem)
+    }
 }
 
 /// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
-fn shard_name(i: usize, n: usize) -> String {
-    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+fn shard_name(stem: &str, i: usize, n: usize) -> String {
+    format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n)
 }
 
 /// The files of one output: every shard's path and tensors (layout indices), and the index
@@ -521,10 +541,13 @@ pub fn output_files(layout: &[TensorEntry], req: &OutputRequest) -> Result<Outpu
         size = size.saturating_add(b);
     }
     let n = members.len();
+    let stem = req.stem()?;
     let paths: Vec<PathBuf> = match (req.shard_size, n) {
         (None, _) => vec![req.path.clone()],
-        (Some(_), 1) => vec![req.path.join("model.safetensors")],
-        (Some(_), _) => (0..n).map(|i| req.path.join(shard_name(i, n))).collect(),
+        (Some(_), 1) => vec![req.path.join(format!("{stem}.safetensors"))],
+        (Some(_), _) => (0..n)
+            .map(|i| req.path.join(shard_name(stem, i, n)))
+            .collect(),
     };
     let index = (n > 1).then(|| {
         let mut weight_map = serde_json::Map::new();
@@ -546,7 +569,10 @@ pub fn output_files(layout: &[TensorEntry], req: &OutputRequest) -> Result<Outpu
         }
         let json = serde_json::json!({"metadata": meta, "weight_map": weight_map});
         let bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
-        (req.path.join("model.safetensors.index.json"), bytes)
+        (
+            req.path.join(format!("{stem}.safetensors.index.json")),
+            bytes,
+        )
     });
     Ok(OutputFiles {
         shards: paths.into_iter().zip(members).collect(),
@@ -952,6 +978,7 @@ mod tests {
             metadata: meta(),
             shard_size: None,
             shard: None,
+            stem: None,
         };
         std::fs::write(dir.path().join("a.safetensors"), b"earlier output").unwrap();
         let sink = FileSink::create(

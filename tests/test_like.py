@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def test_diffusers_unet_like_output_loads_with_from_pretrained(tmp_path):
     for k, v in unet.state_dict().items():
         assert torch.equal(v, sd[k]), k
 
-    # A sharded diffusers checkpoint is imitated by one file, which diffusers loads.
+    # A sharded diffusers checkpoint gives shards named as diffusers names them.
     unet.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert "diffusion_pytorch_model.safetensors.index.json" in os.listdir(tmp_path / "sharded")
     phema.reconstruct(
@@ -173,7 +174,13 @@ def test_diffusers_unet_like_output_loads_with_from_pretrained(tmp_path):
         allow_poor_fit=True,
     )
     target = tmp_path / "r2" / "sigma_rel-0.080"
-    assert "diffusion_pytorch_model.safetensors" in os.listdir(target)
+    written = sorted(os.listdir(target))
+    assert "diffusion_pytorch_model.safetensors.index.json" in written
+    shards = [n for n in written if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    assert all(
+        re.fullmatch(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors", n) for n in shards
+    )
     loaded = diffusers.UNet2DModel.from_pretrained(target)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k

@@ -137,9 +137,10 @@ def check_shard_size(shard_size: object) -> int | None:
 @dataclass(frozen=True)
 class LikeLayout:
     """How a `like=` output is laid out: the weights under `weights` (a file name in the
-    target's directory) or, when `shard_size` is set, as `model-NNNNN-of-NNNNN.safetensors`
-    shards with `model.safetensors.index.json`; `copied` are the files taken over from
-    `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
+    target's directory) or, when `shard_size` is set, as `STEM-NNNNN-of-NNNNN.safetensors`
+    shards with `STEM.safetensors.index.json` (`STEM` is `weights` without `.safetensors`:
+    `model` for transformers, `diffusion_pytorch_model` for diffusers); `copied` are the files
+    taken over from `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
 
     source: str
     weights: str
@@ -160,10 +161,9 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
     shard_size = None
     if indexes and not weights:
         weights = indexes
-        shards = [n for n in names if fnmatch.fnmatchcase(n, "*-of-*.safetensors")]
-        if weights[0] == "model.safetensors" and shards:
-            # The engine names shards as transformers does; diffusers' names it does not
-            # write, so a sharded diffusers checkpoint is imitated by one file.
+        stem = weights[0].removesuffix(".safetensors")
+        shards = [n for n in names if fnmatch.fnmatchcase(n, f"{stem}-*-of-*.safetensors")]
+        if shards:
             shard_size = max(os.path.getsize(os.path.join(like, n)) for n in shards)
     if not weights:
         found = [n for n in names if n.endswith(".safetensors")]

@@ -310,6 +310,7 @@ def write_outputs(
                 "dtype": dtype,
                 "metadata": _metadata(plan, o, store),
                 "shard_size": shard_size,
+                "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
             }
         )
     try:
