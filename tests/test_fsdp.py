@@ -404,7 +404,9 @@ def test_every_rank_writes_its_files_with_shard_metadata(run):
                 "phema.world_size": str(WORLD),
                 "phema.shards": meta["phema.shards"],
                 "phema.run_id": meta["phema.run_id"],  # each run has its own
+                "phema.checksum": meta["phema.checksum"],  # of each file's own bytes
             }
+            assert phema._core.verify_checksum(sharded / name)[0] == "ok"
             shards = json.loads(meta["phema.shards"])
             assert meta["phema.shards"] == json.dumps(shards, sort_keys=True, separators=(",", ":"))
             assert sorted(shards) == sorted(SHARDED)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from phema import _core, naming
-from phema.store import SnapshotRecord, Store, normalize_dtype
+from phema.store import SnapshotRecord, Store, dominant_dtype, normalize_dtype
 
 INDEX = "model.safetensors.index.json"
 # The index diffusers writes for a sharded `diffusion_pytorch_model.safetensors`.
@@ -113,8 +113,7 @@ def average(
     described = sources.describe()
     _check_dtypes(described)
     if dtype is None:
-        floats = [d for _, d, _ in described[0]["tensors"] if d in ("F16", "BF16", "F32")]
-        out_dtype = max(set(floats), key=floats.count) if floats else "F32"
+        out_dtype = dominant_dtype(d for _, d, _ in described[0]["tensors"] if d != "F64")
     else:
         out_dtype = normalize_dtype(dtype)
     if shard_size is None and any(len(f) > 1 for f in files):
@@ -226,7 +225,6 @@ def open_checkpoints(
             raise ValueError(
                 f"{entry}: no training time (pass times=..., or a pattern matching its name)"
             )
-        floats = [dt for _, dt, _ in d["tensors"] if dt in ("F16", "BF16", "F32", "F64")]
         records.append(
             SnapshotRecord(
                 t=t,
@@ -234,7 +232,7 @@ def open_checkpoints(
                 sigma_rel=None,
                 kind="raw",
                 path=entry,
-                dtype=max(set(floats), key=floats.count) if floats else "F32",
+                dtype=dominant_dtype(dt for _, dt, _ in d["tensors"]),
                 size=int(d["file_size"]),
                 n_tensors=len(d["tensors"]),
                 metadata=d["metadata"],

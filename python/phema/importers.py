@@ -26,7 +26,13 @@ import numpy as np
 
 from phema import naming
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
-from phema.store import normalize_dtype, open_store, snapshot_metadata, write_snapshot
+from phema.store import (
+    dominant_dtype,
+    normalize_dtype,
+    open_store,
+    snapshot_metadata,
+    write_snapshot,
+)
 
 KINDS = ("edm2", "ema-pytorch", "lightning", "timm")
 # Most files one import takes (as for checkpoints: each becomes a snapshot of the store).
@@ -197,7 +203,7 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
     if not out:
         what = f" whose name starts with {strip_prefix!r}" if strip_prefix else ""
         raise SourceError(f"{item.path}: holds no tensors{what}")
-    return out, max(set(floats), key=floats.count) if floats else "F32"
+    return out, dominant_dtype(floats)
 
 
 _FLOAT_NAMES = {"torch.float16": "F16", "torch.bfloat16": "BF16"}

@@ -16,7 +16,7 @@ import numpy as np
 from phema import _core, naming
 from phema.checkpoints import checkpoint_files
 from phema.solver import Solution, _field
-from phema.store import Store, normalize_dtype, open_store
+from phema.store import Store, dominant_dtype, normalize_dtype, open_store
 from phema.targets import Output, Targets
 
 if TYPE_CHECKING:
@@ -374,8 +374,7 @@ def _check_like(store: Store, layout: naming.LikeLayout) -> str:
             f"the store {store.path} does not hold the tensors of {layout.source} under their "
             f"names: {what}; track the model whose checkpoint it is, by its state_dict() names"
         )
-    floats = [d for _, d, _ in described["tensors"] if d in ("F16", "BF16", "F32")]
-    return max(set(floats), key=floats.count) if floats else "F32"
+    return dominant_dtype(d for _, d, _ in described["tensors"] if d != "F64")
 
 
 def _copy_like_files(layout: naming.LikeLayout, target: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,13 @@ def normalize_dtype(name: str) -> str:
     if key not in _DTYPES:
         raise ValueError(f"dtype={name!r}: expected one of float16, bfloat16, float32")
     return _DTYPES[key]
+
+
+def dominant_dtype(dtypes: Iterable[str], default: str = "F32") -> str:
+    """The float dtype most of these safetensors dtypes are (the first seen on a tie); non-float
+    ones do not count, and with none, `default`. The one rule for a file's or an output's dtype."""
+    floats = Counter(d for d in dtypes if d in ("F16", "BF16", "F32", "F64"))
+    return floats.most_common(1)[0][0] if floats else default
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,8 @@ class Store:
 
 
 def _record(r: dict[str, Any]) -> SnapshotRecord:
-    floats = [d for _, d, _ in r["tensors"] if d in ("F16", "BF16", "F32", "F64")]
-    dtype = Counter(floats).most_common(1)[0][0] if floats else "F16"
+    # A file without float tensors is priced as fp16 by the solver's noise model.
+    dtype = dominant_dtype((d for _, d, _ in r["tensors"]), default="F16")
     gamma = r["gamma"]
     return SnapshotRecord(
         t=r["t"],
