@@ -10,7 +10,7 @@ use std::path::Path;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{PhemaError, Result};
-use crate::header::read_header;
+use crate::header::{parse_header, read_header};
 use crate::meta::CHECKSUM;
 
 /// The algorithm named in the recorded value.
@@ -67,7 +67,7 @@ pub enum Verified {
     Mismatch { recorded: String, computed: String },
 }
 
-/// Verifies the checksum `path` records against its contents.
+/// Verifies the checksum `path` records against its contents, reading it in 1 MiB pieces.
 pub fn verify(path: &Path) -> Result<Verified> {
     let header = read_header(path)?;
     let Some(recorded) = header.metadata.get(CHECKSUM).cloned() else {
@@ -81,6 +81,45 @@ pub fn verify(path: &Path) -> Result<Verified> {
     let n = usize::try_from(u64::from_le_bytes(prefix)).unwrap_or(0);
     let mut json = vec![0u8; n];
     file.read_exact(&mut json).map_err(io)?;
+    compare(json, recorded, |hasher| {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let got = file.read(&mut buf).map_err(io)?;
+            if got == 0 {
+                return Ok(());
+            }
+            hasher.update(&buf[..got]);
+        }
+    })
+}
+
+/// [`verify`] for a whole file held in `bytes` (`path` names it in errors).
+pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Verified> {
+    let header = parse_header(path, bytes)?;
+    let Some(recorded) = header.metadata.get(CHECKSUM).cloned() else {
+        return Ok(Verified::NotRecorded);
+    };
+    // The header parsed, so its declared length fits in `bytes`.
+    let n = bytes
+        .get(..8)
+        .and_then(|p| <[u8; 8]>::try_from(p).ok())
+        .map_or(0, |p| usize::try_from(u64::from_le_bytes(p)).unwrap_or(0));
+    let (json, rest) = bytes
+        .get(8..)
+        .unwrap_or_default()
+        .split_at(n.min(bytes.len().saturating_sub(8)));
+    compare(json.to_vec(), recorded, |hasher| {
+        hasher.update(rest);
+        Ok(())
+    })
+}
+
+/// Hashes the header JSON (its checksum digits zeroed) and what `rest` feeds, against `recorded`.
+fn compare(
+    mut json: Vec<u8>,
+    recorded: String,
+    rest: impl FnOnce(&mut Hasher) -> Result<()>,
+) -> Result<Verified> {
     let Some(at) = digits_at(&json) else {
         return Ok(Verified::Mismatch {
             recorded,
@@ -89,14 +128,7 @@ pub fn verify(path: &Path) -> Result<Verified> {
     };
     json[at..at + DIGITS].fill(b'0');
     let mut hasher = Hasher::new(&json);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let got = file.read(&mut buf).map_err(io)?;
-        if got == 0 {
-            break;
-        }
-        hasher.update(&buf[..got]);
-    }
+    rest(&mut hasher)?;
     let computed = hasher.value();
     Ok(if computed == recorded {
         Verified::Ok
@@ -136,6 +168,7 @@ mod tests {
         write(&p);
         assert_eq!(verify(&p).unwrap(), Verified::Ok);
         let original = std::fs::read(&p).unwrap();
+        assert_eq!(verify_bytes(&p, &original).unwrap(), Verified::Ok);
         let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
         let t_at = original
             .windows(13)
@@ -154,6 +187,11 @@ mod tests {
                 matches!(verify(&p).unwrap(), Verified::Mismatch { .. }),
                 "byte {at}"
             );
+            let changed = std::fs::read(&p).unwrap();
+            assert!(matches!(
+                verify_bytes(&p, &changed).unwrap(),
+                Verified::Mismatch { .. }
+            ));
             f.write_all_at(&original[at..at + 1], at as u64).unwrap();
             assert_eq!(verify(&p).unwrap(), Verified::Ok);
         }

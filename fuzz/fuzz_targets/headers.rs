@@ -1,5 +1,6 @@
 //! Everything phema reads from a file, from bytes: the safetensors header, the `phema.*`
-//! metadata, `phema.shards` and the assembly of a sharded snapshot (docs/fuzzing.md).
+//! metadata, `phema.shards`, the recorded checksum and the assembly of a sharded snapshot
+//! (docs/fuzzing.md).
 //!
 //! An input is one to four files, each preceded by its length as 4 little-endian bytes (the
 //! last file takes the rest). Besides "no panic, no abort, bounded memory", every assembled
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use libfuzzer_sys::fuzz_target;
 use phema::engine::Source;
 use phema::header::{is_float, parse_header, Header};
-use phema::{meta, shard, store};
+use phema::{checksum, meta, shard, store};
 
 fn files(mut data: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
@@ -53,7 +54,11 @@ fn check_layout(source: &Source) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let headers: Vec<Header> = files(data)
+    let inputs = files(data);
+    for (i, f) in inputs.iter().enumerate() {
+        let _ = checksum::verify_bytes(&PathBuf::from(format!("f{i}.safetensors")), f);
+    }
+    let headers: Vec<Header> = inputs
         .iter()
         .enumerate()
         .filter_map(|(i, f)| parse_header(&PathBuf::from(format!("f{i}.safetensors")), f).ok())
