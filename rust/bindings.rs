@@ -631,6 +631,64 @@ fn shard_layout(py: Python<'_>, path: PathBuf) -> PyResult<Option<(usize, usize,
     .map_err(err)
 }
 
+/// Writes the outputs of a sharded run once per rank (`inputs[rank][input]` are file lists,
+/// `outputs[rank]` that rank's output dicts), all committed together; returns (paths per rank
+/// and output, stats).
+#[pyfunction]
+#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None))]
+fn per_rank_to_files<'py>(
+    py: Python<'py>,
+    inputs: Vec<Vec<Vec<PathBuf>>>,
+    weights: PyReadonlyArray2<'py, f64>,
+    outputs: Vec<Vec<Bound<'py, PyDict>>>,
+    progress: &EngineProgress,
+    copy_from: Option<usize>,
+    mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+) -> PyResult<(Vec<Vec<Vec<String>>>, Bound<'py, PyDict>)> {
+    let w = rows(&weights)?;
+    let requests = outputs
+        .iter()
+        .map(|rank| {
+            rank.iter()
+                .map(output_request)
+                .collect::<PyResult<Vec<_>>>()
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let progress = Arc::clone(&progress.0);
+    let mix = mix.map(to_mix);
+    let (paths, stats) = py
+        .detach(|| {
+            let sources = inputs
+                .into_iter()
+                .map(|rank| {
+                    rank.into_iter()
+                        .map(|files| {
+                            let headers = files
+                                .iter()
+                                .map(|p| store::read_header(p))
+                                .collect::<crate::Result<Vec<_>>>()?;
+                            Source::new(headers, true)
+                        })
+                        .collect::<crate::Result<Vec<_>>>()
+                })
+                .collect::<crate::Result<Vec<_>>>()?;
+            let first = sources.first().map(Vec::as_slice).unwrap_or_default();
+            let plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            ops::per_rank_to_files(&sources, &plan, &requests, &progress)
+        })
+        .map_err(err)?;
+    let text = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let paths = paths
+        .iter()
+        .map(|rank| {
+            rank.iter()
+                .map(|ps| ps.iter().map(text).collect())
+                .collect()
+        })
+        .collect();
+    Ok((paths, stats_dict(py, &stats)?))
+}
+
 /// Verifies the checksum a snapshot records (docs/store-format.md): `("ok" | "not recorded" |
 /// "mismatch", recorded, computed)`.
 #[pyfunction]
@@ -660,6 +718,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(per_rank_to_files, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;
     m.add_function(wrap_pyfunction!(profile_info, m)?)?;

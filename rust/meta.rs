@@ -12,6 +12,8 @@ use crate::profile::SIGMA_REL_MAX;
 
 /// Most ranks a sharded snapshot may have (docs/store-format.md).
 pub const MAX_WORLD_SIZE: usize = 1 << 16;
+/// The keys saying which part of a sharded run a file is: carried into per-rank outputs.
+pub const SHARD_KEYS: [&str; 3] = ["phema.rank", "phema.world_size", "phema.shards"];
 /// The key of the checksum a snapshot records of itself (see `checksum`).
 pub const CHECKSUM: &str = "phema.checksum";
 /// Latest `phema.t` a snapshot may have (docs/store-format.md).

@@ -9,6 +9,7 @@ use crate::engine::{combine, output_layout, Plan, Progress, Source, Stats};
 use crate::error::{PhemaError, Result};
 use crate::header::TensorEntry;
 use crate::memory::MemorySink;
+use crate::meta::SHARD_KEYS;
 use crate::writer::{self, FileSink, OutputRequest};
 
 /// Writes every output of `plan` to the file (or directory of shards) its request names; returns
@@ -24,6 +25,66 @@ pub fn to_files(
     let sink = FileSink::create(&layout, requests)?;
     let stats = combine(inputs, plan, &sink, progress)?;
     Ok((sink.finish(&progress.cancel)?, stats))
+}
+
+/// Writes every output of `plan` once per rank of a sharded run: `inputs[rank]` are that rank's
+/// files (taken as they are, local blocks) and `requests[rank]` its outputs. Every rank's engine
+/// run completes before any file is committed, and then all are committed together, so a
+/// failure on one rank leaves no rank's output behind. Returns the paths per rank and output,
+/// and what was read over all ranks.
+pub fn per_rank_to_files(
+    inputs: &[Vec<Source>],
+    plan: &Plan,
+    requests: &[Vec<OutputRequest>],
+    progress: &Progress,
+) -> Result<(Vec<Vec<Vec<PathBuf>>>, Stats)> {
+    if inputs.len() != requests.len() {
+        return Err(PhemaError::Invalid(format!(
+            "{} ranks of inputs for {} ranks of outputs",
+            inputs.len(),
+            requests.len()
+        )));
+    }
+    let mut sinks = Vec::with_capacity(inputs.len());
+    let mut total = Stats::default();
+    for (rank_inputs, rank_requests) in inputs.iter().zip(requests) {
+        let layout = output_layout(rank_inputs, &plan.weights)?;
+        check_outputs(plan, rank_requests.len())?;
+        // Each output says which part of the run it is, as the rank's snapshots do.
+        let first = rank_inputs
+            .iter()
+            .zip(&plan.weights)
+            .find(|(_, w)| w.iter().any(|&x| x != 0.0))
+            .and_then(|(s, _)| s.files.first());
+        let mut rank_requests = rank_requests.clone();
+        for req in &mut rank_requests {
+            for key in SHARD_KEYS {
+                if let Some(v) = first.and_then(|h| h.metadata.get(key)) {
+                    req.metadata.insert(key.to_string(), v.clone());
+                }
+            }
+        }
+        let sink = FileSink::create(&layout, &rank_requests)?;
+        let stats = combine(rank_inputs, plan, &sink, progress)?;
+        total.bytes_read += stats.bytes_read;
+        total.read = stats.read;
+        for (all, more) in [
+            (&mut total.raw_mismatch, stats.raw_mismatch),
+            (&mut total.nonfinite, stats.nonfinite),
+        ] {
+            all.extend(more);
+            all.sort();
+            all.dedup();
+        }
+        sinks.push(sink);
+    }
+    let per_output = FileSink::merge(sinks).finish(&progress.cancel)?;
+    let outputs = plan.outputs();
+    let per_rank = per_output
+        .chunks(outputs.max(1))
+        .map(<[Vec<PathBuf>]>::to_vec)
+        .collect();
+    Ok((per_rank, total))
 }
 
 /// Writes every output of `plan` into `buffers[output][tensor]` (float tensors as f32, others in

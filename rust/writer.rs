@@ -662,6 +662,14 @@ impl FileSink {
         Ok(FileSink { targets })
     }
 
+    /// One sink committing the outputs of all of `sinks` together (their targets in order), so
+    /// that outputs written by several engine runs (one per rank) have one commit point.
+    pub fn merge(sinks: Vec<FileSink>) -> FileSink {
+        FileSink {
+            targets: sinks.into_iter().flat_map(|s| s.targets).collect(),
+        }
+    }
+
     /// Completes every file and returns, per target, the paths written (the index first when
     /// sharded). Called only after the engine succeeded; dropping the sink instead removes all.
     /// A `cancel` set while the data is synced still commits nothing.

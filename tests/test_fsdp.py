@@ -619,6 +619,22 @@ def test_per_rank_outputs_hold_each_ranks_block_of_the_full_tensors(run, tmp_pat
                 np.testing.assert_array_equal(part[name], value[index], err_msg=name)
 
 
+def test_a_failure_on_one_rank_commits_no_ranks_output(run, tmp_path):
+    directory = tmp_path / "store"
+    shutil.copytree(run[4] / "sharded", directory)
+    store = phema.open_store(directory)
+    out = tmp_path / "ranks"
+    earlier = phema.reconstruct(store, sigma_rels=0.07, out=out, dtype="float32", per_rank=True)
+    before = {p: open(p, "rb").read() for p in earlier}
+    victim = store.snapshots[-1].paths[1]  # rank 1's file, cut short after the listing
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) - 64)
+    with pytest.raises(phema.StoreError, match=os.path.basename(victim)):
+        phema.reconstruct(store, sigma_rels=[0.07, 0.09], out=out, dtype="float32", per_rank=True)
+    assert {p: open(p, "rb").read() for p in earlier} == before  # rank 0's old file untouched
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in earlier)
+
+
 def test_per_rank_and_full_outputs_reload_into_an_fsdp2_model(run, tmp_path):
     store = phema.open_store(run[4] / "sharded")
     [full] = phema.reconstruct(store, sigma_rels=0.07, out=tmp_path / "full", dtype="float32")

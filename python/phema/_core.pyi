@@ -81,3 +81,11 @@ class Sources:
     ) -> dict[str, Any]: ...
 
 def verify_checksum(path: str | PathLike[str]) -> tuple[str, str | None, str | None]: ...
+def per_rank_to_files(
+    inputs: Sequence[Sequence[Sequence[str | PathLike[str]]]],
+    weights: np.ndarray,
+    outputs: Sequence[Sequence[Mapping[str, Any]]],
+    progress: EngineProgress,
+    copy_from: int | None = None,
+    mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+) -> tuple[list[list[list[str]]], dict[str, Any]]: ...

@@ -20,9 +20,8 @@ import glob
 import math
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
@@ -247,41 +246,6 @@ def _parents(path: str, top: str) -> list[str]:
         out.append(parent)
         parent = os.path.dirname(parent)
     return out
-
-
-@contextlib.contextmanager
-def restore_on_failure(paths: Iterable[str]) -> Iterator[None]:
-    """Outputs that exist at `paths` now are back as they were if the block raises.
-
-    For writers that commit in several steps (per-rank reconstruction, one engine run per
-    rank): a failure after some steps removes what they committed, which had replaced earlier
-    outputs of the same names. Kept under a temporary name (`.NAME.tmp-keep-PID`, which store
-    listings skip), hard-linked when the file system allows it."""
-    kept: list[tuple[str, str]] = []
-    try:
-        for path in paths:
-            if os.path.isfile(path):
-                aside = os.path.join(
-                    os.path.dirname(path), f".{os.path.basename(path)}.tmp-keep-{os.getpid()}"
-                )
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(aside)
-                try:
-                    os.link(path, aside)
-                except OSError:
-                    shutil.copy2(path, aside)
-                kept.append((aside, path))
-        yield
-    except BaseException:
-        for aside, path in kept:
-            # rename() of two links to one file does nothing: then the output is untouched.
-            if os.path.exists(path) and os.path.samefile(aside, path):
-                os.remove(aside)
-            else:
-                os.replace(aside, path)
-        raise
-    for aside, _ in kept:
-        os.remove(aside)
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:

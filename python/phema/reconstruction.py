@@ -441,9 +441,6 @@ def _check_solution(sol: Solution, store: Store) -> None:
         raise ValueError("solution= gives a target no snapshot: every weight is zero")
 
 
-_SHARD_KEYS = ("phema.rank", "phema.world_size", "phema.shards")
-
-
 def _reconstruct_per_rank(
     store: Store,
     plan: Plan,
@@ -453,9 +450,8 @@ def _reconstruct_per_rank(
     progress: bool,
     stats: dict[str, Any] | None,
 ) -> list[str]:
-    """One engine run per rank over that rank's files; all outputs or none."""
-    nonzero = plan.used()
-    used = np.union1d(nonzero, [plan.copy_from])
+    """One engine run per rank over that rank's files, all committed together by the core."""
+    used = np.union1d(plan.used(), [plan.copy_from])
     worlds = {store.snapshots[i].world_size for i in used}
     if len(worlds) != 1 or 1 in worlds:
         raise ValueError(
@@ -464,66 +460,29 @@ def _reconstruct_per_rank(
         )
     [world] = worlds
     os.makedirs(out, exist_ok=True)
-    written: list[str] = []
-    total = {"read": [int(i) for i in nonzero], "bytes_read": 0, "raw_mismatch": []}
-    names = [
-        f"{name}{naming.rank_suffix(r, world)}.safetensors" for name in labels for r in range(world)
+    inputs = [[[store.snapshots[i].paths[rank]] for i in used] for rank in range(world)]
+    outputs = [
+        [
+            {
+                "path": os.path.join(out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"),
+                "dtype": dtype,
+                "metadata": _metadata(plan, o, store),
+            }
+            for o, name in enumerate(labels)
+        ]
+        for rank in range(world)
     ]
-    with naming.restore_on_failure(os.path.join(out, n) for n in names):
-        _run_ranks(store, plan, used, world, labels, out, dtype, progress, written, total)
-    if stats is not None:
-        stats.update(total)
-    return written
-
-
-def _run_ranks(
-    store: Store,
-    plan: Plan,
-    used: np.ndarray,
-    world: int,
-    labels: list[str],
-    out: str | os.PathLike[str],
-    dtype: str,
-    progress: bool,
-    written: list[str],
-    total: dict[str, Any],
-) -> None:
-    """The engine over each rank's files in turn; on failure, what it wrote is removed."""
-    raw_from = int(np.searchsorted(used, plan.copy_from))
     rows = np.ascontiguousarray(plan.weights[used])
-    try:
-        for rank in range(world):
-            sources = _core.Sources([[store.snapshots[i].paths[rank]] for i in used], local=True)
-            described = sources.describe()
-            shard_meta = {k: v for k, v in described[0]["metadata"].items() if k in _SHARD_KEYS}
-            outputs = [
-                {
-                    "path": os.path.join(
-                        out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"
-                    ),
-                    "dtype": dtype,
-                    "metadata": _metadata(plan, o, store) | shard_meta,
-                    "shard_size": None,
-                }
-                for o, name in enumerate(labels)
-            ]
-            paths, run_stats = run_engine(
-                lambda handle, s=sources, o=outputs: s.combine_to_files(
-                    rows, o, handle, raw_from, plan.mix
-                ),
-                sum(d["file_size"] for d in described),
-                progress,
-                f"reconstruct rank {rank}/{world}",
-            )
-            written += [p for per_target in paths for p in per_target]
-            total["bytes_read"] += run_stats["bytes_read"]
-            total["raw_mismatch"] = sorted(
-                set(total["raw_mismatch"]) | set(run_stats["raw_mismatch"])
-            )
-    except BaseException:
-        for p in written:
-            os.remove(p)
-        raise
+    raw_from = int(np.searchsorted(used, plan.copy_from))
+    paths, run_stats = run_engine(
+        lambda handle: _core.per_rank_to_files(inputs, rows, outputs, handle, raw_from, plan.mix),
+        _snapshot_bytes(store, plan.used()),
+        progress,
+        f"reconstruct on {world} ranks",
+    )
+    if stats is not None:
+        stats.update(run_stats | {"read": [int(used[i]) for i in run_stats["read"]]})
+    return [p for per_rank in paths for per_output in per_rank for p in per_output]
 
 
 def reconstruct_state_dict(
