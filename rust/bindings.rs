@@ -631,6 +631,9 @@ fn shard_layout(py: Python<'_>, path: PathBuf) -> PyResult<Option<(usize, usize,
     .map_err(err)
 }
 
+/// Paths written, per rank and output.
+type PathsPerRank = Vec<Vec<Vec<String>>>;
+
 /// Writes the outputs of a sharded run once per rank (`inputs[rank][input]` are file lists,
 /// `outputs[rank]` that rank's output dicts), all committed together; returns (paths per rank
 /// and output, stats).
@@ -644,7 +647,7 @@ fn per_rank_to_files<'py>(
     progress: &EngineProgress,
     copy_from: Option<usize>,
     mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
-) -> PyResult<(Vec<Vec<Vec<String>>>, Bound<'py, PyDict>)> {
+) -> PyResult<(PathsPerRank, Bound<'py, PyDict>)> {
     let w = rows(&weights)?;
     let requests = outputs
         .iter()
