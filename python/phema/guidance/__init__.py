@@ -1,0 +1,12 @@
+"""Sampling-time guidance: EMAG, exponential-moving-average guidance (arXiv 2512.17303).
+
+``phema.guidance`` needs torch; diffusers (for :meth:`EMAG.attach`) and scikit-learn (for the
+digits demo, ``phema.guidance.digits``) are imported only when used. docs/guidance.md describes
+the method, every choice made where the paper left one open, and the API.
+"""
+
+from __future__ import annotations
+
+from phema.guidance.emag import EMAG, Schedule
+
+__all__ = ["EMAG", "Schedule"]

@@ -1,0 +1,556 @@
+"""EMAG: exponential-moving-average guidance at sampling time (arXiv 2512.17303).
+
+Per candidate attention layer l, EMAG keeps an average of the layer's softmax map across the
+denoising steps of one sampling run, ``E_l <- beta * E_l + (1 - beta) * A_l``, and in a third
+("negative") forward pass replaces the live map of one chosen layer with
+``A~ = lambda * E^ + (1 - lambda) * A`` (``E^`` is ``E`` with its rows renormalized to sum to 1).
+The guided prediction is ``eps~' = eps'(x, c) + w_e (eps(x, c) - eps'(x, c))`` followed by CFG,
+``eps~ = eps(x, 0) + w (eps~' - eps(x, 0))``. EMAG-Q averages the attention *queries* instead of
+the maps, so every layer keeps fused scaled-dot-product attention. docs/guidance.md has the
+method, the API and the figures.
+
+Choices where the paper and the reference code leave room (each is tested):
+
+- **Which pass feeds the average.** The reference feeds it from different passes per model (DiT:
+  the conditional and then the unconditional positive pass, two updates per step; SD3: the
+  negative pass itself, both CFG branches). Here the average is fed once per step by the
+  *positive* pass, from the rows that the negative pass will perturb (the conditional branch,
+  ``rows=`` of :meth:`EMAG.positive`): it follows the model's unperturbed attention and is never
+  contaminated by the perturbation, and no average is kept for the unconditional branch, which the
+  guidance formula never perturbs.
+- **Per-sample averages, per-batch layer choice.** Like the reference (``reduce_over_batch=False``)
+  every batch row has its own average. The layer choice is one per batch by default, as in the
+  reference (a scalar deviation per layer); ``per_sample=True`` chooses per row instead.
+- **Selection score.** ``deviation`` (the paper's method): for each candidate, the mean of
+  ``|E_{t-1} - A_t|`` over query and key positions (and batch rows, unless ``per_sample``), then the
+  median over heads (``torch.median``: the lower of the two middle values for an even head count);
+  the layer with the largest score is perturbed, ties going to the first candidate given. The
+  score uses the average *before* this step's update, as the reference's SD3 processor does (the
+  DiT reference measures after the update, ``beta`` times the same value, same choice).
+  ``entropy`` picks the lowest median row entropy of the live map (reference mode 1); ``fixed``
+  perturbs every candidate at once (reference mode 0; pass one candidate to fix one layer).
+- **The choice uses this step's scores** (the DiT reference; the SD3 reference uses the previous
+  step's) and the replacement uses the average *after* this step's update, as both references do.
+- **Initial average.** The first recorded map itself (``E_1 = A_1``), as in the reference; after
+  ``k`` steps ``E_k = beta^(k-1) A_1 + sum_{j=2..k} (1 - beta) beta^(k-j) A_j``.
+- **Image-query rows.** For joint (SD3) attention only the image-query rows are averaged and
+  replaced, over all keys (image and text), the reference's ``attn_ema_full`` setting; text-query
+  rows are never touched. For DiT the whole map.
+- **Row renormalization.** ``E`` is a convex combination of stochastic rows, so its rows sum to 1
+  up to rounding; they are divided by their sum before use, so ``A~`` is stochastic exactly.
+- **No explicit map in the negative pass.** ``A~ V = lambda E^ V + (1 - lambda) A V`` and ``A V``
+  is the fused attention output, so the negative pass materializes no live map; only the
+  positive pass of candidate layers computes ``softmax(q k^T)`` for the average.
+- **Schedule.** Step indices count down like the reference's (``r = N - 1 - i`` at loop index
+  ``i`` of an ``N``-step run); the negative pass runs while ``stop <= r <= start``. Indices are
+  given for a run of ``base_steps`` steps and scale to ``N`` steps as ``round(k N / base_steps)``
+  (Python's round, half to even), so a run of ``base_steps`` uses them unchanged (the reference's
+  ``k2idx`` uses ``k (N - 1) / 250``). The average is built from the first step.
+- **Guidance arithmetic.** ``eps~'`` is computed as ``eps + (w_e - 1)(eps - eps')``, the same
+  value, so ``w_e = 1`` gives the CFG prediction bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+Selection = Literal["deviation", "entropy", "fixed"]
+_SELECTIONS = ("deviation", "entropy", "fixed")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the negative pass runs: countdown step indices ``stop <= r <= start`` of a run of
+    ``base_steps`` steps, scaled to other step counts."""
+
+    start: int = 150
+    stop: int = 50
+    base_steps: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("start", "stop", "base_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Schedule {name}={value!r}: need an int")
+        if self.base_steps < 1:
+            raise ValueError(f"Schedule base_steps={self.base_steps}: need at least 1")
+        if self.stop < 0:
+            raise ValueError(f"Schedule stop={self.stop}: need a step index >= 0")
+        if self.start < self.stop:
+            raise ValueError(
+                f"Schedule start={self.start} < stop={self.stop}: indices count down, so the "
+                "replacement window needs start >= stop"
+            )
+        if self.start > self.base_steps:
+            raise ValueError(
+                f"Schedule start={self.start}: past the run of base_steps={self.base_steps}"
+            )
+
+    @classmethod
+    def dit(cls) -> Schedule:
+        """DiT-XL/2 defaults: replacement between countdown indices 150 and 50 of 250 steps."""
+        return cls(start=150, stop=50, base_steps=250)
+
+    @classmethod
+    def sd3(cls) -> Schedule:
+        """SD3-Medium defaults: 28 steps, 5 warm-up steps, none in the last 5."""
+        return cls(start=22, stop=5, base_steps=28)
+
+    def window(self, num_steps: int) -> tuple[int, int]:
+        """The (start, stop) countdown indices scaled to a run of `num_steps` steps."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}: need an int >= 1")
+        return (
+            round(self.start * num_steps / self.base_steps),
+            round(self.stop * num_steps / self.base_steps),
+        )
+
+    def active(self, step: int, num_steps: int) -> bool:
+        """Whether loop index `step` (0 = first, noisiest step) of `num_steps` runs the negative pass."""
+        start, stop = self.window(num_steps)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
+            raise ValueError(f"step={step!r}: need an int in [0, {num_steps})")
+        r = num_steps - 1 - step
+        return stop <= r <= start
+
+
+@dataclass
+class _Layer:
+    avg: torch.Tensor | None = None  # fp32 [B, H, Nq, Nk] (maps) or [B, H, Nq, D] (queries)
+    score: torch.Tensor | None = None  # [] or [B]: this step's selection score
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EMAG:
+    """Exponential-moving-average guidance: keeps per-layer attention averages through one
+    sampling run and perturbs one adaptively chosen layer in a negative pass.
+
+    Use it with a diffusers pipeline or transformer (:meth:`attach`), or with your own attention
+    code (:meth:`attention`) and sampler (:meth:`positive`, :meth:`negative`, :meth:`guide`).
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[int],
+        *,
+        beta: float = 0.988,
+        strength: float = 1.0,
+        emag_scale: float = 3.0,
+        cfg_scale: float = 1.5,
+        schedule: Schedule | None = None,
+        selection: Selection = "deviation",
+        queries: bool = False,
+        per_sample: bool = False,
+        num_layers: int | None = None,
+    ) -> None:
+        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+            raise TypeError(f"candidates={candidates!r}: need a sequence of layer indices")
+        cands = list(candidates)
+        if not cands:
+            raise ValueError("candidates=[]: need at least one candidate layer")
+        for c in cands:
+            if isinstance(c, bool) or not isinstance(c, int):
+                raise TypeError(f"candidate layer {c!r}: need an int")
+            if c < 0:
+                raise ValueError(f"candidate layer {c}: need an index >= 0")
+        if len(set(cands)) != len(cands):
+            raise ValueError(f"candidates={cands}: a layer is listed twice")
+        if num_layers is not None:
+            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+                raise ValueError(f"num_layers={num_layers!r}: need an int >= 1")
+            for c in cands:
+                if c >= num_layers:
+                    raise ValueError(f"candidate layer {c}: the model has {num_layers} layers")
+        beta = _float("beta", beta)
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta={beta}: need a value in (0, 1)")
+        strength = _float("strength", strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength}: need a value in [0, 1]")
+        emag_scale = _float("emag_scale", emag_scale)
+        cfg_scale = _float("cfg_scale", cfg_scale)
+        if not (math.isfinite(emag_scale) and math.isfinite(cfg_scale)):
+            raise ValueError(f"emag_scale={emag_scale}, cfg_scale={cfg_scale}: need finite values")
+        if schedule is None:
+            schedule = Schedule.dit()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule={schedule!r}: need a phema.guidance.Schedule")
+        if selection not in _SELECTIONS:
+            raise ValueError(f"selection={selection!r}: need one of {', '.join(_SELECTIONS)}")
+        if queries and selection == "entropy":
+            raise ValueError(
+                "selection='entropy' needs attention maps; EMAG-Q (queries=True) has none"
+            )
+        self.candidates: tuple[int, ...] = tuple(cands)
+        self.beta = beta
+        self.strength = strength
+        self.emag_scale = emag_scale
+        self.cfg_scale = cfg_scale
+        self.schedule = schedule
+        self.selection: Selection = selection
+        self.queries = bool(queries)
+        self.per_sample = bool(per_sample)
+        self.num_layers = num_layers
+        self._layers = {c: _Layer() for c in cands}
+        self._index = {c: i for i, c in enumerate(cands)}
+        self._mode: Literal["idle", "record", "perturb"] = "idle"
+        self._rows: slice | None = None
+        self._choice: torch.Tensor | None = None
+        self._closed = False
+        self._attachment: Any = None
+        self.steps_recorded = 0
+
+    # ----------------------------------------------------------------------------- presets
+
+    @classmethod
+    def dit(cls, candidates: Sequence[int] = (12, 13, 14, 15), **kwargs: Any) -> EMAG:
+        """The paper's DiT-XL/2 setting: blocks 12-15, w_e = 3 with CFG 1.5, steps 150..50 of 250."""
+        kwargs.setdefault("emag_scale", 3.0)
+        kwargs.setdefault("cfg_scale", 1.5)
+        kwargs.setdefault("schedule", Schedule.dit())
+        return cls(candidates, **kwargs)
+
+    @classmethod
+    def sd3(cls, candidates: Sequence[int] = (6, 7, 8), **kwargs: Any) -> EMAG:
+        """The paper's SD3-Medium setting: blocks 6-8, w_e = 1.5 with CFG 7, 28 steps."""
+        kwargs.setdefault("emag_scale", 1.5)
+        kwargs.setdefault("cfg_scale", 7.0)
+        kwargs.setdefault("schedule", Schedule.sd3())
+        return cls(candidates, **kwargs)
+
+    # ----------------------------------------------------------------------------- state
+
+    def reset(self) -> None:
+        """Forget the averages: call between sampling runs (attached pipelines do it themselves)."""
+        self._check_open()
+        for layer in self._layers.values():
+            layer.avg = None
+            layer.score = None
+        self._choice = None
+        self.steps_recorded = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the per-layer averages (fp32), from their shapes (no device sync)."""
+        return sum(
+            layer.avg.numel() * layer.avg.element_size()
+            for layer in self._layers.values()
+            if layer.avg is not None
+        )
+
+    def average(self, layer_id: int) -> torch.Tensor | None:
+        """The current average of a candidate layer (maps or queries, fp32), None before any step."""
+        return self._layer(layer_id).avg
+
+    def score(self, layer_id: int) -> torch.Tensor | None:
+        """The selection score a candidate layer got at the last positive pass."""
+        return self._layer(layer_id).score
+
+    def active(self, step: int, num_steps: int) -> bool:
+        """Whether `step` of `num_steps` runs the negative pass (the schedule; host-side only)."""
+        self._check_open()
+        return self.schedule.active(step, num_steps)
+
+    # ----------------------------------------------------------------------------- passes
+
+    @contextmanager
+    def positive(self, rows: slice | None = None) -> Iterator[EMAG]:
+        """The live forward pass of one step: candidate layers update their averages from the
+        batch rows `rows` (the conditional branch; None = every row) and run normally."""
+        self._check_open()
+        if rows is not None and not isinstance(rows, slice):
+            raise TypeError(f"rows={rows!r}: need a slice of the batch or None")
+        if self._mode != "idle":
+            raise ValueError(f"positive(): already inside a {self._mode} pass")
+        self._mode, self._rows = "record", rows
+        try:
+            yield self
+        finally:
+            self._mode, self._rows = "idle", None
+        self.steps_recorded += 1
+
+    @contextmanager
+    def negative(self) -> Iterator[EMAG]:
+        """The negative forward pass: the chosen candidate layer uses the averaged attention
+        (its batch must be the rows the positive pass recorded); every other layer runs normally."""
+        self._check_open()
+        if self._mode != "idle":
+            raise ValueError(f"negative(): already inside a {self._mode} pass")
+        missing = [c for c, layer in self._layers.items() if layer.avg is None]
+        if missing:
+            raise ValueError(
+                f"negative(): candidate layers {missing} have no average yet; run a positive "
+                "pass through them first"
+            )
+        self._mode, self._choice = "perturb", None
+        try:
+            yield self
+        finally:
+            self._mode = "idle"
+
+    def choice(self) -> torch.Tensor:
+        """One-hot weights of the layer(s) the negative pass perturbs, on the device:
+        shape [candidates] per batch, [candidates, batch] with ``per_sample``."""
+        self._check_open()
+        layers = [self._layers[c] for c in self.candidates]
+        if any(layer.score is None for layer in layers):
+            raise ValueError("choice(): no positive pass has recorded every candidate layer yet")
+        scores = torch.stack([layer.score for layer in layers])  # type: ignore[misc]
+        if self.selection == "fixed":
+            return torch.ones_like(scores)
+        idx = scores.argmin(0) if self.selection == "entropy" else scores.argmax(0)
+        onehot = F.one_hot(idx, len(layers)).to(torch.float32)  # [..., L]
+        return onehot.movedim(-1, 0)
+
+    # ----------------------------------------------------------------------------- attention
+
+    def attention(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+        query_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Attention for your own code: ``q, k, v`` are [batch, heads, tokens, head_dim]; returns
+        what ``scaled_dot_product_attention`` returns, with EMAG's recording or perturbation when
+        inside :meth:`positive` / :meth:`negative` and `layer_id` is a candidate. `query_rows`:
+        only the first that many query rows are image rows (joint attention); None = all."""
+        self._check_open()
+        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+            raise TypeError(f"layer_id={layer_id!r}: need an int")
+        if layer_id < 0 or (self.num_layers is not None and layer_id >= self.num_layers):
+            raise ValueError(
+                f"layer_id={layer_id}: unknown layer"
+                + (f" (the model has {self.num_layers})" if self.num_layers is not None else "")
+            )
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(
+                f"attention(): need [batch, heads, tokens, dim] tensors, got q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        layer = self._layers.get(layer_id)
+        if layer is None or self._mode == "idle":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        nq = q.shape[2] if query_rows is None else query_rows
+        if not 0 < nq <= q.shape[2]:
+            raise ValueError(f"query_rows={query_rows}: need 1 to {q.shape[2]}")
+        if self._mode == "record":
+            return self._record(layer_id, layer, q, k, v, attn_mask, scale, nq)
+        return self._perturb(layer_id, layer, q, k, v, attn_mask, scale, nq)
+
+    def _record(
+        self,
+        layer_id: int,
+        layer: _Layer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        scale: float | None,
+        nq: int,
+    ) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        rows = self._rows if self._rows is not None else slice(None)
+        with torch.no_grad():
+            qr = q[rows, :, :nq]
+            if self.queries:
+                live = qr.detach().to(torch.float32)
+            else:
+                live = _attention_map(qr, k[rows], _rows_of(attn_mask, rows, q.shape[0]), scale)
+            if live.shape[0] == 0:
+                raise ValueError(f"positive(rows={self._rows}): selects no batch row")
+            if layer.avg is None:
+                layer.avg = live.clone()
+                dev = torch.zeros_like(live)
+            else:
+                if layer.avg.shape != live.shape:
+                    raise ValueError(
+                        f"layer {layer_id}: the average has shape {tuple(layer.avg.shape)} but "
+                        f"this step gives {tuple(live.shape)}; call reset() between sampling runs "
+                        "and keep the recorded rows the same through a run"
+                    )
+                dev = (layer.avg - live).abs()
+                layer.avg.lerp_(live, 1.0 - self.beta)
+            if self.selection == "entropy":
+                stat = -(live * torch.log(live.clamp_min(1e-30))).sum(-1, keepdim=True)
+            else:
+                stat = dev
+            layer.score = self._reduce(stat)
+        return out
+
+    def _reduce(self, stat: torch.Tensor) -> torch.Tensor:
+        """Mean over positions (and rows unless per_sample), then the median over heads."""
+        per_head = stat.mean(dim=(2, 3))  # [B, H]
+        if self.per_sample:
+            return per_head.median(dim=1).values  # [B]
+        return per_head.mean(dim=0).median()
+
+    def _mask(self, layer_id: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if self._choice is None:
+            self._choice = self.choice()
+        w = self._choice[self._index[layer_id]] * self.strength
+        if self.per_sample:
+            if w.shape[0] != batch:
+                raise ValueError(
+                    f"layer {layer_id}: the negative pass has {batch} rows but the positive "
+                    f"pass recorded {w.shape[0]}"
+                )
+            w = w.view(batch, 1, 1, 1)
+        return w.to(device=like.device, dtype=like.dtype)
+
+    def _perturb(
+        self,
+        layer_id: int,
+        layer: _Layer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        scale: float | None,
+        nq: int,
+    ) -> torch.Tensor:
+        avg = layer.avg
+        assert avg is not None
+        if avg.shape[0] != q.shape[0] or avg.shape[1] != q.shape[1] or avg.shape[2] != nq:
+            raise ValueError(
+                f"layer {layer_id}: the negative pass has batch, heads, query rows "
+                f"{q.shape[0]}, {q.shape[1]}, {nq} but the average was recorded for "
+                f"{avg.shape[0]}, {avg.shape[1]}, {avg.shape[2]}"
+            )
+        if self.queries:
+            w = self._mask(layer_id, q.shape[0], q)
+            qi = q[:, :, :nq]
+            qi = qi + w * (avg.to(q.dtype) - qi)
+            q = qi if nq == q.shape[2] else torch.cat([qi, q[:, :, nq:]], dim=2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        if avg.shape[3] != k.shape[2]:
+            raise ValueError(
+                f"layer {layer_id}: {k.shape[2]} keys but the averaged map has {avg.shape[3]}"
+            )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        e = avg / avg.sum(dim=-1, keepdim=True)
+        replaced = torch.matmul(e.to(v.dtype), v)  # [B, H, nq, D]
+        w = self._mask(layer_id, q.shape[0], out)
+        oi = out[:, :, :nq]
+        oi = oi + w * (replaced - oi)
+        return oi if nq == out.shape[2] else torch.cat([oi, out[:, :, nq:]], dim=2)
+
+    # ----------------------------------------------------------------------------- guidance
+
+    def guide(
+        self,
+        eps_uncond: torch.Tensor | None,
+        eps_cond: torch.Tensor,
+        eps_neg: torch.Tensor | None,
+        *,
+        cfg_scale: float | None = None,
+        emag_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Combine the predictions: ``eps~' = eps' + w_e (eps_cond - eps')`` then
+        ``eps_uncond + w (eps~' - eps_uncond)``. ``eps_neg=None``: no negative pass this step
+        (plain CFG); ``eps_uncond=None``: EMAG-only guidance (no unconditional pass)."""
+        w_e = self.emag_scale if emag_scale is None else _float("emag_scale", emag_scale)
+        w = self.cfg_scale if cfg_scale is None else _float("cfg_scale", cfg_scale)
+        for name, t in (("eps_uncond", eps_uncond), ("eps_neg", eps_neg)):
+            if t is not None and t.shape != eps_cond.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, eps_cond {tuple(eps_cond.shape)}"
+                )
+        guided = eps_cond if eps_neg is None else eps_cond + (w_e - 1.0) * (eps_cond - eps_neg)
+        if eps_uncond is None:
+            return guided
+        return eps_uncond + w * (guided - eps_uncond)
+
+    # ----------------------------------------------------------------------------- diffusers
+
+    def attach(
+        self, target: Any, *, cfg: bool | None = None, cond_first: bool | None = None
+    ) -> EMAG:
+        """Attach to a diffusers pipeline (DiTPipeline, StableDiffusion3Pipeline: the transformer
+        then runs the negative pass and guidance itself) or to a transformer model (processors
+        only; drive it with :meth:`positive` / :meth:`negative`). Returns self; :meth:`detach`
+        or a ``with`` block restores the original processors."""
+        from phema.guidance.processors import attach
+
+        self._check_open()
+        if self._attachment is not None:
+            raise ValueError("attach(): this EMAG is already attached; detach() it first")
+        self._attachment = attach(self, target, cfg=cfg, cond_first=cond_first)
+        return self
+
+    def detach(self) -> None:
+        """Restore the original attention processors (and transformer forward) and close this
+        object: it cannot be used afterwards."""
+        self._check_open()
+        if self._attachment is not None:
+            self._attachment.restore()
+            self._attachment = None
+        for layer in self._layers.values():
+            layer.avg = None
+            layer.score = None
+        self._closed = True
+
+    def __enter__(self) -> EMAG:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._closed:
+            self.detach()
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _layer(self, layer_id: int) -> _Layer:
+        self._check_open()
+        if layer_id not in self._layers:
+            raise ValueError(f"layer {layer_id!r}: not a candidate layer {list(self.candidates)}")
+        return self._layers[layer_id]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this EMAG was detached; create a new one")
+
+    def __repr__(self) -> str:
+        return (
+            f"EMAG(candidates={list(self.candidates)}, beta={self.beta}, strength={self.strength}, "
+            f"emag_scale={self.emag_scale}, cfg_scale={self.cfg_scale}, schedule={self.schedule}, "
+            f"selection={self.selection!r}, queries={self.queries}, per_sample={self.per_sample})"
+        )
+
+
+def _float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r}: need a number")
+    return float(value)
+
+
+def _rows_of(mask: torch.Tensor | None, rows: slice, batch: int) -> torch.Tensor | None:
+    if mask is None or mask.dim() < 3 or mask.shape[0] != batch:
+        return mask
+    return mask[rows]
+
+
+def _attention_map(
+    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) in fp32: the map the fused kernel never materializes."""
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(
+        q.detach().to(torch.float32), k.detach().to(torch.float32).transpose(-2, -1)
+    )
+    scores = scores * s
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask[..., : scores.shape[-2], :], float("-inf"))
+        else:
+            scores = scores + attn_mask[..., : scores.shape[-2], :].to(torch.float32)
+    return torch.softmax(scores, dim=-1)

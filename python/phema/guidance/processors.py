@@ -1,0 +1,340 @@
+"""EMAG inside diffusers: attention processors for candidate layers and a transformer forward
+that runs the negative pass for a pipeline (docs/guidance.md, "diffusers").
+
+Only candidate layers get a new processor; every other layer keeps its own (fused) one. A
+candidate's processor computes exactly what the processor it replaces computes (the standard
+``AttnProcessor2_0`` self-attention of DiT blocks, or SD3's ``JointAttnProcessor2_0``) and hands
+q, k, v to :meth:`phema.guidance.EMAG.attention`; outside EMAG's passes it calls the original
+processor itself, so a model with EMAG attached but idle gives bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from phema.guidance.emag import EMAG
+
+
+def _processor_kinds() -> tuple[type, type]:
+    from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+
+    return AttnProcessor2_0, JointAttnProcessor2_0
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of each transformer block, in order: block i is layer i
+    (``attn1`` of DiT's BasicTransformerBlock, ``attn`` of SD3's JointTransformerBlock)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise TypeError(
+            f"{type(model).__name__} has no transformer_blocks; use EMAG.attention() in your own "
+            "attention code instead"
+        )
+    layers = []
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn1", None)
+        if attn is None:
+            attn = getattr(block, "attn", None)
+        if attn is None:
+            raise TypeError(f"transformer block {i} ({type(block).__name__}) has no attn1/attn")
+        layers.append(attn)
+    return layers
+
+
+class EMAGAttnProcessor:
+    """Processor for one candidate layer: the computation of the processor it replaces, with
+    EMAG's recording (positive pass) or perturbation (negative pass)."""
+
+    def __init__(self, emag: EMAG, layer_id: int, original: Any, joint: bool) -> None:
+        self.emag = emag
+        self.layer_id = layer_id
+        self.original = original
+        self.joint = joint
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if self.emag._mode == "idle":
+            extra = {} if temb is None else {"temb": temb}
+            return self.original(
+                attn,
+                hidden_states,
+                *args,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **extra,
+                **kwargs,
+            )
+        if self.joint:
+            return self._joint(attn, hidden_states, encoder_hidden_states)
+        return self._self(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _self(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # The computation of diffusers' AttnProcessor2_0 for self-attention.
+        if encoder_hidden_states is not None:
+            raise ValueError(f"EMAG layer {self.layer_id}: cross-attention cannot be a candidate")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = self.emag.attention(self.layer_id, query, key, value, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _joint(
+        self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> Any:
+        # The computation of diffusers' JointAttnProcessor2_0 (SD3's MMDiT blocks).
+        batch = hidden_states.shape[0]
+        n_img = hidden_states.shape[1]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            cq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            ck = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            cv = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            cq, ck, cv = cq.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2)
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query = torch.cat([query, cq], dim=2)
+            key = torch.cat([key, ck], dim=2)
+            value = torch.cat([value, cv], dim=2)
+        out = self.emag.attention(self.layer_id, query, key, value, query_rows=n_img)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        context = None
+        if encoder_hidden_states is not None:
+            out, context = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if context is not None:
+            return out, context
+        return out
+
+
+class Attachment:
+    """What :meth:`EMAG.attach` changed, so :meth:`restore` can put it back exactly."""
+
+    def __init__(self) -> None:
+        self.processors: list[tuple[Any, Any]] = []
+        self.transformer: torch.nn.Module | None = None
+        self.had_forward = False
+        self.old_forward: Any = None
+
+    def restore(self) -> None:
+        """Put back the original processors and transformer forward."""
+        for module, original in reversed(self.processors):
+            module.set_processor(original)
+        self.processors.clear()
+        if self.transformer is not None:
+            if self.had_forward:
+                self.transformer.forward = self.old_forward
+            else:
+                del self.transformer.forward
+            self.transformer = None
+
+
+def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
+    """Install EMAG's processors on the candidate layers of `target` (a pipeline with a
+    ``transformer`` or a transformer model); for a pipeline also its guided forward."""
+    self_kind, joint_kind = _processor_kinds()
+    is_pipeline = not isinstance(target, torch.nn.Module) and hasattr(target, "transformer")
+    model = target.transformer if is_pipeline else target
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"attach({type(target).__name__}): need a diffusers pipeline or transformer"
+        )
+    layers = attention_layers(model)
+    if emag.num_layers is None:
+        emag.num_layers = len(layers)
+    elif emag.num_layers != len(layers):
+        raise ValueError(
+            f"EMAG was made for num_layers={emag.num_layers}; {type(model).__name__} has "
+            f"{len(layers)} attention layers"
+        )
+    planned = []
+    for lid in emag.candidates:
+        if lid >= len(layers):
+            raise ValueError(
+                f"candidate layer {lid}: {type(model).__name__} has {len(layers)} attention layers"
+            )
+        module = layers[lid]
+        original = module.get_processor() if hasattr(module, "get_processor") else None
+        if isinstance(original, EMAGAttnProcessor):
+            raise ValueError(f"layer {lid} already has an EMAG processor (attached twice)")
+        if isinstance(original, joint_kind):
+            joint = True
+        elif isinstance(original, self_kind):
+            joint = False
+            if getattr(module, "is_cross_attention", False):
+                raise ValueError(f"candidate layer {lid} is cross-attention")
+        else:
+            raise TypeError(
+                f"candidate layer {lid}: processor {type(original).__name__} is not supported "
+                "(AttnProcessor2_0 or JointAttnProcessor2_0); use EMAG.attention() in your own "
+                "processor"
+            )
+        planned.append((module, original, lid, joint))
+    att = Attachment()
+    for module, original, lid, joint in planned:
+        module.set_processor(EMAGAttnProcessor(emag, lid, original, joint))
+        att.processors.append((module, original))
+    if is_pipeline:
+        _install_forward(emag, target, model, att, cfg=cfg, cond_first=cond_first)
+    return att
+
+
+def _install_forward(
+    emag: EMAG,
+    pipe: Any,
+    model: torch.nn.Module,
+    att: Attachment,
+    *,
+    cfg: bool | None,
+    cond_first: bool | None,
+) -> None:
+    """Replace the transformer's forward (on the instance) by one that runs the positive pass,
+    the negative pass on the conditional rows when the schedule says so, and puts
+    ``eps~' = eps + (w_e - 1)(eps - eps')`` in the conditional rows; the pipeline's own CFG
+    then gives ``eps_u + w (eps~' - eps_u)``."""
+    name = type(pipe).__name__
+    if cond_first is None:
+        # DiTPipeline batches [cond, uncond]; SD3 and most others [uncond, cond].
+        cond_first = name.startswith("DiT")
+    config = getattr(model, "config", None)
+    in_ch = getattr(config, "in_channels", None)
+    out_ch = getattr(config, "out_channels", None)
+    # DiT with learned sigma: the pipeline guides only the first in_channels channels.
+    channels = in_ch if (in_ch is not None and out_ch == 2 * in_ch) else None
+    old = model.__dict__.get("forward")
+    att.had_forward, att.old_forward = old is not None, old
+    original_forward = model.forward
+    params = list(inspect.signature(original_forward).parameters)
+    state = {"step": 0, "cfg": None}
+
+    def uses_cfg(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> bool:
+        if cfg is not None:
+            return cfg
+        flag = getattr(pipe, "do_classifier_free_guidance", None)
+        if isinstance(flag, bool):
+            return flag
+        labels = kwargs.get("class_labels")
+        if labels is None and "class_labels" in params:
+            i = params.index("class_labels")
+            labels = args[i] if i < len(args) else None
+        if torch.is_tensor(labels) and batch % 2 == 0:
+            # DiTPipeline's null class is 1000: one host read per sampling run, at its first step.
+            return bool((labels[batch // 2 :] == 1000).all())
+        return False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not torch.is_tensor(x):
+            raise TypeError("EMAG: the transformer's first input must be the latent batch")
+        batch = x.shape[0]
+        num_steps = len(pipe.scheduler.timesteps)
+        step = state["step"]
+        if step >= num_steps:
+            step = 0
+        if step == 0:
+            emag.reset()
+            state["cfg"] = uses_cfg(args, kwargs, batch)
+        use_cfg = state["cfg"]
+        if use_cfg:
+            half = batch // 2
+            rows = slice(0, half) if cond_first else slice(half, batch)
+        else:
+            rows = slice(0, batch)
+        with emag.positive(rows=rows):
+            out = original_forward(*args, **kwargs)
+        state["step"] = step + 1
+        if not emag.active(step, num_steps):
+            return out
+        sub_args = tuple(_rows(a, rows, batch) for a in args)
+        sub_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+        with emag.negative():
+            neg = original_forward(*sub_args, **sub_kwargs)
+        eps, eps_neg = _sample(out), _sample(neg)
+        c = slice(None) if channels is None else slice(0, channels)
+        eps_c = eps[rows, c]
+        guided = emag.guide(None, eps_c, eps_neg[:, c])
+        eps = eps.clone()
+        eps[rows, c] = guided
+        return _with_sample(out, eps)
+
+    model.forward = forward
+    att.transformer = model
+
+
+def _rows(value: Any, rows: slice, batch: int) -> Any:
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def _sample(out: Any) -> torch.Tensor:
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def _with_sample(out: Any, sample: torch.Tensor) -> Any:
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    return type(out)(sample=sample)
