@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -710,7 +711,17 @@ if __name__ == "__main__":
         rank=int(rank),
         world_size=int(world),
     )
+    code = 0
     try:
         WORKERS[mode](int(rank), Path(directory), *map(json.loads, rest))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:
         torch.distributed.destroy_process_group()
+    # gloo's worker threads may still free a finished collective's tensors while the interpreter
+    # finalizes, which aborts the process ("terminate called without an active exception", a
+    # torch shutdown race); every result is on disk by now, so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
