@@ -305,8 +305,9 @@ class EMAG:
         if self.selection == "fixed":
             return torch.ones_like(scores)
         idx = scores.argmin(0) if self.selection == "entropy" else scores.argmax(0)
-        onehot = F.one_hot(idx, len(layers)).to(torch.float32)  # [..., L]
-        return onehot.movedim(-1, 0)
+        # A comparison, not F.one_hot (which reads the indices back to check their range).
+        slots = torch.arange(len(layers), device=scores.device).view(-1, *([1] * idx.dim()))
+        return (slots == idx.unsqueeze(0)).to(torch.float32)
 
     # ----------------------------------------------------------------------------- attention
 
