@@ -520,6 +520,11 @@ def _metadata(path: str) -> dict[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.emag:
+        from phema.guidance.digits import run_demo as run_emag_demo
+
+        run_emag_demo(out=args.out, seed=args.seed)
+        return 0
     from phema.demo.run import run_demo
 
     if args.steps is not None and not 1 <= args.steps <= MAX_DEMO_STEPS:
@@ -688,6 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")
     s.add_argument("--steps", type=int, default=None, help="training steps")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--emag",
+        action="store_true",
+        help="instead: EMAG guidance on a digits diffusion transformer (docs/guidance.md)",
+    )
     s.set_defaults(func=cmd_demo)
     return p
 
