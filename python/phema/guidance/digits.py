@@ -417,10 +417,10 @@ def run_demo(
     and write emag-samples.png, emag-metrics.png and emag-metrics.csv into `out`.
     `quick` is a seconds-long smoke run (tiny training, few samples)."""
     out = Path(out)
-    steps = train_steps if train_steps is not None else (60 if quick else 2500)
-    n = samples if samples is not None else (40 if quick else 500)
-    scales = (1.0, 3.0) if quick else (1.0, 2.0, 3.0, 4.0, 6.0)
-    sampler_steps = 10 if quick else 50
+    steps = train_steps if train_steps is not None else (60 if quick else 1500)
+    n = samples if samples is not None else (40 if quick else 300)
+    scales = (1.0, 3.0) if quick else (1.0, 2.0, 3.0, 5.0)
+    sampler_steps = 10 if quick else 25
     t0 = time.perf_counter()
     print(f"EMAG demo: training a digits DiT for {steps} steps ...", flush=True)
     model = train_model(steps=steps, seed=seed, log=not quick)
