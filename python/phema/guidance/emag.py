@@ -379,7 +379,7 @@ class EMAG:
                         f"this step gives {tuple(live.shape)}; call reset() between sampling runs "
                         "and keep the recorded rows the same through a run"
                     )
-                dev = (layer.avg - live).abs()
+                dev = torch.sub(layer.avg, live).abs_()
                 layer.avg.lerp_(live, 1.0 - self.beta)
             if self.selection == "entropy":
                 stat = -(live * torch.log(live.clamp_min(1e-30))).sum(-1, keepdim=True)
