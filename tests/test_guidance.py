@@ -540,3 +540,54 @@ def test_attach_twice_and_use_after_detach():
             pass
     with pytest.raises(TypeError, match="has no transformer_blocks"):
         EMAG([0]).attach(torch.nn.Linear(2, 2))
+
+
+def test_dit_transformer_negative_pass_changes_only_the_chosen_layer():
+    pipe = tiny_dit_pipeline()
+    tr = pipe.transformer
+    emag = EMAG([1, 2], num_layers=4).attach(tr)  # the transformer alone: processors only
+    outs: list[tuple[int, torch.Tensor]] = []
+    hooks = [
+        blk.attn1.register_forward_hook(lambda m, a, o, i=i: outs.append((i, o)))
+        for i, blk in enumerate(tr.transformer_blocks)
+    ]
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([3, 5])
+    with torch.no_grad():
+        for t in (900, 600, 300):
+            x = torch.randn(2, 4, 8, 8, generator=g)
+            outs.clear()
+            with emag.positive():
+                tr(x, timestep=torch.full((2,), t), class_labels=labels)
+        pos = list(outs)
+        outs.clear()
+        with emag.negative():
+            tr(x, timestep=torch.full((2,), 300), class_labels=labels)
+        neg = list(outs)
+    for h in hooks:
+        h.remove()
+    chosen = emag.candidates[int(emag.choice().argmax())]
+    emag.detach()
+    for (i, o_p), (_, o_n) in zip(pos, neg):
+        if i < chosen:
+            assert torch.equal(o_p, o_n), i
+        else:
+            assert not torch.allclose(o_p, o_n), i
+
+
+def test_import_phema_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, phema; assert 'torch' not in sys.modules and 'phema.guidance' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_demo_emag_flag(tmp_path, monkeypatch):
+    import phema.guidance.digits as digits
+    from phema.cli import main
+
+    calls = []
+    monkeypatch.setattr(digits, "run_demo", lambda **kw: calls.append(kw))
+    assert main(["demo", "--emag", "--out", str(tmp_path), "--seed", "3"]) == 0
+    assert calls == [{"out": str(tmp_path), "seed": 3}]
