@@ -591,3 +591,53 @@ def test_cli_demo_emag_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(digits, "run_demo", lambda **kw: calls.append(kw))
     assert main(["demo", "--emag", "--out", str(tmp_path), "--seed", "3"]) == 0
     assert calls == [{"out": str(tmp_path), "seed": 3}]
+
+
+def test_sd3_pipeline_with_emag_from_prompt_embeddings():
+    # The text encoders cannot be downloaded: the pipeline takes random prompt embeddings.
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+        norm_num_groups=4, layers_per_block=1, shift_factor=0.0,
+    ).eval()  # fmt: skip
+    none = dict.fromkeys(
+        [
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "text_encoder_3",
+            "tokenizer_3",
+        ]
+    )
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        **none,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    emb = dict(
+        prompt_embeds=torch.randn(1, 5, 16, generator=g),
+        negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+    )
+
+    def run():
+        return pipe(
+            **emb, height=8, width=8, num_inference_steps=6, guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images  # fmt: skip
+
+    cfg = run()
+    sched = Schedule(start=4, stop=1, base_steps=6)
+    with EMAG.sd3(candidates=(1,), schedule=sched, emag_scale=1.0).attach(pipe):
+        assert np.array_equal(run(), cfg)  # w_e = 1: CFG exactly
+    with EMAG.sd3(candidates=(1,), schedule=sched).attach(pipe) as emag:
+        a, b = run(), run()
+        assert emag.memory_bytes() == 1 * 2 * 16 * 21 * 4  # the conditional row only
+    assert np.array_equal(a, b) and not np.allclose(a, cfg)
+    assert np.array_equal(run(), cfg)
