@@ -58,6 +58,11 @@ HOSTILE = [
     (["reconstruct", "{store}", *TARGET, "--out", "{out}", "--threads", "1000000000"], "1024"),
     (["reconstruct", "{store}", *TARGET, "--out", "{store}"], "{store}"),
     (["reconstruct", "{store}", *TARGET, "--out="], "empty name"),
+    (["reconstruct", "{store}", *TARGET, "--out", "{out}", "--scheduler", "nohost"], "nohost"),
+    (
+        ["reconstruct", "{store}", *TARGET, "--out", "{out}", "--tensor-sigma-rel", "enc.*=0.1"],
+        "'enc.*' match no tensor",
+    ),
     (["average", "{store}", "--out", "{out}", "--weights", "nan"], "'nan'"),
     (
         ["average", "{ckpts}/step-100.safetensors", "--out", "{out}", "--weights", "1:1e12:1"],

@@ -61,6 +61,8 @@ def test_unmatched_tensors_and_bad_mappings_are_clear_errors(small_store, tmp_pa
         phema.reconstruct_state_dict(path, sigma_rel=0.1, tensors={"a": "x"})
     with pytest.raises(ValueError, match="expected a mapping"):
         phema.reconstruct_state_dict(path, sigma_rel=0.1, tensors=5)
+    with pytest.raises(ValueError, match="'encoder.\\*' match no tensor"):  # a typo
+        phema.reconstruct_state_dict(path, sigma_rel=0.1, tensors={"encoder.*": 0.06})
     with pytest.raises(ValueError):  # an infeasible length
         phema.reconstruct(path, sigma_rels=0.1, tensors={"big": 0.4}, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -315,7 +315,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
 
     try:
         client = connect(args.scheduler, args.workers)
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, ValueError) as e:
         raise UserError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
     try:
         yield client
@@ -713,8 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exception(e.__cause__ or e)
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (UserError, ValueError, OSError) as e:
-        # One line naming the value or file at fault; StoreError is a ValueError.
+    except (UserError, ValueError, TypeError, OSError) as e:
+        # One line naming the value or file at fault; StoreError is a ValueError, and a value of
+        # the wrong kind from the user's own code (an evaluate returning text) is a TypeError.
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

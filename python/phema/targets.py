@@ -137,6 +137,14 @@ class Targets:
 
         own = [(kind[:-1], v) for kind, values in self.own().items() for v in values]
         pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensors]
+        # A pattern that takes no tensor is a typo that would silently leave its length unused.
+        patterns = [p for p, _ in self.tensors] + ([] if self.vary is None else [self.vary])
+        idle = [p for p in patterns if not any(naming.matches(n, p) for n in names)]
+        if idle:
+            raise ValueError(
+                f"pattern(s) {', '.join(map(repr, idle))} match no tensor (tensors are named "
+                f"like {', '.join(names[:3])})"
+            )
         outputs = []
         for kind, value in own or [(None, None)]:
             default = None if kind is None else col(kind, value)
