@@ -13,6 +13,7 @@ what the run needed. The reference implementation pays +213 % time and +75 % pea
 EMAG and +95 % time for EMAG-Q on an A100; these figures are for this CPU.
 
     .venv/bin/python benches/bench_emag.py                 # --samples 1000 --train-steps 3000
+    .venv/bin/python benches/bench_emag.py --cfg 1 --no-cost   # no CFG: EMAG's guidance alone
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> None:
     p.add_argument("--mem-samples", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench-data" / "emag"))
+    p.add_argument("--no-cost", action="store_true", help="quality only: skip time and memory")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -116,6 +118,9 @@ def main() -> None:
           "same noise and labels for every row")  # fmt: skip
     print(format_table(rows))
     write_outputs(Path(args.out), rows, grids)
+
+    if args.no_cost:
+        return
 
     # Time: interleaved rounds, the median of per-round ratios.
     labels = balanced_labels(args.time_samples)
