@@ -641,3 +641,24 @@ def test_sd3_pipeline_with_emag_from_prompt_embeddings():
         assert emag.memory_bytes() == 1 * 2 * 16 * 21 * 4  # the conditional row only
     assert np.array_equal(a, b) and not np.allclose(a, cfg)
     assert np.array_equal(run(), cfg)
+
+
+def test_an_interrupted_pipeline_run_does_not_shift_the_next_one(monkeypatch):
+    pipe = tiny_dit_pipeline()
+    with EMAG.dit(candidates=(1, 2)).attach(pipe):
+        clean = run_dit(pipe)
+        step = pipe.scheduler.step
+        calls = []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(pipe.scheduler, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_dit(pipe)
+        monkeypatch.undo()
+        assert np.array_equal(run_dit(pipe), clean)
+    assert "set_timesteps" not in pipe.scheduler.__dict__

@@ -176,6 +176,8 @@ class Attachment:
         self.transformer: torch.nn.Module | None = None
         self.had_forward = False
         self.old_forward: Any = None
+        self.scheduler: Any = None
+        self.old_set_timesteps: Any = None
 
     def restore(self) -> None:
         """Put back the original processors and transformer forward."""
@@ -188,6 +190,12 @@ class Attachment:
             else:
                 del self.transformer.forward
             self.transformer = None
+        if self.scheduler is not None:
+            if self.old_set_timesteps is not None:
+                self.scheduler.set_timesteps = self.old_set_timesteps
+            else:
+                del self.scheduler.set_timesteps
+            self.scheduler = None
 
 
 def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
@@ -320,6 +328,19 @@ def _install_forward(
 
     model.forward = forward
     att.transformer = model
+
+    # A pipeline sets its scheduler's timesteps once at the start of every run: that starts a
+    # new run here too, even after an interrupted one.
+    scheduler = getattr(pipe, "scheduler", None)
+    set_timesteps = getattr(scheduler, "set_timesteps", None)
+    if callable(set_timesteps):
+        att.scheduler, att.old_set_timesteps = scheduler, scheduler.__dict__.get("set_timesteps")
+
+        def new_run(*args: Any, **kwargs: Any) -> Any:
+            state["step"] = 0
+            return set_timesteps(*args, **kwargs)
+
+        scheduler.set_timesteps = new_run
 
 
 def _rows(value: Any, rows: slice, batch: int) -> Any:
