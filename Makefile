@@ -13,12 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "torch>=2.2" "numpy>=1.24" "safetensors>=0.4" "tqdm>=4.60" \
 		"matplotlib>=3.7" "pytest>=8" "ruff>=0.6" "mpmath>=1.3" "maturin>=1.7,<2" \
 		"lightning>=2.0" "transformers>=4.41" "accelerate>=0.26" "distributed>=2024.1" \
-		"diffusers>=0.31"
+		"diffusers>=0.31" "scikit-learn>=1.3"
 	touch $(STAMP)
 
-# The extension in release mode, installed editable into the venv.
-build: $(STAMP)
+# The extension in release mode, installed editable into the venv (Python sources are linked, so
+# only the Rust sources and the build settings make it stale). A per-interpreter `_core` left by
+# an earlier build would shadow the abi3 one, so it goes.
+EXT := python/phema/_core.abi3.so
+$(EXT): $(STAMP) Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
+	rm -f python/phema/_core.cpython-*.so
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --quiet
+	touch $(EXT)
+
+build: $(EXT)
 
 demo: build
 	$(VENV)/bin/phema demo

@@ -76,7 +76,7 @@ def _require() -> Any:
         import distributed
     except ImportError:  # the optional extra is not installed
         raise ImportError(
-            "running on a Dask cluster needs dask.distributed: pip install 'phema[distributed]'"
+            "running on a Dask cluster needs dask.distributed: pip install 'phema-rs[distributed]'"
         ) from None
     return distributed
 
