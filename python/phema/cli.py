@@ -597,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         raw(s)
 
+    def engine(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     def cluster(s: argparse.ArgumentParser) -> None:
         g = s.add_argument_group("on a Dask cluster (docs/distributed.md)")
         g.add_argument("--scheduler", metavar="ADDRESS", help="e.g. tcp://HOST:8786")
@@ -629,9 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write targets phema cannot reconstruct faithfully too (marked phema.poor_fit)",
     )
-    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    engine(s)
     cluster(s)
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser(
@@ -650,8 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", help="metric choosing the best (default: the first)")
     s.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher wins")
     s.add_argument("--dtype", default="f16", help="dtype of the best weights written")
-    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    engine(s)
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser(
@@ -664,9 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
-    s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    engine(s)
     cluster(s)
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_average)
 
     s = sub.add_parser(
