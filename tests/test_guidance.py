@@ -13,6 +13,21 @@ torch = pytest.importorskip("torch")
 from phema.guidance import EMAG, Schedule  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add overhead, and thrash when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(threads)
+
+
 def softmax_map(q, k):
     """The attention map computed independently, in float64."""
     s = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
