@@ -677,3 +677,22 @@ def test_an_interrupted_pipeline_run_does_not_shift_the_next_one(monkeypatch):
         monkeypatch.undo()
         assert np.array_equal(run_dit(pipe), clean)
     assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_fp32_averages(dtype):
+    for queries in (False, True):
+        emag = EMAG([0], queries=queries, beta=0.5)
+        gen = torch.Generator().manual_seed(10)
+        for _ in range(2):
+            q, k, v = (t.to(dtype) for t in rand_qkv(gen))
+            with emag.positive():
+                emag.attention(0, q, k, v)
+        assert emag.average(0).dtype == torch.float32
+        with emag.negative():
+            out = emag.attention(0, q, k, v)
+        assert out.dtype == dtype
+        if not queries:
+            e = emag.average(0).double()
+            ref = (e / e.sum(-1, keepdim=True)) @ v.double()
+            torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

@@ -67,10 +67,10 @@ class EMAGAttnProcessor:
     ) -> Any:
         if self.emag._mode == "idle":
             extra = {} if temb is None else {"temb": temb}
+            # (extra positional arguments are the deprecated `scale`, which processors ignore)
             return self.original(
                 attn,
                 hidden_states,
-                *args,
                 encoder_hidden_states=encoder_hidden_states,
                 attention_mask=attention_mask,
                 **extra,
