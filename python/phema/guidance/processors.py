@@ -104,17 +104,7 @@ class EMAGAttnProcessor:
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, hidden_states, batch)
         out = self.emag.attention(self.layer_id, query, key, value, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -131,17 +121,7 @@ class EMAGAttnProcessor:
         # The computation of diffusers' JointAttnProcessor2_0 (SD3's MMDiT blocks).
         batch = hidden_states.shape[0]
         n_img = hidden_states.shape[1]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, hidden_states, batch)
         if encoder_hidden_states is not None:
             cq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
             ck = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
@@ -359,3 +339,20 @@ def _with_sample(out: Any, sample: torch.Tensor) -> Any:
     if isinstance(out, tuple):
         return (sample, *out[1:])
     return type(out)(sample=sample)
+
+
+def _heads(attn: Any, hidden_states: torch.Tensor, batch: int) -> tuple[Any, Any, Any, int]:
+    """Queries, keys and values of `hidden_states` as [batch, heads, tokens, head_dim], normed
+    as the layer norms them (both diffusers processors start this way)."""
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
