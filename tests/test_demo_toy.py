@@ -188,7 +188,7 @@ def test_training_a_few_hundred_steps_reduces_the_loss(tree):
 
 
 def test_figures_are_written_as_png(tree, tmp_path):
-    from phema.demo.plots import plot_metrics, plot_profiles, plot_samples
+    from phema.demo.plots import plot_profiles, plot_samples
 
     x = tree.sample(512, rng=0)
     png = b"\x89PNG"
@@ -199,13 +199,22 @@ def test_figures_are_written_as_png(tree, tmp_path):
         resolution=120,
     )
     assert path.read_bytes()[:4] == png
-    metrics = {"precision": [0.8, 0.9, 0.85], "tail_recall": [0.9, 0.8, 0.6]}
-    classic = [("beta=0.999", 0.06, {"precision": 0.88, "tail_recall": 0.75})]
-    path = plot_metrics(
-        [0.02, 0.05, 0.15], metrics, tmp_path / "m.png", classic=classic, raw={"precision": 0.7}
-    )
-    assert path.read_bytes()[:4] == png
     tau = np.linspace(0, 1000, 200)
     req = np.exp(-(1000 - tau) / 100) / 100
-    path = plot_profiles(tau, [("beta=0.99", req, req * 1.01, 0.012)], tmp_path / "p.png")
+    curves = [("beta=0.99", tau, req, req * 1.01, 0.012), ("beta=0.999", tau, req, req, 0.0)]
+    path = plot_profiles(curves, tmp_path / "p.png")
     assert path.read_bytes()[:4] == png
+
+
+def test_scoring_in_one_pass_equals_density_and_assignment_apart(tree):
+    """log_density_and_assign against log_density and the responsibilities' argmax with the
+    Mahalanobis distance computed here from the covariances."""
+    x = tree.sample(300, rng=5) + 0.01 * torch.randn(
+        300, 2, generator=torch.Generator().manual_seed(6)
+    )
+    logp, comp, dist = tree.log_density_and_assign(x)
+    assert torch.equal(logp, tree.log_density(x))
+    assert torch.equal(comp, tree.responsibilities(x).argmax(-1))
+    d = (x - tree.means[comp]).double()
+    maha = torch.einsum("ni,nij,nj->n", d, torch.linalg.inv(tree.covs[comp].double()), d)
+    assert torch.allclose(dist.double(), maha.sqrt(), rtol=1e-3)

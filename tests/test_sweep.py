@@ -111,6 +111,54 @@ def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, mon
     assert sorted(passes) == [(1, 1), (1, n), (2, n)]
 
 
+def test_at_most_two_batches_exist_while_evaluate_is_slow(run, monkeypatch):
+    """A batch is built only when at most one other is alive: built - fully evaluated <= 1."""
+    import time
+
+    import phema.sweeps
+
+    store, model = run
+    built, evaluated = [], []
+    real = phema.sweeps.state_dicts
+
+    def building(store_, plan, *args, **kwargs):
+        built.append(len(built) - len(evaluated))  # batches alive besides this one
+        return real(store_, plan, *args, **kwargs)
+
+    def slow(m):
+        time.sleep(0.05)  # the worker would run ahead of a slow evaluate
+        out = evaluate(m)
+        evaluated.append(1)
+        return out
+
+    monkeypatch.setattr(phema.sweeps, "state_dicts", building)
+    sigmas = [0.03, 0.04, 0.06, 0.08, 0.12, 0.2]
+    result = phema.sweep(store, model, slow, sigma_rels=sigmas, batch=1, progress=False)
+    assert len(result.rows) == len(built) == len(sigmas)
+    assert max(built) == 1 and built[0] == 0
+
+
+def test_a_results_file_keeps_the_rows_of_other_targets_and_times(run, tmp_path):
+    store, model = run
+    results = tmp_path / "sweep.csv"
+    first = phema.sweep(store, model, evaluate, sigma_rels=[0.06, 0.12], results=results)
+    t = phema.open_store(store).snapshots[-5].t
+    second = phema.sweep(store, model, evaluate, sigma_rels=[0.12, 0.2], at=t, results=results)
+    with open(results) as f:
+        lines = list(csv.DictReader(f))
+    got = {(r["label"], float(r["t"])): float(r["mse"]) for r in lines}
+    want = {(r.label, r.t): r.metrics["mse"] for r in first.rows + second.rows}
+    assert got == want and len(lines) == 4
+    # A third sweep over the first grid evaluates nothing and keeps every row.
+    calls = []
+    again = phema.sweep(
+        store, model, lambda m: calls.append(1) or evaluate(m), sigma_rels=[0.06], results=results
+    )
+    assert not calls and again.rows[0].metrics["mse"] == got[("sigma_rel-0.060", first.rows[0].t)]
+    with open(results) as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
 def test_infeasible_and_poor_targets_are_left_out_with_one_note(run):
     store, model = run
     with pytest.warns(UserWarning, match="0.3 left out") as caught:
@@ -201,6 +249,14 @@ def test_every_snapshot_time_gives_a_heatmap_and_the_plot_marks_the_best(run, tm
     assert len({r.t for r in result.rows}) > 3
     png = result.plot(tmp_path / "heat.png", "mae")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # The best power EMA of each time, and the rows of one time.
+    per_time = result.best_by_time("mae")
+    assert [r.t for r in per_time] == sorted({r.t for r in result.rows})
+    for r in per_time:
+        at_t = [x.metrics["mae"] for x in result.rows if x.t == r.t]
+        assert r.metrics["mae"] == min(at_t) and result.at(r.t).best("mae") is r
+    with pytest.raises(ValueError, match="the sweep has rows at"):
+        result.at(-1.0)
     curve = phema.sweep(
         store,
         model,
@@ -212,6 +268,18 @@ def test_every_snapshot_time_gives_a_heatmap_and_the_plot_marks_the_best(run, tm
     assert curve.raw is not None and "mse" in curve.raw.metrics
     png = curve.plot(tmp_path / "curve.png")
     assert os.path.getsize(png) > 1000
+    # Several metrics, a panel each, with reference lines and titles.
+    png = curve.plot(
+        tmp_path / "panels.png",
+        ["mae", "mse"],
+        "min",
+        references={"zero model": {"mae": 0.5, "mse": 1e3}},
+        labels={"mae": "mean absolute error"},
+        title="two metrics",
+    )
+    assert os.path.getsize(png) > os.path.getsize(tmp_path / "curve.png") / 2
+    with pytest.raises(ValueError, match="metric 'fid'"):
+        curve.plot(tmp_path / "no.png", ["mae", "fid"])
 
 
 def test_save_best_writes_the_best_weights(run, tmp_path):

@@ -1,111 +1,196 @@
-"""The figure of a sweep: metric against sigma_rel (log x) with the fit below it, or with several
-target times a heatmap of time x sigma_rel (as in EDM2's figure 5). Imports matplotlib."""
+"""The figure of a sweep: each metric against sigma_rel (log x) with the fit below, or with
+several target times a heatmap of time x sigma_rel per metric (as in EDM2's figure 5). Imports
+matplotlib."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 # Smallest fit error drawn.
 _FLOOR = 1e-6
+_BEST = "crimson"
 
 if TYPE_CHECKING:
     from phema.sweeps import SweepResult, SweepRow
 
 
-def plot_sweep(result: SweepResult, path: str, metric: str | None, mode: str) -> str:
-    """Draws `metric` of every row: power targets as a line over their sigma_rel, classic decays
-    as markers at their equivalent sigma_rel, the raw weights as a horizontal line, the best row
-    starred; the fit error and gain of every target below. Several times: a heatmap."""
+def plot_sweep(
+    result: SweepResult,
+    path: str,
+    metrics: Sequence[str],
+    mode: str,
+    *,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Draws every metric of `metrics` in a panel of its own: power targets as a line over their
+    sigma_rel, classic decays as markers at their equivalent sigma_rel, the raw weights and each
+    of `references` (name -> metric values) as horizontal lines, the best row by the first
+    metric (`mode` "min" or "max") starred in every panel; the fit error and gain of every
+    target below. Several times: a heatmap per metric, the best of each time circled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if metric is not None and metric in r.metrics]
-    best = result.best(metric, mode) if rows else None
+    from phema.sweeps import SweepResult
+
+    metrics = list(metrics)
+    rows = [r for r in result.rows if metrics and metrics[0] in r.metrics]
     times = sorted({r.t for r in rows})
+    if len(times) > 1:  # the heatmap draws power EMAs: its best is one of them
+        rows = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
+    best = SweepResult(rows, [], result.store).best(metrics[0], mode) if rows else None
+    names = dict(labels or {})
     if len(times) > 1:
-        fig = _heatmap(plt, rows, times, metric, best)
+        fig = _heatmap(plt, result, rows, times, metrics, mode, best, names)
     else:
-        fig = _curve(plt, rows, result.raw, metric, best)
+        fig = _curve(plt, rows, result.raw, metrics, best, dict(references or {}), names)
+    head = ""
+    if best is not None:
+        head = (
+            f"best {metrics[0]} {best.metrics[metrics[0]]:.4g} at {best.label}, t={best.t:g}"
+            f" ({'lowest' if mode == 'min' else 'highest'})"
+        )
+    fig.suptitle("\n".join(s for s in (title, head) if s), fontsize=11)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", facecolor="white")
     plt.close(fig)
     return path
 
 
-def _curve(plt, rows, raw, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
-    import matplotlib.ticker
-
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
-    )
+def _groups(rows: list[SweepRow]) -> dict[str, list[SweepRow]]:
+    """Rows by curve: power targets, each classic kind, per-tensor sweeps apart; by sigma_rel."""
     groups: dict[str, list[SweepRow]] = {}
     for r in rows:
         name = "power EMA" if r.kind in ("sigma_rel", "gamma") else r.kind
         if r.tensors:
             name += f" ({r.vary or 'per-tensor'})"
         groups.setdefault(name, []).append(r)
-    for name, members in groups.items():
+    for members in groups.values():
         members.sort(key=lambda r: r.sigma_rel)
-        x = [r.sigma_rel for r in members]
-        y = [r.metrics[metric] for r in members]
-        if name.startswith("power"):
-            top.plot(x, y, "o-", ms=3, label=name)
+    return groups
+
+
+def _log_x(ax) -> None:  # noqa: ANN001 (matplotlib axes)
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    # 0.01, 0.02, 0.05, 0.1, ...: a sigma_rel grid spans less than a decade or two.
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _references(ax, references, metric, shown, first_color) -> None:  # noqa: ANN001
+    """Reference lines near the drawn values; the others as a note, so that a distant one (exact
+    samples) does not flatten the curves."""
+    span = max(shown) - min(shown) if shown else 0.0
+    far = []
+    for j, (name, values) in enumerate(references.items()):
+        if metric not in values:
+            continue
+        v = values[metric]
+        if not shown or min(shown) - span <= v <= max(shown) + span:
+            ax.axhline(v, color=f"C{first_color + j + 1}", ls=":", label=name)
         else:
-            top.plot(x, y, "s", ms=6, label=f"classic EMA ({name}) at its sigma_rel")
-            for r in members:
-                top.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
+            far.append(f"{name}: {v:.3g} ({'above' if v > max(shown) else 'below'})")
+    if far:
+        ax.text(0.02, 0.03, "\n".join(far), transform=ax.transAxes, fontsize=7, va="bottom")
+
+
+# matplotlib objects are untyped here (noqa: ANN001, ANN202).
+def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, ANN202
+    n = max(len(metrics), 1)
+    fig = plt.figure(figsize=(7, 6) if n == 1 else (4.2 * n, 6.4), layout="constrained")
+    grid = fig.add_gridspec(2, n, height_ratios=[3, 1.3])
+    tops = [fig.add_subplot(grid[0, j]) for j in range(n)]
+    bottom = fig.add_subplot(grid[1, 0], sharex=tops[0])
+    groups = _groups(rows)
+    for top, metric in zip(tops, metrics):
+        for c, (name, members) in enumerate(groups.items()):
+            x = [r.sigma_rel for r in members]
+            y = [r.metrics[metric] for r in members]
+            if name.startswith("power"):
+                top.plot(x, y, "o-", ms=3, color=f"C{c}", label=name)
+            else:
+                top.plot(
+                    x, y, "s", ms=6, color=f"C{c}", label=f"classic EMA ({name}) at its sigma_rel"
+                )
+                for r in members:
+                    top.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
+        shown = [r.metrics[metric] for r in rows]
+        if raw is not None and metric in raw.metrics:
+            top.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")
+            shown.append(raw.metrics[metric])
+        _references(top, references, metric, shown, len(groups))
+        if best is not None and metric in best.metrics:
+            top.plot(
+                [best.sigma_rel], [best.metrics[metric]], "*", ms=16, color=_BEST,
+                label=f"best by {metrics[0]}: {best.label}", linestyle="none",
+            )  # fmt: skip
+        _log_x(top)
+        top.set_title(labels.get(metric, metric), fontsize=10)
+        top.set_ylabel(metric if n == 1 else "")
+        top.grid(alpha=0.3, which="both")
+    for name, members in groups.items():
+        x = [r.sigma_rel for r in members]
         # A target equal to a stored profile fits exactly: kept visible on the log axis.
-        fit = [max(r.fit_error, _FLOOR) for r in members]
-        bottom.plot(x, fit, ".-", ms=3, label=f"fit error, {name}")
-        bottom.plot(x, [r.gain for r in members], ":", label=f"gain, {name}")
-    if raw is not None and metric in raw.metrics:
-        top.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")
-    if best is not None:
-        top.plot(
-            [best.sigma_rel], [best.metrics[metric]], "*", ms=16, color="crimson", label="best"
+        bottom.plot(
+            x, [max(r.fit_error, _FLOOR) for r in members], ".-", ms=3, label=f"fit error, {name}"
         )
-        top.set_title(f"best {metric} {best.metrics[metric]:.4g} at {best.label}, t={best.t:g}")
-    top.set_xscale("log")
-    top.set_ylabel(metric or "")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3, which="both")
-    bottom.set_xscale("log")
-    bottom.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    bottom.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        bottom.plot(x, [r.gain for r in members], ":", label=f"gain, {name}")
+    _log_x(bottom)
     bottom.set_yscale("log")
     bottom.set_xlabel("sigma_rel (equivalent, for classic decays)")
     bottom.set_ylabel("fit error / gain")
     bottom.legend(fontsize=7)
     bottom.grid(alpha=0.3, which="both")
+    handles, names = tops[0].get_legend_handles_labels()
+    if n == 1:
+        tops[0].legend(fontsize=8)
+    else:
+        # The panels share their series: one legend, in the room beside the fit panel.
+        box = fig.add_subplot(grid[1, 1:])
+        box.axis("off")
+        box.legend(handles, names, loc="center", ncol=2, fontsize=8)
     return fig
 
 
-def _heatmap(plt, rows, times, metric, best):  # noqa: ANN001, ANN202 (matplotlib objects)
-    import matplotlib.ticker
-
-    power = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
-    sigmas = sorted({round(r.sigma_rel, 12) for r in power})
-    grid = np.full((len(times), len(sigmas)), np.nan)
-    for r in power:
-        grid[times.index(r.t), sigmas.index(round(r.sigma_rel, 12))] = r.metrics[metric]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    image = ax.pcolormesh(_edges(sigmas, log=True), _edges(times, log=False), grid, shading="flat")
-    fig.colorbar(image, ax=ax, label=metric)
-    if best is not None and not math.isnan(best.sigma_rel):
-        ax.plot([best.sigma_rel], [best.t], "*", ms=16, color="crimson", label="best")
-        ax.legend(fontsize=8)
-        ax.set_title(f"best {metric} {best.metrics[metric]:.4g} at {best.label}, t={best.t:g}")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("sigma_rel (white: left out, poor fit)")
-    ax.set_ylabel("training time t")
+def _heatmap(plt, result, rows, times, metrics, mode, best, labels):  # noqa: ANN001, ANN202
+    sigmas = sorted({round(r.sigma_rel, 12) for r in rows})
+    n = max(len(metrics), 1)
+    fig, axes = plt.subplots(
+        1, n, figsize=(8, 5) if n == 1 else (6 * n, 4.6), squeeze=False, layout="constrained"
+    )
+    for ax, metric in zip(axes[0], metrics):
+        grid = np.full((len(times), len(sigmas)), np.nan)
+        for r in rows:
+            if metric in r.metrics:
+                grid[times.index(r.t), sigmas.index(round(r.sigma_rel, 12))] = r.metrics[metric]
+        image = ax.pcolormesh(
+            _edges(sigmas, log=True), _edges(times, log=False), grid, shading="flat"
+        )
+        fig.colorbar(image, ax=ax, label=metric)
+        # The best length of each time: how the optimum moves during training.
+        per_time = result.best_by_time(metrics[0], mode)
+        ax.plot(
+            [r.sigma_rel for r in per_time], [r.t for r in per_time], "o", mfc="none", mec="white",
+            mew=1.5, ms=9, label=f"best of each time by {metrics[0]}", linestyle="none",
+        )  # fmt: skip
+        if best is not None and not math.isnan(best.sigma_rel):
+            ax.plot([best.sigma_rel], [best.t], "*", ms=16, color=_BEST, label="best of all")
+        ax.legend(fontsize=8, loc="lower left")
+        _log_x(ax)
+        ax.set_title(labels.get(metric, metric), fontsize=10)
+        ax.set_xlabel("sigma_rel (white: left out, poor fit)")
+        ax.set_ylabel("training time t")
     return fig
 
 

@@ -131,6 +131,16 @@ class SweepResult:
         sign = 1 if mode == "min" else -1
         return min(scored, key=lambda r: sign * r.metrics[metric])
 
+    def best_by_time(self, metric: str | None = None, mode: str = "min") -> list[SweepRow]:
+        """The best power-EMA row (`sigma_rel` or `gamma` targets) of each time, by time: how
+        the optimum moves during training (EDM2's figure 5)."""
+        out = []
+        for t in sorted({r.t for r in self.rows}):
+            power = [r for r in self.at(t).rows if r.kind in ("sigma_rel", "gamma")]
+            with contextlib.suppress(ValueError):  # a time without a finite value
+                out.append(SweepResult(power, self.notes, self.store).best(metric, mode))
+        return out
+
     def save_best(
         self,
         out: str | os.PathLike[str],
@@ -144,13 +154,36 @@ class SweepResult:
             raise ValueError(f"{row.label}: no targets to reconstruct (a row read from CSV)")
         return write_outputs(self.store, make_plan(self.store, row.targets), out=out, dtype=dtype)
 
+    def at(self, t: float) -> SweepResult:
+        """The rows of target time `t` alone (with the raw baseline and the notes)."""
+        rows = [r for r in self.rows if math.isclose(r.t, t, rel_tol=1e-12, abs_tol=1e-12)]
+        if not rows:
+            times = sorted({r.t for r in self.rows})
+            raise ValueError(
+                f"t={t:g}: the sweep has rows at t={', '.join(f'{x:g}' for x in times)}"
+            )
+        return SweepResult(rows=rows, notes=self.notes, store=self.store, raw=self.raw)
+
     def plot(
-        self, path: str | os.PathLike[str], metric: str | None = None, mode: str = "min"
+        self,
+        path: str | os.PathLike[str],
+        metric: str | Sequence[str] | None = None,
+        mode: str = "min",
+        *,
+        references: Mapping[str, Mapping[str, float]] | None = None,
+        labels: Mapping[str, str] | None = None,
+        title: str | None = None,
     ) -> str:
-        """Draws the sweep to `path` (see `plot_sweep`); returns the path."""
+        """Draws the sweep to `path` (see `plot_sweep`): one panel per metric of `metric` (a name
+        or several; the best is by the first, `mode` "min" or "max"), `references` (name ->
+        metric values) as horizontal lines, `labels` as panel titles; returns the path."""
         from phema.sweep_plot import plot_sweep
 
-        return plot_sweep(self, os.fspath(path), self._metric(metric) if self.rows else None, mode)
+        names = [metric] if metric is None or isinstance(metric, str) else list(metric)
+        metrics = [self._metric(m) for m in names] if self.rows else []
+        return plot_sweep(
+            self, os.fspath(path), metrics, mode, references=references, labels=labels, title=title
+        )
 
     def _metric(self, metric: str | None) -> str:
         names = self.metric_names
@@ -183,6 +216,8 @@ def sweep(
     noise: float | str = "auto",
     progress: bool = True,
     on_row: Callable[[SweepRow], None] | None = None,
+    metric: str | None = None,
+    mode: str = "min",
 ) -> SweepResult:
     """Reconstructs every target (at every time of `at`: one, a list, or "all" snapshot times),
     loads it into `model`, calls `evaluate(model)` (a float or a dict of floats), and returns
@@ -193,15 +228,19 @@ def sweep(
     length with the others fixed by `tensors`). Targets past the feasible range or that the
     accuracy rules refuse are left out with a note instead of failing the sweep. `results` is a
     CSV file updated after every target; a re-run skips the targets it already holds (same
-    kind, value, time, per-tensor mapping and snapshots). `raw` (a state dict or checkpoint) is
-    evaluated too, as the raw-weights baseline. `batch` targets are reconstructed per pass
-    (default: what two batches of float32 copies fit in a quarter of the available memory).
+    kind, value, time, per-tensor mapping and snapshots), and its rows of other targets or
+    times are kept. `raw` (a state dict or checkpoint) is evaluated too, as the raw-weights
+    baseline. `batch` targets are reconstructed per pass (default: what two batches of float32
+    copies fit in a quarter of the available memory). The progress bar shows the best row so far
+    by `metric` (default: the first) and `mode` ("min", the lowest, or "max").
     """
     import torch
 
     store = _as_store(store)
     if not callable(evaluate):
         raise TypeError(f"evaluate={evaluate!r} is not callable")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, not {type(model).__name__}")
     base = Targets.of(
@@ -219,7 +258,7 @@ def sweep(
     names = [n for n, _, _ in store.tensors]
     _check_model(model, names, store)
     batch = _batch_size(batch, store)
-    done = _read_results(results)
+    done, lines = _read_results(results)
     rows: list[SweepRow] = []
     jobs: list[tuple[Plan, list[int], list[SweepRow]]] = []
     for t in _times(store, at):
@@ -246,16 +285,26 @@ def sweep(
     n_fresh = sum(len(j[2]) for j in jobs)
     if notes:
         warnings.warn("sweep: " + "; ".join(notes), stacklevel=2)
-    raw_row = None
+    raw_row = None if raw is None else _raw_row(raw, done)
+    # Rows of the file this sweep does not make (other targets or times) stay in it.
+    own = {r.key for r in rows} | {r.key for j in jobs for r in j[2]}
+    own |= {raw_row.key} if raw_row is not None else set()
+    kept = [line for key, line in lines.items() if key not in own]
+
+    def write() -> None:
+        if results is not None:
+            _write_results(results, rows, raw_row, kept)
+
     saved = _Saved(model)
     try:
-        if raw is not None:
-            raw_row = _raw_row(raw, done)
-            if raw_row.key not in done:
-                load_into(model, raw, strict=False)
-                raw_row.metrics = _metrics(evaluate(model))
-                saved.restore()
-        _run(store, model, evaluate, jobs, rows, n_fresh, progress, saved, results, raw_row, on_row)
+        if raw_row is not None and raw_row.key not in done:
+            load_into(model, raw, strict=False)
+            raw_row.metrics = _metrics(evaluate(model))
+            saved.restore()
+        bar = (metric, mode) if progress and n_fresh else None
+        _run(store, model, evaluate, jobs, rows, n_fresh, bar, saved, write, on_row)
+        if results is not None and (raw_row is not None or kept):
+            write()
     finally:
         saved.restore()
     return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row)
@@ -268,21 +317,26 @@ def _run(
     jobs: list[tuple[Plan, list[int], list[SweepRow]]],
     rows: list[SweepRow],
     total: int,
-    progress: bool,
+    progress: tuple[str | None, str] | None,
     saved: _Saved,
-    results: str | os.PathLike[str] | None,
-    raw_row: SweepRow | None,
+    write: Callable[[], None],
     on_row: Callable[[SweepRow], None] | None,
 ) -> None:
     """Evaluates every job's outputs as the worker thread reconstructs them."""
     handle = _core.EngineProgress()
     stop = threading.Event()
-    # Whole batches in flight: the one being evaluated and the next one being built.
-    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    # At most two batches exist: the one being evaluated and the next one being built. A batch
+    # takes a slot before it is built and gives it back once evaluated (a queue alone would let
+    # a third be built while a finished one waits in it).
+    slots = threading.Semaphore(2)
+    ready: queue.Queue[Any] = queue.Queue()
 
     def produce() -> None:
         try:
             for plan, outputs, job_rows in jobs:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
                 part = Plan(
@@ -292,12 +346,11 @@ def _run(
                     plan.copy_from,
                     plan.targets,
                 )
-                sds = state_dicts(store, part, handle=handle)
-                _put(ready, (job_rows, sds), stop)
+                ready.put((job_rows, state_dicts(store, part, handle=handle)))
         except BaseException as e:  # handed to the evaluating thread
-            _put(ready, e, stop)
+            ready.put(e)
         finally:
-            _put(ready, None, stop)
+            ready.put(None)
 
     worker = threading.Thread(target=produce, name="phema-sweep", daemon=True)
     bar = None
@@ -321,38 +374,24 @@ def _run(
                 del sd
                 row.metrics = _metrics(evaluate(model))
                 rows.append(row)
-                if results is not None:
-                    _write_results(results, rows, raw_row)
+                write()
                 if on_row is not None:
                     on_row(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(_best_text(rows))
-        if results is not None and raw_row is not None:
-            _write_results(results, rows, raw_row)
+                    bar.set_postfix_str(_best_text(SweepResult(rows, [], store), *progress))
+            slots.release()
     except BaseException:
         stop.set()
         handle.cancel()
         raise
     finally:
         stop.set()
-        while worker.is_alive():
-            # Unblock a worker waiting to hand over a batch; it then sees `stop`.
-            with contextlib.suppress(queue.Empty):
-                ready.get_nowait()
-            worker.join(0.05)
+        # A waiting worker sees `stop` within 0.1 s; a pass under way ends at its cancel.
+        worker.join()
         if bar is not None:
             bar.close()
         saved.restore()
-
-
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
 
 
 class _Saved:
@@ -551,22 +590,24 @@ def _metrics(value: Any) -> dict[str, float]:
     return out
 
 
-def _best_text(rows: list[SweepRow]) -> str:
-    names = list(dict.fromkeys(m for r in rows for m in r.metrics))
-    if not names:
+def _best_text(result: SweepResult, metric: str | None, mode: str) -> str:
+    """The progress bar's report of the best row so far."""
+    try:
+        best = result.best(metric, mode)
+    except ValueError:  # no row has a finite value (of that metric) yet
         return ""
-    scored = [r for r in rows if math.isfinite(r.metrics.get(names[0], math.nan))]
-    if not scored:
-        return ""
-    best = min(scored, key=lambda r: r.metrics[names[0]])
-    return f"lowest {names[0]} {best.metrics[names[0]]:.4g} at {best.label}"
+    name = metric or result.metric_names[0]
+    word = "lowest" if mode == "min" else "highest"
+    return f"{word} {name} {best.metrics[name]:.4g} at {best.label}"
 
 
-def _read_results(path: str | os.PathLike[str] | None) -> dict[tuple[str, ...], dict[str, float]]:
-    """The metrics of the rows a results file already holds, by row key."""
+def _read_results(
+    path: str | os.PathLike[str] | None,
+) -> tuple[dict[tuple[str, ...], dict[str, float]], dict[tuple[str, ...], dict[str, str]]]:
+    """The metrics of the rows a results file already holds, and its lines, by row key."""
     if path is None or not os.path.exists(path):
-        return {}
-    done = {}
+        return {}, {}
+    done, lines = {}, {}
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -585,22 +626,27 @@ def _read_results(path: str | os.PathLike[str] | None) -> dict[tuple[str, ...], 
                 done[key] = {
                     k: float(v) for k, v in line.items() if k not in COLUMNS and v not in ("", None)
                 }
+                lines[key] = {k: v for k, v in line.items() if k is not None}
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
         raise ValueError(f"{path}: unreadable sweep results ({e})") from None
-    return done
+    return done, lines
 
 
 def _write_results(
-    path: str | os.PathLike[str], rows: list[SweepRow], raw_row: SweepRow | None
+    path: str | os.PathLike[str],
+    rows: list[SweepRow],
+    raw_row: SweepRow | None,
+    kept: list[dict[str, str]],
 ) -> None:
-    """Writes every row so far to `path` (replaced atomically, so a kill keeps the old file)."""
+    """Writes the `kept` lines of the file and every row so far to `path` (replaced atomically,
+    so a kill keeps the old file)."""
     everything = rows + ([raw_row] if raw_row is not None and raw_row.metrics else [])
-    metrics = list(dict.fromkeys(m for r in everything for m in r.metrics))
+    lines = kept + [{k: _cell(v) for k, v in r.as_dict().items()} for r in everything]
+    metrics = list(dict.fromkeys(k for line in lines for k in line if k not in COLUMNS))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metrics], lineterminator="\n")
     w.writeheader()
-    for r in everything:
-        w.writerow({k: _cell(v) for k, v in r.as_dict().items()})
+    w.writerows(lines)
     naming.write_atomically(path, buf.getvalue().encode())
 
 

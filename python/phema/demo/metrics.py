@@ -54,12 +54,13 @@ METRIC_LABELS = {
 """Human-readable names of the SampleQuality fields, for plots and tables."""
 
 
-def _on_branch(
+def _score(
     mixture: GaussianMixture, x: torch.Tensor, radius: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Branch of each sample's nearest (most responsible) component, and whether it is on it."""
-    comp, dist = mixture.assign(x)
-    return mixture.branch[comp], dist <= radius
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log density of each sample, the branch of its nearest (most responsible) component, and
+    whether it is on it."""
+    logp, comp, dist = mixture.log_density_and_assign(x)
+    return logp.double(), mixture.branch[comp], dist <= radius
 
 
 def make_reference(
@@ -74,10 +75,9 @@ def make_reference(
 ) -> Reference:
     """Thresholds and true-sample statistics from n exact samples with a fixed seed."""
     x = mixture.sample(n, seed)
-    logp = mixture.log_density(x).double()
+    logp, branch, on = _score(mixture, x, radius)
     threshold = float(torch.quantile(logp, quantile))
     floor = threshold - floor_margin
-    branch, on = _on_branch(mixture, x, radius)
     depth = mixture.branch_depth()[branch]
     max_depth = int(mixture.depth.max())
     counts = torch.bincount(depth[on], minlength=max_depth + 1).double() / n
@@ -101,10 +101,8 @@ def evaluate(samples: torch.Tensor | np.ndarray, reference: Reference) -> Sample
     finite = x.isfinite().all(-1)
     x = torch.where(finite[:, None], x, torch.full_like(x, 1e6))
     n = x.shape[0]
-    logp = mix.log_density(x).double()
+    logp, branch, on = _score(mix, x, reference.radius)
     logp = torch.where(finite, logp, torch.full_like(logp, -torch.inf))
-
-    branch, on = _on_branch(mix, x, reference.radius)
     on &= finite
     branch_depth = mix.branch_depth()
     depth = branch_depth[branch]

@@ -1,4 +1,5 @@
-"""Figures for the demo: samples per EMA length, metrics against EMA length, fitted profiles.
+"""Figures for the demo: samples per EMA length and fitted profiles (the metrics against EMA
+length and the heatmap are `SweepResult.plot`).
 
 matplotlib is imported inside each function (with the Agg backend), so importing this module is
 cheap and works without a display.
@@ -8,14 +9,12 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from .metrics import METRIC_LABELS
 
 if TYPE_CHECKING:
     import torch
@@ -127,88 +126,41 @@ def plot_samples(
     return _save(fig, path)
 
 
-def plot_metrics(
-    sigma_rels: Sequence[float],
-    metrics: Mapping[str, Sequence[float]],
-    path: str | Path,
-    *,
-    classic: Sequence[tuple[str, float, Mapping[str, float]]] = (),
-    raw: Mapping[str, float] | None = None,
-    truth: Mapping[str, float] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Each metric against EMA length sigma_rel, one panel per metric.
-
-    `metrics[name][i]` belongs to `sigma_rels[i]` (the post-hoc sweep, drawn as a line);
-    `classic` adds (label, equivalent sigma_rel, metrics) points such as "beta=0.999" as
-    markers; `raw` (the training weights) and `truth` (exact samples) are horizontal lines.
-    """
-    plt = _pyplot()
-    names = list(metrics)
-    order = np.argsort(np.asarray(sigma_rels, dtype=np.float64))
-    xs = np.asarray(sigma_rels, dtype=np.float64)[order]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
-    markers = "osD^v<>p*h"
-    for ax, name in zip(axes[0], names, strict=True):
-        ys = np.asarray(metrics[name], dtype=np.float64)[order]
-        ax.plot(
-            xs, ys, "-", color=_POINT_COLOR, lw=1.8, marker=".", ms=5, label="post-hoc sigma_rel"
-        )
-        for j, (label, sr, vals) in enumerate(classic):
-            if name in vals:
-                ax.plot(
-                    [sr], [vals[name]], markers[j % len(markers)], color=f"C{1 + j % 9}", ms=7,
-                    mec="black", mew=0.6, label=label, linestyle="none",
-                )  # fmt: skip
-        if raw is not None and name in raw:
-            ax.axhline(raw[name], color="#b03a2e", ls="--", lw=1.2, label="raw weights")
-        if truth is not None and name in truth:
-            ax.axhline(truth[name], color="#7aa874", ls=":", lw=1.4, label="true samples")
-        ax.set_xscale("log")
-        ax.set_xlabel("EMA length sigma_rel")
-        ax.set_title(METRIC_LABELS.get(name, name), fontsize=10)
-        ax.grid(True, which="both", alpha=0.25)
-    # One legend under the panels for all of them, so no curve is hidden behind it.
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return _save(fig, path)
-
-
 def plot_profiles(
-    tau: np.ndarray | Sequence[float],
-    curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]],
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]],
     path: str | Path,
     *,
+    ncols: int = 3,
     xlabel: str = "training step tau",
     title: str | None = "requested vs synthesized EMA profiles",
 ) -> Path:
-    """Requested (dashed) and synthesized (solid) averaging profiles over time tau.
+    """Requested (dashed) and synthesized (solid) averaging profiles, one panel each.
 
-    Each curve is (label, requested [T], synthesized [T], fit_error); the fit error (a relative
-    L2 mismatch) is shown in the legend.
+    Each curve is (label, tau [T], requested [T], synthesized [T], fit_error); the fit error (a
+    relative L2 mismatch) is in the panel's title. Panels have their own axes: on a shared scale
+    the narrowest profile's peak flattens every other one.
     """
     plt = _pyplot()
-    t = np.asarray(tau, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for j, (label, req, syn, err) in enumerate(curves):
-        color = f"C{j % 10}"
-        ax.plot(t, np.asarray(req), "--", color=color, lw=1.6, alpha=0.9)
-        ax.plot(
-            t, np.asarray(syn), "-", color=color, lw=1.4, label=f"{label}  (fit error {err:.1%})"
-        )
-    # Proxy entries explain the line styles once instead of per curve.
-    ax.plot([], [], "k--", lw=1.4, label="requested")
-    ax.plot([], [], "k-", lw=1.4, label="synthesized from snapshots")
-    ax.axhline(0.0, color="black", lw=0.6)
-    ax.set_xlim(float(t.min()), float(t.max()))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("weight on the training weights at tau")
+    n = max(len(curves), 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 0.5), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(curves) :]:
+        ax.set_visible(False)
+    for ax, (label, tau, req, syn, err) in zip(flat, curves, strict=False):
+        t = np.asarray(tau, dtype=np.float64)
+        ax.plot(t, np.asarray(req), "--", color="black", lw=1.4, label="requested")
+        ax.plot(t, np.asarray(syn), "-", color="C0", lw=1.4, alpha=0.85, label="synthesized")
+        ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_xlim(float(t.min()), float(t.max()))
+        ax.set_title(f"{label}\nfit error {err:.1%}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.25)
+    flat[0].legend(fontsize=7, loc="upper left")
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel("weight on the training weights at tau", fontsize=9)
     if title:
-        ax.set_title(title, fontsize=11)
-    ax.grid(True, alpha=0.25)
-    ax.legend(fontsize=8, loc="upper left")
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,12 +1,13 @@
-"""The end-to-end demo: train with `PostHocEMA`, reconstruct a sweep of EMA lengths from the store,
-sample from each and score the samples against the exact density."""
+"""The end-to-end demo: train with `PostHocEMA`, sweep EMA lengths with `phema.sweep` (each one
+reconstructed from the store, sampled and scored against the exact density), name the winner,
+draw the figures and write the report."""
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 import phema
 from phema import _core
-from phema.demo.metrics import METRIC_LABELS, SampleQuality, evaluate, make_reference
+from phema.demo.metrics import METRIC_LABELS, Reference, evaluate, make_reference
 from phema.demo.model import (
     ToyDenoiser,
     TrainConfig,
@@ -24,30 +25,38 @@ from phema.demo.model import (
     make_optimizer,
     train_step,
 )
-from phema.demo.plots import plot_metrics, plot_profiles, plot_samples
+from phema.demo.plots import plot_profiles, plot_samples
 from phema.demo.tree import GaussianMixture, tree_mixture
 from phema.solver import Solution
+from phema.sweeps import SweepResult, SweepRow
 from phema.tracker import PostHocEMA
 
 SIGMA_RELS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
 BETAS = (0.99, 0.995, 0.998, 0.999)
 TRACKED = (0.05, 0.10)
-SHOWN = (
-    "raw",
-    "sigma_rel-0.020",
-    "sigma_rel-0.050",
-    "sigma_rel-0.100",
-    "sigma_rel-0.250",
-    "beta-0.999",
-)
+# Sample panels beside the raw weights and the winner, the first four that are not the winner.
+SHOWN = ("sigma_rel-0.050", "sigma_rel-0.100", "sigma_rel-0.250", "beta-0.999", "sigma_rel-0.020")
+# Profile panels beside the winner's: the narrowest, tracked, wide and classic lengths.
+PROFILES = ("sigma_rel-0.015", "sigma_rel-0.050", "sigma_rel-0.160", "beta-0.99", "beta-0.999")
+# The winner is the highest tail recall: what a wrong EMA length costs here is the rare twigs
+# (too short: samples scattered off them; too long: undertrained weights never reach them),
+# and unlike mean log p it cannot be raised by collapsing onto the dense trunk.
+PRIMARY, MODE = "tail_recall", "max"
+# Heatmap rows: the ends of the run's quarters.
+HEATMAP_TIMES = 4
+SAMPLES = 4096
+CSV = "sweep.csv"
 
 
 @dataclass
 class DemoResult:
-    """What the demo produced: per-variant metrics, the fit report and the files written."""
+    """What the demo produced: the sweep, its winner, the numbers by label and the files."""
 
     out: Path
-    metrics: dict[str, SampleQuality]
+    sweep: SweepResult  # every (target, time) row
+    best: SweepRow  # the winner at the end of training, by PRIMARY
+    metrics: dict[str, dict[str, float]]  # by label at the end of training, and "raw"
+    truth: dict[str, float]  # the metrics of exact samples
     sigma_rel: dict[str, float]
     fit_error: dict[str, float]
     gain: dict[str, float]
@@ -87,6 +96,26 @@ def _train(
     return ema
 
 
+class _Sampler:
+    """`evaluate` for `phema.sweep`: samples the model from fixed noise (common random numbers
+    for every EMA length) and scores the samples; the last samples are kept for the figure."""
+
+    def __init__(self, noise: torch.Tensor, reference: Reference) -> None:
+        self.noise = noise
+        self.reference = reference
+        self.last = noise
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        self.last = edm_sample(model, self.noise)
+        return evaluate(self.last, self.reference).as_dict()
+
+
+def _heatmap_times(store: phema.Store) -> list[float]:
+    times = sorted({float(s.t) for s in store.snapshots})
+    n = min(HEATMAP_TIMES, len(times))
+    return [times[len(times) * k // n - 1] for k in range(1, n + 1)]
+
+
 def _synthesized(sol: Solution, k: int, tau: np.ndarray) -> np.ndarray:
     out = np.zeros_like(tau)
     for i in sol.used(k):
@@ -95,20 +124,19 @@ def _synthesized(sol: Solution, k: int, tau: np.ndarray) -> np.ndarray:
     return out
 
 
-def run_demo(
-    out: str | os.PathLike[str] = "phema-demo", steps: int | None = None, seed: int = 0
-) -> DemoResult:
-    """Runs the whole demo into `out`; prints the table and returns the numbers."""
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    out = Path(out)
-    store_dir, recon_dir = out / "ema", out / "reconstructions"
+def _clear(out: Path) -> tuple[Path, Path, Path]:
+    """The store, reconstructions and CSV paths, emptied if an earlier demo wrote them."""
+    store_dir, recon_dir, csv = out / "ema", out / "reconstructions", out / CSV
     # Earlier demo outputs are replaced; anything else in their place is the user's.
     marker = out / ".phema-demo"
-    for d in (store_dir, recon_dir):
-        if d.exists() and any(d.iterdir()) and not marker.exists():
-            raise ValueError(f"{d} exists and was not written by phema demo: give another --out")
+    if not marker.exists():
+        for d in (store_dir, recon_dir):
+            if d.exists() and any(d.iterdir()):
+                raise ValueError(
+                    f"{d} exists and was not written by phema demo: give another --out"
+                )
+        if csv.exists():
+            raise ValueError(f"{csv} exists and was not written by phema demo: give another --out")
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     for d in (store_dir, recon_dir):
@@ -116,6 +144,33 @@ def run_demo(
             for f in d.iterdir():
                 if f.is_file():
                     f.unlink()
+    # A new run writes the same snapshot names: old rows would be taken as done.
+    csv.unlink(missing_ok=True)
+    return store_dir, recon_dir, csv
+
+
+def run_demo(
+    out: str | os.PathLike[str] = "phema-demo",
+    steps: int | None = None,
+    seed: int = 0,
+    samples: int = SAMPLES,
+) -> DemoResult:
+    """Runs the whole demo into `out`; prints progress, the table and the winner, and returns
+    the numbers. `samples` points are drawn from each model (fewer: faster, noisier)."""
+    threads = torch.get_num_threads()
+    # One thread: every op is small (a 64-wide MLP on 4096 points), a second thread gains
+    # little, and on a busy 2-core machine waiting OpenMP threads made each step 30x slower.
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(out), steps, seed, samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResult:
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    store_dir, recon_dir, csv = _clear(out)
     config = TrainConfig()
     steps = steps or config.steps
     mixture = tree_mixture()
@@ -124,34 +179,59 @@ def run_demo(
 
     print(f"phema demo: training a denoiser for {steps} steps, tracking sigma_rel {TRACKED}")
     ema = _train(model, mixture, steps, seed, store_dir, config)
-
     store = phema.open_store(store_dir)
-    print(f"store: {len(store)} snapshots in {store_dir}")
-    sol = phema.solve(store, sigma_rels=SIGMA_RELS, betas=BETAS)
-    poor = sol.poor_targets()
-    if poor:
-        # The sweep shows only what phema stands behind; a short run cannot resolve the
-        # narrowest lengths.
-        print(
-            f"skipped (poor fit: {sol.limits()}): " + ", ".join(sol.targets[k].label for k in poor)
-        )
-        kept = [t for k, t in enumerate(sol.targets) if k not in poor]
-        sol = phema.solve(
-            store,
-            sigma_rels=[t.value for t in kept if t.kind == "sigma_rel"],
-            betas=[t.value for t in kept if t.kind == "beta"],
-        )
-    paths = phema.reconstruct(store, solution=sol, out=recon_dir, dtype="float32")
+    print(f"store: {len(store)} snapshots in {store_dir} ({time.perf_counter() - start:.0f} s)")
 
-    noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(seed + 1))
-    samples = {"raw": edm_sample(model, noise)}
-    metrics = {"raw": evaluate(samples["raw"], reference)}
-    labels = [t.label for t in sol.targets]
-    for label, path in zip(labels, paths):
-        variant = phema.load_into(copy.deepcopy(model), path)
-        samples[label] = edm_sample(variant, noise)
-        metrics[label] = evaluate(samples[label], reference)
-    truth = evaluate(mixture.sample(4096, torch.Generator().manual_seed(seed + 2)), reference)
+    times = _heatmap_times(store)
+    end = times[-1]
+    noise = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 1))
+    sampler = _Sampler(noise, reference)
+    shown = {"raw": edm_sample(model, noise)}
+
+    def keep(row: SweepRow) -> None:
+        if row.t == end:  # the winner's samples too, before it is known
+            shown[row.label] = sampler.last
+
+    print(
+        f"sweep: {len(SIGMA_RELS) + len(BETAS)} EMA lengths at the end of training (t={end:g}), "
+        f"each rebuilt from the store, sampled ({samples} points) and scored; rows in {csv}"
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "sweep: ")  # the notes are printed below, once
+        final = phema.sweep(
+            store,
+            model,
+            sampler,
+            sigma_rels=SIGMA_RELS,
+            betas=BETAS,  # at the last snapshot, `end`
+            raw={k: v.detach().clone() for k, v in model.state_dict().items()},
+            results=csv,
+            on_row=keep,
+            metric=PRIMARY,
+            mode=MODE,
+        )
+        print(
+            f"sweep: the power EMAs at t = {', '.join(f'{t:g}' for t in times[:-1])} for the "
+            "heatmap; rows added to the same file"
+        )
+        early = phema.sweep(
+            store,
+            model,
+            sampler,
+            sigma_rels=SIGMA_RELS,
+            at=times[:-1],
+            results=csv,
+            metric=PRIMARY,
+            mode=MODE,
+        )
+    result = SweepResult(early.rows + final.rows, early.notes + final.notes, store, final.raw)
+    for note in result.notes:
+        # A run this short cannot resolve the narrowest lengths early on: phema sweeps only what
+        # it stands behind.
+        print(f"  left out: {note}")
+    best = final.best(PRIMARY, MODE)
+    saved = final.save_best(recon_dir, PRIMARY, MODE, dtype="float32")
+    truth = evaluate(mixture.sample(samples, torch.Generator().manual_seed(seed + 2)), reference)
 
     # The tracked average of sigma_rel 0.10 rebuilt from the store equals the tracker's own,
     # rounded to fp16 as the snapshots are.
@@ -161,37 +241,50 @@ def run_demo(
     diff = max(float((rebuilt[k] - own[k].half().float()).abs().max()) for k in own)
     ema.close()
 
-    files = _figures(out, mixture, samples, metrics, truth, sol, steps)
-    report = _report(out, metrics, truth, sol, steps, diff, files)
-    result = DemoResult(
+    print("figures: samples, metrics, heatmap, profiles")
+    files = _figures(out, mixture, shown, result, final, truth.as_dict(), store, steps)
+    metrics = {r.label: r.metrics for r in final.rows}
+    if result.raw is not None:
+        metrics["raw"] = result.raw.metrics
+    report = _report(out, result, final, best, truth.as_dict(), steps, diff, files, saved, samples)
+    demo = DemoResult(
         out=out,
+        sweep=result,
+        best=best,
         metrics=metrics,
-        sigma_rel={t.label: float(s) for t, s in zip(sol.targets, sol.sigma_rel)},
-        fit_error={t.label: float(e) for t, e in zip(sol.targets, sol.fit_error)},
-        gain={t.label: float(g) for t, g in zip(sol.targets, sol.gain)},
+        truth=truth.as_dict(),
+        sigma_rel={r.label: r.sigma_rel for r in final.rows},
+        fit_error={r.label: r.fit_error for r in final.rows},
+        gain={r.label: r.gain for r in final.rows},
         tracked_max_diff=diff,
-        files=[*files, report],
+        files=[*files, report, csv, *map(Path, saved)],
         seconds=time.perf_counter() - start,
     )
-    print(_table(metrics, truth, sol))
+    print(_table(final, best, truth.as_dict()))
     print(
-        f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: max |diff| {diff:.1e}"
+        f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: "
+        f"max |diff| {diff:.1e}"
     )
-    print(f"figures and report in {out}/ ({result.seconds:.0f} s)")
-    return result
+    print(_winner(final, best))
+    print(f"figures and report in {out}/ ({demo.seconds:.0f} s)")
+    return demo
 
 
 def _figures(
     out: Path,
     mixture: GaussianMixture,
     samples: dict[str, torch.Tensor],
-    metrics: dict[str, SampleQuality],
-    truth: SampleQuality,
-    sol: Solution,
+    result: SweepResult,
+    final: SweepResult,
+    truth: dict[str, float],
+    store: phema.Store,
     steps: int,
 ) -> list[Path]:
-    panels = [("true distribution", mixture.sample(4096, torch.Generator().manual_seed(7)))]
-    panels += [(_pretty(k, sol), samples[k]) for k in SHOWN if k in samples]
+    rows = {r.label: r for r in final.rows}
+    best = final.best(PRIMARY, MODE).label
+    labels = ["raw", best, *[k for k in SHOWN if k in samples and k != best][:4]]
+    panels = [("true distribution", mixture.sample(SAMPLES, torch.Generator().manual_seed(7)))]
+    panels += [(_pretty(k, rows) + ("  (winner)" if k == best else ""), samples[k]) for k in labels]
     files = [
         plot_samples(
             panels,
@@ -201,86 +294,70 @@ def _figures(
             title=f"Samples by EMA length (step {steps})",
         )
     ]
-    swept = [t for t in sol.targets if t.kind == "sigma_rel"]
-    sigma_keys = [t.label for t in swept]
-    series = {m: [metrics[k].as_dict()[m] for k in sigma_keys] for m in METRIC_LABELS}
-    classic = [
-        (f"beta {t.value:g}", float(sol.sigma_rel[k]), metrics[t.label].as_dict())
-        for k, t in enumerate(sol.targets)
-        if t.kind == "beta"
-    ]
+    # The primary metric first: the star marks its winner in every panel.
+    order = [PRIMARY, *(m for m in METRIC_LABELS if m != PRIMARY)]
     files.append(
-        plot_metrics(
-            [t.value for t in swept],
-            series,
-            out / "metrics.png",
-            classic=classic,
-            raw=metrics["raw"].as_dict(),
-            truth=truth.as_dict(),
-            title="Sample quality against EMA length (reconstructed post hoc)",
-        )
-    )
-    tau = np.linspace(0.4 * steps, steps, 800)  # where the profiles differ
-    curves = []
-    for k, t in enumerate(sol.targets):
-        if t.label in (
-            "sigma_rel-0.010",
-            "sigma_rel-0.050",
-            "sigma_rel-0.160",
-            "beta-0.99",
-            "beta-0.999",
-        ):
-            requested = _core.profile_density(t.spec(), tau)
-            curves.append(
-                (
-                    _pretty(t.label, sol),
-                    requested,
-                    _synthesized(sol, k, tau),
-                    float(sol.fit_error[k]),
-                )
+        Path(
+            final.plot(
+                out / "metrics.png",
+                order,
+                MODE,
+                references={"true samples": truth},
+                labels=METRIC_LABELS,
+                title="Sample quality against EMA length (reconstructed post hoc)",
             )
-    files.append(
-        plot_profiles(
-            tau, curves, out / "profiles.png", title="Requested vs synthesized averaging profiles"
         )
     )
+    files.append(
+        Path(
+            result.plot(
+                out / "heatmap.png",
+                PRIMARY,
+                MODE,
+                labels=METRIC_LABELS,
+                title="Tail recall by training time and EMA length (power EMAs)",
+            )
+        )
+    )
+    files.append(_profiles(out, final, store, steps))
     return files
 
 
-def _pretty(label: str, sol: Solution) -> str:
+def _profiles(out: Path, final: SweepResult, store: phema.Store, steps: int) -> Path:
+    """The requested and synthesized profiles of a few lengths and the winner's."""
+    best = final.best(PRIMARY, MODE).label
+    rows = [r for r in final.rows if r.label in PROFILES or r.label == best]
+    sol = phema.solve(
+        store,
+        sigma_rels=[r.value for r in rows if r.kind == "sigma_rel"] or None,
+        betas=[r.value for r in rows if r.kind == "beta"] or None,
+    )
+    curves = []
+    for k, t in enumerate(sol.targets):
+        # Each panel spans about five widths of its profile before the end, where it differs.
+        tau = np.linspace(max(steps * (1 - 5 * float(sol.sigma_rel[k])), 0.0), steps, 600)
+        label = _pretty(t.label, {r.label: r for r in rows})
+        curves.append(
+            (
+                label + ("  (winner)" if t.label == best else ""),
+                tau,
+                _core.profile_density(t.spec(), tau),
+                _synthesized(sol, k, tau),
+                float(sol.fit_error[k]),
+            )
+        )
+    return plot_profiles(
+        curves, out / "profiles.png", title="Requested vs synthesized averaging profiles"
+    )
+
+
+def _pretty(label: str, rows: dict[str, SweepRow]) -> str:
     if label == "raw":
         return "raw weights (no EMA)"
     kind, value = label.split("-", 1)
     if kind == "beta":
-        k = [t.label for t in sol.targets].index(label)
-        return f"beta={value} (sigma_rel {sol.sigma_rel[k]:.3f})"
+        return f"beta={value} (sigma_rel {rows[label].sigma_rel:.3f})"
     return f"sigma_rel={value}"
-
-
-def _rows(
-    metrics: dict[str, SampleQuality], truth: SampleQuality, sol: Solution
-) -> list[list[str]]:
-    fit = {
-        t.label: (sol.sigma_rel[k], sol.fit_error[k], sol.gain[k])
-        for k, t in enumerate(sol.targets)
-    }
-    rows = []
-    for name, m in [("true samples", truth), *metrics.items()]:
-        s, e, g = fit.get(name, (math.nan, math.nan, math.nan))
-        d = m.as_dict()
-        rows.append(
-            [
-                name,
-                "-" if math.isnan(s) else f"{s:.3f}",
-                "-" if math.isnan(e) else f"{e:.1e}",
-                "-" if math.isnan(g) else f"{g:.2f}",
-                f"{d['precision']:.3f}",
-                f"{d['tail_recall']:.3f}",
-                f"{d['mean_log_density']:.2f}",
-                f"{d['twig_coverage']:.2f}",
-            ]
-        )
-    return rows
 
 
 HEADER = [
@@ -293,35 +370,116 @@ HEADER = [
     "mean log p",
     "twigs",
 ]
+LEGEND = [
+    ("weights", "what was sampled: exact samples of the true mixture, the raw training weights, "
+     "or an EMA reconstructed from the store (`*` marks the winner)"),
+    ("sigma_rel", "the EMA length as a fraction of training time (classic decays: their "
+     "equivalent)"),
+    ("fit error", "relative L2 mismatch of the averaging profile built from the snapshots "
+     "against the one requested (0 for a tracked profile)"),
+    ("gain", "noise amplification of the snapshot weights (1 = a stored average itself)"),
+    ("precision", "share of samples where the true density is above its 1% quantile: off-tree "
+     "samples lower it"),
+    ("tail recall", "share of samples on the light twigs relative to exact samples (1 = as often "
+     "as the truth); the winner's metric"),
+    ("mean log p", "mean true log-density of the samples, clipped: sharpness"),
+    ("twigs", "share of twig branches with at least one sample"),
+]  # fmt: skip
 
 
-def _table(metrics: dict[str, SampleQuality], truth: SampleQuality, sol: Solution) -> str:
-    rows = _rows(metrics, truth, sol)
+def _rows(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> list[list[str]]:
+    entries: list[tuple[str, SweepRow | None, dict[str, float]]] = [("true samples", None, truth)]
+    if final.raw is not None:
+        entries.append(("raw", None, final.raw.metrics))
+    ordered = sorted(final.rows, key=lambda r: (r.kind != "sigma_rel", r.sigma_rel))
+    entries += [(r.label + (" *" if r is best else ""), r, r.metrics) for r in ordered]
+    out = []
+    for name, row, d in entries:
+        fit = "-" if row is None else None
+        out.append(
+            [
+                name,
+                fit or f"{row.sigma_rel:.3f}",  # type: ignore[union-attr]
+                fit or f"{row.fit_error:.1e}",  # type: ignore[union-attr]
+                fit or f"{row.gain:.2f}",  # type: ignore[union-attr]
+                f"{d['precision']:.3f}",
+                f"{d['tail_recall']:.3f}",
+                f"{d['mean_log_density']:.2f}",
+                f"{d['twig_coverage']:.2f}",
+            ]
+        )
+    return out
+
+
+def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
+    rows = _rows(final, best, truth)
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(HEADER), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _winner(final: SweepResult, best: SweepRow) -> str:
+    """One sentence naming the winner and what it beats."""
+    label = METRIC_LABELS[PRIMARY].split(" (")[0]
+    text = (
+        f"winner: {best.label} (sigma_rel {best.sigma_rel:.3f}), the highest {label} at the end "
+        f"of training, {best.metrics[PRIMARY]:.3f}"
+    )
+    if final.raw is not None:
+        text += f" against {final.raw.metrics[PRIMARY]:.3f} for the raw weights"
+    return text
+
+
 def _report(
     out: Path,
-    metrics: dict[str, SampleQuality],
-    truth: SampleQuality,
-    sol: Solution,
+    result: SweepResult,
+    final: SweepResult,
+    best: SweepRow,
+    truth: dict[str, float],
     steps: int,
     diff: float,
-    files: list[Path],
+    files: Sequence[Path],
+    saved: Sequence[str],
+    samples: int,
 ) -> Path:
-    rows = _rows(metrics, truth, sol)
+    rows = _rows(final, best, truth)
     md = [
         "# phema demo",
         "",
         f"A small EDM denoiser trained for {steps} steps on a tree-shaped 2-D mixture while "
         f"`phema.PostHocEMA` tracked sigma_rel {TRACKED}. Every other EMA length below was "
-        "reconstructed afterwards from the snapshot store, without retraining.",
+        "reconstructed afterwards from the snapshot store with `phema.sweep`, without retraining, "
+        f"then sampled ({samples} points from the same noise) and scored against the exact "
+        f"density. All rows, at every time, are in `{CSV}`.",
+        "",
+        "## Winner",
+        "",
+        _winner(final, best) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
+        "",
+        "Tail recall decides because the twigs are what a wrong EMA length loses: too short an "
+        "average scatters samples off them, too long an average reaches back to weights that "
+        "had not learnt them yet. Mean log p would reward collapsing onto the dense trunk.",
+        "",
+        f"## At the end of training (t={best.t:g})",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
         *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "Columns:",
+        "",
+        *(f"- **{name}**: {text}" for name, text in LEGEND),
+        "",
+        "## Earlier in training",
+        "",
+        "The best power EMA of each time (`heatmap.png`):",
+        "",
+        "| t | best sigma_rel | tail recall |",
+        "|---|---|---|",
+        *(
+            f"| {r.t:g} | {r.sigma_rel:.3f} | {r.metrics[PRIMARY]:.3f} |"
+            for r in result.best_by_time(PRIMARY, MODE)
+        ),
         "",
         f"Reconstruction at sigma_rel {TRACKED[1]} vs the tracker's own average rounded to fp16: "
         f"max |diff| {diff:.1e}.",

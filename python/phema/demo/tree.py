@@ -115,9 +115,11 @@ class GaussianMixture:
         s2 = sigma.square()[:, None]
         lam0 = evals[:, 0].to(dt) + s2
         lam1 = evals[:, 1].to(dt) + s2
+        v0, v1 = u0 / lam0, u1 / lam1
+        maha = u0 * v0 + u1 * v1
         logp = self.weights.to(dt).log() - math.log(2 * math.pi)
-        logp = logp - 0.5 * ((lam0 * lam1).log() + u0.square() / lam0 + u1.square() / lam1)
-        return _Terms(logp, u0 / lam0, u1 / lam1, u0.square() / lam0 + u1.square() / lam1)
+        logp = logp - 0.5 * ((lam0 * lam1).log() + maha)
+        return _Terms(logp, v0, v1, maha)
 
     def component_log_prob(
         self, x: torch.Tensor | np.ndarray, sigma: float | torch.Tensor = 0.0
@@ -159,14 +161,27 @@ class GaussianMixture:
 
     def assign(self, x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Most responsible component for each point and its Mahalanobis distance to it."""
+        _, comp, dist = self.log_density_and_assign(x)
+        return comp, dist
+
+    def log_density_and_assign(
+        self, x: torch.Tensor | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`log_density(x)` and `assign(x)` from one evaluation of the [N, K] component terms
+        (the costly part of scoring samples)."""
         xf, sf, shape = self._prep(x, 0.0)
-        comps, dists = [], []
+        logps, comps, dists = [], [], []
         for xc, sc in _chunks(xf, sf):
             terms = self._component_terms(xc, sc)
             k = terms.logp.argmax(-1, keepdim=True)
+            logps.append(terms.logp.logsumexp(-1))
             comps.append(k[:, 0])
             dists.append(terms.maha.gather(-1, k)[:, 0].sqrt())
-        return torch.cat(comps).reshape(shape), torch.cat(dists).reshape(shape)
+        return (
+            torch.cat(logps).reshape(shape),
+            torch.cat(comps).reshape(shape),
+            torch.cat(dists).reshape(shape),
+        )
 
     def sample_with_components(
         self,
