@@ -19,7 +19,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -339,13 +339,7 @@ def _run(
                         return
                 if stop.is_set():
                     return
-                part = Plan(
-                    plan.sol,
-                    plan.weights,
-                    [plan.outputs[o] for o in outputs],
-                    plan.copy_from,
-                    plan.targets,
-                )
+                part = _batch_plan(plan, [plan.outputs[o] for o in outputs])
                 ready.put((job_rows, state_dicts(store, part, handle=handle)))
         except BaseException as e:  # handed to the evaluating thread
             ready.put(e)
@@ -392,6 +386,19 @@ def _run(
         if bar is not None:
             bar.close()
         saved.restore()
+
+
+def _batch_plan(plan: Plan, outputs: list[Output]) -> Plan:
+    """The plan of some outputs alone, with only the weight columns they read: the engine
+    computes every column it is given, so a batch given all of the time's columns cost a pass
+    over all of its targets."""
+    cols = sorted({c for o in outputs for c in o.columns()})
+    index = {c: i for i, c in enumerate(cols)}
+    moved = [
+        replace(o, column=index[o.column], routes={k: index[c] for k, c in o.routes.items()})
+        for o in outputs
+    ]
+    return Plan(plan.sol, plan.weights[:, cols], moved, plan.copy_from, plan.targets)
 
 
 class _Saved:
