@@ -4,6 +4,7 @@ sweeps vary one group, and the CLI writes table, CSV, figure and the best checkp
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import sys
@@ -101,6 +102,9 @@ def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, mon
 
     def recording(store_, plan, *args, **kwargs):
         passes.append((len(plan.outputs), len(plan.used())))
+        # A pass computes its own targets only: one weight column per output, its own.
+        assert plan.weights.shape[1] == len(plan.outputs)
+        assert [o.column for o in plan.outputs] == list(range(len(plan.outputs)))
         return real(store_, plan, *args, **kwargs)
 
     monkeypatch.setattr(phema.sweeps, "state_dicts", recording)
@@ -109,6 +113,9 @@ def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, mon
     assert len(result.rows) == 4
     # sigma_rel 0.05 is tracked: at the last time its own snapshot is the whole answer.
     assert sorted(passes) == [(1, 1), (1, n), (2, n)]
+    # Each row is its own target's reconstruction (the columns were not mixed up).
+    for r in result.rows:
+        assert r.metrics == pytest.approx(by_hand(store, model, sigma_rel=r.value))
 
 
 def test_at_most_two_batches_exist_while_evaluate_is_slow(run, monkeypatch):
@@ -367,3 +374,24 @@ def test_cli_sweep_writes_table_csv_figure_and_best(run, tmp_path, capsys, monke
         assert main([*args[:2], *args[2:], *bad]) == 2
         assert message in capsys.readouterr().err
     del sys.modules["sweepmod"]
+
+
+def test_the_model_keeps_its_own_tensors_and_a_bf16_model_gets_cast_weights(run):
+    store, model = run
+    before = [(p, p.data_ptr(), p.clone()) for p in model.parameters()]
+    phema.sweep(store, model, evaluate, sigma_rels=[0.06, 0.12], progress=False)
+    for p, (q, ptr, value) in zip(model.parameters(), before):
+        assert p is q and p.data_ptr() == ptr and torch.equal(p, value)
+    half = make_model().to(torch.bfloat16)
+    seen = []
+
+    def in_float(m):
+        seen.append(m[0].weight.dtype)
+        return evaluate(copy.deepcopy(m).float())
+
+    result = phema.sweep(store, half, in_float, sigma_rels=[0.06], progress=False)
+    want = make_model()
+    sd = phema.reconstruct_state_dict(store, sigma_rel=0.06)
+    phema.load_into(want, {k: v.to(torch.bfloat16).float() for k, v in sd.items()})
+    assert seen == [torch.bfloat16]
+    assert result.rows[0].metrics == evaluate(want)

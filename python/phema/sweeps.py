@@ -28,6 +28,7 @@ from phema import _core, naming
 from phema.reconstruction import (
     Plan,
     _as_store,
+    _PlainReader,
     load_into,
     make_plan,
     state_dicts,
@@ -298,7 +299,7 @@ def sweep(
     saved = _Saved(model)
     try:
         if raw_row is not None and raw_row.key not in done:
-            load_into(model, raw, strict=False)
+            saved.load(_PlainReader(raw, str).sd)
             raw_row.metrics = _metrics(evaluate(model))
             saved.restore()
         bar = (metric, mode) if progress and n_fresh else None
@@ -363,9 +364,7 @@ def _run(
             job_rows, sds = item
             while sds:
                 row = job_rows.pop(0)
-                sd = sds.pop(0)  # freed once loaded
-                load_into(model, sd, strict=False)
-                del sd
+                saved.load(sds.pop(0))  # freed once the next one is in
                 row.metrics = _metrics(evaluate(model))
                 rows.append(row)
                 write()
@@ -402,17 +401,54 @@ def _batch_plan(plan: Plan, outputs: list[Output]) -> Plan:
 
 
 class _Saved:
-    """The model's weights (a CPU copy) and train/eval modes, to put back."""
+    """The model's weights and train/eval modes, to put back. The model's plain CPU tensors are
+    swapped for each target's (no copy; their own storage is kept aside, untouched); the others
+    (on another device, sharded) are copied into, and restored from a CPU copy."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        import torch
+
+        from phema.tracker.model import unwrap
+
         self.model = model
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        own = unwrap(model)
+        named = [
+            *own.named_parameters(remove_duplicate=False),
+            *own.named_buffers(remove_duplicate=False),
+        ]
+        self.swapped = {
+            name: t
+            for name, t in named
+            if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+        }
+        self.kept = {name: t.data for name, t in self.swapped.items()}
+        self.state = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in own.state_dict().items()
+            if k not in self.swapped
+        }
         self.modes = [(m, m.training) for m in model.modules()]
+
+    def load(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Puts `sd` into the model: swapped in where the model's tensor allows, else copied."""
+        rest = {}
+        for name, src in sd.items():
+            t = self.swapped.get(name)
+            if t is not None and tuple(src.shape) == tuple(t.shape):
+                t.data = src.to(t.dtype)
+            else:  # load_into copies, or explains the mismatch
+                rest[name] = src
+        if rest:
+            load_into(self.model, rest, strict=False)
 
     def restore(self) -> None:
         import torch
 
-        own = self.model.state_dict()
+        from phema.tracker.model import unwrap
+
+        for name, t in self.swapped.items():
+            t.data = self.kept[name]
+        own = unwrap(self.model).state_dict()
         with torch.no_grad():
             for k, v in self.state.items():
                 if k in own:
