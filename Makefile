@@ -50,6 +50,7 @@ bench: build
 	$(PY) benches/bench_average.py
 	$(PY) benches/bench_update_sharded.py
 	$(PY) benches/bench_distributed.py
+	$(PY) benches/bench_sweep.py
 
 # The fuzz target over everything read from a file (docs/fuzzing.md): nightly Rust and cargo-fuzz
 # (`cargo install cargo-fuzz`). Not part of `test`: building the fuzzer takes many minutes.
