@@ -373,6 +373,7 @@ def _run(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_best_text(SweepResult(rows, [], store), *progress))
+            saved.unload()  # the batch's last target leaves the model before the slot is free
             slots.release()
     except BaseException:
         stop.set()
@@ -441,13 +442,17 @@ class _Saved:
         if rest:
             load_into(self.model, rest, strict=False)
 
+    def unload(self) -> None:
+        """Gives the swapped tensors their own storage back (no copy)."""
+        for name, t in self.swapped.items():
+            t.data = self.kept[name]
+
     def restore(self) -> None:
         import torch
 
         from phema.tracker.model import unwrap
 
-        for name, t in self.swapped.items():
-            t.data = self.kept[name]
+        self.unload()
         own = unwrap(self.model).state_dict()
         with torch.no_grad():
             for k, v in self.state.items():
