@@ -38,9 +38,9 @@ TRACKED = (0.05, 0.10)
 SHOWN = ("sigma_rel-0.050", "sigma_rel-0.100", "sigma_rel-0.250", "beta-0.999", "sigma_rel-0.020")
 # Profile panels beside the winner's: the narrowest, tracked, wide and classic lengths.
 PROFILES = ("sigma_rel-0.015", "sigma_rel-0.050", "sigma_rel-0.160", "beta-0.99", "beta-0.999")
-# The winner is the highest tail recall: what a wrong EMA length costs here is the rare twigs
-# (too short: samples scattered off them; too long: undertrained weights never reach them),
-# and unlike mean log p it cannot be raised by collapsing onto the dense trunk.
+# The winner is the highest tail recall: the rare twigs are what the EMA length trades (the raw
+# weights and long averages both lose them). In the default run precision and mean log p are
+# highest for the raw weights and fall only for long averages: they cannot pick a length.
 PRIMARY, MODE = "tail_recall", "max"
 # Heatmap rows: the ends of the run's quarters.
 HEATMAP_TIMES = 4
@@ -326,7 +326,7 @@ def _figures(
 def _profiles(out: Path, final: SweepResult, store: phema.Store, steps: int) -> Path:
     """The requested and synthesized profiles of a few lengths and the winner's."""
     best = final.best(PRIMARY, MODE).label
-    rows = [r for r in final.rows if r.label in PROFILES or r.label == best]
+    rows = [r for r in _ordered(final) if r.label in PROFILES or r.label == best]
     sol = phema.solve(
         store,
         sigma_rels=[r.value for r in rows if r.kind == "sigma_rel"] or None,
@@ -349,6 +349,11 @@ def _profiles(out: Path, final: SweepResult, store: phema.Store, steps: int) -> 
     return plot_profiles(
         curves, out / "profiles.png", title="Requested vs synthesized averaging profiles"
     )
+
+
+def _ordered(final: SweepResult) -> list[SweepRow]:
+    """Power EMAs by length, then classic decays by their equivalent length."""
+    return sorted(final.rows, key=lambda r: (r.kind != "sigma_rel", r.sigma_rel))
 
 
 def _pretty(label: str, rows: dict[str, SweepRow]) -> str:
@@ -391,8 +396,7 @@ def _rows(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> list[l
     entries: list[tuple[str, SweepRow | None, dict[str, float]]] = [("true samples", None, truth)]
     if final.raw is not None:
         entries.append(("raw", None, final.raw.metrics))
-    ordered = sorted(final.rows, key=lambda r: (r.kind != "sigma_rel", r.sigma_rel))
-    entries += [(r.label + (" *" if r is best else ""), r, r.metrics) for r in ordered]
+    entries += [(r.label + (" *" if r is best else ""), r, r.metrics) for r in _ordered(final)]
     out = []
     for name, row, d in entries:
         fit = "-" if row is None else None
@@ -456,9 +460,10 @@ def _report(
         "",
         _winner(final, best) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
         "",
-        "Tail recall decides because the twigs are what a wrong EMA length loses: too short an "
-        "average scatters samples off them, too long an average reaches back to weights that "
-        "had not learnt them yet. Mean log p would reward collapsing onto the dense trunk.",
+        "Tail recall decides because the rare twigs are what the EMA length trades: averaging "
+        "takes out the noise of the raw weights that scatters samples off them, and too long an "
+        "average reaches back to weights that had not learnt them yet. Compare the raw row "
+        "with the averages in the table below.",
         "",
         f"## At the end of training (t={best.t:g})",
         "",
