@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 
@@ -395,3 +397,39 @@ def test_the_model_keeps_its_own_tensors_and_a_bf16_model_gets_cast_weights(run)
     phema.load_into(want, {k: v.to(torch.bfloat16).float() for k, v in sd.items()})
     assert seen == [torch.bfloat16]
     assert result.rows[0].metrics == evaluate(want)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount")
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(run, tmp_path, capsys):
+    store, model = run
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS, progress=False)
+        with pytest.raises(OSError, match="No space left on device.*big.png"):
+            result.plot(out / "big.png")  # a figure is tens of kilobytes
+        assert os.listdir(out) == []  # no partial image, no temporary file
+        # The CSV fits; the figure after it does not: one line, no traceback, the CSV kept.
+        sys.modules["sweep_user"] = type(sys)("sweep_user")
+        sys.modules["sweep_user"].make_model = make_model
+        sys.modules["sweep_user"].evaluate = evaluate
+        code = main(
+            ["sweep", str(store), "--model", "sweep_user:make_model", "--eval",
+             "sweep_user:evaluate", "--sigma-rel", "0.06,0.12", "--out", str(out), "-q"]
+        )  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert "No space left on device" in err and str(out) in err
+        assert not [n for n in os.listdir(out) if ".tmp-" in n]
+        assert oct(os.stat(out / "sweep.csv").st_mode & 0o777) == oct(0o666 & ~_umask())
+    finally:
+        sys.modules.pop("sweep_user", None)
+        subprocess.run(["umount", str(out)])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

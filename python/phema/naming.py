@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import io
 import math
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
 MAX_SHARD_SIZE = 2**63
@@ -256,12 +258,38 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
     try:
+        # mkstemp makes the file private; the result gets the mode a plain open() would give.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk names no file
+            raise OSError(e.errno, e.strerror, path) from None
         raise
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], **options: Any) -> str:
+    """Writes a matplotlib figure as PNG at `path` through `write_atomically` (so a full disk
+    names the file and leaves no partial image) and closes it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **options)
+    plt.close(fig)
+    write_atomically(path, buf.getvalue())
+    return os.fspath(path)
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask would briefly change it for every thread.
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022

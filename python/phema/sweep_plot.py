@@ -5,11 +5,12 @@ matplotlib."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from phema import naming
 
 # Smallest fit error drawn.
 _FLOOR = 1e-6
@@ -59,10 +60,7 @@ def plot_sweep(
             f" ({'lowest' if mode == 'min' else 'highest'})"
         )
     fig.suptitle("\n".join(s for s in (title, head) if s), fontsize=11)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
+    return naming.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
 
 
 def _groups(rows: list[SweepRow]) -> dict[str, list[SweepRow]]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from phema import naming
+
 if TYPE_CHECKING:
     import torch
 
@@ -47,13 +49,7 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def _save(fig: object, path: str | Path) -> Path:
     """Save a figure as PNG (creating the directory) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
+    return Path(naming.save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white"))
 
 
 def plot_samples(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phema import naming
 from phema.guidance.emag import EMAG, Schedule
 
 METHODS = ("cfg", "emag", "emag-q")
@@ -381,8 +382,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.set_title(method.upper())
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "emag-samples.png", dpi=120)
-    plt.close(fig)
+    naming.save_figure(fig, out / "emag-samples.png", dpi=120)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     cfg = [r for r in rows if r["method"] == "cfg"][0]
@@ -401,8 +401,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.legend()
     fig.suptitle(f"digits DiT, CFG {cfg['cfg_scale']}, {cfg['samples']} samples per point")
     fig.tight_layout()
-    fig.savefig(out / "emag-metrics.png", dpi=120)
-    plt.close(fig)
+    naming.save_figure(fig, out / "emag-metrics.png", dpi=120)
 
 
 def run_demo(
