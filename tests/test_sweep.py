@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -209,6 +210,40 @@ def test_results_file_resumes_and_keeps_rows_done_before_an_interrupt(run, tmp_p
     t = phema.open_store(store).snapshots[-3].t
     phema.sweep(store, model, counting, sigma_rels=[0.06], at=t, results=results)
     assert len(calls) == 1
+
+
+def test_two_sweeps_sharing_a_results_file_keep_each_others_rows(run, tmp_path):
+    store, model = run
+    results = tmp_path / "shared.csv"
+    together = threading.Barrier(2)
+
+    def in_step(m):
+        out = evaluate(m)
+        together.wait(timeout=60)  # the two sweeps write their rows in the same moments
+        return out
+
+    grids = ([0.03, 0.06], [0.12, 0.2])
+    errors = []
+
+    def one(grid):
+        try:
+            phema.sweep(
+                store, make_model(), in_step, sigma_rels=grid, batch=1, results=results,
+                progress=False,
+            )  # fmt: skip
+        except Exception as e:  # a thread's failure would not fail the test by itself
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(g,)) for g in grids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with open(results) as f:
+        got = sorted(float(r["value"]) for r in csv.DictReader(f))
+    assert got == sorted(grids[0] + grids[1])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
 def test_evaluate_errors_propagate_after_the_model_is_restored(run):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -259,7 +260,7 @@ def sweep(
     names = [n for n, _, _ in store.tensors]
     _check_model(model, names, store)
     batch = _batch_size(batch, store)
-    done, lines = _read_results(results)
+    done, _ = _read_results(results)
     rows: list[SweepRow] = []
     jobs: list[tuple[Plan, list[int], list[SweepRow]]] = []
     for t in _times(store, at):
@@ -287,14 +288,10 @@ def sweep(
     if notes:
         warnings.warn("sweep: " + "; ".join(notes), stacklevel=2)
     raw_row = None if raw is None else _raw_row(raw, done)
-    # Rows of the file this sweep does not make (other targets or times) stay in it.
-    own = {r.key for r in rows} | {r.key for j in jobs for r in j[2]}
-    own |= {raw_row.key} if raw_row is not None else set()
-    kept = [line for key, line in lines.items() if key not in own]
 
     def write() -> None:
         if results is not None:
-            _write_results(results, rows, raw_row, kept)
+            _write_results(results, rows, raw_row)
 
     saved = _Saved(model)
     try:
@@ -304,7 +301,7 @@ def sweep(
             saved.restore()
         bar = (metric, mode) if progress and n_fresh else None
         _run(store, model, evaluate, jobs, rows, n_fresh, bar, saved, write, on_row)
-        if results is not None and (raw_row is not None or kept):
+        if raw_row is not None:  # the other rows are in the file already
             write()
     finally:
         saved.restore()
@@ -681,21 +678,29 @@ def _read_results(
 
 
 def _write_results(
-    path: str | os.PathLike[str],
-    rows: list[SweepRow],
-    raw_row: SweepRow | None,
-    kept: list[dict[str, str]],
+    path: str | os.PathLike[str], rows: list[SweepRow], raw_row: SweepRow | None
 ) -> None:
-    """Writes the `kept` lines of the file and every row so far to `path` (replaced atomically,
-    so a kill keeps the old file)."""
+    """Writes every row so far to `path` with the rows the file holds for other targets and
+    times (replaced atomically, so a kill keeps the old file). The file is read again under a
+    lock of its directory, so two sweeps sharing a results file keep each other's rows."""
     everything = rows + ([raw_row] if raw_row is not None and raw_row.metrics else [])
-    lines = kept + [{k: _cell(v) for k, v in r.as_dict().items()} for r in everything]
-    metrics = list(dict.fromkeys(k for line in lines for k in line if k not in COLUMNS))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metrics], lineterminator="\n")
-    w.writeheader()
-    w.writerows(lines)
-    naming.write_atomically(path, buf.getvalue().encode())
+    own = {r.key for r in everything}
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    directory = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        _, lines = _read_results(path)
+        kept = [line for key, line in lines.items() if key not in own]
+        lines = kept + [{k: _cell(v) for k, v in r.as_dict().items()} for r in everything]
+        metrics = list(dict.fromkeys(k for line in lines for k in line if k not in COLUMNS))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metrics], lineterminator="\n")
+        w.writeheader()
+        w.writerows(lines)
+        naming.write_atomically(path, buf.getvalue().encode())
+    finally:
+        os.close(directory)  # releases the lock
 
 
 def _cell(v: Any) -> Any:
