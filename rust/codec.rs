@@ -199,3 +199,118 @@ unsafe fn decode_bf16_avx2(bytes: &[u8], out: &mut [f32]) {
         *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 16-bit pattern of `dtype` as little-endian bytes.
+    fn every_pattern() -> Vec<u8> {
+        (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect()
+    }
+
+    fn scalar(dtype: Dtype, bits: u16) -> f32 {
+        match dtype {
+            Dtype::F16 => f16::from_bits(bits).to_f32(),
+            _ => bf16::from_bits(bits).to_f32(),
+        }
+    }
+
+    #[test]
+    fn every_fp16_and_bf16_pattern_decodes_like_half_and_encodes_back_to_itself() {
+        let bytes = every_pattern();
+        for dtype in [Dtype::F16, Dtype::BF16] {
+            // Offsets 0..3 run the SIMD path's vector body and its tail at every alignment.
+            for skip in 0..3 {
+                let part = &bytes[2 * skip..];
+                let n = part.len() / 2;
+                let (mut simd, mut plain) = (vec![0f32; n], vec![0f32; n]);
+                decode(true, dtype, part, &mut simd);
+                decode(false, dtype, part, &mut plain);
+                let mut encoded = vec![0u8; 2 * n];
+                encode_into(&simd, dtype, &mut encoded);
+                for i in 0..n {
+                    let bits = u16::from_le_bytes([part[2 * i], part[2 * i + 1]]);
+                    let want = scalar(dtype, bits);
+                    let back = u16::from_le_bytes([encoded[2 * i], encoded[2 * i + 1]]);
+                    if want.is_nan() {
+                        assert!(
+                            simd[i].is_nan() && plain[i].is_nan(),
+                            "{dtype:?} {bits:#06x}"
+                        );
+                        assert!(scalar(dtype, back).is_nan(), "{dtype:?} {bits:#06x}");
+                    } else {
+                        assert_eq!(simd[i].to_bits(), want.to_bits(), "{dtype:?} {bits:#06x}");
+                        assert_eq!(plain[i].to_bits(), want.to_bits(), "{dtype:?} {bits:#06x}");
+                        assert_eq!(back, bits, "{dtype:?} {bits:#06x} round trip");
+                    }
+                    let one = &part[2 * i..2 * i + 2];
+                    assert_eq!(has_nonfinite(dtype, one), !want.is_finite(), "{bits:#06x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_and_f64_decode_exactly_and_the_nonfinite_check_sees_any_position() {
+        let values = [0.0f32, -0.0, 1.5, f32::MIN_POSITIVE, f32::MAX, 3e-45];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = vec![0f32; values.len()];
+        decode(true, Dtype::F32, &bytes, &mut out);
+        assert_eq!(out, values);
+        let wide: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect();
+        decode(true, Dtype::F64, &wide, &mut out);
+        assert_eq!(out, values);
+        let mut encoded = vec![0u8; bytes.len()];
+        encode_into(&values, Dtype::F32, &mut encoded);
+        assert_eq!(encoded, bytes);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in 0..values.len() {
+                let mut v = values.to_vec();
+                v[at] = bad;
+                let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                assert!(has_nonfinite(Dtype::F32, &b), "{bad} at {at}");
+                let w: Vec<u8> = v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect();
+                assert!(has_nonfinite(Dtype::F64, &w), "{bad} at {at} (f64)");
+            }
+        }
+        assert!(!has_nonfinite(Dtype::F32, &bytes) && !has_nonfinite(Dtype::F64, &wide));
+    }
+
+    #[test]
+    fn every_fp16_and_bf16_encoding_equals_the_scalar_conversion_at_any_alignment() {
+        // Ties, subnormals, values past the fp16 range and a tail shorter than a vector.
+        let mut values: Vec<f32> = (0..1300).map(|i| (i as f32 - 650.0) * 0.0137).collect();
+        values.extend((0..1001).map(|i| (i as f32 - 500.0) * 131.7 + (i % 7) as f32 * 1e-6));
+        values.extend([1.0 + 2f32.powi(-11), 3e-8, -6e-5, 65520.0, 1e6, -0.0]);
+        let mut buf = vec![0u8; 2 * values.len() + 1];
+        // `encode_into` (F16C where the CPU has it) and `half`'s path that other CPUs take.
+        type Encoder<'a> = &'a dyn Fn(&[f32], &mut [u8]);
+        let encoders: [(Dtype, Encoder); 3] = [
+            (Dtype::F16, &|v, o| encode_into(v, Dtype::F16, o)),
+            (Dtype::F16, &encode_f16_half),
+            (Dtype::BF16, &|v, o| encode_into(v, Dtype::BF16, o)),
+        ];
+        for (i, (dtype, encode)) in encoders.iter().enumerate() {
+            // Both the aligned fast path and the stack-buffer path for an odd offset.
+            for at in [0, 1] {
+                let out = &mut buf[at..at + 2 * values.len()];
+                encode(&values, out);
+                for (c, &v) in out.chunks_exact(2).zip(&values) {
+                    let want = match dtype {
+                        Dtype::F16 => f16::from_f32(v).to_bits(),
+                        _ => bf16::from_f32(v).to_bits(),
+                    };
+                    assert_eq!(
+                        u16::from_le_bytes([c[0], c[1]]),
+                        want,
+                        "encoder {i} at {at}"
+                    );
+                }
+            }
+        }
+    }
+}
