@@ -692,6 +692,12 @@ fn per_rank_to_files<'py>(
     Ok((paths, stats_dict(py, &stats)?))
 }
 
+/// Replaces the file at `path` with `data` in one step (`writer::write_file`).
+#[pyfunction]
+fn write_file(py: Python<'_>, path: PathBuf, data: Vec<u8>) -> PyResult<()> {
+    py.detach(|| writer::write_file(&path, &data)).map_err(err)
+}
+
 /// Verifies the checksum a snapshot records (docs/store-format.md): `("ok" | "not recorded" |
 /// "mismatch", recorded, computed)`.
 #[pyfunction]
@@ -721,6 +727,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(write_file, m)?)?;
     m.add_function(wrap_pyfunction!(per_rank_to_files, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;

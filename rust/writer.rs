@@ -587,21 +587,28 @@ pub fn write_index(layout: &[TensorEntry], req: &OutputRequest) -> Result<Option
     let Some((path, bytes)) = output_files(layout, req)?.index else {
         return Ok(None);
     };
-    write_small_file(&path, &bytes)?;
-    sync_dir(&path);
+    write_file(&path, &bytes)?;
     Ok(Some(path))
 }
 
-/// Writes `bytes` to `path` under a temporary name, synced, then renamed into place.
-fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Replaces the file at `path` with `bytes` in one step: written under a temporary name
+/// ([`temporary_path`]), synced, renamed into place, the directory synced, so an interrupted
+/// write leaves the old file whole and no partial one. Dead writers' temporaries in the
+/// directory are removed first. For small files (an index, a results table, a figure).
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    remove_stale_temporaries(path.parent().unwrap_or(Path::new(".")));
     let tmp = temporary_path(path);
-    let written = std::fs::File::create(&tmp)
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(PhemaError::io(path, e));
     }
+    sync_dir(path);
     Ok(())
 }
 
@@ -699,7 +706,7 @@ impl FileSink {
                 }
                 if let Some((path, bytes)) = &t.index {
                     set_aside(path, &mut aside)?;
-                    write_small_file(path, bytes)?;
+                    write_file(path, bytes)?;
                     done.push(path.clone());
                     paths.insert(0, path.clone());
                 }

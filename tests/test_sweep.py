@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -443,7 +445,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(run,
         pytest.skip("cannot mount a tmpfs here")
     try:
         result = phema.sweep(store, model, evaluate, sigma_rels=SIGMAS, progress=False)
-        with pytest.raises(OSError, match="No space left on device.*big.png"):
+        with pytest.raises(OSError, match="big.png: No space left on device"):
             result.plot(out / "big.png")  # a figure is tens of kilobytes
         assert os.listdir(out) == []  # no partial image, no temporary file
         # The CSV fits; the figure after it does not: one line, no traceback, the CSV kept.
@@ -468,3 +470,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_killed_sweeps_temporary_files_are_removed_by_the_next_write(run, tmp_path):
+    """Results, figures and best weights are written like snapshots (docs/store-format.md): a
+    temporary name carrying host and pid, which the next writer to the directory removes once
+    that pid is dead on this host; a live process's temporary file and other hosts' stay."""
+    store, model = run
+    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"  # as documented
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (a kill -9 mid-write leaves exactly this)
+    left = {
+        "dead": f".sweep.csv.tmp-{host}-{dead.pid}-0",
+        "alive": f".sweep.csv.tmp-{host}-{os.getppid()}-0",
+        "other host": f".sweep.csv.tmp-{host}x-{dead.pid}-0",
+    }
+    for name in left.values():
+        (tmp_path / name).write_bytes(b"partial")
+    phema.sweep(
+        store, model, evaluate, sigma_rels=[0.06], results=tmp_path / "sweep.csv", progress=False
+    )
+    names = set(os.listdir(tmp_path))
+    assert left["dead"] not in names
+    assert {left["alive"], left["other host"], "sweep.csv"} <= names
+    assert len(names) == 3

@@ -14,17 +14,17 @@ output replaces something of another kind: every writer calls it before doing an
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import glob
 import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from phema import _core
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
 MAX_SHARD_SIZE = 2**63
@@ -251,26 +251,12 @@ def _parents(path: str, top: str) -> list[str]:
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replaces the file at `path` with `data` in one step (temporary file, fsync, rename), so
-    an interrupted write leaves the old file whole."""
+    """Replaces the file at `path` with `data` in one step, by the writer's rule for every file
+    phema writes (docs/store-format.md: temporary name with host and pid, fsync, rename, dead
+    writers' temporaries removed), so an interrupted write leaves the old file whole."""
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        # mkstemp makes the file private; the result gets the mode a plain open() would give.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk names no file
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _core.write_file(path, bytes(data))
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], **options: Any) -> str:
@@ -283,13 +269,3 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **options: Any) -> str:
     plt.close(fig)
     write_atomically(path, buf.getvalue())
     return os.fspath(path)
-
-
-def _umask() -> int:
-    # Read, not set-and-restore: os.umask would briefly change it for every thread.
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    return 0o022
