@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import phema
-from phema import _core
+from phema import _core, naming
 from phema.demo.metrics import METRIC_LABELS, Reference, evaluate, make_reference
 from phema.demo.model import (
     ToyDenoiser,
@@ -493,5 +493,5 @@ def _report(
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    naming.write_atomically(path, "\n".join(md).encode())
     return path

@@ -11,6 +11,7 @@ Needs torch, scikit-learn (and scipy, which it brings) and matplotlib for the fi
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -362,10 +363,11 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "emag-metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    naming.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
 
     per_class = 8
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6))

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,15 +137,10 @@ class PostHocEMACallback(TrainerCallback):
                 f"{folder} does not exist after the Trainer saved step {state.global_step}: "
                 "PostHocEMACallback keeps its state in the Trainer's checkpoint directories"
             )
-        path = os.path.join(folder, self._state_name)
-        # Complete or absent, never half-written: a temporary name, then a rename.
-        tmp = os.path.join(folder, f".{self._state_name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        try:
-            torch.save(ema.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # Complete or absent, never half-written.
+        buf = io.BytesIO()
+        torch.save(ema.state_dict(), buf)
+        naming.write_atomically(os.path.join(folder, self._state_name), buf.getvalue())
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
