@@ -694,8 +694,8 @@ fn per_rank_to_files<'py>(
 
 /// Replaces the file at `path` with `data` in one step (`writer::write_file`).
 #[pyfunction]
-fn write_file(py: Python<'_>, path: PathBuf, data: Vec<u8>) -> PyResult<()> {
-    py.detach(|| writer::write_file(&path, &data)).map_err(err)
+fn write_file(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
+    py.detach(|| writer::write_file(&path, data)).map_err(err)
 }
 
 /// Verifies the checksum a snapshot records (docs/store-format.md): `("ok" | "not recorded" |

@@ -409,7 +409,7 @@ class _Saved:
         from phema.tracker.model import unwrap
 
         self.model = model
-        own = unwrap(model)
+        self.own = own = unwrap(model)
         named = [
             *own.named_parameters(remove_duplicate=False),
             *own.named_buffers(remove_duplicate=False),
@@ -447,10 +447,8 @@ class _Saved:
     def restore(self) -> None:
         import torch
 
-        from phema.tracker.model import unwrap
-
         self.unload()
-        own = unwrap(self.model).state_dict()
+        own = self.own.state_dict()
         with torch.no_grad():
             for k, v in self.state.items():
                 if k in own:

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -125,7 +125,6 @@ class Schedule:
 class _Layer:
     avg: torch.Tensor | None = None  # fp32 [B, H, Nq, Nk] (maps) or [B, H, Nq, D] (queries)
     score: torch.Tensor | None = None  # [] or [B]: this step's selection score
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EMAG:
@@ -495,9 +494,7 @@ class EMAG:
         if self._attachment is not None:
             self._attachment.restore()
             self._attachment = None
-        for layer in self._layers.values():
-            layer.avg = None
-            layer.score = None
+        self.reset()  # the averages are freed
         self._closed = True
 
     def __enter__(self) -> EMAG:
