@@ -68,8 +68,8 @@ class SnapshotRecord:
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
-        return len(self.paths)
+        """How many ranks wrote parts of it (1 for an ordinary snapshot or a checkpoint)."""
+        return len(self.paths) or 1
 
 
 @dataclass
