@@ -152,12 +152,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
         _print_feasible(store)
-    for path, why in store.ignored:
-        print(f"note: ignored {path}: {why}")
+    _print_ignored(store)
     for p in store.problems + store.incomplete:
         print(f"problem: {p}")
     changed = _verify(store) if args.verify else 0
     return 1 if store.problems or store.incomplete or changed else 0
+
+
+def _print_ignored(store: Store) -> None:
+    for path, why in store.ignored:
+        print(f"note: ignored {path}: {why}")
 
 
 def _verify(store: Store) -> int:
@@ -292,6 +296,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     print(f"{_read_summary(store, written.stats)}; wrote {_count(len(written), 'file')}")
     for n in sol.notes:
         print(f"note: {n}")
+    if args.checkpoints:  # a store's stray files are inspect's business
+        _print_ignored(store)
     return 0
 
 
@@ -361,6 +367,7 @@ def cmd_average(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not args.quiet,
             stats=stats,
             client=client,
+            like=args.like,
         )
     for w in caught:
         print(f"note: {w.message}")
@@ -490,7 +497,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     best = result.best(args.metric, args.mode)
     metric = args.metric or result.metric_names[0]
     png = result.plot(os.path.join(args.out, "sweep.png"), metric, args.mode)
-    [path] = result.save_best(args.out, metric, args.mode, dtype=args.dtype)
+    written = result.save_best(args.out, metric, args.mode, dtype=args.dtype, like=args.like)
+    path = os.path.commonpath(written) if args.like else written[0]
     baseline = ""
     if result.raw is not None and metric in result.raw.metrics:
         baseline = f" (raw weights: {result.raw.metrics[metric]:.6g})"
@@ -658,6 +666,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         raw(s)
 
+    def like(s: argparse.ArgumentParser, what: str) -> None:
+        s.add_argument(
+            "--like",
+            metavar="CHECKPOINT_DIR",
+            help=f"{what} as a directory laid out like this transformers/diffusers checkpoint "
+            "(weights file, dtype, config and tokenizer files), for from_pretrained",
+        )
+
     def engine(s: argparse.ArgumentParser) -> None:
         s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -677,12 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
-    s.add_argument(
-        "--like",
-        metavar="CHECKPOINT_DIR",
-        help="write each target as a directory laid out like this transformers/diffusers "
-        "checkpoint (weights file, dtype, config and tokenizer files), for from_pretrained",
-    )
+    like(s, "write each target")
     s.add_argument(
         "--per-rank",
         action="store_true",
@@ -713,7 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", help="raw-weights checkpoint to evaluate as the baseline")
     s.add_argument("--metric", help="metric choosing the best (default: the first)")
     s.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher wins")
-    s.add_argument("--dtype", default="f16", help="dtype of the best weights written")
+    s.add_argument(
+        "--dtype",
+        help="dtype of the best weights written (default: the model's; with --like: the "
+        "checkpoint's)",
+    )
+    like(s, "write the best weights")
     engine(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -725,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
+    like(s, "write the average")
     engine(s)
     cluster(s)
     s.set_defaults(func=cmd_average)

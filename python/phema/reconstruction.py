@@ -25,7 +25,7 @@ from phema.plan import (
     tied_aliases,
 )
 from phema.solver import Solution
-from phema.store import Store, normalize_dtype, open_store
+from phema.store import Store, dominant_dtype, normalize_dtype, open_store
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -119,6 +119,9 @@ def reconstruct(
     sum to 1; non-float tensors come from the latest snapshot at or before the target time.
     Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
+
+    `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
+    of a store of ordinary checkpoints; phema snapshots give float16, their format.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -176,7 +179,7 @@ def write_outputs(
         layout = like_layout(like)
         like_dtype = check_like(store, layout)
         dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or "float16")
+    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
     labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
@@ -232,6 +235,14 @@ def write_outputs(
         for name in labels:
             copied += copy_like_files(layout, os.path.join(out, name))
     return _result(plan, labels, paths, run_stats, copied)
+
+
+def _checkpoints_dtype(store: Store) -> str | None:
+    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    phema snapshots (their float16 is the snapshot format, not the model's)."""
+    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
+        return None
+    return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
 
 
 def _result(

@@ -13,7 +13,7 @@ import numpy as np
 
 from phema import _core, meta
 from phema.errors import InvalidValueError
-from phema.files import checkpoint_files
+from phema.files import checkpoint_files, not_a_checkpoint
 
 _DTYPES = {
     "float16": "F16",
@@ -217,9 +217,12 @@ def open_checkpoints(
             if not n.startswith(".")
             and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
         ]
+        ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
+        entries = [e for e in entries if e not in dict(ignored)]
     else:
         root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
         entries = [os.fspath(p) for p in path_or_paths]
+        ignored = []
     if not entries:
         raise InvalidValueError(f"{root}: no checkpoints found")
     _check_count(len(entries))
@@ -263,7 +266,7 @@ def open_checkpoints(
     return Store(
         path=root,
         snapshots=[records[i] for i in order],
-        ignored=[],
+        ignored=ignored,
         problems=[],
         headers=sources.select(order),
         listed=listed,
