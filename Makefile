@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 		"matplotlib>=3.7" "pytest>=8" "ruff>=0.6" "mpmath>=1.3" "maturin>=1.7,<2" \
 		"lightning>=2.0" "transformers>=4.41" "accelerate>=0.26" "distributed>=2024.1" \
 		"diffusers>=0.31" "scikit-learn>=1.3"
+	# Test-only: the experiment trackers sweep(log_to=...) writes to (not needed by the demo).
+	$(PY) -m pip install -q "tensorboard>=2.14" "mlflow-skinny>=2.10" "wandb>=0.16"
 	touch $(STAMP)
 
 # The extension in release mode, installed editable into the venv (Python sources are linked, so

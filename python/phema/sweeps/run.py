@@ -33,6 +33,7 @@ from phema.plan import Plan, make_plan
 from phema.reconstruction import _as_store, state_dicts
 from phema.solver import MAX_TARGETS, Solution
 from phema.store import Store
+from phema.sweeps.log import log_sweep, require
 from phema.sweeps.result import SweepResult, _best_text
 from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
 from phema.targets import Output, Targets
@@ -70,6 +71,8 @@ def sweep(
     on_row: Callable[[SweepRow], None] | None = None,
     metric: str | None = None,
     mode: str = "min",
+    log_to: str | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> SweepResult:
     """Reconstructs every target (at every time of `at`: one, a list, or "all" snapshot times),
     loads it into `model`, calls `evaluate(model)` (a float or a dict of floats), and returns
@@ -86,8 +89,12 @@ def sweep(
     baseline. `batch` targets are reconstructed per pass (default: what two batches of float32
     copies fit in a quarter of the available memory). The progress bar shows the best row so far
     by `metric` (default: the first) and `mode` ("min", the lowest, or "max"); `progress`
-    defaults to showing it when standard error is a terminal.
+    defaults to showing it when standard error is a terminal. `log_to` ("tensorboard", "mlflow"
+    or "wandb") writes the rows into that experiment tracker as one run, a step per target
+    (`log_dir`: where; see `phema.sweeps.log.log_sweep`).
     """
+    if log_to is not None:
+        require(log_to)  # a missing tracker fails before any work
     store = _as_store(store)
     if not callable(evaluate):
         raise InvalidTypeError(f"evaluate={evaluate!r} is not callable")
@@ -163,7 +170,10 @@ def sweep(
         saved.restore()
     floats = (p.dtype for p in model.parameters() if p.is_floating_point())
     dtype = str(next(floats, "float16")).removeprefix("torch.")
-    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
+    result = SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
+    if log_to is not None:
+        log_sweep(result, log_to, log_dir)
+    return result
 
 
 def _run(
