@@ -12,10 +12,10 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import make_store
 from safetensors.numpy import load_file
 
 import phema
+from conftest import make_store
 from phema.files import checkpoint_files
 
 SCRIPT = textwrap.dedent(
