@@ -70,6 +70,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> tuple[list[list[str]], dict[str, Any]]: ...
     def combine_to_memory(
         self,
@@ -78,6 +79,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> dict[str, Any]: ...
 
 def write_file(path: str | PathLike[str], data: bytes) -> None: ...
@@ -89,4 +91,5 @@ def per_rank_to_files(
     progress: EngineProgress,
     copy_from: int | None = None,
     mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+    verify: bool = True,
 ) -> tuple[list[list[list[str]]], dict[str, Any]]: ...
