@@ -31,7 +31,7 @@ from phema.errors import InvalidTypeError, InvalidValueError
 from phema.load import _PlainReader, load_into
 from phema.plan import Plan, make_plan
 from phema.reconstruction import _as_store, state_dicts
-from phema.solver import MAX_TARGETS, Solution
+from phema.solver import KINDS, MAX_TARGETS, Solution
 from phema.store import Store
 from phema.sweeps.result import SweepResult, _best_text
 from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
@@ -434,16 +434,10 @@ def _used(plan: Plan, output: Output) -> np.ndarray:
 
 def _one_output(targets: Targets, kind: str, value: float) -> Targets:
     """The targets of one row alone (to reconstruct it again)."""
-    empty: dict[str, tuple[float, ...]] = {
-        "sigma_rels": (),
-        "gammas": (),
-        "betas": (),
-        "halflives": (),
-    }
-    own = kind + "s"
-    if own not in empty:  # a per-tensor output without a target of its own
+    if kind not in KINDS:  # a per-tensor output without a target of its own
         return targets
-    return targets.replace(**(empty | {own: (value,)}))
+    empty: dict[str, tuple[float, ...]] = {plural: () for plural in KINDS.values()}
+    return targets.replace(**(empty | {KINDS[kind]: (value,)}))
 
 
 def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> SweepRow:
