@@ -17,6 +17,7 @@ from torch import nn
 
 import phema
 from phema.tracker import SnapshotWriteError
+from phema.tracker.model import ROTATION
 
 
 def model() -> nn.Module:
@@ -37,6 +38,24 @@ def test_replaced_parameter_is_an_error_at_the_next_update():
     m[1].running_mean = torch.zeros(2)  # a buffer replaced likewise
     with pytest.raises(RuntimeError, match=r"1\.running_mean was replaced"):
         ema.update()
+
+
+def test_a_replaced_tensor_of_a_large_model_stops_the_run_before_a_snapshot_uses_it(tmp_path):
+    # Each update checks a few tensors in turn: every one within len/ROTATION updates, and all
+    # at every snapshot, so a stale average is never written.
+    m = nn.Sequential(*[nn.Linear(2, 2) for _ in range(40)])
+    ema = phema.PostHocEMA(m, tmp_path / "store", sigma_rels=(0.05, 0.1))
+    ema.update()
+    m[39].bias = nn.Parameter(torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"39\.bias was replaced"):
+        ema.snapshot()
+    ema.close()
+    assert not list((tmp_path / "store").glob("*.safetensors"))
+    ema = phema.PostHocEMA(m, None)
+    m[20].weight = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match=r"20\.weight was replaced"):
+        for _ in range(80 // ROTATION):
+            ema.update()
 
 
 def test_dtype_or_device_change_after_construction_names_tensor_and_dtypes():

@@ -285,6 +285,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             per_rank=args.per_rank,
             like=args.like,
             client=client,
+            verify=not args.no_verify,
         )
     sol = written.solution
     rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
@@ -614,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
+    s.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the snapshots' checksums as they are read (docs/store-format.md)",
+    )
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
     s.add_argument(
         "--like",

@@ -97,6 +97,7 @@ def reconstruct(
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
+    verify: bool = True,
 ) -> Reconstruction:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
@@ -119,6 +120,8 @@ def reconstruct(
     sum to 1; non-float tensors come from the latest snapshot at or before the target time.
     Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
+    The checksum of every snapshot read whole is verified as it is read (docs/store-format.md),
+    unless `verify` is False.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -146,6 +149,7 @@ def reconstruct(
         per_rank=per_rank,
         like=like,
         client=client,
+        verify=verify,
     )
 
 
@@ -161,6 +165,7 @@ def write_outputs(
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
+    verify: bool = True,
 ) -> Reconstruction:
     """Writes every output of a plan (see `reconstruct`)."""
     if client is not None and per_rank:
@@ -186,9 +191,11 @@ def write_outputs(
                 "per_rank outputs are one file per rank: shard_size does not apply"
             )
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
-    os.makedirs(out, exist_ok=True)
+    made: list[str] = []  # directories made here, removed again if the engine fails
+    if not os.path.isdir(out):
+        os.makedirs(out)
+        made.append(os.fspath(out))
     outputs = []
-    made: list[str] = []  # target directories made here, removed again if the engine fails
     for o, name in enumerate(labels):
         if layout is None:
             path = os.path.join(out, name if shard_size else name + ".safetensors")
@@ -219,9 +226,10 @@ def write_outputs(
             progress=progress,
             desc="reconstruct",
             client=client,
+            verify=verify,
         )
     except BaseException:
-        for directory in made:
+        for directory in reversed(made):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
