@@ -5,6 +5,7 @@ again, which then gives the store an uninterrupted import gives (docs/importers.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import phema
 from phema.cli import main
 from phema.meta import IMPORT_INCOMPLETE
 
-N = 60
+N = 16
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,11 @@ def test_a_killed_import_is_refused_by_every_reader_until_run_again(source, tmp_
     err = capsys.readouterr().err
     assert IMPORT_INCOMPLETE in err and "Traceback" not in err
     # Another import into it is refused; the same one again redoes it.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(source / "checkpoint-0.pth.tar", other)
     with pytest.raises(phema.InvalidValueError, match="another import"):
-        phema.import_store(store, tmp_path, kind="timm")
+        phema.import_store(store, other, kind="timm")
     assert main(["import", "timm", str(source), str(store)]) == 0
     clean = tmp_path / "clean"
     assert main(["import", "timm", str(source), str(clean)]) == 0

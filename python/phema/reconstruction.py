@@ -192,9 +192,14 @@ def write_outputs(
             )
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
     made: list[str] = []  # directories made here, removed again if the engine fails
-    if not os.path.isdir(out):
-        os.makedirs(out)
-        made.append(os.fspath(out))
+    missing = []  # `out` and its parents that do not exist yet, innermost first
+    d = os.path.abspath(out)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        os.mkdir(d)
+        made.append(d)
     outputs = []
     for o, name in enumerate(labels):
         if layout is None:
