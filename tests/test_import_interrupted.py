@@ -32,33 +32,56 @@ def source(tmp_path_factory):
     return src
 
 
-def interrupted(src, store, sig: int) -> None:
-    """Runs the import in a process and sends it `sig` once its first snapshot is committed."""
+def interrupted(src, stores: dict[int, object]) -> None:
+    """Runs one import per store at once, each in a process sent its signal once its first
+    snapshot is committed (processes start slowly: they run side by side)."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "phema", "import", "timm", str(src), str(store)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (store.is_dir() and any(p.suffix == ".safetensors" for p in store.iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+    procs = {
+        sig: subprocess.Popen(
+            [sys.executable, "-m", "phema", "import", "timm", str(src), str(store)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for sig, store in stores.items()
+    }
+    waiting = dict(stores)
+    deadline = time.monotonic() + 120
+    while waiting:
+        for sig, store in list(waiting.items()):
+            if store.is_dir() and any(p.suffix == ".safetensors" for p in store.iterdir()):
+                procs[sig].send_signal(sig)
+                del waiting[sig]
+            else:
+                assert procs[sig].poll() is None, procs[sig].stderr.read()
+        assert time.monotonic() < deadline
         time.sleep(0.002)
-    proc.send_signal(sig)
-    proc.wait(30)
-    assert proc.returncode != 0  # stopped before the last of the N snapshots
+    for proc in procs.values():
+        proc.wait(30)
+        assert proc.returncode != 0  # stopped before the last of the N snapshots
+
+
+@pytest.fixture(scope="module")
+def stores(source, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    out = {sig: root / sig.name for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
+    interrupted(source, out)
+    return out
 
 
 def snapshots(store) -> dict[str, dict]:
     return {p.name: load_file(p) for p in sorted(store.glob("*.safetensors"))}
 
 
-def test_ctrl_c_leaves_no_store(source, tmp_path):
-    interrupted(source, tmp_path / "s", signal.SIGINT)
-    assert not (tmp_path / "s").exists()
+def test_ctrl_c_leaves_no_store(stores):
+    assert not stores[signal.SIGINT].exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_killed_import_is_refused_by_every_reader_until_run_again(source, tmp_path, sig, capsys):
-    store = tmp_path / "s"
-    interrupted(source, store, sig)
+def test_a_killed_import_is_refused_by_every_reader_until_run_again(
+    source, stores, tmp_path, sig, capsys
+):
+    store = stores[sig]
     assert (store / IMPORT_INCOMPLETE).exists()
     with pytest.raises(phema.StoreError, match="import into this store did not finish"):
         phema.open_store(store)

@@ -177,9 +177,12 @@ def _redo(marker: str, src: str, kind: str) -> None:
             f"{marker}: another import into this store did not finish; run it again to redo "
             "it, or delete the marker and the snapshots it lists"
         )
-    for name in names:
+    store = os.path.dirname(marker)
+    # Its snapshots, and the temporary files of those it was writing when killed.
+    unfinished = tuple(f".{name}.tmp-" for name in names)
+    for name in [*names, *(n for n in os.listdir(store) if n.startswith(unfinished))]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(os.path.dirname(marker), name))
+            os.remove(os.path.join(store, name))
     os.remove(marker)
 
 
