@@ -412,6 +412,11 @@ def test_cli_sweep_writes_table_csv_figure_and_best(run, tmp_path, capsys, monke
     ]:
         assert main([*args[:2], *args[2:], *bad]) == 2
         assert message in capsys.readouterr().err
+    # A dtype typo is refused before any target is evaluated (no results file is begun).
+    typo = [*args[:-1], str(tmp_path / "typo"), "--dtype", "f61"]
+    assert main(typo) == 2
+    assert "f61" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "sweep.csv").exists()
     del sys.modules["sweepmod"]
 
 
