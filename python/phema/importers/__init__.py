@@ -142,7 +142,10 @@ def import_store(
                 **item.metadata,
                 **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
             }
-            write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+            try:
+                write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+            except InvalidValueError as e:  # about its values (NaN): name the file they are in
+                raise SourceError(f"{item.path}: {e}") from None
             del tensors  # one source file in memory at a time
         list_store(store)  # the result must be a store phema can use: same tensors everywhere
         os.remove(marker)
