@@ -464,7 +464,10 @@ impl Sources {
     /// (dicts with path, dtype, metadata, shard_size); returns (paths per output, stats).
     /// Non-float tensors come from input `copy_from` (default: the last input read). With `mix`
     /// (a list of `(column, {tensor name: column})` per output) outputs mix columns per tensor.
-    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None))]
+    /// Unless `verify` is false, the checksum of every file read whole is verified.
+    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_files<'py>(
         &self,
         py: Python<'py>,
@@ -473,6 +476,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
         let w = rows(&weights)?;
         let requests = outputs
@@ -484,7 +488,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let (paths, stats) = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_files(inputs, &plan, &requests, &progress)
             })
             .map_err(err)?;
@@ -502,7 +507,9 @@ impl Sources {
     /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
     /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of output `k`
     /// as float32 (float tensors) or in its stored dtype (others, from input `copy_from`).
-    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None))]
+    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_memory<'py>(
         &self,
         py: Python<'py>,
@@ -511,6 +518,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let w = rows(&weights)?;
         let mut held = Vec::with_capacity(buffers.len());
@@ -539,7 +547,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let stats = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_memory(inputs, &plan, slices, &progress)
             })
             .map_err(err)?;
@@ -702,7 +711,9 @@ type PathsPerRank = Vec<Vec<Vec<String>>>;
 /// `outputs[rank]` that rank's output dicts), all committed together; returns (paths per rank
 /// and output, stats).
 #[pyfunction]
-#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None))]
+#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+// Python keyword arguments, each optional.
+#[allow(clippy::too_many_arguments)]
 fn per_rank_to_files<'py>(
     py: Python<'py>,
     inputs: Vec<Vec<Vec<PathBuf>>>,
@@ -711,6 +722,7 @@ fn per_rank_to_files<'py>(
     progress: &EngineProgress,
     copy_from: Option<usize>,
     mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+    verify: bool,
 ) -> PyResult<(PathsPerRank, Bound<'py, PyDict>)> {
     let w = rows(&weights)?;
     let requests = outputs
@@ -734,7 +746,8 @@ fn per_rank_to_files<'py>(
                 })
                 .collect::<crate::Result<Vec<_>>>()?;
             let first = sources.first().map(Vec::as_slice).unwrap_or_default();
-            let plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            let mut plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            plan.skip_verify = !verify;
             ops::per_rank_to_files(&sources, &plan, &requests, &progress)
         })
         .map_err(err)?;

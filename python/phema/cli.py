@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from phema import _core, files, naming
 from phema.errors import PhemaError
+from phema.store import normalize_dtype
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             per_rank=args.per_rank,
             like=args.like,
             client=client,
+            verify=not args.no_verify,
         )
     sol = written.solution
     rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
@@ -434,6 +436,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
     files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]
@@ -614,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
+    s.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the snapshots' checksums as they are read (docs/store-format.md)",
+    )
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
     s.add_argument(
         "--like",

@@ -97,6 +97,7 @@ def reconstruct(
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
+    verify: bool = True,
 ) -> Reconstruction:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
@@ -119,6 +120,8 @@ def reconstruct(
     sum to 1; non-float tensors come from the latest snapshot at or before the target time.
     Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
+    The checksum of every snapshot read whole is verified as it is read (docs/store-format.md),
+    unless `verify` is False.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -146,6 +149,7 @@ def reconstruct(
         per_rank=per_rank,
         like=like,
         client=client,
+        verify=verify,
     )
 
 
@@ -161,6 +165,7 @@ def write_outputs(
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
+    verify: bool = True,
 ) -> Reconstruction:
     """Writes every output of a plan (see `reconstruct`)."""
     if client is not None and per_rank:
@@ -186,9 +191,16 @@ def write_outputs(
                 "per_rank outputs are one file per rank: shard_size does not apply"
             )
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
-    os.makedirs(out, exist_ok=True)
-    outputs = []
     made: list[str] = []  # directories made here, removed again if the engine fails
+    missing = []  # `out` and its parents that do not exist yet, innermost first
+    d = os.path.abspath(out)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        os.mkdir(d)
+        made.append(d)
+    outputs = []
     copied: list[str] = []
     try:
         for o, name in enumerate(labels):
@@ -197,8 +209,8 @@ def write_outputs(
             else:
                 target = os.path.join(out, name)
                 if not os.path.isdir(target):
-                    os.makedirs(target)
-                    made.append(target)
+                    os.mkdir(target)
+                    made.append(os.path.abspath(target))
                 # The configuration first, the weights last: an interrupted run leaves a
                 # directory without weights, which no listing takes for a checkpoint.
                 copied += copy_like_files(layout, target)
@@ -225,10 +237,13 @@ def write_outputs(
             progress=progress,
             desc="reconstruct",
             client=client,
+            verify=verify,
         )
     except BaseException:
-        # What this run made goes again; files copied over an earlier output's stay.
-        for path in [p for p in copied if os.path.dirname(p) in made] + made:
+        # What this run made goes again, innermost first; files copied over an earlier
+        # output's stay.
+        here = [p for p in copied if os.path.abspath(os.path.dirname(p)) in made]
+        for path in here + made[::-1]:
             with contextlib.suppress(OSError):
                 (os.rmdir if path in made else os.remove)(path)
         raise

@@ -139,7 +139,19 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     `(t, gamma)`, disagreeing tensors) raises `StoreError` naming the files; otherwise the problems
     are listed in `Store.problems`. Snapshots of sharded training missing a rank's file are left
     out either way and listed in `Store.incomplete`: a run still writing is not an error.
+    A store an import did not finish (its marker, docs/importers.md) is refused.
     """
+    marker = os.path.join(path, meta.IMPORT_INCOMPLETE)
+    if os.path.exists(marker):
+        raise _core.StoreError(
+            f"{marker}: an import into this store did not finish; run the same import again "
+            "to redo it, or delete the marker and the snapshots it lists"
+        )
+    return list_store(path, strict)
+
+
+def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
+    """`open_store` without the check of an unfinished import (for the import itself)."""
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
     mixed = meta.mixed_runs(
         os.fspath(path), meta.runs([(r["path"], r["metadata"]) for r in records])
