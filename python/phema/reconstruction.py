@@ -25,7 +25,7 @@ from phema.plan import (
     tied_aliases,
 )
 from phema.solver import Solution
-from phema.store import Store, normalize_dtype, open_store
+from phema.store import Store, dominant_dtype, normalize_dtype, open_store
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ def reconstruct(
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
     The checksum of every snapshot read whole is verified as it is read (docs/store-format.md),
     unless `verify` is False.
+
+    `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
+    of a store of ordinary checkpoints; phema snapshots give float16, their format.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -181,7 +184,7 @@ def write_outputs(
         layout = like_layout(like)
         like_dtype = check_like(store, layout)
         dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or "float16")
+    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
     labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
@@ -250,6 +253,14 @@ def write_outputs(
     if stats is not None:
         stats.update(run_stats)
     return _result(plan, labels, paths, run_stats, copied)
+
+
+def _checkpoints_dtype(store: Store) -> str | None:
+    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    phema snapshots (their float16 is the snapshot format, not the model's)."""
+    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
+        return None
+    return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
 
 
 def _result(

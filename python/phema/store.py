@@ -13,7 +13,7 @@ import numpy as np
 
 from phema import _core, meta
 from phema.errors import InvalidValueError
-from phema.files import checkpoint_files
+from phema.files import checkpoint_files, not_a_checkpoint
 
 _DTYPES = {
     "float16": "F16",
@@ -68,8 +68,8 @@ class SnapshotRecord:
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
-        return len(self.paths)
+        """How many ranks wrote parts of it (1 for an ordinary snapshot or a checkpoint)."""
+        return len(self.paths) or 1
 
 
 @dataclass
@@ -229,9 +229,12 @@ def open_checkpoints(
             if not n.startswith(".")
             and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
         ]
+        ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
+        entries = [e for e in entries if e not in dict(ignored)]
     else:
         root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
         entries = [os.fspath(p) for p in path_or_paths]
+        ignored = []
     if not entries:
         raise InvalidValueError(f"{root}: no checkpoints found")
     _check_count(len(entries))
@@ -275,7 +278,7 @@ def open_checkpoints(
     return Store(
         path=root,
         snapshots=[records[i] for i in order],
-        ignored=[],
+        ignored=ignored,
         problems=[],
         headers=sources.select(order),
         listed=listed,
