@@ -124,6 +124,15 @@ def is_dcp(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), METADATA))
 
 
+def stored_files(directory: str | os.PathLike[str]) -> list[str]:
+    """The files of a DCP checkpoint: `.metadata` and its `.distcp` files (which an output may
+    not replace)."""
+    directory = os.fspath(directory)
+    return [os.path.join(directory, METADATA)] + sorted(
+        os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".distcp")
+    )
+
+
 def _brief(e: BaseException) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first[:200]}"
@@ -241,7 +250,9 @@ def _read_chunk(tensor: DcpTensor, chunk: Chunk) -> Any:
         found = str(e)
         detail = found.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in found else None
         why = f"holds {detail}, which torch's safe loader refuses" if detail else _brief(e)
-        raise SourceError(f"{chunk.file}: `{tensor.name}` is not a readable tensor ({why})") from None
+        raise SourceError(
+            f"{chunk.file}: `{tensor.name}` is not a readable tensor ({why})"
+        ) from None
     if not isinstance(x, torch.Tensor) or x.is_sparse or x.is_quantized or x.is_complex():
         raise SourceError(f"{chunk.file}: `{tensor.name}` holds a {type(x).__name__}, not a tensor")
     if x.dtype != tensor.dtype or tuple(x.shape) != chunk.sizes:
@@ -252,12 +263,16 @@ def _read_chunk(tensor: DcpTensor, chunk: Chunk) -> Any:
     return x
 
 
-def tensors(directory: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
-    """(name, CPU tensor) of a DCP checkpoint, one whole tensor at a time, reassembled from its
-    chunks."""
+def tensors(
+    directory: str | os.PathLike[str], prefix: str | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(name, CPU tensor) of a DCP checkpoint (those whose name starts with `prefix`, if given),
+    one whole tensor at a time, reassembled from its chunks."""
     import torch
 
     for t in read_metadata(directory):
+        if prefix and not t.name.startswith(prefix):
+            continue
         if len(t.chunks) == 1 and t.chunks[0].sizes == t.shape:
             yield t.name, _read_chunk(t, t.chunks[0])
             continue
@@ -285,10 +300,13 @@ def _array(x: Any) -> tuple[np.ndarray, str]:
     return x.contiguous().numpy(), "F32"
 
 
-def convert(directory: str | os.PathLike[str], staging: str) -> list[str]:
+def convert(
+    directory: str | os.PathLike[str], staging: str, strip_prefix: str | None = None
+) -> list[str]:
     """Writes the tensors of the DCP checkpoint `directory` as safetensors files in the new
     directory `staging` (each at most `GROUP_BYTES` unless one tensor is larger), through the
-    core's writer; returns their paths. The checkpoint is never whole in memory."""
+    core's writer; returns their paths. The checkpoint is never whole in memory. With
+    `strip_prefix`, only the tensors whose names start with it are kept, without it."""
     directory = os.fspath(directory)
     written: list[str] = []
     groups: dict[str, list[tuple[str, np.ndarray]]] = {"F32": [], "BF16": []}
@@ -302,7 +320,9 @@ def convert(directory: str | os.PathLike[str], staging: str) -> list[str]:
             groups[kind], sizes[kind] = [], 0
 
     os.makedirs(staging)
-    for name, x in tensors(directory):
+    for name, x in tensors(directory, strip_prefix):
+        if strip_prefix:
+            name = name[len(strip_prefix) :]
         a, kind = _array(x)
         groups[kind].append((name, np.require(a, requirements="C")))
         sizes[kind] += a.nbytes
@@ -310,6 +330,8 @@ def convert(directory: str | os.PathLike[str], staging: str) -> list[str]:
             flush(kind)
     for kind in groups:
         flush(kind)
+    if not written:
+        raise SourceError(f"{directory}: holds no tensors whose name starts with {strip_prefix!r}")
     return written
 
 
@@ -321,10 +343,12 @@ class Staging:
         self.path = tempfile.mkdtemp(prefix="phema-dcp-")
         self.count = 0
 
-    def files(self, checkpoint: str | os.PathLike[str]) -> list[str]:
-        """The converted files of one DCP checkpoint."""
+    def files(
+        self, checkpoint: str | os.PathLike[str], strip_prefix: str | None = None
+    ) -> list[str]:
+        """The converted files of one DCP checkpoint (see `convert`)."""
         self.count += 1
-        return convert(checkpoint, os.path.join(self.path, f"{self.count:05d}"))
+        return convert(checkpoint, os.path.join(self.path, f"{self.count:05d}"), strip_prefix)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

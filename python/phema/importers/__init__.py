@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from phema import files, meta, naming
+from phema import _core, dcp, files, meta, naming
+from phema.engine import run_engine
 from phema.errors import InvalidTypeError, InvalidValueError, SourceError
 from phema.importers._unpickle import _Inert, _is_count, _torch_load, load_edm2_pickle
 from phema.meta import snapshot_metadata
@@ -32,7 +33,7 @@ from phema.store import (
     write_snapshot,
 )
 
-KINDS = ("edm2", "ema-pytorch", "lightning", "timm")
+KINDS = ("edm2", "ema-pytorch", "lightning", "timm", "dcp")
 # Most files one import takes (as for checkpoints: each becomes a snapshot of the store).
 MAX_FILES = 10_000
 # Largest update interval of ema-pytorch accepted (its calls are then far apart in steps).
@@ -53,7 +54,7 @@ class _Item:
     t: float
     gamma: float | None  # None: plain weights (kind raw)
     sigma_rel: float | None
-    read: Callable[[], Mapping[str, Any]]
+    read: Callable[[], Mapping[str, Any]] | None  # None: a DCP checkpoint (`_write_dcp`)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -111,7 +112,12 @@ def import_store(
         for name, value in (("sigma_rels", sigma_rels), ("update_every", update_every)):
             if value is not None:
                 raise InvalidValueError(f"{name} is for ema-pytorch folders, not {kind}")
-        items = _plan_edm2(src) if kind == "edm2" else _plan_plain(kind, src, times)
+        if kind == "edm2":
+            items = _plan_edm2(src)
+        elif kind == "dcp":
+            items = _plan_dcp(src, times)
+        else:
+            items = _plan_plain(kind, src, times)
     items.sort(key=lambda it: (it.t, it.gamma or 0.0))
     labels = _labels(items)
     names = [naming.snapshot_name(it.t, labels[it.sigma_rel]) for it in items]
@@ -126,7 +132,6 @@ def import_store(
     try:
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
-            tensors, source_dtype = _arrays(item, strip_prefix)
             metadata = {
                 **meta.header("raw" if item.gamma is None else "power"),
                 meta.RUN_ID: run_id,
@@ -135,9 +140,13 @@ def import_store(
                 **item.metadata,
                 **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
             }
-            write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+            if kind == "dcp":
+                _write_dcp(item.path, path, out_dtype, metadata, strip_prefix)
+            else:
+                tensors, source_dtype = _arrays(item, strip_prefix)
+                write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+                del tensors  # one source file in memory at a time
             written.append(path)
-            del tensors  # one source file in memory at a time
         open_store(store)  # the result must be a store phema can use: same tensors everywhere
     except BaseException:
         for path in written:
@@ -186,6 +195,8 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
 
     out: dict[str, np.ndarray] = {}
     floats: list[str] = []
+    if item.read is None:
+        raise InvalidTypeError(f"{item.path}: a DCP checkpoint is written by _write_dcp")
     for name, x in item.read().items():
         if not isinstance(name, str) or not name:
             raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
@@ -423,6 +434,62 @@ def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> fl
     keep = width > 0
     err2 = np.sum(w[keep] ** 2 / width[keep]) - 2.0 * np.sum(w[keep] * mass[keep] / width[keep])
     return math.sqrt(max(err2 + norm2, 0.0) / norm2)
+
+
+def _plan_dcp(src: str, times: Sequence[float] | None) -> list[_Item]:
+    """`src` is one DCP checkpoint directory or a directory of them; times from `times`, else
+    the last number in each one's name."""
+    if dcp.is_dcp(src):
+        found = [src]
+    elif os.path.isdir(src):
+        found = [
+            os.path.join(src, n)
+            for n in sorted(os.listdir(src))
+            if not n.startswith(".") and dcp.is_dcp(os.path.join(src, n))
+        ]
+    else:
+        raise InvalidValueError(f"{src}: not a DCP checkpoint directory (no {dcp.METADATA})")
+    if not found:
+        raise InvalidValueError(f"{src}: no DCP checkpoints (directories with {dcp.METADATA})")
+    if len(found) > MAX_FILES:
+        raise InvalidValueError(f"{src}: {len(found)} checkpoints, at most {MAX_FILES} at once")
+    if times is not None and len(times) != len(found):
+        raise InvalidValueError(f"{len(times)} times for {len(found)} checkpoints in {src}")
+    number = re.compile(r"(\d+(?:\.\d+)?)")
+    items = []
+    for i, path in enumerate(found):
+        name = os.path.basename(path.rstrip(os.sep))
+        t = float(times[i]) if times is not None else meta.time_from(name, {}, number)
+        if t is None or not (t > 0 and math.isfinite(t)):
+            raise SourceError(
+                f"{path}: no training time > 0 (pass times=... / --times, or name it by step)"
+            )
+        items.append(_Item(path, t, None, None, None))
+    return items
+
+
+def _write_dcp(
+    src: str, path: str, dtype: str | None, metadata: dict[str, str], strip_prefix: str | None
+) -> None:
+    """Writes the DCP checkpoint `src` as the snapshot `path`: converted a bounded group of
+    tensors at a time, then written by the engine (weight 1), so it is never whole in memory."""
+    staging = dcp.Staging()
+    try:
+        sources = _core.Sources([staging.files(src, strip_prefix)])
+        described = sources.describe()[0]
+        output = {
+            "path": path,
+            "dtype": dtype or dominant_dtype(d for _, d, _ in described["tensors"]),
+            "metadata": metadata,
+        }
+        run_engine(
+            lambda h: sources.combine_to_files(np.ones((1, 1)), [output], h, 0, None),
+            described["file_size"],
+            None,
+            "import",
+        )
+    finally:
+        staging.close()
 
 
 def _plan_plain(kind: str, src: str, times: Sequence[float] | None) -> list[_Item]:
