@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import dcp_ranks
 import pytest
 import ranks
 import torch
@@ -226,48 +227,26 @@ def test_truncated_files_are_refused(checkpoints, tmp_path, name, capsys) -> Non
 # ---------------------------------------------------------------------------------------------
 # Two gloo ranks holding sharded DTensors
 
-FULL = {"w": (5, 3), "v": (4, 6), "r": (3,)}
-
-
-def full_state(step: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return {n: torch.randn(s, generator=g) for n, s in FULL.items()}
-
-
-def save_worker(rank: int, directory: Path) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (2,))
-    for step in (100, 200):
-        full = full_state(step)
-        # Rows split 3 + 2, columns 3 + 3, one tensor replicated (stored once).
-        placements = {"w": [Shard(0)], "v": [Shard(1)], "r": [Replicate()]}
-        sd = {n: distribute_tensor(t, mesh, placements[n]) for n, t in full.items()}
-        dcp.save(sd, checkpoint_id=str(directory / "ckpts" / f"step-{step}"))
-
 
 def test_ranks_with_sharded_dtensors(tmp_path: Path) -> None:
     if not torch.distributed.is_gloo_available():
         pytest.skip("gloo is unavailable")
-    ranks.run_ranks(__file__, "save", tmp_path)
-    dirs = [tmp_path / "ckpts" / f"step-{s}" for s in (100, 200)]
+    ranks.run_ranks(dcp_ranks.__file__, "save", tmp_path)
+    dirs = [tmp_path / "ckpts" / f"step-{s}" for s in dcp_ranks.STEPS]
     assert len(list(dirs[0].glob("*.distcp"))) == 2  # each rank wrote its chunks
     loaded = []
     for d in dirs:
-        sd = {n: torch.empty(s) for n, s in FULL.items()}
+        sd = {n: torch.empty(s) for n, s in dcp_ranks.FULL.items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(sd, checkpoint_id=str(d))
-        assert all(torch.equal(sd[n], full_state(int(d.name[5:]))[n]) for n in FULL)
+        assert all(
+            torch.equal(sd[n], dcp_ranks.full_state(int(d.name[5:]))[n]) for n in dcp_ranks.FULL
+        )
         loaded.append(sd)
     got = tensors(Path(phema.average(dirs, out=tmp_path / "avg")[0]))
-    for name in FULL:
+    for name in dcp_ranks.FULL:
         expect = (loaded[0][name].double() + loaded[1][name].double()) / 2
         assert torch.equal(got[name], expect.float()), name
     store = phema.open_checkpoints(tmp_path / "ckpts")
     assert [s.t for s in store.snapshots] == [100.0, 200.0]
-
-
-if __name__ == "__main__":
-    ranks.rank_main({"save": save_worker})
