@@ -33,7 +33,7 @@ from phema.errors import SourceError
 
 METADATA = ".metadata"
 # Largest staging file written while converting (one tensor larger than this gets its own).
-GROUP_BYTES = 256 * 2**20
+GROUP_BYTES = 64 * 2**20
 
 _MODULE = "torch.distributed.checkpoint.metadata"
 # torch's metadata classes, read as inert records (their own `__setstate__` never runs).
