@@ -250,3 +250,33 @@ def test_ranks_with_sharded_dtensors(tmp_path: Path) -> None:
         assert torch.equal(got[name], expect.float()), name
     store = phema.open_checkpoints(tmp_path / "ckpts")
     assert [s.t for s in store.snapshots] == [100.0, 200.0]
+
+
+def _huge(md) -> None:
+    entry = md.state_dict_metadata["enc.bias"]
+    entry.size = torch.Size([10**12])
+    entry.chunks[0].sizes = torch.Size([10**12])
+
+
+def _not_a_dtype(md) -> None:
+    md.state_dict_metadata["enc.bias"].properties.dtype = "float32"
+
+
+def _gap(md) -> None:
+    md.state_dict_metadata["enc.bias"].size = torch.Size([6])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_huge, "the chunk of `enc.bias` at \\(0,\\) exceeds its bytes"),
+        (_not_a_dtype, "`enc.bias` has no real dtype"),
+        (_gap, "the chunks of `enc.bias` do not cover its shape \\(6,\\)"),
+    ],
+)
+def test_inconsistent_metadata_is_refused(checkpoints, tmp_path, change, message) -> None:
+    bad = _copy(checkpoints / "step-100", tmp_path / "step-100")
+    _rewrite_metadata(bad, change)
+    with pytest.raises(SourceError, match=f"{bad / '.metadata'}: {message}"):
+        phema.average([bad, checkpoints / "step-200"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

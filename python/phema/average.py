@@ -33,6 +33,8 @@ def average(
     """Writes `sum_i weights[i] * checkpoint_i` into the directory `out`, in bounded memory
     (with a Dask `client`, spread over its workers a shard each; docs/distributed.md).
 
+    A checkpoint is a `.safetensors` file, a checkpoint directory (`files.checkpoint_files`) or
+    a PyTorch DCP directory (`.metadata` + `*.distcp`, read one tensor at a time; docs/importers.md).
     Weights default to uniform. Float tensors keep the inputs' dtype unless `dtype` is given;
     non-float tensors are copied from the first checkpoint (a warning names those that differ).
     Sharded inputs give sharded outputs (same shard size) unless `shard_size` says otherwise.

@@ -168,9 +168,12 @@ def _ints(x: Any) -> tuple[int, ...] | None:
 def read_metadata(directory: str | os.PathLike[str]) -> list[DcpTensor]:
     """The tensors of a DCP checkpoint, in the order `.metadata` lists them, with their chunks.
     Non-tensor entries (bytes items: step counters, RNG states) are not read."""
+    import torch
+
     directory = os.fspath(directory)
     path = os.path.join(directory, METADATA)
     md = _load_metadata(path)
+    file_sizes: dict[str, int] = {}  # bytes of each .distcp file
     entries, storage = md.get("state_dict_metadata"), md.get("storage_data")
     if not (isinstance(entries, dict) and isinstance(storage, dict)):
         raise SourceError(f"{path}: no state_dict_metadata or storage_data")
@@ -191,15 +194,20 @@ def read_metadata(directory: str | os.PathLike[str]) -> list[DcpTensor]:
         state = props.state if isinstance(props, _Record) else None
         # TensorProperties pickles as a tuple starting with the dtype.
         dtype = state[0] if isinstance(state, tuple) and state else None
-        if not (entry.name == "TensorStorageMetadata" and shape is not None and dtype):
-            raise SourceError(f"{path}: `{name}` has no dtype or shape")
+        if not (
+            entry.name == "TensorStorageMetadata"
+            and shape is not None
+            and isinstance(dtype, torch.dtype)
+            and not dtype.is_complex
+        ):
+            raise SourceError(f"{path}: `{name}` has no real dtype or no shape")
         chunks = []
         for c in entry.get("chunks") or []:
             offsets = _ints(c.get("offsets")) if isinstance(c, _Record) else None
-            sizes = _ints(c.get("sizes")) if isinstance(c, _Record) else None
-            if offsets is None or sizes is None or not len(offsets) == len(shape) == len(sizes):
+            extent = _ints(c.get("sizes")) if isinstance(c, _Record) else None
+            if offsets is None or extent is None or not len(offsets) == len(shape) == len(extent):
                 raise SourceError(f"{path}: `{name}` has a chunk without offsets and sizes")
-            if any(o + s > n for o, s, n in zip(offsets, sizes, shape)):
+            if any(o + s > n for o, s, n in zip(offsets, extent, shape)):
                 raise SourceError(f"{path}: a chunk of `{name}` lies outside its shape {shape}")
             info = where.get((name, offsets))
             if info is None:
@@ -217,7 +225,22 @@ def read_metadata(directory: str | os.PathLike[str]) -> list[DcpTensor]:
                 and _ints((start, length)) is not None
             ):
                 raise SourceError(f"{path}: the chunk of `{name}` has no valid location")
-            chunks.append(Chunk(offsets, sizes, os.path.join(directory, rel), start, length))
+            file = os.path.join(directory, rel)
+            if file not in file_sizes:
+                try:
+                    file_sizes[file] = os.path.getsize(file)
+                except FileNotFoundError:
+                    raise SourceError(f"{file}: missing (named by {path})") from None
+            # A chunk claiming more elements than its bytes hold is refused before anything
+            # is allocated for it.
+            if math.prod(extent) * dtype.itemsize > length:
+                raise SourceError(f"{path}: the chunk of `{name}` at {offsets} exceeds its bytes")
+            if start + length > file_sizes[file]:
+                raise SourceError(
+                    f"{file}: truncated: `{name}` lies at bytes {start} to {start + length}, "
+                    f"the file has {file_sizes[file]}"
+                )
+            chunks.append(Chunk(offsets, extent, file, start, length))
         if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
             raise SourceError(f"{path}: the chunks of `{name}` do not cover its shape {shape}")
         tensors.append(DcpTensor(name, dtype, shape, tuple(chunks)))
@@ -230,18 +253,11 @@ def _read_chunk(tensor: DcpTensor, chunk: Chunk) -> Any:
     """One chunk's tensor, read from its byte range through torch's safe loader."""
     import torch
 
-    try:
-        with open(chunk.file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if chunk.start + chunk.length > size:
-                raise SourceError(
-                    f"{chunk.file}: truncated: `{tensor.name}` lies at bytes {chunk.start} to "
-                    f"{chunk.start + chunk.length}, the file has {size}"
-                )
-            f.seek(chunk.start)
-            blob = f.read(chunk.length)
-    except FileNotFoundError:
-        raise SourceError(f"{chunk.file}: missing (named by the checkpoint's metadata)") from None
+    with open(chunk.file, "rb") as f:
+        f.seek(chunk.start)
+        blob = f.read(chunk.length)
+    if len(blob) != chunk.length:  # shortened since its metadata was read
+        raise SourceError(f"{chunk.file}: truncated while `{tensor.name}` was read")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -203,8 +203,8 @@ def open_checkpoints(
 ) -> Store:
     """Ordinary checkpoints as a store of plain weights (snapshots of kind `raw`).
 
-    `path_or_paths` is a directory whose entries are checkpoints (files or checkpoint
-    directories), or a list of checkpoints. Each one's training time comes from `times`, else
+    `path_or_paths` is a directory whose entries are checkpoints (files, checkpoint directories
+    or PyTorch DCP directories, docs/importers.md), or a list of checkpoints. Each one's training time comes from `times`, else
     from its metadata (`phema.t`, `step` or `global_step`), else from the last number in its name
     matched by `pattern`. `phema.solve` and `phema.reconstruct` accept the result.
     """

@@ -74,8 +74,9 @@ def import_store(
 
     `kind` is `edm2` (`network-snapshot-KKKKKKK-S.SSS.pkl`, `training-state-KKKKKKK.pt`),
     `ema-pytorch` (a `PostHocEMA` checkpoint folder of `{ind}.{step}.pt`; `sigma_rels` per `ind`
-    and the `update_every` of its run are required), `lightning` (`.ckpt`) or `timm` (`.pth`,
-    plain weights: a store of kind `raw`, times from `times`, the checkpoint or its name).
+    and the `update_every` of its run are required), `lightning` (`.ckpt`), `timm` (`.pth`) or
+    `dcp` (PyTorch Distributed Checkpoint directories, read one tensor at a time): plain
+    weights, a store of kind `raw`, times from `times`, the checkpoint or its name.
     `strip_prefix` keeps the tensors whose names start with it, without it (`model.` of a
     LightningModule).
     Float tensors keep their dtype unless `dtype` is given. A non-empty `store` is refused unless
