@@ -130,6 +130,14 @@ def test_reconstruct_checkpoints_and_import(checkpoints: Path, tmp_path: Path) -
         assert got.keys() == expect.keys()
         for name in got:  # float32 kept; the bfloat16 tensor stored as float32 exactly
             assert torch.equal(got[name], expect[name].to(got[name].dtype)), name
+    # One checkpoint, its `enc.` tensors only, at a given time.
+    [path] = phema.import_store(
+        tmp_path / "enc", checkpoints / "step-200", kind="dcp", strip_prefix="enc.", times=[7]
+    )
+    assert phema.open_store(tmp_path / "enc").snapshots[0].t == 7.0
+    got, expect = tensors(Path(path)), load_dcp(checkpoints / "step-200")
+    assert got.keys() == {"weight", "bias"}
+    assert torch.equal(got["weight"], expect["enc.weight"])
 
 
 def _rewrite_metadata(path: Path, change) -> None:

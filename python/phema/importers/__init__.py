@@ -141,10 +141,10 @@ def import_store(
                 **item.metadata,
                 **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
             }
-            if kind == "dcp":
+            if item.read is None:
                 _write_dcp(item.path, path, out_dtype, metadata, strip_prefix)
             else:
-                tensors, source_dtype = _arrays(item, strip_prefix)
+                tensors, source_dtype = _arrays(item.path, item.read(), strip_prefix)
                 write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
                 del tensors  # one source file in memory at a time
             written.append(path)
@@ -189,24 +189,24 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
     return next(iter(ids)) if ids else meta.new_run_id()
 
 
-def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray], str]:
-    """The item's tensors as arrays for write_snapshot (float tensors as float32), and the
-    dtype most of its float tensors had (which they keep)."""
+def _arrays(
+    path: str, source: Mapping[str, Any], strip_prefix: str | None
+) -> tuple[dict[str, np.ndarray], str]:
+    """The tensors read from the source file `path` as arrays for write_snapshot (float tensors
+    as float32), and the dtype most of its float tensors had (which they keep)."""
     import torch
 
     out: dict[str, np.ndarray] = {}
     floats: list[str] = []
-    if item.read is None:
-        raise InvalidTypeError(f"{item.path}: a DCP checkpoint is written by _write_dcp")
-    for name, x in item.read().items():
+    for name, x in source.items():
         if not isinstance(name, str) or not name:
-            raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
+            raise SourceError(f"{path}: a tensor name is {name!r}, not a string")
         if strip_prefix:
             if not name.startswith(strip_prefix):
                 continue  # another part of the module (a loss, a metric)
             name = name[len(strip_prefix) :]
         if not isinstance(x, torch.Tensor):
-            raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
+            raise SourceError(f"{path}: `{name}` is a {type(x).__name__}, not a tensor")
         try:
             if x.is_complex():
                 raise InvalidTypeError("complex")
@@ -216,10 +216,10 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
                 x = x.float()
             out[name] = x.contiguous().numpy()
         except (TypeError, RuntimeError) as e:  # sparse, quantized, complex, meta tensors
-            raise SourceError(f"{item.path}: `{name}` is not a dense real tensor ({e})") from None
+            raise SourceError(f"{path}: `{name}` is not a dense real tensor ({e})") from None
     if not out:
         what = f" whose name starts with {strip_prefix!r}" if strip_prefix else ""
-        raise SourceError(f"{item.path}: holds no tensors{what}")
+        raise SourceError(f"{path}: holds no tensors{what}")
     return out, dominant_dtype(floats)
 
 
