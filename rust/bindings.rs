@@ -421,13 +421,7 @@ impl Sources {
             .detach(|| {
                 inputs
                     .iter()
-                    .map(|files| {
-                        let files = files
-                            .iter()
-                            .map(|p| store::read_header(p))
-                            .collect::<crate::Result<Vec<_>>>()?;
-                        Source::new(files, local)
-                    })
+                    .map(|files| Source::open(files, local))
                     .collect::<crate::Result<Vec<_>>>()
             })
             .map_err(err)?;
@@ -639,19 +633,20 @@ type ScanResult<'py> = (
     Vec<String>,
 );
 
-/// A listed snapshot as an engine input.
-fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
-    Source::new(s.files.clone(), false).map_err(err)
-}
-
 /// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems,
 /// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
+    let sources = scan
+        .snapshots
+        .iter()
+        .map(|s| Source::new(s.files.clone(), false))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
-    for s in &scan.snapshots {
-        let d = source_dict(py, &snapshot_source(s)?)?;
+    for (s, source) in scan.snapshots.iter().zip(&sources) {
+        let d = source_dict(py, source)?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -670,13 +665,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
         .iter()
         .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
         .collect();
-    let headers = Sources(
-        scan.snapshots
-            .iter()
-            .map(snapshot_source)
-            .collect::<PyResult<_>>()?,
-    );
-    Ok((headers, records, ignored, scan.problems, scan.incomplete))
+    Ok((
+        Sources(sources),
+        records,
+        ignored,
+        scan.problems,
+        scan.incomplete,
+    ))
 }
 
 /// Block layout: `{name: (global shape, offset)}`.
@@ -731,16 +726,10 @@ fn per_rank_to_files<'py>(
     let (paths, stats) = py
         .detach(|| {
             let sources = inputs
-                .into_iter()
+                .iter()
                 .map(|rank| {
-                    rank.into_iter()
-                        .map(|files| {
-                            let headers = files
-                                .iter()
-                                .map(|p| store::read_header(p))
-                                .collect::<crate::Result<Vec<_>>>()?;
-                            Source::new(headers, true)
-                        })
+                    rank.iter()
+                        .map(|files| Source::open(files, true))
                         .collect::<crate::Result<Vec<_>>>()
                 })
                 .collect::<crate::Result<Vec<_>>>()?;

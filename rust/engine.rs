@@ -148,6 +148,16 @@ impl Source {
         }
     }
 
+    /// Reads the headers of the files at `paths` (their data is not touched) and makes a
+    /// source of them, as [`Source::new`] does.
+    pub fn open(paths: &[PathBuf], local: bool) -> Result<Self> {
+        let files = paths
+            .iter()
+            .map(|p| read_header(p))
+            .collect::<Result<Vec<_>>>()?;
+        Source::new(files, local)
+    }
+
     /// A source of these files. Rank files of a sharded snapshot are assembled into global
     /// tensors (all ranks must be there) unless `local`: then each is taken as it is.
     pub fn new(files: Vec<Header>, local: bool) -> Result<Self> {

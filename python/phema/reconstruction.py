@@ -188,27 +188,33 @@ def write_outputs(
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
     os.makedirs(out, exist_ok=True)
     outputs = []
-    made: list[str] = []  # target directories made here, removed again if the engine fails
-    for o, name in enumerate(labels):
-        if layout is None:
-            path = os.path.join(out, name if shard_size else name + ".safetensors")
-        elif layout.shard_size:
-            path, shard_size = os.path.join(out, name), layout.shard_size
-        else:
-            if not os.path.isdir(os.path.join(out, name)):
-                os.makedirs(os.path.join(out, name))
-                made.append(os.path.join(out, name))
-            path = os.path.join(out, name, layout.weights)
-        outputs.append(
-            {
-                "path": path,
-                "dtype": dtype,
-                "metadata": output_metadata(plan, o, store),
-                "shard_size": shard_size,
-                "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
-            }
-        )
+    made: list[str] = []  # directories made here, removed again if the engine fails
+    copied: list[str] = []
     try:
+        for o, name in enumerate(labels):
+            if layout is None:
+                path = os.path.join(out, name if shard_size else name + ".safetensors")
+            else:
+                target = os.path.join(out, name)
+                if not os.path.isdir(target):
+                    os.makedirs(target)
+                    made.append(target)
+                # The configuration first, the weights last: an interrupted run leaves a
+                # directory without weights, which no listing takes for a checkpoint.
+                copied += copy_like_files(layout, target)
+                if layout.shard_size:
+                    path, shard_size = target, layout.shard_size
+                else:
+                    path = os.path.join(target, layout.weights)
+            outputs.append(
+                {
+                    "path": path,
+                    "dtype": dtype,
+                    "metadata": output_metadata(plan, o, store),
+                    "shard_size": shard_size,
+                    "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
+                }
+            )
         paths, run_stats = combine_to_files(
             store.headers,
             plan.weights,
@@ -221,16 +227,13 @@ def write_outputs(
             client=client,
         )
     except BaseException:
-        for directory in made:
+        # What this run made goes again; files copied over an earlier output's stay.
+        for path in [p for p in copied if os.path.dirname(p) in made] + made:
             with contextlib.suppress(OSError):
-                os.rmdir(directory)
+                (os.rmdir if path in made else os.remove)(path)
         raise
     if stats is not None:
         stats.update(run_stats)
-    copied = []
-    if layout is not None:
-        for name in labels:
-            copied += copy_like_files(layout, os.path.join(out, name))
     return _result(plan, labels, paths, run_stats, copied)
 
 
