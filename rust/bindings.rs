@@ -2,7 +2,7 @@
 //! work. No logic of its own.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,11 +13,12 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 use safetensors::Dtype;
 
 use crate::engine::{self, Progress, Source};
-use crate::error::PhemaError;
+use crate::error::PhemaError as CoreError;
 use crate::ops;
 use crate::profile::{self, Profile};
 use crate::solve::{self as solver, SolveOptions};
@@ -25,36 +26,98 @@ use crate::store::{self, Header};
 use crate::writer::{self, OutputRequest, TensorData};
 
 create_exception!(
-    _core,
-    StoreError,
-    PyValueError,
-    "A store, snapshot or output file is unusable; the message names the file."
+    phema,
+    PhemaError,
+    PyException,
+    "The base of every error phema raises for a value, file or store it cannot use; the message \
+     names it."
 );
 
 create_exception!(
-    _core,
+    phema,
     Cancelled,
-    PyException,
+    PhemaError,
     "The work was cancelled (`EngineProgress.cancel`); nothing was written."
 );
 
-fn err(e: PhemaError) -> PyErr {
-    match e {
-        PhemaError::Io { .. } => PyOSError::new_err(e.to_string()),
-        PhemaError::Corrupt { .. }
-        | PhemaError::Store(_)
-        | PhemaError::Metadata { .. }
-        | PhemaError::Overflow { .. } => StoreError::new_err(e.to_string()),
-        PhemaError::Cancelled => Cancelled::new_err(e.to_string()),
-        PhemaError::OutOfRange { .. } | PhemaError::Invalid(_) | PhemaError::Unsolvable(_) => {
-            PyValueError::new_err(e.to_string())
-        }
-    }
+/// The error classes with a builtin base beside `PhemaError`, so that `except ValueError` and
+/// `except OSError` code written before the base existed keeps catching them.
+struct Errors {
+    store: Py<PyType>,
+    invalid: Py<PyType>,
+    storage: Py<PyType>,
+}
+
+static ERRORS: PyOnceLock<Errors> = PyOnceLock::new();
+
+/// `class NAME(PhemaError, BUILTIN)` in module `phema`.
+fn subclass(
+    py: Python<'_>,
+    name: &str,
+    builtin: Bound<'_, PyType>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, [py.get_type::<PhemaError>(), builtin])?;
+    let dict = PyDict::new(py);
+    dict.set_item("__doc__", doc)?;
+    dict.set_item("__module__", "phema")?;
+    let made = py.get_type::<PyType>().call1((name, bases, dict))?;
+    Ok(made.cast_into::<PyType>()?.unbind())
+}
+
+fn errors(py: Python<'_>) -> PyResult<&Errors> {
+    ERRORS.get_or_try_init(py, || {
+        Ok(Errors {
+            store: subclass(
+                py,
+                "StoreError",
+                py.get_type::<PyValueError>(),
+                "A store, snapshot or output file is unusable; the message names the file.",
+            )?,
+            invalid: subclass(
+                py,
+                "InvalidValueError",
+                py.get_type::<PyValueError>(),
+                "A value given to phema is out of range or cannot be used; the message names it.",
+            )?,
+            storage: subclass(
+                py,
+                "StorageError",
+                py.get_type::<PyOSError>(),
+                "Reading or writing a file failed; the message names the file and the cause.",
+            )?,
+        })
+    })
+}
+
+/// A value the caller passed that the binding cannot convert, as `InvalidValueError`.
+fn invalid(message: impl Into<String>) -> PyErr {
+    err(CoreError::Invalid(message.into()))
+}
+
+fn err(e: CoreError) -> PyErr {
+    Python::attach(|py| {
+        let ty = match errors(py) {
+            Ok(errors) => match e {
+                CoreError::Io { .. } => &errors.storage,
+                CoreError::Corrupt { .. }
+                | CoreError::Store(_)
+                | CoreError::Metadata { .. }
+                | CoreError::Overflow { .. } => &errors.store,
+                CoreError::Cancelled => return Cancelled::new_err(e.to_string()),
+                CoreError::OutOfRange { .. } | CoreError::Invalid(_) | CoreError::Unsolvable(_) => {
+                    &errors.invalid
+                }
+            },
+            Err(made) => return made,
+        };
+        PyErr::from_type(ty.bind(py).clone(), e.to_string())
+    })
 }
 
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
     serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| PyValueError::new_err(format!("unknown safetensors dtype {name:?}")))
+        .map_err(|_| invalid(format!("unknown safetensors dtype {name:?}")))
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -84,7 +147,7 @@ fn make_profile(kind: &str, t: f64, value: f64, dt: f64) -> PyResult<Profile> {
         "beta" => Profile::from_beta(t, value, dt),
         "halflife" => Profile::from_halflife(t, value),
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(invalid(format!(
                 "unknown profile kind {other:?} (power, beta, halflife)"
             )))
         }
@@ -150,9 +213,7 @@ fn solve<'py>(
     causal: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     if snapshot_t.len() != snapshot_gamma.len() {
-        return Err(PyValueError::new_err(
-            "snapshot_t and snapshot_gamma differ in length",
-        ));
+        return Err(invalid("snapshot_t and snapshot_gamma differ in length"));
     }
     let snaps = snapshot_t
         .iter()
@@ -255,7 +316,7 @@ fn write_snapshot(
         } else {
             let code: String = arr.dtype().getattr("str")?.extract()?;
             let d = numpy_to_safetensors(&code).ok_or_else(|| {
-                PyValueError::new_err(format!(
+                invalid(format!(
                     "tensor `{name}`: numpy dtype {} cannot be stored",
                     arr.dtype()
                 ))
@@ -270,9 +331,10 @@ fn write_snapshot(
     let mut data = Vec::with_capacity(held.len());
     for (name, shape, h) in &held {
         let d = match h {
-            Held::F32(a) => TensorData::F32(a.as_slice().map_err(|_| {
-                PyValueError::new_err(format!("tensor `{name}` is not C-contiguous"))
-            })?),
+            Held::F32(a) => TensorData::F32(
+                a.as_slice()
+                    .map_err(|_| invalid(format!("tensor `{name}` is not C-contiguous")))?,
+            ),
             Held::Raw(d, a) => TensorData::Raw(*d, a.as_slice()?),
         };
         data.push((name.clone(), shape.clone(), d));
@@ -382,6 +444,14 @@ impl Sources {
         self.0.iter().map(|s| source_dict(py, s)).collect()
     }
 
+    /// Every input's files (a sharded snapshot's rank files in rank order), as given.
+    fn files(&self) -> Vec<Vec<PathBuf>> {
+        self.0
+            .iter()
+            .map(|s| s.files.iter().map(|h| h.path.clone()).collect())
+            .collect()
+    }
+
     /// The inputs at these positions.
     fn select(&self, indices: Vec<usize>) -> PyResult<Sources> {
         indices
@@ -390,7 +460,7 @@ impl Sources {
                 self.0
                     .get(i)
                     .cloned()
-                    .ok_or_else(|| PyValueError::new_err(format!("no file at index {i}")))
+                    .ok_or_else(|| invalid(format!("no file at index {i}")))
             })
             .collect::<PyResult<Vec<_>>>()
             .map(Sources)
@@ -454,7 +524,7 @@ impl Sources {
             let mut v = Vec::with_capacity(per_output.len());
             for b in per_output {
                 v.push(b.try_readwrite().map_err(|_| {
-                    PyValueError::new_err("an output buffer is given twice or is in use elsewhere")
+                    invalid("an output buffer is given twice or is in use elsewhere")
                 })?);
             }
             held.push(v);
@@ -464,9 +534,8 @@ impl Sources {
             let mut v = Vec::with_capacity(per_output.len());
             for b in per_output.iter_mut() {
                 v.push(
-                    b.as_slice_mut().map_err(|_| {
-                        PyValueError::new_err("output buffers must be C-contiguous")
-                    })?,
+                    b.as_slice_mut()
+                        .map_err(|_| invalid("output buffers must be C-contiguous"))?,
                 );
             }
             slices.push(v);
@@ -499,15 +568,21 @@ impl Sources {
         ))
     }
 
-    /// Writes the index of a sharded output after every shard was committed; its path or None.
-    fn write_index(
+    /// Commits a distributed run (`ops::commit_staged`): the files of `staged` moved to the
+    /// paths of `finals`, indexes last; returns each output's paths.
+    fn commit_staged(
         &self,
+        py: Python<'_>,
         weights: PyReadonlyArray2<'_, f64>,
-        output: Bound<'_, PyDict>,
-    ) -> PyResult<Option<String>> {
-        let path =
-            ops::write_index(&self.0, &rows(&weights)?, &output_request(&output)?).map_err(err)?;
-        Ok(path.map(|p| p.to_string_lossy().into_owned()))
+        finals: Vec<Bound<'_, PyDict>>,
+        staged: Vec<Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<Vec<PathBuf>>> {
+        let w = rows(&weights)?;
+        let requests =
+            |ds: &[Bound<'_, PyDict>]| ds.iter().map(output_request).collect::<PyResult<Vec<_>>>();
+        let (finals, staged) = (requests(&finals)?, requests(&staged)?);
+        py.detach(|| ops::commit_staged(&self.0, &w, &finals, &staged))
+            .map_err(err)
     }
 }
 
@@ -530,7 +605,7 @@ fn rows(weights: &PyReadonlyArray2<'_, f64>) -> PyResult<Vec<Vec<f64>>> {
 fn output_request(d: &Bound<'_, PyDict>) -> PyResult<OutputRequest> {
     let get = |k: &str| {
         d.get_item(k)?
-            .ok_or_else(|| PyValueError::new_err(format!("output lacks `{k}`")))
+            .ok_or_else(|| invalid(format!("output lacks `{k}`")))
     };
     let optional = |k: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
         Ok(d.get_item(k)?.filter(|v| !v.is_none()))
@@ -573,12 +648,6 @@ fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
 /// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
-    if !Path::new(&path).is_dir() {
-        return Err(StoreError::new_err(format!(
-            "{}: not a directory (a store is a directory of snapshots)",
-            path.display()
-        )));
-    }
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
     for s in &scan.snapshots {
@@ -692,6 +761,19 @@ fn per_rank_to_files<'py>(
     Ok((paths, stats_dict(py, &stats)?))
 }
 
+/// Moves files into `directory`, never replacing one there (`writer::move_files`).
+#[pyfunction]
+fn move_files(py: Python<'_>, paths: Vec<PathBuf>, directory: PathBuf) -> PyResult<Vec<PathBuf>> {
+    py.detach(|| writer::move_files(&paths, &directory))
+        .map_err(err)
+}
+
+/// Copies `source` to `path` by the same rule (`writer::copy_file`).
+#[pyfunction]
+fn copy_file(py: Python<'_>, source: PathBuf, path: PathBuf) -> PyResult<()> {
+    py.detach(|| writer::copy_file(&source, &path)).map_err(err)
+}
+
 /// Replaces the file at `path` with `data` in one step (`writer::write_file`).
 #[pyfunction]
 fn write_file(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
@@ -717,7 +799,12 @@ fn verify_checksum(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("StoreError", m.py().get_type::<StoreError>())?;
+    let py = m.py();
+    m.add("PhemaError", py.get_type::<PhemaError>())?;
+    let errors = errors(py)?;
+    m.add("StoreError", errors.store.bind(py))?;
+    m.add("InvalidValueError", errors.invalid.bind(py))?;
+    m.add("StorageError", errors.storage.bind(py))?;
     m.add("Cancelled", m.py().get_type::<Cancelled>())?;
     m.add("NOISE_FLOAT16", solver::NOISE_FLOAT16)?;
     m.add("NOISE_BFLOAT16", solver::NOISE_BFLOAT16)?;
@@ -728,6 +815,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_file, m)?)?;
+    m.add_function(wrap_pyfunction!(move_files, m)?)?;
     m.add_function(wrap_pyfunction!(per_rank_to_files, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;

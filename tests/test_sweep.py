@@ -100,10 +100,10 @@ def test_batches_of_any_size_give_the_same_table(run):
 
 def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, monkeypatch):
     store, model = run
-    import phema.sweeps
+    import phema.sweeps.run
 
     passes = []
-    real = phema.sweeps.state_dicts
+    real = phema.sweeps.run.state_dicts
 
     def recording(store_, plan, *args, **kwargs):
         passes.append((len(plan.outputs), len(plan.used())))
@@ -112,7 +112,7 @@ def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, mon
         assert [o.column for o in plan.outputs] == list(range(len(plan.outputs)))
         return real(store_, plan, *args, **kwargs)
 
-    monkeypatch.setattr(phema.sweeps, "state_dicts", recording)
+    monkeypatch.setattr(phema.sweeps.run, "state_dicts", recording)
     n = len(phema.open_store(store).snapshots)
     result = phema.sweep(store, model, evaluate, sigma_rels=[0.03, 0.05, 0.08, 0.12], batch=2)
     assert len(result.rows) == 4
@@ -127,11 +127,11 @@ def test_at_most_two_batches_exist_while_evaluate_is_slow(run, monkeypatch):
     """A batch is built only when at most one other is alive: built - fully evaluated <= 1."""
     import time
 
-    import phema.sweeps
+    import phema.sweeps.run
 
     store, model = run
     built, evaluated = [], []
-    real = phema.sweeps.state_dicts
+    real = phema.sweeps.run.state_dicts
 
     def building(store_, plan, *args, **kwargs):
         built.append(len(built) - len(evaluated))  # batches alive besides this one
@@ -143,7 +143,7 @@ def test_at_most_two_batches_exist_while_evaluate_is_slow(run, monkeypatch):
         evaluated.append(1)
         return out
 
-    monkeypatch.setattr(phema.sweeps, "state_dicts", building)
+    monkeypatch.setattr(phema.sweeps.run, "state_dicts", building)
     sigmas = [0.03, 0.04, 0.06, 0.08, 0.12, 0.2]
     result = phema.sweep(store, model, slow, sigma_rels=sigmas, batch=1, progress=False)
     assert len(result.rows) == len(built) == len(sigmas)

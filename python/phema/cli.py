@@ -11,16 +11,17 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from phema import _core, naming
+from phema import _core, files, naming
+from phema.errors import PhemaError
 from phema.targets import Targets
 
 if TYPE_CHECKING:
-    from phema.reconstruction import Plan
+    from phema.reconstruction import Reconstruction
     from phema.solver import Solution
     from phema.store import Store
 
 
-class UserError(Exception):
+class UserError(PhemaError):
     """A mistake in the command line or its input: reported as one line, no traceback."""
 
 
@@ -100,7 +101,7 @@ def _open(args: argparse.Namespace, strict: bool = True) -> Store:
     from phema.store import open_store
 
     if getattr(args, "checkpoints", False):
-        from phema.checkpoints import open_checkpoints
+        from phema.store import open_checkpoints
 
         times = parse_list(args.times) if args.times else None
         return open_checkpoints(
@@ -209,16 +210,17 @@ def _tensor_sigma_rels(args: argparse.Namespace) -> list[tuple[str, float]] | No
 def _targets(args: argparse.Namespace) -> dict:
     kw = {
         "sigma_rels": parse_list(args.sigma_rel) if args.sigma_rel else None,
+        "gammas": parse_list(args.gamma) if args.gamma else None,
         "betas": parse_list(args.beta) if args.beta else None,
         "halflives": parse_list(args.halflife) if args.halflife else None,
         "dt": args.dt,
         "at": args.at,
         "noise": "auto" if args.noise is None else args.noise,
         "causal": args.causal,
-        "tensors": _tensor_sigma_rels(args),
+        "tensor_sigma_rels": _tensor_sigma_rels(args),
     }
-    if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"] or kw["tensors"]):
-        raise UserError("give at least one target: --sigma-rel, --beta or --halflife")
+    if not any(kw[k] for k in ("sigma_rels", "gammas", "betas", "halflives", "tensor_sigma_rels")):
+        raise UserError("give at least one target: --sigma-rel, --gamma, --beta or --halflife")
     return kw
 
 
@@ -267,38 +269,39 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from phema.reconstruction import make_plan, write_outputs
-    from phema.store import normalize_dtype
+    from phema.reconstruction import reconstruct
 
     _threads(args)
-    if args.dtype is not None:
-        normalize_dtype(args.dtype)
     store = _open(args)
-    plan = make_plan(store, Targets.of(**_targets(args)), allow_poor_fit=args.allow_poor_fit)
-    stats: dict = {}
     with _cluster(args) as client:
-        paths = write_outputs(
+        written = reconstruct(
             store,
-            plan,
+            targets=Targets.of(**_targets(args)),
             out=args.out,
             dtype=args.dtype,
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
+            allow_poor_fit=args.allow_poor_fit,
             progress=sys.stderr.isatty() and not args.quiet,
-            stats=stats,
             per_rank=args.per_rank,
             like=args.like,
             client=client,
         )
-    sol = plan.sol
-    outputs = _outputs_per_column(plan, paths, args.out)
-    rows = _report_rows(sol, [[o] for o in outputs])
+    sol = written.solution
+    rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
     print(_table(rows, [*_REPORT, "output"]))
+    stats = written.stats
     print(
-        f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files"
+        f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; "
+        f"wrote {_count(len(written), 'file')}"
     )
     for n in sol.notes:
         print(f"note: {n}")
     return 0
+
+
+def _count(n: int, what: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 @contextlib.contextmanager
@@ -311,7 +314,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         raise UserError("give --scheduler or --workers, not both")
     if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
         raise UserError(f"--workers {args.workers}: need 1 to {MAX_THREADS}")
-    from phema.distributed import connect
+    from phema.cluster import connect
 
     try:
         client = connect(args.scheduler, args.workers)
@@ -336,7 +339,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_average(args: argparse.Namespace) -> int:
     import warnings
 
-    from phema.checkpoints import average
+    from phema.average import average
 
     _threads(args)
     weights = parse_list(args.weights) if args.weights else None
@@ -361,23 +364,18 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs_per_column(plan: Plan, paths: list[str], out: str) -> list[str]:
+def _outputs_per_column(written: Reconstruction, out: str) -> list[str]:
     """Each solved column's output, briefly: its file, its rank files, or its directory of
     shards; a column only some tensors take says so."""
-    sol = plan.sol
-    at = plan.targets.at
-    stems = naming.reconstruction_stems(
-        [o.label(sol) for o in plan.outputs], None if at is None else sol.targets[0].t
-    )
-    result = ["(some tensors)"] * len(sol.targets)
-    for o, stem in zip(plan.outputs, stems):
-        mine = [p for p in paths if naming.output_stem(os.path.relpath(p, out)) == stem]
-        if len(mine) == 1:
-            result[o.column] = os.path.relpath(mine[0], out)
-        elif ".rank" in os.path.basename(mine[0]):
-            result[o.column] = re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out))
+    result = ["(some tensors)"] * len(written.solution.targets)
+    for o in written.outputs:
+        first = os.path.relpath(o.paths[0], out)
+        if len(o.paths) == 1:
+            result[o.column] = first
+        elif ".rank" in os.path.basename(first):
+            result[o.column] = re.sub(r"rank\d+-of", "rank*-of", first)
         else:
-            result[o.column] = f"{stem}/ ({len(mine)} files)"
+            result[o.column] = f"{o.label}/ ({len(o.paths)} files)"
     return result
 
 
@@ -435,7 +433,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     at: Any = kw.pop("at")
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
-    naming.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]
@@ -490,9 +488,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from phema.importers import import_store
 
     paths = import_store(
-        args.kind,
-        args.src,
         args.store,
+        args.src,
+        kind=args.kind,
         sigma_rels=parse_list(args.sigma_rel) if args.sigma_rel else None,
         update_every=args.update_every,
         times=parse_list(args.times) if args.times else None,
@@ -569,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     def targets(s: argparse.ArgumentParser, times: str = "one") -> None:
         s.add_argument("store")
         s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
+        s.add_argument("--gamma", help="power-function exponents, e.g. 6.94,16.97")
         s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
         s.add_argument("--halflife", help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
@@ -714,9 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exception(e.__cause__ or e)
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (UserError, ValueError, TypeError, OSError) as e:
-        # One line naming the value or file at fault; StoreError is a ValueError, and a value of
-        # the wrong kind from the user's own code (an evaluate returning text) is a TypeError.
+    except (PhemaError, OSError) as e:
+        # One line naming the value or file at fault; anything else is a bug and shows its
+        # traceback.
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

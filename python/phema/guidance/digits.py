@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phema import naming
+from phema import files
 from phema.guidance.emag import EMAG, Schedule
 
 METHODS = ("cfg", "emag", "emag-q")
@@ -367,7 +367,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
     writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    naming.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
+    files.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
 
     per_class = 8
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6))
@@ -384,7 +384,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.set_title(method.upper())
         ax.axis("off")
     fig.tight_layout()
-    naming.save_figure(fig, out / "emag-samples.png", dpi=120)
+    files.save_figure(fig, out / "emag-samples.png", dpi=120)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     cfg = [r for r in rows if r["method"] == "cfg"][0]
@@ -403,7 +403,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.legend()
     fig.suptitle(f"digits DiT, CFG {cfg['cfg_scale']}, {cfg['samples']} samples per point")
     fig.tight_layout()
-    naming.save_figure(fig, out / "emag-metrics.png", dpi=120)
+    files.save_figure(fig, out / "emag-metrics.png", dpi=120)
 
 
 def run_demo(

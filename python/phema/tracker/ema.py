@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from phema import naming
+from phema import meta, naming
+from phema.errors import InvalidTypeError, InvalidValueError
 from phema.store import normalize_dtype
 from phema.tracker.accumulators import Accumulators
 from phema.tracker.distributed import agreed_run_id, other_rank, sharding
@@ -99,14 +99,14 @@ class PostHocEMA:
         self.sigma_rels = self._profiles.sigma_rels
         self.gammas = self._profiles.gammas
         if snapshot_every is not None and not snapshot_every > 0:
-            raise ValueError(f"snapshot_every must be > 0 (or None), got {snapshot_every!r}")
+            raise InvalidValueError(f"snapshot_every must be > 0 (or None), got {snapshot_every!r}")
         dtype = normalize_dtype(str(dtype))
         if not (isinstance(max_pending, int) and 1 <= max_pending <= MAX_PENDING):
-            raise ValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
+            raise InvalidValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
         if not isinstance(final_snapshot, bool):
-            raise TypeError(f"final_snapshot={final_snapshot!r}: expected True or False")
+            raise InvalidTypeError(f"final_snapshot={final_snapshot!r}: expected True or False")
         if offload and device is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"offload=True keeps the averages on the CPU, not on {device}")
+            raise InvalidValueError(f"offload=True keeps the averages on the CPU, not on {device}")
 
         module = unwrap(model)
         self._model = model
@@ -124,7 +124,7 @@ class PostHocEMA:
         )
         # One id per run (docs/runs.md), the same on every rank: kept by load_state_dict(),
         # written into every snapshot.
-        self.run_id = agreed_run_id(uuid.uuid4().hex[:16], self._sharding)
+        self.run_id = agreed_run_id(meta.new_run_id(), self._sharding)
         self._resumed_t: int | float | None = None  # the t load_state_dict() resumed at
         self._claimed = False  # the store was checked for other runs' snapshots
 
@@ -132,7 +132,7 @@ class PostHocEMA:
             # Sharded: every rank holds a different part, so every rank writes.
             write = store is not None and (self._sharding is not None or not other_rank())
         if write and store is None:
-            raise ValueError("write=True needs a store directory")
+            raise InvalidValueError("write=True needs a store directory")
         self._writer: SnapshotWriter | None = None
         if write:
             self._writer = self._start_writer(os.fspath(store), module, dtype, run, max_pending)
@@ -144,10 +144,9 @@ class PostHocEMA:
     ) -> SnapshotWriter:
         """The writer thread, with the metadata every snapshot file of this tracker carries."""
         metadata = {
-            "phema.version": "1",
-            "phema.kind": "power",
+            **meta.header("power"),
             "phema.model": model_name(module),
-            "phema.run_id": self.run_id,
+            meta.RUN_ID: self.run_id,
         }
         if run is not None:
             metadata["phema.run"] = run
@@ -249,7 +248,7 @@ class PostHocEMA:
 
         In a sharded run, close on every rank (each writes its part of the last snapshot)."""
         if snapshot is not None and not isinstance(snapshot, bool):
-            raise TypeError(f"close(snapshot={snapshot!r}): expected True, False or None")
+            raise InvalidTypeError(f"close(snapshot={snapshot!r}): expected True, False or None")
         if self._closed:
             self._raise_failures()
             return
@@ -301,7 +300,7 @@ class PostHocEMA:
         if resume.run_id is not None:
             self.run_id = resume.run_id
             if self._writer is not None:
-                self._writer.metadata["phema.run_id"] = resume.run_id
+                self._writer.metadata[meta.RUN_ID] = resume.run_id
         self._resumed_t = resume.t
         self._claimed = False
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from phema import naming
+from phema.errors import InvalidValueError
 from phema.tracker.distributed import dtensor_class, local
 from phema.tracker.profiles import as_tuple
 
@@ -52,7 +53,7 @@ class Tracked:
                 self.int_names.append(name)
                 self.ints.append(x)
         if not self.names:
-            raise ValueError(
+            raise InvalidValueError(
                 f"no floating tensor of {type(module).__name__} is tracked "
                 f"(include={include!r}, exclude={exclude!r})"
             )
