@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from phema import _core, files, naming
 from phema.errors import PhemaError
+from phema.store import normalize_dtype
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -289,6 +290,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             per_rank=args.per_rank,
             like=args.like,
             client=client,
+            verify=not args.no_verify,
         )
     sol = written.solution
     rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
@@ -450,6 +452,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
     files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]
@@ -692,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
+    s.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the snapshots' checksums as they are read (docs/store-format.md)",
+    )
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
     like(s, "write each target")
     s.add_argument(
@@ -750,11 +758,13 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         "write another project's EMA snapshots or checkpoints as a phema store",
         description="KIND: edm2 (network-snapshot-*.pkl, training-state-*.pt), ema-pytorch "
-        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth). "
-        "See docs/importers.md.",
+        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth), dcp "
+        "(PyTorch Distributed Checkpoint directories). See docs/importers.md.",
     )
     s.add_argument(
-        "kind", choices=["edm2", "ema-pytorch", "lightning", "timm"], help="the source's format"
+        "kind",
+        choices=["edm2", "ema-pytorch", "lightning", "timm", "dcp"],
+        help="the source's format",
     )
     s.add_argument("src", help="the run's directory (or one file)")
     s.add_argument(
@@ -764,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--update-every", type=int, help="ema-pytorch: the run's update_every (its default: 100)"
     )
-    s.add_argument("--times", help="lightning/timm: training times in file-name order")
+    s.add_argument("--times", help="lightning/timm/dcp: training times in name order")
     s.add_argument("--strip-prefix", help="remove this prefix from tensor names, e.g. model.")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the source's)")
     s.add_argument("--append", action="store_true", help="add to the run already stored in STORE")

@@ -62,6 +62,16 @@ def has_rank_suffix(name: str) -> bool:
     return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
 
 
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+
+
+def is_partial_shard(name: str) -> bool:
+    """Whether `name` is one shard (`model-00001-of-00003.safetensors`) of several: alone, it is
+    not a checkpoint."""
+    found = _SHARD.search(name)
+    return found is not None and int(found.group(2)) > 1
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether a tensor name matches a pattern: shell-style (`fnmatch`), case-sensitive, `*`
     also matching dots, as every tensor-name pattern phema takes."""
