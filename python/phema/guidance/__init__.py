@@ -7,6 +7,7 @@ the method, every choice made where the paper left one open, and the API.
 
 from __future__ import annotations
 
+from phema.guidance.compose import APG, CADS, cfg_additive
 from phema.guidance.emag import EMAG, Schedule
 
-__all__ = ["EMAG", "Schedule"]
+__all__ = ["APG", "CADS", "EMAG", "Schedule", "cfg_additive"]
