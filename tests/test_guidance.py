@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from phema.guidance import APG, CADS, EMAG, Schedule, cfg_additive  # noqa: E402
+from phema.guidance import APG, CADS, EMAG, EMAGPipeline, Schedule, cfg_additive  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -633,6 +633,22 @@ def test_attach_refuses_what_it_cannot_do_right():
         EMAG([0]).attach(flux)
 
 
+def test_pipeline_call_arguments_are_the_attached_emag():
+    pipe = tiny_dit_pipeline()
+    run = dict(class_labels=[3, 8], guidance_scale=1.5, num_inference_steps=12, output_type="np")
+    with EMAG.dit(candidates=(1, 2), emag_scale=2.0).attach(pipe):
+        attached = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    plain = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    wrapped = EMAGPipeline(pipe)
+    got = wrapped(emag_scale=2.0, emag_applied_layers=[1, 2],
+                  generator=torch.Generator().manual_seed(0), **run).images  # fmt: skip
+    assert np.array_equal(got, attached) and not np.allclose(got, plain)
+    assert np.array_equal(wrapped(generator=torch.Generator().manual_seed(0), **run).images, plain)
+    assert "forward" not in pipe.transformer.__dict__  # detached after the call
+    with pytest.raises(ValueError, match=r"emag_applied_layers=\[1\] without emag_scale"):
+        wrapped(emag_applied_layers=[1], **run)
+
+
 def test_a_second_emag_on_one_pipeline_is_refused_and_detach_restores():
     pipe = tiny_dit_pipeline()
     tr = pipe.transformer
@@ -845,3 +861,38 @@ def test_import_phema_does_not_import_torch():
 
     code = "import sys, phema; assert 'torch' not in sys.modules and 'phema.guidance' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- digits demo
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    import csv
+
+    from phema.guidance.digits import DEMO_RUNS, run_demo
+
+    rows = run_demo(tmp_path, quick=True, train_steps=20, samples=20)
+    assert [(r["method"], r["emag_scale"]) for r in rows] == DEMO_RUNS
+    assert {r["method"] for r in rows} >= {"cond", "emag-only", "cfg", "emag", "emag-q"}
+    for name in ("emag-samples.png", "emag-metrics.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "emag-metrics.csv") as f:
+        back = list(csv.DictReader(f))
+    assert [(b["method"], float(b["fd"])) for b in back] == [(r["method"], r["fd"]) for r in rows]
+    printed = capsys.readouterr().out
+    for r in rows:
+        assert f"{r['method']:<10}" in printed
+
+
+def test_cli_demo_emag_steps(tmp_path, monkeypatch, capsys):
+    import phema.guidance.digits as digits
+    from phema.cli import main
+
+    out = tmp_path / "never"
+    assert main(["demo", "--emag", "--steps", "0", "--out", str(out)]) != 0
+    assert "--steps 0: need at least 1 training step" in capsys.readouterr().err
+    assert not out.exists()
+    calls = []
+    monkeypatch.setattr(digits, "run_demo", lambda **kw: calls.append(kw))
+    assert main(["demo", "--emag", "--out", str(tmp_path), "--seed", "3", "--steps", "40"]) == 0
+    assert calls == [{"out": str(tmp_path), "seed": 3, "train_steps": 40}]

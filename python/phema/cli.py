@@ -521,9 +521,11 @@ def _metadata(path: str) -> dict[str, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.emag:
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps {args.steps}: need at least 1 training step")
         from phema.guidance.digits import run_demo as run_emag_demo
 
-        run_emag_demo(out=args.out, seed=args.seed)
+        run_emag_demo(out=args.out, seed=args.seed, train_steps=args.steps)
         return 0
     from phema.demo.run import run_demo
 
@@ -692,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
     s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")
-    s.add_argument("--steps", type=int, default=None, help="training steps")
+    s.add_argument("--steps", type=int, default=None, help="training steps (--emag: default 1500)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--emag",

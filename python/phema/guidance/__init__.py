@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from phema.guidance.compose import APG, CADS, cfg_additive
 from phema.guidance.emag import EMAG, Schedule
+from phema.guidance.pipeline import EMAGPipeline
 
-__all__ = ["APG", "CADS", "EMAG", "Schedule", "cfg_additive"]
+__all__ = ["APG", "CADS", "EMAG", "EMAGPipeline", "Schedule", "cfg_additive"]
