@@ -621,8 +621,17 @@ def test_attach_refuses_what_it_cannot_do_right():
     with pytest.raises(ValueError, match="PixArtAlphaPipeline.*cfg=True or False"):
         EMAG([1]).attach(pipe)
     assert "forward" not in pixart.__dict__
-    with EMAG([1]).attach(pipe, cfg=True):  # stated: accepted
-        assert type(pixart.transformer_blocks[1].attn1.processor).__name__ == "EMAGAttnProcessor"
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    emb = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g),
+               negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+               prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
+               negative_prompt=None, height=8, width=8, num_inference_steps=8, guidance_scale=4.0,
+               output_type="latent", use_resolution_binning=False)  # fmt: skip
+    plain = pipe(generator=torch.Generator().manual_seed(0), **emb).images
+    with EMAG([1], schedule=Schedule(6, 1, 8)).attach(pipe, cfg=True):  # stated: accepted
+        guided = pipe(generator=torch.Generator().manual_seed(0), **emb).images
+    assert (guided - plain).abs().max() > 1e-4
     # Flux's attention processor is not one EMAG can wrap: it is named.
     flux = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,

@@ -1,53 +1,19 @@
 """EMAG: exponential-moving-average guidance at sampling time (arXiv 2512.17303).
 
 Per candidate attention layer l, EMAG keeps an average of the layer's softmax map across the
-denoising steps of one sampling run, ``E_l <- beta * E_l + (1 - beta) * A_l``, and in a third
-("negative") forward pass replaces the live map of one chosen layer with
-``A~ = lambda * E^ + (1 - lambda) * A`` (``E^`` is ``E`` with its rows renormalized to sum to 1).
-The guided prediction is ``eps~' = eps'(x, c) + w_e (eps(x, c) - eps'(x, c))`` followed by CFG,
-``eps~ = eps(x, 0) + w (eps~' - eps(x, 0))``. EMAG-Q averages the attention *queries* instead of
-the maps, so every layer keeps fused scaled-dot-product attention. docs/guidance.md has the
-method, the API and the figures.
+denoising steps of one sampling run, ``E_l <- beta * E_l + (1 - beta) * A_l``, inside an
+accumulation window, and in a third ("negative") forward pass, inside a replacement window,
+replaces the map of the layer whose live map deviates most from its average (``mean |E - A|``
+over every entry) with ``A~ = lambda * E + (1 - lambda) * A``. The guided prediction is
+``eps~' = eps'(x, c) + w_e (eps(x, c) - eps'(x, c))`` (Eq. 14) followed by CFG,
+``eps~ = eps(x, 0) + w (eps~' - eps(x, 0))`` (Eq. 15). EMAG-Q averages the attention *queries*
+instead of the maps, so every layer keeps fused scaled-dot-product attention.
 
-Choices where the paper and the reference code leave room (each is tested):
-
-- **Which pass feeds the average.** The reference feeds it from different passes per model (DiT:
-  the conditional and then the unconditional positive pass, two updates per step; SD3: the
-  negative pass itself, both CFG branches). Here the average is fed once per step by the
-  *positive* pass, from the rows that the negative pass will perturb (the conditional branch,
-  ``rows=`` of :meth:`EMAG.positive`): it follows the model's unperturbed attention and is never
-  contaminated by the perturbation, and no average is kept for the unconditional branch, which the
-  guidance formula never perturbs.
-- **Per-sample averages, per-batch layer choice.** Like the reference (``reduce_over_batch=False``)
-  every batch row has its own average. The layer choice is one per batch by default, as in the
-  reference (a scalar deviation per layer); ``per_sample=True`` chooses per row instead.
-- **Selection score.** ``deviation`` (the paper's method): for each candidate, the mean of
-  ``|E_{t-1} - A_t|`` over query and key positions (and batch rows, unless ``per_sample``), then the
-  median over heads (``torch.median``: the lower of the two middle values for an even head count);
-  the layer with the largest score is perturbed, ties going to the first candidate given. The
-  score uses the average *before* this step's update, as the reference's SD3 processor does (the
-  DiT reference measures after the update, ``beta`` times the same value, same choice).
-  ``entropy`` picks the lowest median row entropy of the live map (reference mode 1); ``fixed``
-  perturbs every candidate at once (reference mode 0; pass one candidate to fix one layer).
-- **The choice uses this step's scores** (the DiT reference; the SD3 reference uses the previous
-  step's) and the replacement uses the average *after* this step's update, as both references do.
-- **Initial average.** The first recorded map itself (``E_1 = A_1``), as in the reference; after
-  ``k`` steps ``E_k = beta^(k-1) A_1 + sum_{j=2..k} (1 - beta) beta^(k-j) A_j``.
-- **Image-query rows.** For joint (SD3) attention only the image-query rows are averaged and
-  replaced, over all keys (image and text), the reference's ``attn_ema_full`` setting; text-query
-  rows are never touched. For DiT the whole map.
-- **Row renormalization.** ``E`` is a convex combination of stochastic rows, so its rows sum to 1
-  up to rounding; they are divided by their sum before use, so ``A~`` is stochastic exactly.
-- **No explicit map in the negative pass.** ``A~ V = lambda E^ V + (1 - lambda) A V`` and ``A V``
-  is the fused attention output, so the negative pass materializes no live map; only the
-  positive pass of candidate layers computes ``softmax(q k^T)`` for the average.
-- **Schedule.** Step indices count down like the reference's (``r = N - 1 - i`` at loop index
-  ``i`` of an ``N``-step run); the negative pass runs while ``stop <= r <= start``. Indices are
-  given for a run of ``base_steps`` steps and scale to ``N`` steps as ``round(k N / base_steps)``
-  (Python's round, half to even), so a run of ``base_steps`` uses them unchanged (the reference's
-  ``k2idx`` uses ``k (N - 1) / 250``). The average is built from the first step.
-- **Guidance arithmetic.** ``eps~'`` is computed as ``eps + (w_e - 1)(eps - eps')``, the same
-  value, so ``w_e = 1`` gives the CFG prediction bit for bit.
+The presets are the authors' code as they ran it: :meth:`EMAG.dit` (``forward_with_emag``:
+the conditional and then the unconditional pass feed the average, ``feed="cond+uncond"``) and
+:meth:`EMAG.sd3` (``emag_forward``: the negative pass over both CFG branches feeds it, updating
+before replacing, ``feed="negative"``). docs/guidance.md lists every place phema's defaults or
+options differ from the reference (each a named option) and the API.
 """
 
 from __future__ import annotations

@@ -398,6 +398,8 @@ def _install_forward(
 
 
 def _rows(value: Any, rows: slice, batch: int) -> Any:
+    if isinstance(value, dict):  # PixArt's added_cond_kwargs
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch:
         return value[rows]
     return value
