@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from phema import naming
+from phema import files
 from phema.guidance.digits import (
     DigitsDiT,
     DigitsJudge,
@@ -130,7 +130,7 @@ def main() -> None:
     writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    naming.write_atomically(out / "emag-bench.csv", table.getvalue().encode())
+    files.write_atomically(out / "emag-bench.csv", table.getvalue().encode())
 
     print(f"\nquality: {args.samples} samples per method and seed, seeds {seeds}, DDIM "
           f"{args.steps} steps, CFG 1.5, w_e 3; mean ± standard deviation over the seeds")  # fmt: skip

@@ -40,7 +40,7 @@ import json, os, sys, time
 sys.path.insert(0, sys.argv[5])
 import torch
 import phema
-import phema.sweeps
+import phema.sweeps.run
 from bench_sweep import make_model
 
 mode, store_path, batch, targets = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
@@ -53,13 +53,13 @@ base = rss_mib("VmRSS:")
 model = make_model()
 store = phema.open_store(store_path)
 passes = []
-real = phema.sweeps.state_dicts
+real = phema.sweeps.run.state_dicts
 
 def counting(store_, plan, *args, **kwargs):
     passes.append(len(plan.outputs))
     return real(store_, plan, *args, **kwargs)
 
-phema.sweeps.state_dicts = counting
+phema.sweeps.run.state_dicts = counting
 start = time.perf_counter()
 if mode == "sweep":
     result = phema.sweep(

@@ -2,7 +2,7 @@
 //! work. No logic of its own.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,11 +13,12 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 use safetensors::Dtype;
 
 use crate::engine::{self, Progress, Source};
-use crate::error::PhemaError;
+use crate::error::PhemaError as CoreError;
 use crate::ops;
 use crate::profile::{self, Profile};
 use crate::solve::{self as solver, SolveOptions};
@@ -25,36 +26,98 @@ use crate::store::{self, Header};
 use crate::writer::{self, OutputRequest, TensorData};
 
 create_exception!(
-    _core,
-    StoreError,
-    PyValueError,
-    "A store, snapshot or output file is unusable; the message names the file."
+    phema,
+    PhemaError,
+    PyException,
+    "The base of every error phema raises for a value, file or store it cannot use; the message \
+     names it."
 );
 
 create_exception!(
-    _core,
+    phema,
     Cancelled,
-    PyException,
+    PhemaError,
     "The work was cancelled (`EngineProgress.cancel`); nothing was written."
 );
 
-fn err(e: PhemaError) -> PyErr {
-    match e {
-        PhemaError::Io { .. } => PyOSError::new_err(e.to_string()),
-        PhemaError::Corrupt { .. }
-        | PhemaError::Store(_)
-        | PhemaError::Metadata { .. }
-        | PhemaError::Overflow { .. } => StoreError::new_err(e.to_string()),
-        PhemaError::Cancelled => Cancelled::new_err(e.to_string()),
-        PhemaError::OutOfRange { .. } | PhemaError::Invalid(_) | PhemaError::Unsolvable(_) => {
-            PyValueError::new_err(e.to_string())
-        }
-    }
+/// The error classes with a builtin base beside `PhemaError`, so that `except ValueError` and
+/// `except OSError` code written before the base existed keeps catching them.
+struct Errors {
+    store: Py<PyType>,
+    invalid: Py<PyType>,
+    storage: Py<PyType>,
+}
+
+static ERRORS: PyOnceLock<Errors> = PyOnceLock::new();
+
+/// `class NAME(PhemaError, BUILTIN)` in module `phema`.
+fn subclass(
+    py: Python<'_>,
+    name: &str,
+    builtin: Bound<'_, PyType>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, [py.get_type::<PhemaError>(), builtin])?;
+    let dict = PyDict::new(py);
+    dict.set_item("__doc__", doc)?;
+    dict.set_item("__module__", "phema")?;
+    let made = py.get_type::<PyType>().call1((name, bases, dict))?;
+    Ok(made.cast_into::<PyType>()?.unbind())
+}
+
+fn errors(py: Python<'_>) -> PyResult<&Errors> {
+    ERRORS.get_or_try_init(py, || {
+        Ok(Errors {
+            store: subclass(
+                py,
+                "StoreError",
+                py.get_type::<PyValueError>(),
+                "A store, snapshot or output file is unusable; the message names the file.",
+            )?,
+            invalid: subclass(
+                py,
+                "InvalidValueError",
+                py.get_type::<PyValueError>(),
+                "A value given to phema is out of range or cannot be used; the message names it.",
+            )?,
+            storage: subclass(
+                py,
+                "StorageError",
+                py.get_type::<PyOSError>(),
+                "Reading or writing a file failed; the message names the file and the cause.",
+            )?,
+        })
+    })
+}
+
+/// A value the caller passed that the binding cannot convert, as `InvalidValueError`.
+fn invalid(message: impl Into<String>) -> PyErr {
+    err(CoreError::Invalid(message.into()))
+}
+
+fn err(e: CoreError) -> PyErr {
+    Python::attach(|py| {
+        let ty = match errors(py) {
+            Ok(errors) => match e {
+                CoreError::Io { .. } => &errors.storage,
+                CoreError::Corrupt { .. }
+                | CoreError::Store(_)
+                | CoreError::Metadata { .. }
+                | CoreError::Overflow { .. } => &errors.store,
+                CoreError::Cancelled => return Cancelled::new_err(e.to_string()),
+                CoreError::OutOfRange { .. } | CoreError::Invalid(_) | CoreError::Unsolvable(_) => {
+                    &errors.invalid
+                }
+            },
+            Err(made) => return made,
+        };
+        PyErr::from_type(ty.bind(py).clone(), e.to_string())
+    })
 }
 
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
     serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| PyValueError::new_err(format!("unknown safetensors dtype {name:?}")))
+        .map_err(|_| invalid(format!("unknown safetensors dtype {name:?}")))
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -84,7 +147,7 @@ fn make_profile(kind: &str, t: f64, value: f64, dt: f64) -> PyResult<Profile> {
         "beta" => Profile::from_beta(t, value, dt),
         "halflife" => Profile::from_halflife(t, value),
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(invalid(format!(
                 "unknown profile kind {other:?} (power, beta, halflife)"
             )))
         }
@@ -150,9 +213,7 @@ fn solve<'py>(
     causal: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     if snapshot_t.len() != snapshot_gamma.len() {
-        return Err(PyValueError::new_err(
-            "snapshot_t and snapshot_gamma differ in length",
-        ));
+        return Err(invalid("snapshot_t and snapshot_gamma differ in length"));
     }
     let snaps = snapshot_t
         .iter()
@@ -255,7 +316,7 @@ fn write_snapshot(
         } else {
             let code: String = arr.dtype().getattr("str")?.extract()?;
             let d = numpy_to_safetensors(&code).ok_or_else(|| {
-                PyValueError::new_err(format!(
+                invalid(format!(
                     "tensor `{name}`: numpy dtype {} cannot be stored",
                     arr.dtype()
                 ))
@@ -270,9 +331,10 @@ fn write_snapshot(
     let mut data = Vec::with_capacity(held.len());
     for (name, shape, h) in &held {
         let d = match h {
-            Held::F32(a) => TensorData::F32(a.as_slice().map_err(|_| {
-                PyValueError::new_err(format!("tensor `{name}` is not C-contiguous"))
-            })?),
+            Held::F32(a) => TensorData::F32(
+                a.as_slice()
+                    .map_err(|_| invalid(format!("tensor `{name}` is not C-contiguous")))?,
+            ),
             Held::Raw(d, a) => TensorData::Raw(*d, a.as_slice()?),
         };
         data.push((name.clone(), shape.clone(), d));
@@ -359,13 +421,7 @@ impl Sources {
             .detach(|| {
                 inputs
                     .iter()
-                    .map(|files| {
-                        let files = files
-                            .iter()
-                            .map(|p| store::read_header(p))
-                            .collect::<crate::Result<Vec<_>>>()?;
-                        Source::new(files, local)
-                    })
+                    .map(|files| Source::open(files, local))
                     .collect::<crate::Result<Vec<_>>>()
             })
             .map_err(err)?;
@@ -382,6 +438,14 @@ impl Sources {
         self.0.iter().map(|s| source_dict(py, s)).collect()
     }
 
+    /// Every input's files (a sharded snapshot's rank files in rank order), as given.
+    fn files(&self) -> Vec<Vec<PathBuf>> {
+        self.0
+            .iter()
+            .map(|s| s.files.iter().map(|h| h.path.clone()).collect())
+            .collect()
+    }
+
     /// The inputs at these positions.
     fn select(&self, indices: Vec<usize>) -> PyResult<Sources> {
         indices
@@ -390,7 +454,7 @@ impl Sources {
                 self.0
                     .get(i)
                     .cloned()
-                    .ok_or_else(|| PyValueError::new_err(format!("no file at index {i}")))
+                    .ok_or_else(|| invalid(format!("no file at index {i}")))
             })
             .collect::<PyResult<Vec<_>>>()
             .map(Sources)
@@ -400,7 +464,10 @@ impl Sources {
     /// (dicts with path, dtype, metadata, shard_size); returns (paths per output, stats).
     /// Non-float tensors come from input `copy_from` (default: the last input read). With `mix`
     /// (a list of `(column, {tensor name: column})` per output) outputs mix columns per tensor.
-    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None))]
+    /// Unless `verify` is false, the checksum of every file read whole is verified.
+    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_files<'py>(
         &self,
         py: Python<'py>,
@@ -409,6 +476,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
         let w = rows(&weights)?;
         let requests = outputs
@@ -420,7 +488,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let (paths, stats) = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_files(inputs, &plan, &requests, &progress)
             })
             .map_err(err)?;
@@ -438,7 +507,9 @@ impl Sources {
     /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
     /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of output `k`
     /// as float32 (float tensors) or in its stored dtype (others, from input `copy_from`).
-    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None))]
+    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_memory<'py>(
         &self,
         py: Python<'py>,
@@ -447,6 +518,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let w = rows(&weights)?;
         let mut held = Vec::with_capacity(buffers.len());
@@ -454,7 +526,7 @@ impl Sources {
             let mut v = Vec::with_capacity(per_output.len());
             for b in per_output {
                 v.push(b.try_readwrite().map_err(|_| {
-                    PyValueError::new_err("an output buffer is given twice or is in use elsewhere")
+                    invalid("an output buffer is given twice or is in use elsewhere")
                 })?);
             }
             held.push(v);
@@ -464,9 +536,8 @@ impl Sources {
             let mut v = Vec::with_capacity(per_output.len());
             for b in per_output.iter_mut() {
                 v.push(
-                    b.as_slice_mut().map_err(|_| {
-                        PyValueError::new_err("output buffers must be C-contiguous")
-                    })?,
+                    b.as_slice_mut()
+                        .map_err(|_| invalid("output buffers must be C-contiguous"))?,
                 );
             }
             slices.push(v);
@@ -476,7 +547,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let stats = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_memory(inputs, &plan, slices, &progress)
             })
             .map_err(err)?;
@@ -499,15 +571,21 @@ impl Sources {
         ))
     }
 
-    /// Writes the index of a sharded output after every shard was committed; its path or None.
-    fn write_index(
+    /// Commits a distributed run (`ops::commit_staged`): the files of `staged` moved to the
+    /// paths of `finals`, indexes last; returns each output's paths.
+    fn commit_staged(
         &self,
+        py: Python<'_>,
         weights: PyReadonlyArray2<'_, f64>,
-        output: Bound<'_, PyDict>,
-    ) -> PyResult<Option<String>> {
-        let path =
-            ops::write_index(&self.0, &rows(&weights)?, &output_request(&output)?).map_err(err)?;
-        Ok(path.map(|p| p.to_string_lossy().into_owned()))
+        finals: Vec<Bound<'_, PyDict>>,
+        staged: Vec<Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<Vec<PathBuf>>> {
+        let w = rows(&weights)?;
+        let requests =
+            |ds: &[Bound<'_, PyDict>]| ds.iter().map(output_request).collect::<PyResult<Vec<_>>>();
+        let (finals, staged) = (requests(&finals)?, requests(&staged)?);
+        py.detach(|| ops::commit_staged(&self.0, &w, &finals, &staged))
+            .map_err(err)
     }
 }
 
@@ -530,7 +608,7 @@ fn rows(weights: &PyReadonlyArray2<'_, f64>) -> PyResult<Vec<Vec<f64>>> {
 fn output_request(d: &Bound<'_, PyDict>) -> PyResult<OutputRequest> {
     let get = |k: &str| {
         d.get_item(k)?
-            .ok_or_else(|| PyValueError::new_err(format!("output lacks `{k}`")))
+            .ok_or_else(|| invalid(format!("output lacks `{k}`")))
     };
     let optional = |k: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
         Ok(d.get_item(k)?.filter(|v| !v.is_none()))
@@ -564,25 +642,20 @@ type ScanResult<'py> = (
     Vec<String>,
 );
 
-/// A listed snapshot as an engine input.
-fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
-    Source::new(s.files.clone(), false).map_err(err)
-}
-
 /// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems,
 /// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
-    if !Path::new(&path).is_dir() {
-        return Err(StoreError::new_err(format!(
-            "{}: not a directory (a store is a directory of snapshots)",
-            path.display()
-        )));
-    }
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
+    let sources = scan
+        .snapshots
+        .iter()
+        .map(|s| Source::new(s.files.clone(), false))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
-    for s in &scan.snapshots {
-        let d = source_dict(py, &snapshot_source(s)?)?;
+    for (s, source) in scan.snapshots.iter().zip(&sources) {
+        let d = source_dict(py, source)?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -601,13 +674,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
         .iter()
         .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
         .collect();
-    let headers = Sources(
-        scan.snapshots
-            .iter()
-            .map(snapshot_source)
-            .collect::<PyResult<_>>()?,
-    );
-    Ok((headers, records, ignored, scan.problems, scan.incomplete))
+    Ok((
+        Sources(sources),
+        records,
+        ignored,
+        scan.problems,
+        scan.incomplete,
+    ))
 }
 
 /// Block layout: `{name: (global shape, offset)}`.
@@ -638,7 +711,9 @@ type PathsPerRank = Vec<Vec<Vec<String>>>;
 /// `outputs[rank]` that rank's output dicts), all committed together; returns (paths per rank
 /// and output, stats).
 #[pyfunction]
-#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None))]
+#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+// Python keyword arguments, each optional.
+#[allow(clippy::too_many_arguments)]
 fn per_rank_to_files<'py>(
     py: Python<'py>,
     inputs: Vec<Vec<Vec<PathBuf>>>,
@@ -647,6 +722,7 @@ fn per_rank_to_files<'py>(
     progress: &EngineProgress,
     copy_from: Option<usize>,
     mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+    verify: bool,
 ) -> PyResult<(PathsPerRank, Bound<'py, PyDict>)> {
     let w = rows(&weights)?;
     let requests = outputs
@@ -662,21 +738,16 @@ fn per_rank_to_files<'py>(
     let (paths, stats) = py
         .detach(|| {
             let sources = inputs
-                .into_iter()
+                .iter()
                 .map(|rank| {
-                    rank.into_iter()
-                        .map(|files| {
-                            let headers = files
-                                .iter()
-                                .map(|p| store::read_header(p))
-                                .collect::<crate::Result<Vec<_>>>()?;
-                            Source::new(headers, true)
-                        })
+                    rank.iter()
+                        .map(|files| Source::open(files, true))
                         .collect::<crate::Result<Vec<_>>>()
                 })
                 .collect::<crate::Result<Vec<_>>>()?;
             let first = sources.first().map(Vec::as_slice).unwrap_or_default();
-            let plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            let mut plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            plan.skip_verify = !verify;
             ops::per_rank_to_files(&sources, &plan, &requests, &progress)
         })
         .map_err(err)?;
@@ -690,6 +761,19 @@ fn per_rank_to_files<'py>(
         })
         .collect();
     Ok((paths, stats_dict(py, &stats)?))
+}
+
+/// Moves files into `directory`, never replacing one there (`writer::move_files`).
+#[pyfunction]
+fn move_files(py: Python<'_>, paths: Vec<PathBuf>, directory: PathBuf) -> PyResult<Vec<PathBuf>> {
+    py.detach(|| writer::move_files(&paths, &directory))
+        .map_err(err)
+}
+
+/// Copies `source` to `path` by the same rule (`writer::copy_file`).
+#[pyfunction]
+fn copy_file(py: Python<'_>, source: PathBuf, path: PathBuf) -> PyResult<()> {
+    py.detach(|| writer::copy_file(&source, &path)).map_err(err)
 }
 
 /// Replaces the file at `path` with `data` in one step (`writer::write_file`).
@@ -717,7 +801,12 @@ fn verify_checksum(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("StoreError", m.py().get_type::<StoreError>())?;
+    let py = m.py();
+    m.add("PhemaError", py.get_type::<PhemaError>())?;
+    let errors = errors(py)?;
+    m.add("StoreError", errors.store.bind(py))?;
+    m.add("InvalidValueError", errors.invalid.bind(py))?;
+    m.add("StorageError", errors.storage.bind(py))?;
     m.add("Cancelled", m.py().get_type::<Cancelled>())?;
     m.add("NOISE_FLOAT16", solver::NOISE_FLOAT16)?;
     m.add("NOISE_BFLOAT16", solver::NOISE_BFLOAT16)?;
@@ -728,6 +817,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_file, m)?)?;
+    m.add_function(wrap_pyfunction!(move_files, m)?)?;
     m.add_function(wrap_pyfunction!(per_rank_to_files, m)?)?;
     m.add_function(wrap_pyfunction!(gamma_to_sigma_rel, m)?)?;
     m.add_function(wrap_pyfunction!(profile_density, m)?)?;

@@ -121,13 +121,45 @@ pub fn output_files(
     Ok((shards, files.index.map(|(p, _)| p)))
 }
 
-/// Writes the index of a sharded output once a distributed run committed every shard.
-pub fn write_index(
+/// Commits a distributed run: every shard its workers wrote under `staged` (the same outputs
+/// with other paths) moves to the place `finals` gives it, then each sharded output's index is
+/// written, all as one commit (`writer::commit_files`). Returns each output's paths, the index
+/// first when sharded.
+pub fn commit_staged(
     inputs: &[Source],
     weights: &[Vec<f64>],
-    request: &OutputRequest,
-) -> Result<Option<PathBuf>> {
-    writer::write_index(&output_layout(inputs, weights)?, request)
+    finals: &[OutputRequest],
+    staged: &[OutputRequest],
+) -> Result<Vec<Vec<PathBuf>>> {
+    if finals.len() != staged.len() {
+        return Err(PhemaError::Invalid(format!(
+            "{} outputs but {} staged ones",
+            finals.len(),
+            staged.len()
+        )));
+    }
+    let layout = output_layout(inputs, weights)?;
+    let mut moves = Vec::new();
+    let mut indexes = Vec::new();
+    let mut written = Vec::with_capacity(finals.len());
+    for (final_, stage) in finals.iter().zip(staged) {
+        let to = writer::output_files(&layout, final_)?;
+        let from = writer::output_files(&layout, stage)?;
+        let mut paths: Vec<PathBuf> = to.shards.iter().map(|(p, _)| p.clone()).collect();
+        moves.extend(
+            from.shards
+                .into_iter()
+                .map(|(p, _)| p)
+                .zip(paths.iter().cloned()),
+        );
+        if let Some((path, bytes)) = to.index {
+            paths.insert(0, path.clone());
+            indexes.push((path, bytes));
+        }
+        written.push(paths);
+    }
+    writer::commit_files(&moves, &indexes)?;
+    Ok(written)
 }
 
 /// Which column each output's tensors take: output `k` takes column `defaults[k]` for every

@@ -72,6 +72,12 @@ pub fn snapshot_from_header(header: Header) -> Result<Option<(Snapshot, Option<S
 
 /// Lists a store directory: every `*.safetensors` file's header, in parallel.
 pub fn scan(dir: &Path) -> Result<Scan> {
+    if !dir.is_dir() {
+        return Err(PhemaError::Store(format!(
+            "{}: not a directory (a store is a directory of snapshots)",
+            dir.display()
+        )));
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| PhemaError::io(dir, e))?;
     let mut files = Vec::new();
     let mut out = Scan::default();

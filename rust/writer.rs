@@ -581,29 +581,27 @@ pub fn output_files(layout: &[TensorEntry], req: &OutputRequest) -> Result<Outpu
     })
 }
 
-/// Writes the index of a sharded output (temporary name, fsync, rename), for a distributed run
-/// once every shard is committed; returns its path, or None when the output is one file.
-pub fn write_index(layout: &[TensorEntry], req: &OutputRequest) -> Result<Option<PathBuf>> {
-    let Some((path, bytes)) = output_files(layout, req)?.index else {
-        return Ok(None);
-    };
-    write_file(&path, &bytes)?;
-    Ok(Some(path))
-}
-
 /// Replaces the file at `path` with `bytes` in one step: written under a temporary name
 /// ([`temporary_path`]), synced, renamed into place, the directory synced, so an interrupted
 /// write leaves the old file whole and no partial one. Dead writers' temporaries in the
 /// directory are removed first. For small files (an index, a results table, a figure).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    commit_file(path, |f| f.write_all(bytes))
+}
+
+/// Fills a new temporary file by `fill`, syncs it and renames it to `path` (see [`write_file`]).
+fn commit_file(path: &Path, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
     remove_stale_temporaries(path.parent().unwrap_or(Path::new(".")));
     let tmp = temporary_path(path);
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|mut f| fill(&mut f).and_then(|_| f.sync_all()))
+        .and_then(|_| {
+            failpoint("file");
+            std::fs::rename(&tmp, path)
+        });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(PhemaError::io(path, e));
@@ -692,42 +690,137 @@ impl FileSink {
         if cancel.load(Ordering::Relaxed) {
             return Err(PhemaError::Cancelled);
         }
-        let mut done: Vec<PathBuf> = Vec::new();
-        let mut aside: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut commit = Commit::default();
         let mut out = Vec::with_capacity(self.targets.len());
         let result = (|| {
             for t in &mut self.targets {
                 let mut paths = Vec::new();
                 for w in &mut t.writers {
-                    set_aside(&w.path, &mut aside)?;
-                    let p = w.commit(true)?;
-                    done.push(p.clone());
-                    paths.push(p);
+                    let path = w.path.clone();
+                    paths.push(commit.place(&path, || w.commit(true))?);
                 }
                 if let Some((path, bytes)) = &t.index {
-                    set_aside(path, &mut aside)?;
-                    write_file(path, bytes)?;
-                    done.push(path.clone());
-                    paths.insert(0, path.clone());
+                    paths.insert(
+                        0,
+                        commit.place(path, || write_file(path, bytes).map(|_| path.clone()))?,
+                    );
                 }
                 out.push(paths);
             }
             Ok(())
         })();
+        commit.end(result)?;
+        Ok(out)
+    }
+}
+
+/// One commit of several files under their final names: each file already at a final name is
+/// set aside first; if a later step fails, the files placed are removed and what they replaced
+/// is put back, so no partial set is left and no earlier output is lost.
+#[derive(Default)]
+struct Commit {
+    done: Vec<PathBuf>,
+    aside: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Commit {
+    /// Puts a file at `path` by `put` (which returns where it went), setting aside the old one.
+    fn place(&mut self, path: &Path, put: impl FnOnce() -> Result<PathBuf>) -> Result<PathBuf> {
+        failpoint("commit");
+        set_aside(path, &mut self.aside)?;
+        let placed = put()?;
+        self.done.push(placed.clone());
+        Ok(placed)
+    }
+
+    /// Keeps the commit if `result` is Ok (the set-aside files go), else rolls it back.
+    fn end(self, result: Result<()>) -> Result<()> {
         if let Err(e) = result {
-            for p in &done {
+            for p in &self.done {
                 let _ = std::fs::remove_file(p);
             }
-            for (path, backup) in &aside {
+            for (path, backup) in &self.aside {
                 let _ = std::fs::rename(backup, path);
             }
             return Err(e);
         }
-        for (_, backup) in &aside {
+        for (_, backup) in &self.aside {
             let _ = std::fs::remove_file(backup);
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// The crash tests' kill -9 at a chosen step (`tests/test_crash.py`): with
+/// `PHEMA_FAILPOINT=NAME:N` in the environment the process aborts, as if killed, when it reaches
+/// step `NAME` for the `N`th time (`commit`: before a file takes its final name in a commit;
+/// `file`: a small file or copy written but not yet renamed). Read once; unset, it costs one
+/// atomic load per step.
+fn failpoint(name: &str) {
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let text = std::env::var("PHEMA_FAILPOINT").ok()?;
+        let (step, n) = text.split_once(':')?;
+        Some((step.to_string(), n.parse().ok()?))
+    });
+    if let Some((step, n)) = spec {
+        if step == name && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+            std::process::abort();
+        }
+    }
+}
+
+/// Moves finished files (already synced, e.g. written by a distributed run's workers) to their
+/// final names and then writes `indexes`, as one commit (see [`Commit`]); each directory is
+/// synced so the renames survive a crash.
+pub fn commit_files(moves: &[(PathBuf, PathBuf)], indexes: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let mut commit = Commit::default();
+    let result = (|| {
+        for (from, to) in moves {
+            if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| PhemaError::io(parent, e))?;
+            }
+            commit.place(to, || {
+                std::fs::rename(from, to).map_err(|e| PhemaError::io(to, e))?;
+                sync_dir(to);
+                Ok(to.clone())
+            })?;
+        }
+        for (path, bytes) in indexes {
+            commit.place(path, || write_file(path, bytes).map(|_| path.clone()))?;
+        }
+        Ok(())
+    })();
+    commit.end(result)
+}
+
+/// Moves files into the directory `dir` (made if missing) under their own names, never
+/// replacing a file there, and syncs both directories: how a resumed run sets aside the
+/// snapshots its interrupted attempt wrote after the resume point (docs/runs.md).
+pub fn move_files(paths: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| PhemaError::io(dir, e))?;
+    let mut moved = Vec::with_capacity(paths.len());
+    for path in paths {
+        let name = path
+            .file_name()
+            .ok_or_else(|| PhemaError::Invalid(format!("{}: not a file", path.display())))?;
+        let to = dir.join(name);
+        rename_no_replace(path, &to).map_err(|e| PhemaError::io(&to, e))?;
+        moved.push(to);
+    }
+    if let (Some(from), Some(to)) = (paths.first(), moved.first()) {
+        sync_dir(from);
+        sync_dir(to);
+    }
+    Ok(moved)
+}
+
+/// Copies the file `from` to `to` by the rule of [`write_file`] (a configuration file beside an
+/// output: never a partial copy under the final name).
+pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    let mut source = File::open(from).map_err(|e| PhemaError::io(from, e))?;
+    commit_file(to, |f| std::io::copy(&mut source, f).map(|_| ()))
 }
 
 /// Moves a file at `path` to a temporary name beside it (recorded in `aside`), so that a failed

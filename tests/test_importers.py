@@ -4,6 +4,7 @@ profiles; nothing in a pickle runs; failures leave nothing behind."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import sys
@@ -65,7 +66,7 @@ def test_edm2_snapshots_import_with_names_times_and_profiles_without_running_the
     tmp_path, marker
 ):
     nets = _edm2_run(tmp_path / "run", marker)
-    written = import_store("edm2", tmp_path / "run", tmp_path / "store")
+    written = import_store(tmp_path / "store", tmp_path / "run", kind="edm2")
     store = phema.open_store(tmp_path / "store")
     assert len(written) == len(store) == 4
     for snap in store.snapshots:
@@ -102,7 +103,7 @@ def test_a_pickle_running_os_system_is_refused_naming_file_and_class(tmp_path, m
     with pytest.raises(
         SourceError, match=r"network-snapshot-0001024-0\.050\.pkl.*(posix|os)\.system"
     ):
-        import_store("edm2", run, tmp_path / "store")
+        import_store(tmp_path / "store", run, kind="edm2")
     assert not (tmp_path / "store").exists()
 
 
@@ -171,9 +172,9 @@ def _ema_pytorch_run(root, sigma_rels, update_every, steps, every):
 def test_ema_pytorch_folders_store_the_profile_update_every_really_tracked(tmp_path):
     saved = _ema_pytorch_run(tmp_path / "phema-ckpt", (0.05, 0.08), 4, 120, 40)
     paths = import_store(
-        "ema-pytorch",
-        tmp_path / "phema-ckpt",
         tmp_path / "store",
+        tmp_path / "phema-ckpt",
+        kind="ema-pytorch",
         sigma_rels=[0.05, 0.08],
         update_every=4,
     )
@@ -247,21 +248,29 @@ def test_recorded_profile_error_matches_a_fine_grid_integral(update_every):
 def test_ema_pytorch_needs_sigma_rels_and_update_every_and_a_positive_exponent(tmp_path):
     _ema_pytorch_run(tmp_path / "ck", (0.05, 0.1), 1, 20, 10)
     with pytest.raises(ValueError, match="sigma_rel"):
-        import_store("ema-pytorch", tmp_path / "ck", tmp_path / "s", update_every=1)
+        import_store(tmp_path / "s", tmp_path / "ck", kind="ema-pytorch", update_every=1)
     with pytest.raises(ValueError, match="update_every"):
-        import_store("ema-pytorch", tmp_path / "ck", tmp_path / "s", sigma_rels=[0.05, 0.1])
+        import_store(tmp_path / "s", tmp_path / "ck", kind="ema-pytorch", sigma_rels=[0.05, 0.1])
     with pytest.raises(ValueError, match="ema index 1, but 1 sigma_rels"):
         import_store(
-            "ema-pytorch", tmp_path / "ck", tmp_path / "s", sigma_rels=[0.05], update_every=1
+            tmp_path / "s", tmp_path / "ck", kind="ema-pytorch", sigma_rels=[0.05], update_every=1
         )
     with pytest.raises(ValueError, match="not a power profile"):
         import_store(
-            "ema-pytorch", tmp_path / "ck", tmp_path / "s", sigma_rels=[0.05, 0.1], update_every=100
+            tmp_path / "s",
+            tmp_path / "ck",
+            kind="ema-pytorch",
+            sigma_rels=[0.05, 0.1],
+            update_every=100,
         )
     os.rename(tmp_path / "ck" / "1.20.pt", tmp_path / "ck" / "1.30.pt")
     with pytest.raises(SourceError, match=r"1\.30\.pt: its step counter is 20"):
         import_store(
-            "ema-pytorch", tmp_path / "ck", tmp_path / "s", sigma_rels=[0.05, 0.1], update_every=1
+            tmp_path / "s",
+            tmp_path / "ck",
+            kind="ema-pytorch",
+            sigma_rels=[0.05, 0.1],
+            update_every=1,
         )
     assert not (tmp_path / "s").exists()
 
@@ -282,7 +291,7 @@ def test_timm_checkpoints_become_a_raw_store_timed_by_epochs_completed(tmp_path)
             {"epoch": epoch, "arch": "tiny", "state_dict": sd, "optimizer": {}, "version": 2},
             src / f"checkpoint-{epoch}.pth.tar",
         )
-    import_store("timm", src, tmp_path / "store", dtype="f32")
+    import_store(tmp_path / "store", src, kind="timm", dtype="f32")
     store = phema.open_store(tmp_path / "store")
     assert [s.t for s in store.snapshots] == [1, 2, 3]
     assert {s.kind for s in store.snapshots} == {"raw"}
@@ -325,7 +334,7 @@ def test_lightning_checkpoints_import_with_their_global_step_and_model_prefix_st
     )
     trainer.fit(Module(), data)
     files = sorted(os.listdir(ckpts))
-    import_store("lightning", ckpts, tmp_path / "store", strip_prefix="model.", dtype="f32")
+    import_store(tmp_path / "store", ckpts, kind="lightning", strip_prefix="model.", dtype="f32")
     store = phema.open_store(tmp_path / "store")
     assert [s.t for s in store.snapshots] == [2, 4, 6]
     for snap in store.snapshots:
@@ -348,7 +357,7 @@ def test_torch_files_holding_other_classes_are_refused_naming_the_class(tmp_path
         src / "a-1.ckpt",
     )
     with pytest.raises(SourceError, match=r"a-1\.ckpt: holds fractions\.Fraction"):
-        import_store("lightning", src, tmp_path / "store")
+        import_store(tmp_path / "store", src, kind="lightning")
     assert not (tmp_path / "store").exists()
 
 
@@ -359,22 +368,22 @@ def test_a_failure_midway_leaves_no_store_and_appending_is_explicit(tmp_path, ma
     data = good.read_bytes()
     good.write_bytes(data[: len(data) // 2])  # the last file to be written is truncated
     with pytest.raises(SourceError, match="0004194-0.100.pkl"):
-        import_store("edm2", run, tmp_path / "store")
+        import_store(tmp_path / "store", run, kind="edm2")
     assert not (tmp_path / "store").exists()
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "notes.txt").write_text("x")
     with pytest.raises(SourceError, match="0004194-0.100.pkl"):
-        import_store("edm2", run, tmp_path / "existing", append=True)
+        import_store(tmp_path / "existing", run, kind="edm2", append=True)
     assert os.listdir(tmp_path / "existing") == ["notes.txt"]
 
     good.write_bytes(data)
     os.rename(good, tmp_path / good.name)  # imported later, into the same run
-    first = import_store("edm2", run, tmp_path / "store")
+    first = import_store(tmp_path / "store", run, kind="edm2")
     with pytest.raises(ValueError, match="not empty.*append"):
-        import_store("edm2", tmp_path / good.name, tmp_path / "store")
+        import_store(tmp_path / "store", tmp_path / good.name, kind="edm2")
     with pytest.raises(ValueError, match="already holds the snapshot"):
-        import_store("edm2", run, tmp_path / "store", append=True)
-    [more] = import_store("edm2", tmp_path / good.name, tmp_path / "store", append=True)
+        import_store(tmp_path / "store", run, kind="edm2", append=True)
+    [more] = import_store(tmp_path / "store", tmp_path / good.name, kind="edm2", append=True)
     assert _meta(more)["phema.run_id"] == _meta(first[0])["phema.run_id"]
     assert len(phema.open_store(tmp_path / "store")) == 4
 
@@ -382,7 +391,7 @@ def test_a_failure_midway_leaves_no_store_and_appending_is_explicit(tmp_path, ma
 def test_the_store_may_not_be_inside_the_source(tmp_path, marker):
     _edm2_run(tmp_path / "run", marker)
     with pytest.raises(ValueError, match="inside the input"):
-        import_store("edm2", tmp_path / "run", tmp_path / "run" / "phema")
+        import_store(tmp_path / "run" / "phema", tmp_path / "run", kind="edm2")
 
 
 def test_cli_import_prints_one_line_and_errors_are_one_line(tmp_path, marker, capsys):
@@ -411,7 +420,7 @@ def test_ctrl_c_midway_leaves_no_store(tmp_path, marker, monkeypatch):
 
     monkeypatch.setattr(importers, "_edm2_pickle_tensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        import_store("edm2", tmp_path / "run", tmp_path / "store")
+        import_store(tmp_path / "store", tmp_path / "run", kind="edm2")
     assert not (tmp_path / "store").exists() and len(calls) == 2
 
 
@@ -423,30 +432,30 @@ def test_a_malicious_torch_file_is_refused_by_the_safe_loader(tmp_path, marker):
         src / "evil-1.ckpt",
     )
     with pytest.raises(SourceError, match=r"evil-1\.ckpt: holds (posix|os)\.system"):
-        import_store("lightning", src, tmp_path / "store")
+        import_store(tmp_path / "store", src, kind="lightning")
 
 
 def test_bad_arguments_are_one_error_each(tmp_path, marker):
     _edm2_run(tmp_path / "run", marker)
     with pytest.raises(ValueError, match="kind='edm3'"):
-        import_store("edm3", tmp_path / "run", tmp_path / "s")
+        import_store(tmp_path / "s", tmp_path / "run", kind="edm3")
     with pytest.raises(ValueError, match="sigma_rels is for ema-pytorch"):
-        import_store("edm2", tmp_path / "run", tmp_path / "s", sigma_rels=[0.1])
+        import_store(tmp_path / "s", tmp_path / "run", kind="edm2", sigma_rels=[0.1])
     with pytest.raises(ValueError, match="times are for plain checkpoints"):
-        import_store("edm2", tmp_path / "run", tmp_path / "s", times=[1, 2])
+        import_store(tmp_path / "s", tmp_path / "run", kind="edm2", times=[1, 2])
     with pytest.raises(ValueError, match="dtype='f8'"):
-        import_store("edm2", tmp_path / "run", tmp_path / "s", dtype="f8")
+        import_store(tmp_path / "s", tmp_path / "run", kind="edm2", dtype="f8")
     with pytest.raises(ValueError, match="no EDM2 files"):
-        import_store("edm2", tmp_path, tmp_path / "s")
+        import_store(tmp_path / "s", tmp_path, kind="edm2")
     (tmp_path / "wide").mkdir()
     (tmp_path / "wide" / "network-snapshot-0001024-0.500.pkl").write_bytes(b"")
     with pytest.raises(SourceError, match=r"0\.500\.pkl: sigma_rel 0\.500"):
-        import_store("edm2", tmp_path / "wide", tmp_path / "s")
+        import_store(tmp_path / "s", tmp_path / "wide", kind="edm2")
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "wide" / "a.pth")
     with pytest.raises(ValueError, match="3 times for 1 checkpoints"):
-        import_store("timm", tmp_path / "wide" / "a.pth", tmp_path / "s", times=[1, 2, 3])
+        import_store(tmp_path / "s", tmp_path / "wide" / "a.pth", kind="timm", times=[1, 2, 3])
     with pytest.raises(SourceError, match=r"a\.pth: no training time"):
-        import_store("timm", tmp_path / "wide" / "a.pth", tmp_path / "s")
+        import_store(tmp_path / "s", tmp_path / "wide" / "a.pth", kind="timm")
     assert not (tmp_path / "s").exists()
 
 
@@ -487,7 +496,11 @@ def test_an_imported_update_every_run_reconstructs_what_phema_would_have_tracked
     def error(update_every: int) -> float:
         store = tmp_path / f"store-{update_every}"
         import_store(
-            "ema-pytorch", tmp_path / "ck", store, sigma_rels=sigma_rels, update_every=update_every
+            store,
+            tmp_path / "ck",
+            kind="ema-pytorch",
+            sigma_rels=sigma_rels,
+            update_every=update_every,
         )
         sd = phema.reconstruct_state_dict(store, sigma_rel=0.15, allow_poor_fit=True)
         num = sum((sd[k] - truth[k]).square().sum() for k in truth)
@@ -496,3 +509,14 @@ def test_an_imported_update_every_run_reconstructs_what_phema_would_have_tracked
     corrected, naive = error(every), error(1)
     assert corrected < 0.05  # of the distance between the average and the raw weights
     assert naive > 20 * corrected
+
+
+def test_a_nan_in_a_source_is_an_error_naming_that_file_and_nothing_is_left(tmp_path):
+    src = tmp_path / "timm"
+    src.mkdir()
+    for epoch, bad in enumerate([1.0, math.nan]):
+        sd = {"fc.weight": torch.tensor([[1.0, bad]])}
+        torch.save({"epoch": epoch, "state_dict": sd}, src / f"checkpoint-{epoch}.pth.tar")
+    with pytest.raises(SourceError, match=r"checkpoint-1\.pth\.tar: tensor `fc.weight` holds NaN"):
+        import_store(tmp_path / "store", src, kind="timm")
+    assert not (tmp_path / "store").exists()

@@ -6,11 +6,26 @@ weights any EMA length or classic decay would have given (`solve`, `reconstruct`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing
 
-from phema._core import Cancelled, StoreError
 from phema._core import __version__ as __version__
-from phema.checkpoints import average, open_checkpoints
+from phema.average import average
+from phema.errors import (
+    Cancelled,
+    InvalidTypeError,
+    InvalidValueError,
+    PhemaError,
+    SourceError,
+    StorageError,
+    StoreError,
+)
+from phema.importers import import_store
+from phema.reconstruction import (
+    Reconstruction,
+    reconstruct,
+    reconstruct_state_dict,
+    reconstruct_state_dicts,
+)
 from phema.solver import (
     PoorFitError,
     Solution,
@@ -20,35 +35,38 @@ from phema.solver import (
     sigma_rel_to_gamma,
     solve,
 )
-from phema.store import SnapshotRecord, Store, open_store
+from phema.store import SnapshotRecord, Store, open_checkpoints, open_store
 from phema.targets import Targets
 
-if TYPE_CHECKING:
-    from phema.importers import import_store
-    from phema.reconstruction import (
-        load_into,
-        reconstruct,
-        reconstruct_state_dict,
-        reconstruct_state_dicts,
-    )
+if typing.TYPE_CHECKING:
+    from phema.load import load_into
     from phema.sweeps import SweepResult, sweep
-    from phema.tracker import PostHocEMA
+    from phema.tracker import PostHocEMA, SnapshotWriteError
 
 __all__ = [
     "Cancelled",
-    "PostHocEMA",
-    "average",
-    "open_checkpoints",
+    "InvalidTypeError",
+    "InvalidValueError",
+    "PhemaError",
     "PoorFitError",
-    "feasible_sigma_rels",
-    "Solution",
+    "PostHocEMA",
+    "Reconstruction",
     "SnapshotRecord",
+    "SnapshotWriteError",
+    "Solution",
+    "SourceError",
+    "StorageError",
     "Store",
     "StoreError",
+    "SweepResult",
     "Target",
+    "Targets",
+    "average",
+    "feasible_sigma_rels",
     "gamma_to_sigma_rel",
     "import_store",
     "load_into",
+    "open_checkpoints",
     "open_store",
     "reconstruct",
     "reconstruct_state_dict",
@@ -56,26 +74,25 @@ __all__ = [
     "sigma_rel_to_gamma",
     "solve",
     "sweep",
-    "SweepResult",
-    "Targets",
 ]
 
 # Names whose modules import torch: loaded on first use so `import phema` and the CLI stay fast.
 _LAZY = {
     "PostHocEMA": "phema.tracker",
-    "reconstruct": "phema.reconstruction",
-    "reconstruct_state_dict": "phema.reconstruction",
-    "reconstruct_state_dicts": "phema.reconstruction",
-    "load_into": "phema.reconstruction",
+    "SnapshotWriteError": "phema.tracker",
+    "load_into": "phema.load",
     "sweep": "phema.sweeps",
     "SweepResult": "phema.sweeps",
-    "import_store": "phema.importers",
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'phema' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, "__version__"} | {n for n in globals() if n.startswith("__")})

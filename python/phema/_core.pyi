@@ -2,9 +2,10 @@
 
 from collections.abc import Mapping, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
+from typing_extensions import NotRequired
 
 __version__: str
 NOISE_FLOAT16: float
@@ -16,11 +17,55 @@ POOR_NOISE: float
 
 ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value, dt)
 
-class StoreError(ValueError):
+class PhemaError(Exception):
+    """The base of every error phema raises for a value, file or store it cannot use."""
+
+class StoreError(PhemaError, ValueError):
     """A store, snapshot or output file is unusable; the message names the file."""
 
-class Cancelled(Exception):
+class InvalidValueError(PhemaError, ValueError):
+    """A value given to phema is out of range or cannot be used; the message names it."""
+
+class StorageError(PhemaError, OSError):
+    """Reading or writing a file failed; the message names the file and the cause."""
+
+class Cancelled(PhemaError):
     """The work was cancelled (`EngineProgress.cancel`); nothing was written."""
+
+class OutputRequest(TypedDict):
+    """One output the engine writes."""
+
+    path: str
+    dtype: str  # F16, BF16 or F32
+    metadata: Mapping[str, str]
+    shard_size: NotRequired[int | None]
+    stem: NotRequired[str | None]  # shard names' stem (default `model`)
+    shard: NotRequired[int]  # write only this shard (a distributed task)
+
+class Described(TypedDict):
+    """One input as `Sources.describe` gives it."""
+
+    path: str
+    files: list[str]
+    sharded: bool
+    metadata: dict[str, str]
+    file_size: int
+    tensors: list[tuple[str, str, list[int]]]  # (name, dtype, shape)
+
+class SnapshotListing(Described):
+    """One snapshot as `scan_store` lists it."""
+
+    t: float
+    gamma: float | None
+    kind: str
+
+class EngineStats(TypedDict):
+    """What one engine run read and found."""
+
+    read: list[int]
+    bytes_read: int
+    raw_mismatch: list[str]
+    nonfinite: list[str]
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
 def gamma_to_sigma_rel(gamma: float) -> float: ...
@@ -48,7 +93,7 @@ def write_snapshot(
 ) -> list[str]: ...
 def scan_store(
     path: str | PathLike[str],
-) -> tuple[Sources, list[dict[str, Any]], list[tuple[str, str]], list[str], list[str]]: ...
+) -> tuple[Sources, list[SnapshotListing], list[tuple[str, str]], list[str], list[str]]: ...
 
 class EngineProgress:
     def __init__(self) -> None: ...
@@ -61,16 +106,27 @@ class Sources:
         self, inputs: Sequence[Sequence[str | PathLike[str]]], local: bool = False
     ) -> None: ...
     def __len__(self) -> int: ...
-    def describe(self) -> list[dict[str, Any]]: ...
+    def describe(self) -> list[Described]: ...
+    def files(self) -> list[list[str]]: ...
     def select(self, indices: Sequence[int]) -> Sources: ...
     def combine_to_files(
         self,
         weights: np.ndarray,
-        outputs: Sequence[Mapping[str, Any]],
+        outputs: Sequence[OutputRequest],
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
-    ) -> tuple[list[list[str]], dict[str, Any]]: ...
+        verify: bool = True,
+    ) -> tuple[list[list[str]], EngineStats]: ...
+    def output_files(
+        self, weights: np.ndarray, output: OutputRequest
+    ) -> tuple[list[tuple[str, list[str]]], str | None]: ...
+    def commit_staged(
+        self,
+        weights: np.ndarray,
+        finals: Sequence[OutputRequest],
+        staged: Sequence[OutputRequest],
+    ) -> list[list[str]]: ...
     def combine_to_memory(
         self,
         weights: np.ndarray,
@@ -78,9 +134,14 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
-    ) -> dict[str, Any]: ...
+        verify: bool = True,
+    ) -> EngineStats: ...
 
 def write_file(path: str | PathLike[str], data: bytes) -> None: ...
+def copy_file(source: str | PathLike[str], path: str | PathLike[str]) -> None: ...
+def move_files(
+    paths: Sequence[str | PathLike[str]], directory: str | PathLike[str]
+) -> list[str]: ...
 def verify_checksum(path: str | PathLike[str]) -> tuple[str, str | None, str | None]: ...
 def per_rank_to_files(
     inputs: Sequence[Sequence[Sequence[str | PathLike[str]]]],
@@ -89,4 +150,5 @@ def per_rank_to_files(
     progress: EngineProgress,
     copy_from: int | None = None,
     mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
-) -> tuple[list[list[list[str]]], dict[str, Any]]: ...
+    verify: bool = True,
+) -> tuple[list[list[list[str]]], EngineStats]: ...

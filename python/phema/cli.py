@@ -11,16 +11,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from phema import _core, naming
+from phema import _core, files, naming
+from phema.errors import PhemaError
+from phema.store import normalize_dtype
 from phema.targets import Targets
 
 if TYPE_CHECKING:
-    from phema.reconstruction import Plan
+    from phema.reconstruction import Reconstruction
     from phema.solver import Solution
     from phema.store import Store
 
 
-class UserError(Exception):
+class UserError(PhemaError):
     """A mistake in the command line or its input: reported as one line, no traceback."""
 
 
@@ -100,7 +102,7 @@ def _open(args: argparse.Namespace, strict: bool = True) -> Store:
     from phema.store import open_store
 
     if getattr(args, "checkpoints", False):
-        from phema.checkpoints import open_checkpoints
+        from phema.store import open_checkpoints
 
         times = parse_list(args.times) if args.times else None
         return open_checkpoints(
@@ -151,12 +153,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
         _print_feasible(store)
-    for path, why in store.ignored:
-        print(f"note: ignored {path}: {why}")
+    _print_ignored(store)
     for p in store.problems + store.incomplete:
         print(f"problem: {p}")
     changed = _verify(store) if args.verify else 0
     return 1 if store.problems or store.incomplete or changed else 0
+
+
+def _print_ignored(store: Store) -> None:
+    for path, why in store.ignored:
+        print(f"note: ignored {path}: {why}")
 
 
 def _verify(store: Store) -> int:
@@ -209,16 +215,17 @@ def _tensor_sigma_rels(args: argparse.Namespace) -> list[tuple[str, float]] | No
 def _targets(args: argparse.Namespace) -> dict:
     kw = {
         "sigma_rels": parse_list(args.sigma_rel) if args.sigma_rel else None,
+        "gammas": parse_list(args.gamma) if args.gamma else None,
         "betas": parse_list(args.beta) if args.beta else None,
         "halflives": parse_list(args.halflife) if args.halflife else None,
         "dt": args.dt,
         "at": args.at,
         "noise": "auto" if args.noise is None else args.noise,
         "causal": args.causal,
-        "tensors": _tensor_sigma_rels(args),
+        "tensor_sigma_rels": _tensor_sigma_rels(args),
     }
-    if not (kw["sigma_rels"] or kw["betas"] or kw["halflives"] or kw["tensors"]):
-        raise UserError("give at least one target: --sigma-rel, --beta or --halflife")
+    if not any(kw[k] for k in ("sigma_rels", "gammas", "betas", "halflives", "tensor_sigma_rels")):
+        raise UserError("give at least one target: --sigma-rel, --gamma, --beta or --halflife")
     return kw
 
 
@@ -267,38 +274,48 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from phema.reconstruction import make_plan, write_outputs
-    from phema.store import normalize_dtype
+    from phema.reconstruction import reconstruct
 
     _threads(args)
-    if args.dtype is not None:
-        normalize_dtype(args.dtype)
     store = _open(args)
-    plan = make_plan(store, Targets.of(**_targets(args)), allow_poor_fit=args.allow_poor_fit)
-    stats: dict = {}
     with _cluster(args) as client:
-        paths = write_outputs(
+        written = reconstruct(
             store,
-            plan,
+            targets=Targets.of(**_targets(args)),
             out=args.out,
             dtype=args.dtype,
             shard_size=parse_size(args.shard_size) if args.shard_size else None,
+            allow_poor_fit=args.allow_poor_fit,
             progress=sys.stderr.isatty() and not args.quiet,
-            stats=stats,
             per_rank=args.per_rank,
             like=args.like,
             client=client,
+            verify=not args.no_verify,
         )
-    sol = plan.sol
-    outputs = _outputs_per_column(plan, paths, args.out)
-    rows = _report_rows(sol, [[o] for o in outputs])
+    sol = written.solution
+    rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
     print(_table(rows, [*_REPORT, "output"]))
-    print(
-        f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; wrote {len(paths)} files"
-    )
+    print(f"{_read_summary(store, written.stats)}; wrote {_count(len(written), 'file')}")
     for n in sol.notes:
         print(f"note: {n}")
+    if args.checkpoints:  # a store's stray files are inspect's business
+        _print_ignored(store)
     return 0
+
+
+def _read_summary(store: Store, stats: dict[str, Any]) -> str:
+    """What was read: the snapshots and their size on disk; on a cluster, whose tasks may each
+    read a snapshot for their share of the outputs, also the bytes read in all."""
+    size = sum(store.snapshots[i].size for i in stats["read"])
+    text = f"read {_count(len(stats['read']), 'snapshot')}, {_size(size)}"
+    if stats["bytes_read"] > size:
+        text += f" ({_size(stats['bytes_read'])} read in all by the cluster's tasks)"
+    return text
+
+
+def _count(n: int, what: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 @contextlib.contextmanager
@@ -311,7 +328,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         raise UserError("give --scheduler or --workers, not both")
     if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
         raise UserError(f"--workers {args.workers}: need 1 to {MAX_THREADS}")
-    from phema.distributed import connect
+    from phema.cluster import connect
 
     try:
         client = connect(args.scheduler, args.workers)
@@ -336,7 +353,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_average(args: argparse.Namespace) -> int:
     import warnings
 
-    from phema.checkpoints import average
+    from phema.average import average
 
     _threads(args)
     weights = parse_list(args.weights) if args.weights else None
@@ -352,6 +369,7 @@ def cmd_average(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not args.quiet,
             stats=stats,
             client=client,
+            like=args.like,
         )
     for w in caught:
         print(f"note: {w.message}")
@@ -361,23 +379,18 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs_per_column(plan: Plan, paths: list[str], out: str) -> list[str]:
+def _outputs_per_column(written: Reconstruction, out: str) -> list[str]:
     """Each solved column's output, briefly: its file, its rank files, or its directory of
     shards; a column only some tensors take says so."""
-    sol = plan.sol
-    at = plan.targets.at
-    stems = naming.reconstruction_stems(
-        [o.label(sol) for o in plan.outputs], None if at is None else sol.targets[0].t
-    )
-    result = ["(some tensors)"] * len(sol.targets)
-    for o, stem in zip(plan.outputs, stems):
-        mine = [p for p in paths if naming.output_stem(os.path.relpath(p, out)) == stem]
-        if len(mine) == 1:
-            result[o.column] = os.path.relpath(mine[0], out)
-        elif ".rank" in os.path.basename(mine[0]):
-            result[o.column] = re.sub(r"rank\d+-of", "rank*-of", os.path.relpath(mine[0], out))
+    result = ["(some tensors)"] * len(written.solution.targets)
+    for o in written.outputs:
+        first = os.path.relpath(o.paths[0], out)
+        if len(o.paths) == 1:
+            result[o.column] = first
+        elif ".rank" in os.path.basename(first):
+            result[o.column] = re.sub(r"rank\d+-of", "rank*-of", first)
         else:
-            result[o.column] = f"{stem}/ ({len(mine)} files)"
+            result[o.column] = f"{o.label}/ ({len(o.paths)} files)"
     return result
 
 
@@ -401,6 +414,9 @@ def _load_callable(spec: str, flag: str) -> Any:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
+            # As `python -m`: modules in the working directory are importable.
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(where)
     except ModuleNotFoundError as e:
         raise UserError(f"{flag} {spec!r}: no module {e.name!r}") from None
@@ -435,7 +451,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     at: Any = kw.pop("at")
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
-    naming.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
+    normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]
@@ -470,18 +487,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     for w in caught:
         print(f"note: {w.message}")
-    for row in result.rows:
-        if id(row) not in shown:  # taken from an earlier run's results
-            show(row)
+    reused = [row for row in result.rows if id(row) not in shown]
+    for row in reused:
+        show(row)
+    if result.raw is not None and result.raw.metrics:
+        show(result.raw)
     if not result.rows:
         raise UserError("no target could be evaluated (see the notes)")
+    csv = os.path.join(args.out, "sweep.csv")
+    if reused:
+        print(f"note: {_count(len(reused), 'row')} reused from the earlier results in {csv}")
     best = result.best(args.metric, args.mode)
     metric = args.metric or result.metric_names[0]
     png = result.plot(os.path.join(args.out, "sweep.png"), metric, args.mode)
-    [path] = result.save_best(args.out, metric, args.mode, dtype=args.dtype)
+    written = result.save_best(args.out, metric, args.mode, dtype=args.dtype, like=args.like)
+    path = os.path.commonpath(written) if args.like else written[0]
+    baseline = ""
+    if result.raw is not None and metric in result.raw.metrics:
+        baseline = f" (raw weights: {result.raw.metrics[metric]:.6g})"
     print(
-        f"best {metric} {best.metrics[metric]:.6g} at {best.label} (t={best.t:g}); "
-        f"wrote {path}, {png} and {os.path.join(args.out, 'sweep.csv')}"
+        f"best {metric} {best.metrics[metric]:.6g}{baseline} at {best.label} (t={best.t:g}); "
+        f"wrote {path}, {png} and {csv}"
     )
     return 0
 
@@ -490,9 +516,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from phema.importers import import_store
 
     paths = import_store(
-        args.kind,
-        args.src,
         args.store,
+        args.src,
+        kind=args.kind,
         sigma_rels=parse_list(args.sigma_rel) if args.sigma_rel else None,
         update_every=args.update_every,
         times=parse_list(args.times) if args.times else None,
@@ -535,15 +561,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless the help says it), examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # 0 is a default to show
+        if unset or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+STORE_HELP = (
+    "a phema store: the directory PostHocEMA (or `phema import`) writes snapshots into; "
+    "with --checkpoints, a directory of ordinary checkpoints"
+)
+
+# One example per command, shown under its --help.
+EXAMPLES = {
+    "inspect": "phema inspect runs/ema\n  phema inspect ckpts/ --checkpoints --verify",
+    "solve": "phema solve runs/ema --sigma-rel 0.05:0.25:0.05\n"
+    "  phema solve runs/ema --beta 0.999,0.9999 --dt 1 --at 50000",
+    "reconstruct": "phema reconstruct runs/ema --sigma-rel 0.1 --out ema-0.1\n"
+    "  phema reconstruct out/ --checkpoints --sigma-rel 0.1 --like out/checkpoint-500 "
+    "--out ema",
+    "sweep": "phema sweep runs/ema --sigma-rel 0.02:0.2:0.02 --model my_model:build "
+    "--eval my_model:evaluate --out sweep --mode max",
+    "average": "phema average ckpt-100 ckpt-200 ckpt-300 --out soup\n"
+    "  phema average a.safetensors b.safetensors --weights 0.7,0.3 --out mix",
+    "import": "phema import ema-pytorch results/ runs/imported --sigma-rel 0.05,0.28",
+    "demo": "phema demo --out phema-demo",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `phema`."""
     p = argparse.ArgumentParser(
         prog="phema",
         description="Post-hoc EMA: rebuild the weights any EMA length would have given.",
+        epilog="COMMAND --help shows each command's options, defaults and an example.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"phema {_core.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=kw.pop("description", help),
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_HelpFormatter,
+            **kw,
+        )
 
     def raw(s: argparse.ArgumentParser) -> None:
         g = s.add_argument_group(
@@ -557,8 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         g.add_argument("--pattern", help="regex whose last match in a name is its time")
 
-    s = sub.add_parser("inspect", help="what a store holds: times, profiles, sizes, problems")
-    s.add_argument("store")
+    s = command("inspect", "what a store holds: times, profiles, sizes, problems")
+    s.add_argument("store", metavar="STORE", help=STORE_HELP)
     s.add_argument("-v", "--verbose", action="store_true", help="list every snapshot")
     s.add_argument(
         "--verify",
@@ -569,8 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     def targets(s: argparse.ArgumentParser, times: str = "one") -> None:
-        s.add_argument("store")
+        s.add_argument("store", metavar="STORE", help=STORE_HELP)
         s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
+        s.add_argument("--gamma", help="power-function exponents, e.g. 6.94,16.97")
         s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
         s.add_argument("--halflife", help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
@@ -599,6 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         raw(s)
 
+    def like(s: argparse.ArgumentParser, what: str) -> None:
+        s.add_argument(
+            "--like",
+            metavar="CHECKPOINT_DIR",
+            help=f"{what} as a directory laid out like this transformers/diffusers checkpoint "
+            "(weights file, dtype, config and tokenizer files), for from_pretrained",
+        )
+
     def engine(s: argparse.ArgumentParser) -> None:
         s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -608,22 +688,22 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--scheduler", metavar="ADDRESS", help="e.g. tcp://HOST:8786")
         g.add_argument("--workers", type=int, metavar="N", help="a local cluster of N processes")
 
-    s = sub.add_parser("solve", help="weights, fit error and gain per target")
+    s = command("solve", "weights, fit error and gain per target")
     targets(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_solve)
 
-    s = sub.add_parser("reconstruct", help="write the averaged weights for every target")
+    s = command("reconstruct", "write the averaged weights for every target")
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
-    s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
     s.add_argument(
-        "--like",
-        metavar="CHECKPOINT_DIR",
-        help="write each target as a directory laid out like this transformers/diffusers "
-        "checkpoint (weights file, dtype, config and tokenizer files), for from_pretrained",
+        "--no-verify",
+        action="store_true",
+        help="do not verify the snapshots' checksums as they are read (docs/store-format.md)",
     )
+    s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
+    like(s, "write each target")
     s.add_argument(
         "--per-rank",
         action="store_true",
@@ -639,9 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster(s)
     s.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser(
+    s = command(
         "sweep",
-        help="evaluate every target with your model and metric: table, CSV, figure, best weights",
+        "evaluate every target with your model and metric: table, CSV, figure, best weights",
     )
     targets(s, times="many")
     s.add_argument("--model", required=True, help="MODULE:NAME or FILE.py:NAME making the model")
@@ -654,13 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", help="raw-weights checkpoint to evaluate as the baseline")
     s.add_argument("--metric", help="metric choosing the best (default: the first)")
     s.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher wins")
-    s.add_argument("--dtype", default="f16", help="dtype of the best weights written")
+    s.add_argument(
+        "--dtype",
+        help="dtype of the best weights written (default: the model's; with --like: the "
+        "checkpoint's)",
+    )
+    like(s, "write the best weights")
     engine(s)
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser(
-        "average", help="weighted average of checkpoints (SWA, soups) in bounded memory"
-    )
+    s = command("average", "weighted average of checkpoints (SWA, soups) in bounded memory")
     s.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help=".safetensors file or checkpoint directory"
     )
@@ -668,20 +751,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
+    like(s, "write the average")
     engine(s)
     cluster(s)
     s.set_defaults(func=cmd_average)
 
-    s = sub.add_parser(
+    s = command(
         "import",
-        help="write another project's EMA snapshots or checkpoints as a phema store",
+        "write another project's EMA snapshots or checkpoints as a phema store",
         description="KIND: edm2 (network-snapshot-*.pkl, training-state-*.pt), ema-pytorch "
         "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth). "
         "See docs/importers.md.",
     )
-    s.add_argument("kind", choices=["edm2", "ema-pytorch", "lightning", "timm"])
+    s.add_argument(
+        "kind", choices=["edm2", "ema-pytorch", "lightning", "timm"], help="the source's format"
+    )
     s.add_argument("src", help="the run's directory (or one file)")
-    s.add_argument("store", help="the phema store to write (a new or empty directory)")
+    s.add_argument(
+        "store", metavar="STORE", help="the phema store to write (a new or empty directory)"
+    )
     s.add_argument("--sigma-rel", help="ema-pytorch: the sigma_rels of the run, one per ind")
     s.add_argument(
         "--update-every", type=int, help="ema-pytorch: the run's update_every (its default: 100)"
@@ -692,10 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--append", action="store_true", help="add to the run already stored in STORE")
     s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
-    s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")
-    s.add_argument("--steps", type=int, default=None, help="training steps (--emag: default 1500)")
-    s.add_argument("--seed", type=int, default=0)
+    s = command("demo", "train a toy model, sweep EMA lengths, draw the result")
+    s.add_argument("--out", default="phema-demo", help="output directory")
+    s.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: 4096; --emag: 1500)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed of data, model and training")
     s.add_argument(
         "--emag",
         action="store_true",
@@ -710,15 +800,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`phema inspect S | head`): end quietly, as `cat` does. Standard
+        # output points at /dev/null so that the interpreter's last flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserCodeError as e:
         import traceback
 
         traceback.print_exception(e.__cause__ or e)
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (UserError, ValueError, TypeError, OSError) as e:
-        # One line naming the value or file at fault; StoreError is a ValueError, and a value of
-        # the wrong kind from the user's own code (an evaluate returning text) is a TypeError.
+    except (PhemaError, OSError) as e:
+        # One line naming the value or file at fault; anything else is a bug and shows its
+        # traceback.
         print(f"phema {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,16 +15,12 @@ output replaces something of another kind: every writer calls it before doing an
 from __future__ import annotations
 
 import fnmatch
-import glob
-import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
-from phema import _core
+from phema.errors import InvalidValueError
 
 # Largest shard size accepted: the engine counts bytes in u64 and 2**63 means "no limit".
 MAX_SHARD_SIZE = 2**63
@@ -66,6 +62,16 @@ def has_rank_suffix(name: str) -> bool:
     return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
 
 
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+
+
+def is_partial_shard(name: str) -> bool:
+    """Whether `name` is one shard (`model-00001-of-00003.safetensors`) of several: alone, it is
+    not a checkpoint."""
+    found = _SHARD.search(name)
+    return found is not None and int(found.group(2)) > 1
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether a tensor name matches a pattern: shell-style (`fnmatch`), case-sensitive, `*`
     also matching dots, as every tensor-name pattern phema takes."""
@@ -98,12 +104,17 @@ def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
 
 
 def value_text(value: float, fmt: str) -> str:
-    """`value` in the short format `fmt` when that reads back as the same number, else in full.
+    """`value` in the short format `fmt` when that reads back as the same number, else in the
+    fewest digits that do, to 12 significant digits (a grid from `np.geomspace` reads `0.05`,
+    not `0.049999999999999996`).
 
-    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), and the
-    usual ones keep their short names (`0.100`, `0.999`)."""
+    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), the usual
+    ones keep their short names (`0.100`, `0.999`), and float arithmetic's last-digit noise
+    stays out of file names. Values equal to 12 significant digits share a label, and
+    `reconstruction_stems` refuses them as one target given twice."""
+    rounded = f"{value:.12g}"
     short = format(value, fmt)
-    return short if float(short) == value else repr(float(value))
+    return short if float(short) == float(rounded) else rounded
 
 
 def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:
@@ -113,7 +124,9 @@ def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:
     seen: set[str] = set()
     for stem in stems:
         if stem in seen:
-            raise ValueError(f"two targets would both be written to {stem}: give each target once")
+            raise InvalidValueError(
+                f"two targets would both be written to {stem}: give each target once"
+            )
         seen.add(stem)
     return stems
 
@@ -129,143 +142,7 @@ def check_shard_size(shard_size: object) -> int | None:
     if shard_size is None:
         return None
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, float)):
-        raise ValueError(f"shard_size={shard_size!r}: expected a number of bytes")
+        raise InvalidValueError(f"shard_size={shard_size!r}: expected a number of bytes")
     if not (math.isfinite(shard_size) and 1 <= shard_size <= MAX_SHARD_SIZE):
-        raise ValueError(f"shard_size={shard_size!r}: expected 1 to 2**63 bytes")
+        raise InvalidValueError(f"shard_size={shard_size!r}: expected 1 to 2**63 bytes")
     return int(shard_size)
-
-
-@dataclass(frozen=True)
-class LikeLayout:
-    """How a `like=` output is laid out: the weights under `weights` (a file name in the
-    target's directory) or, when `shard_size` is set, as `STEM-NNNNN-of-NNNNN.safetensors`
-    shards with `STEM.safetensors.index.json` (`STEM` is `weights` without `.safetensors`:
-    `model` for transformers, `diffusion_pytorch_model` for diffusers); `copied` are the files
-    taken over from `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
-
-    source: str
-    weights: str
-    shard_size: int | None
-    copied: tuple[str, ...]
-    inputs: tuple[str, ...]
-
-
-def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
-    """The layout of the checkpoint directory `like` (a transformers or diffusers
-    `save_pretrained` directory, or a Trainer's `checkpoint-N/`) for outputs that load like it."""
-    like = os.fspath(like)
-    if not os.path.isdir(like):
-        raise ValueError(f"like={like}: not a checkpoint directory")
-    names = sorted(n for n in os.listdir(like) if os.path.isfile(os.path.join(like, n)))
-    weights = [n for n in LIKE_WEIGHTS if n in names]
-    indexes = [n for n in LIKE_WEIGHTS if n + ".index.json" in names]
-    shard_size = None
-    if indexes and not weights:
-        weights = indexes
-        stem = weights[0].removesuffix(".safetensors")
-        shards = [n for n in names if fnmatch.fnmatchcase(n, f"{stem}-*-of-*.safetensors")]
-        if shards:
-            shard_size = max(os.path.getsize(os.path.join(like, n)) for n in shards)
-    if not weights:
-        found = [n for n in names if n.endswith(".safetensors")]
-        if len(found) != 1:
-            raise ValueError(
-                f"like={like}: expected {' or '.join(LIKE_WEIGHTS)} (or a sharded index), "
-                f"found {len(found)} other .safetensors files"
-            )
-        weights = found
-    copied = tuple(
-        n
-        for n in names
-        if any(fnmatch.fnmatchcase(n, p) for p in LIKE_COPIED)
-        and not any(fnmatch.fnmatchcase(n, p) for p in _NEVER_COPIED)
-    )
-    return LikeLayout(
-        source=like,
-        weights=weights[0],
-        shard_size=shard_size,
-        copied=copied,
-        inputs=(like, *(os.path.join(like, n) for n in names)),
-    )
-
-
-def check_outputs(
-    out: str | os.PathLike[str], written: Iterable[str], inputs: Iterable[str]
-) -> None:
-    """Raise unless writing `written` into the directory `out` is safe for `inputs`.
-
-    `written` are names inside `out`: a trailing `/` marks a directory, `*` a run of characters
-    (shard numbers). Refused: `out` being an input or inside one; a written path being an input
-    or holding one (`model.safetensors` in `--out` of its own directory); a written file where a
-    directory is, or the other way round (found only when the engine renames, after all the
-    work, and then the outputs already renamed were removed again). Paths are compared after
-    resolving symbolic links.
-    """
-    try:
-        out = os.fspath(out)
-    except TypeError:
-        raise ValueError(f"out={out!r}: expected a directory path") from None
-    if not out:
-        raise ValueError("the output directory is an empty name")
-    real_out = os.path.realpath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
-    reals = [(p, os.path.realpath(p)) for p in map(os.fspath, inputs)]
-    for given, real in reals:
-        if _within(real_out, real):
-            where = "is" if real_out == real else "is inside"
-            raise ValueError(f"output directory {out} {where} the input {given}")
-    for name in written:
-        is_dir = name.endswith("/")
-        name = name.rstrip("/")
-        pattern = os.path.join(glob.escape(real_out), name)
-        for given, real in reals:
-            if fnmatch.fnmatchcase(real, pattern) or any(
-                fnmatch.fnmatchcase(parent, pattern) for parent in _parents(real, real_out)
-            ):
-                raise ValueError(
-                    f"the output {os.path.join(out, name)} would replace the input {given}"
-                )
-        if "*" in name:
-            continue
-        path = os.path.join(out, name)
-        if is_dir and os.path.exists(path) and not os.path.isdir(path):
-            raise FileExistsError(f"{path}: exists and is not a directory; the output is one")
-        if not is_dir and os.path.isdir(path):
-            raise FileExistsError(f"{path}: exists and is a directory; the output is a file")
-
-
-def _within(path: str, root: str) -> bool:
-    """`path` is `root` or inside it (both resolved)."""
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _parents(path: str, top: str) -> list[str]:
-    """The directories between `top` (exclusive) and `path` (exclusive)."""
-    out = []
-    parent = os.path.dirname(path)
-    while _within(parent, top) and parent != top:
-        out.append(parent)
-        parent = os.path.dirname(parent)
-    return out
-
-
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replaces the file at `path` with `data` in one step, by the writer's rule for every file
-    phema writes (docs/store-format.md: temporary name with host and pid, fsync, rename, dead
-    writers' temporaries removed), so an interrupted write leaves the old file whole."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _core.write_file(path, bytes(data))
-
-
-def save_figure(fig: Any, path: str | os.PathLike[str], **options: Any) -> str:
-    """Writes a matplotlib figure as PNG at `path` through `write_atomically` (so a full disk
-    names the file and leaves no partial image) and closes it."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", **options)
-    plt.close(fig)
-    write_atomically(path, buf.getvalue())
-    return os.fspath(path)

@@ -1,23 +1,32 @@
-"""Rebuilding averaged weights from a store: to files, to a state dict, into a model."""
+"""Rebuilding averaged weights from a store: to files (`reconstruct`) or to state dicts."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import threading
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phema import _core, naming
-from phema.checkpoints import checkpoint_files
-from phema.solver import Solution, _field
+from phema.engine import combine_to_files, run_engine
+from phema.errors import InvalidValueError
+from phema.files import copy_like_files, like_layout
+from phema.plan import (
+    Plan,
+    check_like,
+    make_plan,
+    output_metadata,
+    output_stems,
+    snapshot_bytes,
+    tied_aliases,
+)
+from phema.solver import Solution
 from phema.store import Store, dominant_dtype, normalize_dtype, open_store
-from phema.targets import Output, Targets
+from phema.targets import Targets
 
 if TYPE_CHECKING:
     import torch
@@ -40,201 +49,86 @@ def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def run_engine(
-    call: Callable[[Any], Any],
-    total_bytes: int,
-    progress: bool,
-    desc: str,
-    handle: Any = None,
-) -> Any:
-    """Runs the engine (which releases the interpreter) in a worker thread while this thread shows
-    progress; Ctrl-C cancels the engine cleanly instead of leaving it running. A caller may pass
-    its own `handle` (`_core.EngineProgress`) to cancel from another thread."""
-    handle = handle or _core.EngineProgress()
-    result: dict[str, Any] = {}
-    # An event, not Thread.join: a join that Ctrl-C interrupts can later return while the thread
-    # still runs, and the engine's temporary files would outlive the exception.
-    done = threading.Event()
+@dataclass(frozen=True)
+class Output:
+    """One written output: its name (the file stem), the solved column its own target is, and
+    its files (a sharded output's index first; a per-rank output's files in rank order)."""
 
-    def work() -> None:
-        try:
-            result["value"] = call(handle)
-        except BaseException as e:  # re-raised in the caller's thread
-            result["error"] = e
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=work, name="phema-engine", daemon=True)
-    bar = None
-    try:
-        # Inside the try: a Ctrl-C right after the start must cancel too.
-        thread.start()
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
-        while not done.wait(0.05):
-            if bar is not None:
-                bar.update(handle.bytes_done - bar.n)
-    except KeyboardInterrupt:
-        handle.cancel()
-        while thread.ident is not None:
-            try:
-                done.wait()
-                break
-            except KeyboardInterrupt:  # a second Ctrl-C: still wait for the cleanup
-                continue
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if "error" in result:
-        raise result["error"]
-    value = result["value"]
-    warn_nonfinite(value[1] if isinstance(value, tuple) else value, desc)
-    return value
+    label: str
+    column: int
+    paths: tuple[str, ...]
 
 
-def warn_nonfinite(stats: Mapping[str, Any], desc: str) -> None:
-    """Warns, naming them, about output tensors that hold NaN or infinity."""
-    names = stats.get("nonfinite") or []
-    if names:
-        warnings.warn(
-            f"{desc}: {len(names)} tensor(s) hold NaN or infinity (NaN/inf in a snapshot, or "
-            "values beyond the output dtype's range, e.g. above 65504 in float16): "
-            + ", ".join(names[:5])
-            + (" ..." if len(names) > 5 else ""),
-            stacklevel=4,
-        )
+class Reconstruction(list[str]):
+    """What `reconstruct` wrote: the list of every written path (as it always returned), with
+    which files belong to which output (`outputs`), the `solution` and what was read
+    (`stats`: `read` snapshot indices, `bytes_read`, ...)."""
 
-
-@dataclass
-class Plan:
-    """One reconstruction, planned once: the solution (refused when poor), its weights as the
-    engine takes them, the outputs (per-tensor columns), and the snapshot the non-float tensors
-    come from: the latest at or before the target time (the first snapshot for a target before
-    it), since a step counter or mask cannot be averaged."""
-
-    sol: Solution
-    weights: np.ndarray
-    outputs: list[Output]
-    copy_from: int
-    targets: Targets
-
-    @property
-    def mix(self) -> list[tuple[int, dict[str, int]]] | None:
-        """The engine's per-output routes, or None when every output is one column."""
-        identity = all(o.column == k and not o.routes for k, o in enumerate(self.outputs))
-        if identity and len(self.outputs) == self.weights.shape[1]:
-            return None
-        return [(o.column, o.routes) for o in self.outputs]
-
-    def used(self) -> np.ndarray:
-        """The snapshots any output reads."""
-        cols = sorted({c for o in self.outputs for c in o.columns()})
-        return np.flatnonzero(np.any(self.weights[:, cols] != 0, axis=1))
-
-
-def make_plan(
-    store: Store, targets: Targets, solution: Solution | None = None, allow_poor_fit: bool = False
-) -> Plan:
-    """Solves `targets` once (unless `solution` is given), refuses poor fits unless allowed, and
-    lays out the outputs."""
-    if solution is not None:
-        _check_solution(solution, store)
-    sol = solution if solution is not None else targets.solve(store)
-    outputs = targets.outputs(sol, [name for name, _, _ in store.tensors])
-    sol.check(allow_poor_fit)
-    weights = np.ascontiguousarray(sol.weights, dtype=np.float64)
-    t_r = sol.targets[0].t
-    times = [s.t for s in store.snapshots]
-    before = [i for i, t in enumerate(times) if t <= t_r * (1 + 1e-12)]
-    return Plan(sol, weights, outputs, before[-1] if before else 0, targets)
-
-
-def _tied(store: Store, used: np.ndarray) -> str | None:
-    """The `phema.tied` aliases of the snapshots used ({alias: canonical name}, as JSON)."""
-    for i in used:
-        tied = store.snapshots[i].metadata.get("phema.tied")
-        if tied:
-            return tied
-    return None
-
-
-def _snapshot_bytes(store: Store, used: np.ndarray) -> int:
-    return int(sum(store.snapshots[i].size for i in used))
-
-
-def _metadata(plan: Plan, o: int, store: Store) -> dict[str, str]:
-    sol = plan.sol
-    k = plan.outputs[o].column
-    target = sol.targets[k]
-    used = sol.used(k)
-    meta = {
-        "format": "pt",
-        "phema.version": "1",
-        "phema.kind": "reconstruction",
-        **target.metadata(),
-        "phema.fit_error": repr(float(sol.fit_error[k])),
-        "phema.gain": repr(float(sol.gain[k])),
-        "phema.mass": repr(float(sol.mass[k])),
-        "phema.store": os.path.abspath(store.path),
-        "phema.snapshots": json.dumps(
-            {store.snapshots[i].name: float(sol.weights[i, k]) for i in used}
-        ),
-    }
-    if any(sol.poor[c] for c in plan.outputs[o].columns()):
-        meta["phema.poor_fit"] = "true"
-    tied = _tied(store, plan.used())
-    if tied:
-        meta["phema.tied"] = tied
-    return meta | plan.outputs[o].metadata()
+    def __init__(
+        self, outputs: list[Output], solution: Solution, stats: dict[str, Any], extra: list[str]
+    ) -> None:
+        super().__init__([p for o in outputs for p in o.paths] + extra)
+        self.outputs = outputs
+        self.solution = solution
+        self.stats = stats
 
 
 def reconstruct(
     store: Store | str | os.PathLike[str],
     *,
+    targets: Targets | None = None,
     sigma_rels: Iterable[float] | float | None = None,
-    betas: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensor_sigma_rels: Mapping[str, float] | None = None,
     tensors: Mapping[str, float] | None = None,
     out: str | os.PathLike[str] = "phema-reconstructions",
     dtype: str | None = None,
     shard_size: int | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     solution: Solution | None = None,
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
-) -> list[str]:
+    verify: bool = True,
+) -> Reconstruction:
     """Writes the average for every target into `out` in one pass over the snapshots.
 
     Each target becomes `<out>/<label>.safetensors` (or a directory of shards with a
     `model.safetensors.index.json` when `shard_size` bytes is given). Snapshots of sharded
     training are assembled into full tensors, or with `per_rank` written sharded like the run:
     `<label>.rankRRRRR-of-WWWWW.safetensors` per rank, each holding that rank's blocks, to resume
-    training on the same number of ranks. Returns the written paths; a `stats` dict, if given,
+    training on the same number of ranks. Returns the written paths as a `Reconstruction` (which
+    files belong to which output, the solution, what was read); a `stats` dict, if given, also
     receives what was read (`read`: snapshot indices, `bytes_read`).
 
     With a Dask `client` the work is spread over its workers, a task per output shard
     (docs/distributed.md); the files are the same.
 
-    `tensors` gives groups of tensors their own `sigma_rel` (`{"encoder.*": 0.05}`, first
-    matching pattern wins; see `phema.targets.Targets`), recorded in `phema.tensors`.
+    The targets are `targets` (a `phema.Targets`) or the keywords `Targets.of` takes.
+    `tensor_sigma_rels` gives groups of tensors their own `sigma_rel` (`{"encoder.*": 0.05}`,
+    first matching pattern wins; see `phema.targets.Targets`), recorded in `phema.tensors`
+    (`tensors=` is its former name).
     Float tensors (parameters and float buffers) are combined with the target's weights, which
     sum to 1; non-float tensors come from the latest snapshot at or before the target time.
     Targets whose fit phema cannot stand behind raise `PoorFitError` before anything is
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
+    The checksum of every snapshot read whole is verified as it is read (docs/store-format.md),
+    unless `verify` is False.
+
+    `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
+    of a store of ordinary checkpoints; phema snapshots give float16, their format.
     """
     store = _as_store(store)
-    targets = Targets.of(
+    targets = Targets.given(
+        targets,
         sigma_rels=sigma_rels,
         gammas=gammas,
         betas=betas,
@@ -243,6 +137,7 @@ def reconstruct(
         at=at,
         noise=noise,
         causal=causal,
+        tensor_sigma_rels=tensor_sigma_rels,
         tensors=tensors,
         solution=solution,
     )
@@ -257,6 +152,7 @@ def reconstruct(
         per_rank=per_rank,
         like=like,
         client=client,
+        verify=verify,
     )
 
 
@@ -267,178 +163,114 @@ def write_outputs(
     out: str | os.PathLike[str],
     dtype: str | None = None,
     shard_size: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     stats: dict[str, Any] | None = None,
     per_rank: bool = False,
     like: str | os.PathLike[str] | None = None,
     client: Any = None,
-) -> list[str]:
+    verify: bool = True,
+) -> Reconstruction:
     """Writes every output of a plan (see `reconstruct`)."""
     if client is not None and per_rank:
-        raise ValueError("per_rank outputs run on one machine: leave out client= with per_rank")
+        raise InvalidValueError(
+            "per_rank outputs run on one machine: leave out client= with per_rank"
+        )
     layout = None
     if like is not None:
         if per_rank or shard_size is not None:
-            raise ValueError("like= gives the output layout: per_rank and shard_size do not apply")
-        layout = naming.like_layout(like)
-        like_dtype = _check_like(store, layout)
+            raise InvalidValueError(
+                "like= gives the output layout: per_rank and shard_size do not apply"
+            )
+        layout = like_layout(like)
+        like_dtype = check_like(store, layout)
         dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or "float16")
-    labels, shard_size = _plan_outputs(
+    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
+    labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
     if per_rank:
         if shard_size:
-            raise ValueError("per_rank outputs are one file per rank: shard_size does not apply")
+            raise InvalidValueError(
+                "per_rank outputs are one file per rank: shard_size does not apply"
+            )
         return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
-    os.makedirs(out, exist_ok=True)
+    made: list[str] = []  # directories made here, removed again if the engine fails
+    missing = []  # `out` and its parents that do not exist yet, innermost first
+    d = os.path.abspath(out)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        os.mkdir(d)
+        made.append(d)
     outputs = []
-    made: list[str] = []  # target directories made here, removed again if the engine fails
-    for o, name in enumerate(labels):
-        if layout is None:
-            path = os.path.join(out, name if shard_size else name + ".safetensors")
-        elif layout.shard_size:
-            path, shard_size = os.path.join(out, name), layout.shard_size
-        else:
-            if not os.path.isdir(os.path.join(out, name)):
-                os.makedirs(os.path.join(out, name))
-                made.append(os.path.join(out, name))
-            path = os.path.join(out, name, layout.weights)
-        outputs.append(
-            {
-                "path": path,
-                "dtype": dtype,
-                "metadata": _metadata(plan, o, store),
-                "shard_size": shard_size,
-                "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
-            }
-        )
+    copied: list[str] = []
     try:
-        if client is not None:
-            from phema.distributed import combine_on_cluster
-
-            paths, run_stats = combine_on_cluster(
-                client,
-                [s.paths for s in store.snapshots],
-                plan.weights,
-                outputs,
-                plan.copy_from,
-                plan.mix,
-                progress,
-                "reconstruct",
+        for o, name in enumerate(labels):
+            if layout is None:
+                path = os.path.join(out, name if shard_size else name + ".safetensors")
+            else:
+                target = os.path.join(out, name)
+                if not os.path.isdir(target):
+                    os.mkdir(target)
+                    made.append(os.path.abspath(target))
+                # The configuration first, the weights last: an interrupted run leaves a
+                # directory without weights, which no listing takes for a checkpoint.
+                copied += copy_like_files(layout, target)
+                if layout.shard_size:
+                    path, shard_size = target, layout.shard_size
+                else:
+                    path = os.path.join(target, layout.weights)
+            outputs.append(
+                {
+                    "path": path,
+                    "dtype": dtype,
+                    "metadata": output_metadata(plan, o, store),
+                    "shard_size": shard_size,
+                    "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
+                }
             )
-            warn_nonfinite(run_stats, "reconstruct")
-        else:
-            paths, run_stats = run_engine(
-                lambda handle: store.headers.combine_to_files(
-                    plan.weights, outputs, handle, plan.copy_from, plan.mix
-                ),
-                _snapshot_bytes(store, plan.used()),
-                progress,
-                "reconstruct",
-            )
+        paths, run_stats = combine_to_files(
+            store.headers,
+            plan.weights,
+            outputs,
+            plan.copy_from,
+            plan.mix,
+            total_bytes=snapshot_bytes(store, plan.used()),
+            progress=progress,
+            desc="reconstruct",
+            client=client,
+            verify=verify,
+        )
     except BaseException:
-        for directory in made:
+        # What this run made goes again, innermost first; files copied over an earlier
+        # output's stay.
+        here = [p for p in copied if os.path.abspath(os.path.dirname(p)) in made]
+        for path in here + made[::-1]:
             with contextlib.suppress(OSError):
-                os.rmdir(directory)
+                (os.rmdir if path in made else os.remove)(path)
         raise
     if stats is not None:
         stats.update(run_stats)
-    written = [p for per_target in paths for p in per_target]
-    if layout is not None:
-        for name in labels:
-            written += _copy_like_files(layout, os.path.join(out, name))
-    return written
+    return _result(plan, labels, paths, run_stats, copied)
 
 
-def _check_like(store: Store, layout: naming.LikeLayout) -> str:
-    """The dtype of the checkpoint `layout` describes; raises unless the store holds every
-    tensor it holds, under the same names and shapes (tied aliases count)."""
-    files = checkpoint_files(layout.source)
-    [described] = _core.Sources([files]).describe()
-    theirs = {name: tuple(shape) for name, _, shape in described["tensors"]}
-    ours = {name: tuple(shape) for name, _, shape in store.tensors}
-    tied = (
-        json.loads(store.snapshots[0].metadata.get("phema.tied", "{}")) if store.snapshots else {}
-    )
-    # An alias is written only as its canonical tensor: fine when the checkpoint has that one
-    # too (the framework ties them when loading), not when it has only the alias.
-    missing = [n for n in theirs if n not in ours and tied.get(n) not in theirs]
-    bad = [f"{n}: {ours[n]} vs {theirs[n]}" for n in theirs if n in ours and ours[n] != theirs[n]]
-    if missing or bad:
-        what = f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else ""
-        what += ("; " if what and bad else "") + (
-            f"shapes differ: {'; '.join(bad[:3])}" if bad else ""
-        )
-        raise ValueError(
-            f"the store {store.path} does not hold the tensors of {layout.source} under their "
-            f"names: {what}; track the model whose checkpoint it is, by its state_dict() names"
-        )
-    return dominant_dtype(d for _, d, _ in described["tensors"] if d != "F64")
+def _checkpoints_dtype(store: Store) -> str | None:
+    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    phema snapshots (their float16 is the snapshot format, not the model's)."""
+    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
+        return None
+    return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
 
 
-def _copy_like_files(layout: naming.LikeLayout, target: str) -> list[str]:
-    """Copies the configuration and tokenizer files of `layout` into `target`, each under a
-    temporary name first."""
-    import shutil
-
-    copied = []
-    for name in layout.copied:
-        dst = os.path.join(target, name)
-        tmp = os.path.join(target, f".{name}.tmp-copy-{os.getpid()}")
-        shutil.copyfile(os.path.join(layout.source, name), tmp)
-        os.replace(tmp, dst)
-        copied.append(dst)
-    return copied
-
-
-def _plan_outputs(
-    store: Store,
-    plan: Plan,
-    out: str | os.PathLike[str],
-    at: float | None,
-    shard_size: object,
-    per_rank: bool,
-    layout: naming.LikeLayout | None = None,
-) -> tuple[list[str], int | None]:
-    """Every output's name and the checked shard size; raises before any work if an output
-    would collide with another or with an input."""
-    shard_size = naming.check_shard_size(shard_size)
-    stems = naming.reconstruction_stems(
-        [o.label(plan.sol) for o in plan.outputs], None if at is None else plan.sol.targets[0].t
-    )
-    inputs = store.inputs
-    if per_rank:
-        written = [f"{stem}.rank*-of-*.safetensors" for stem in stems]
-    elif layout is not None:
-        written = [stem + "/" for stem in stems]
-        inputs = [*inputs, *layout.inputs]
-    else:
-        written = [stem + ("/" if shard_size else ".safetensors") for stem in stems]
-    naming.check_outputs(out, written, inputs)
-    return stems, shard_size
-
-
-def _check_solution(sol: Solution, store: Store) -> None:
-    """A `solution=` must have been solved for exactly this store's snapshots."""
-    n = len(store.snapshots)
-    shape = np.shape(sol.weights)
-    if shape != (n, len(sol.targets)):
-        raise ValueError(
-            f"solution= holds weights of shape {shape} for {len(sol.targets)} targets, but the "
-            f"store {store.path} has {n} snapshots: solve this store for it"
-        )
-    mine = [(s.t, s.gamma) for s in store.snapshots]
-    theirs = [(_field(r, "t"), _field(r, "gamma")) for r in sol.snapshots]
-    if theirs and theirs != mine:
-        raise ValueError(
-            f"solution= was solved for other snapshots than those of the store {store.path}: "
-            "solve this store for it"
-        )
-    if not np.all(np.isfinite(sol.weights)):
-        raise ValueError("solution= holds non-finite weights")
-    if not np.all(np.any(np.asarray(sol.weights) != 0, axis=0)):
-        raise ValueError("solution= gives a target no snapshot: every weight is zero")
+def _result(
+    plan: Plan, labels: list[str], paths: list[list[str]], stats: dict[str, Any], extra: list[str]
+) -> Reconstruction:
+    outputs = [
+        Output(label, o.column, tuple(map(os.fspath, files_)))
+        for label, o, files_ in zip(labels, plan.outputs, paths, strict=True)
+    ]
+    return Reconstruction(outputs, plan.sol, stats, extra)
 
 
 def _reconstruct_per_rank(
@@ -449,12 +281,12 @@ def _reconstruct_per_rank(
     dtype: str,
     progress: bool,
     stats: dict[str, Any] | None,
-) -> list[str]:
+) -> Reconstruction:
     """One engine run per rank over that rank's files, all committed together by the core."""
     used = np.union1d(plan.used(), [plan.copy_from])
     worlds = {store.snapshots[i].world_size for i in used}
     if len(worlds) != 1 or 1 in worlds:
-        raise ValueError(
+        raise InvalidValueError(
             "per_rank needs snapshots of sharded training, all from the same number of ranks; "
             f"the snapshots used come from {sorted(worlds)} rank(s)"
         )
@@ -466,7 +298,7 @@ def _reconstruct_per_rank(
             {
                 "path": os.path.join(out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"),
                 "dtype": dtype,
-                "metadata": _metadata(plan, o, store),
+                "metadata": output_metadata(plan, o, store),
             }
             for o, name in enumerate(labels)
         ]
@@ -476,44 +308,49 @@ def _reconstruct_per_rank(
     raw_from = int(np.searchsorted(used, plan.copy_from))
     paths, run_stats = run_engine(
         lambda handle: _core.per_rank_to_files(inputs, rows, outputs, handle, raw_from, plan.mix),
-        _snapshot_bytes(store, plan.used()),
+        snapshot_bytes(store, plan.used()),
         progress,
         f"reconstruct on {world} ranks",
     )
+    run_stats = run_stats | {"read": [int(used[i]) for i in run_stats["read"]]}
     if stats is not None:
-        stats.update(run_stats | {"read": [int(used[i]) for i in run_stats["read"]]})
-    return [p for per_rank in paths for per_output in per_rank for p in per_output]
+        stats.update(run_stats)
+    per_output = [[p for per_rank in paths for p in per_rank[o]] for o in range(len(labels))]
+    return _result(plan, labels, per_output, run_stats, [])
 
 
 def reconstruct_state_dict(
     store: Store | str | os.PathLike[str],
     *,
     sigma_rel: float | None = None,
-    beta: float | None = None,
     gamma: float | None = None,
+    beta: float | None = None,
     halflife: float | None = None,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensor_sigma_rels: Mapping[str, float] | None = None,
     tensors: Mapping[str, float] | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
     dtype: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files;
-    `tensors` as in `reconstruct` (then the target may be left out if a pattern is `*`)."""
-    given = [v for v in (sigma_rel, beta, gamma, halflife) if v is not None]
-    if len(given) > 1 or not (given or tensors):
-        raise ValueError("give exactly one of sigma_rel, beta, gamma, halflife")
+    `tensor_sigma_rels` as in `reconstruct` (then the target may be left out if a pattern is
+    `*`)."""
+    given = [v for v in (sigma_rel, gamma, beta, halflife) if v is not None]
+    if len(given) > 1 or not (given or tensor_sigma_rels or tensors):
+        raise InvalidValueError("give exactly one of sigma_rel, gamma, beta, halflife")
     [sd] = reconstruct_state_dicts(
         store,
         sigma_rels=sigma_rel,
-        betas=beta,
         gammas=gamma,
+        betas=beta,
         halflives=halflife,
         dt=dt,
         at=at,
         causal=causal,
+        tensor_sigma_rels=tensor_sigma_rels,
         tensors=tensors,
         noise=noise,
         allow_poor_fit=allow_poor_fit,
@@ -525,13 +362,15 @@ def reconstruct_state_dict(
 def reconstruct_state_dicts(
     store: Store | str | os.PathLike[str],
     *,
+    targets: Targets | None = None,
     sigma_rels: Iterable[float] | float | None = None,
-    betas: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
+    tensor_sigma_rels: Mapping[str, float] | None = None,
     tensors: Mapping[str, float] | None = None,
     noise: float | str = "auto",
     allow_poor_fit: bool = False,
@@ -541,8 +380,9 @@ def reconstruct_state_dicts(
     """The average for every target as `{name: torch.Tensor}`, all from one pass over the
     snapshots and without files: for sweeping EMA lengths in memory (each target holds a float32
     copy of the model). Same rules as `reconstruct`; tied weights appear under every name, as
-    one tensor."""
-    targets = Targets.of(
+    one tensor. `dtype` is a torch dtype or its name (`"bfloat16"`)."""
+    targets = Targets.given(
+        targets,
         sigma_rels=sigma_rels,
         gammas=gammas,
         betas=betas,
@@ -551,6 +391,7 @@ def reconstruct_state_dicts(
         at=at,
         noise=noise,
         causal=causal,
+        tensor_sigma_rels=tensor_sigma_rels,
         tensors=tensors,
         solution=solution,
     )
@@ -582,17 +423,19 @@ def state_dicts(
         lambda h: store.headers.combine_to_memory(
             plan.weights, buffers, h, plan.copy_from, plan.mix
         ),
-        _snapshot_bytes(store, plan.used()),
+        snapshot_bytes(store, plan.used()),
         False,
         "reconstruct",
         handle,
     )
     if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            dtype = getattr(torch, _TORCH_DTYPES[normalize_dtype(dtype)])
         results = [
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             for sd in results
         ]
-    tied = json.loads(_tied(store, plan.used()) or "{}")
+    tied = json.loads(tied_aliases(store, plan.used()) or "{}")
     for sd in results:
         for alias, canonical in tied.items():
             if alias not in sd and canonical in sd:
@@ -601,196 +444,3 @@ def state_dicts(
 
 
 _EMPTY = np.empty(0, np.uint8)
-
-
-def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if isinstance(source, Mapping):
-        return dict(source), {}
-    sd: dict[str, torch.Tensor] = {}
-    meta: dict[str, str] = {}
-    for path in checkpoint_files(source):
-        f = _open_weights(path)
-        meta = f.metadata() or {}
-        try:
-            sd.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-        except Exception as e:  # safetensors' errors do not name the file
-            raise ValueError(f"{path}: unreadable safetensors data ({e})") from None
-    return sd, meta
-
-
-def load_into(
-    model: torch.nn.Module,
-    source: Any,
-    strict: bool = True,
-    *,
-    prefix: str = "",
-    strip_prefix: str = "",
-) -> torch.nn.Module:
-    """Loads averaged weights (a file, a directory with one or a sharded index — a `like=`
-    output, a transformers, diffusers or Trainer checkpoint directory — or a state dict) into
-    `model`, casting to each parameter's dtype and device. Missing or unexpected names and
-    shape mismatches are one clear error.
-
-    `strip_prefix` removes a prefix the file's names carry and the model's lack (a Lightning
-    checkpoint's `model.`); `prefix` adds one the model's names carry (loading a plain model's
-    weights into the LightningModule that wraps it as `self.model`).
-
-    A sharded model (FSDP2, DTensor parameters) gets its local blocks: each rank reads only its
-    slices of a full (consolidated) reconstruction, or its own file of a `per_rank` one (given
-    any rank's file, the sibling file of this rank is used)."""
-    import torch
-
-    from phema.tracker.distributed import dtensor_class
-    from phema.tracker.model import unwrap
-
-    own = unwrap(model).state_dict()
-    dtensor = dtensor_class()
-    sharded = dtensor is not None and any(isinstance(v, dtensor) for v in own.values())
-    for name, value in (("prefix", prefix), ("strip_prefix", strip_prefix)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name}={value!r}: expected a string")
-
-    def rename(name: str) -> str:
-        return prefix + (name[len(strip_prefix) :] if name.startswith(strip_prefix) else name)
-
-    reader = _ShardedReader(source, own, rename) if sharded else _PlainReader(source, rename)
-    shapes = reader.shapes
-    missing = [k for k in own if k not in shapes]
-    unexpected = [k for k in shapes if k not in own]
-    bad_shape = [
-        f"{k}: file {shapes[k]} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in shapes and shapes[k] != tuple(own[k].shape)
-    ]
-    if bad_shape:
-        raise ValueError("shape mismatch: " + "; ".join(bad_shape[:5]))
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
-        raise ValueError("state dict does not match the model: " + "; ".join(parts))
-    with torch.no_grad():
-        for k, v in own.items():
-            if k in shapes:
-                dst = v._local_tensor if sharded and isinstance(v, dtensor) else v
-                src = reader.block(k, tuple(dst.shape))
-                dst.copy_(src.to(device=dst.device, dtype=dst.dtype), non_blocking=True)
-    return model
-
-
-class _PlainReader:
-    """A whole state dict (from a file, a directory, or given), tied aliases filled in."""
-
-    def __init__(self, source: Any, rename: Callable[[str], str]) -> None:
-        sd, meta = _load_source(source)
-        for alias, canonical in json.loads(meta.get("phema.tied", "{}")).items():
-            if alias not in sd and canonical in sd:
-                sd[alias] = sd[canonical]
-        self.sd = _renamed(sd, rename)
-        self.shapes = {k: tuple(v.shape) for k, v in self.sd.items()}
-
-    def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.sd[name]
-
-
-class _ShardedReader:
-    """The tensors of `source` as this rank of a sharded model needs them: global shapes for the
-    checks, and each tensor's local block, sliced lazily from the files (only what the rank
-    holds is read)."""
-
-    def __init__(self, source: Any, own: Mapping[str, Any], rename: Callable[[str], str]) -> None:
-        from phema.tracker.distributed import sharding
-
-        layout = sharding(list(own), list(own.values()), None)
-        self.rank = layout.rank if layout else 0
-        self.world = layout.world_size if layout else 1
-        self.blocks = layout.shards if layout else {}
-        self.rename = rename
-        self.given: dict[str, Any] = _renamed(source, rename) if isinstance(source, Mapping) else {}
-        self.handles: dict[str, Any] = {}  # tensor name -> safe_open handle of its file
-        self.stored: dict[str, str] = {}  # tensor name -> its name in the file
-        self.file_blocks: dict[str, Any] = {}  # a per-rank file's blocks: name -> block
-        self.shapes = {k: tuple(v.shape) for k, v in self.given.items()}
-        if not isinstance(source, Mapping):
-            for path in checkpoint_files(source):
-                self._open(path)
-
-    def _open(self, path: str) -> None:
-        handle = _open_weights(path)
-        layout = _core.shard_layout(path)
-        if layout is not None:
-            rank, world, blocks = layout
-            if world != self.world:
-                raise ValueError(
-                    f"{path} is rank {rank}'s part of a {world}-rank reconstruction, but this "
-                    f"model is sharded over {self.world} ranks: reconstruct full tensors "
-                    "(without per_rank) to load them here"
-                )
-            if rank != self.rank:
-                mine = path.replace(
-                    naming.rank_suffix(rank, world) + ".",
-                    naming.rank_suffix(self.rank, world) + ".",
-                )
-                if mine == path or not os.path.exists(mine):
-                    raise FileNotFoundError(
-                        f"{path} is rank {rank}'s part; this process is rank {self.rank} and "
-                        f"{mine} does not exist"
-                    )
-                return self._open(mine)
-            self.file_blocks = {
-                self.rename(name): {"shape": shape, "offset": offset}
-                for name, (shape, offset) in blocks.items()
-            }
-        for stored_name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-            name = self.rename(stored_name)
-            if name in self.handles:
-                raise ValueError(f"{path}: two tensors load into `{name}`")
-            self.handles[name] = handle
-            self.stored[name] = stored_name
-            stored = tuple(handle.get_slice(stored_name).get_shape())
-            self.shapes[name] = tuple(self.file_blocks.get(name, {}).get("shape", stored))
-
-    def block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """This rank's block of tensor `name`, of local shape `shape`."""
-        mine = self.blocks.get(name)
-        theirs = self.file_blocks.get(name)
-        if theirs is not None or (mine is None and name in self.handles):
-            if (mine and mine["offset"]) != (theirs and theirs["offset"]):
-                raise ValueError(
-                    f"{name}: the file holds the block at {theirs and theirs['offset']}, this "
-                    f"rank holds the one at {mine and mine['offset']}: the model is sharded "
-                    "differently from the run that wrote the file"
-                )
-            return self.handles[name].get_tensor(self.stored[name])
-        whole = (
-            self.handles[name].get_slice(self.stored[name])
-            if name in self.handles
-            else self.given[name]
-        )
-        if mine is None:
-            return whole[...]
-        return whole[tuple(slice(o, o + n) for o, n in zip(mine["offset"], shape, strict=True))]
-
-
-def _renamed(sd: Mapping[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
-    """`sd` under the model's names; two names that become one are an error."""
-    out: dict[str, Any] = {}
-    for name, x in sd.items():
-        mine = rename(name)
-        if mine in out:
-            raise ValueError(f"two tensors load into `{mine}` (one of them `{name}`)")
-        out[mine] = x
-    return out
-
-
-def _open_weights(path: str) -> Any:
-    """A safetensors handle on `path`; anything else (a .pt, text, a truncated file) is one
-    ValueError naming the file."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, "pt")
-    except Exception as e:  # SafetensorError (no file name), OSError, ...
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None

@@ -12,7 +12,9 @@ from typing import Any, overload
 import numpy as np
 
 from phema import _core
+from phema.errors import InvalidTypeError, InvalidValueError, PhemaError
 from phema.naming import format_t, value_text
+from phema.store import open_store
 
 NOISE_BY_DTYPE = {
     "F16": _core.NOISE_FLOAT16,
@@ -188,7 +190,7 @@ class Solution:
         )
 
 
-class PoorFitError(ValueError):
+class PoorFitError(PhemaError, ValueError):
     """Some targets cannot be synthesized well enough from the snapshots: their fit error or the
     rounding noise their weights amplify is past what phema stands behind (docs/accuracy.md).
     Nothing was written; pass `allow_poor_fit=True` (`--allow-poor-fit`) to get them anyway."""
@@ -236,6 +238,10 @@ def _field(record: Any, name: str) -> Any:
     return getattr(record, name, None)
 
 
+#: Every target kind (a Target's `kind`) and the name of the argument giving targets of it.
+KINDS = {"sigma_rel": "sigma_rels", "gamma": "gammas", "beta": "betas", "halflife": "halflives"}
+
+
 def make_targets(
     t: float,
     sigma_rels: Iterable[float] | None = None,
@@ -248,21 +254,18 @@ def make_targets(
     given twice is kept once, and at most MAX_TARGETS are taken."""
     [dt] = _as_list(dt, "dt")
     if not dt > 0:
-        raise ValueError(f"dt={dt!r}: expected a finite number > 0")
+        raise InvalidValueError(f"dt={dt!r}: expected a finite number > 0")
     out: dict[tuple[str, float], Target] = {}
-    for kind, values in (
-        ("sigma_rel", sigma_rels),
-        ("gamma", gammas),
-        ("beta", betas),
-        ("halflife", halflives),
+    for (kind, plural), values in zip(
+        KINDS.items(), (sigma_rels, gammas, betas, halflives), strict=True
     ):
-        for v in _as_list(values, kind + "s"):
+        for v in _as_list(values, plural):
             _check_decay(kind, v, dt)
             out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
     if not out:
-        raise ValueError("no target given: pass sigma_rels, gammas, betas or halflives")
+        raise InvalidValueError("no target given: pass sigma_rels, gammas, betas or halflives")
     if len(out) > MAX_TARGETS:
-        raise ValueError(f"{len(out)} targets: at most {MAX_TARGETS} are taken at once")
+        raise InvalidValueError(f"{len(out)} targets: at most {MAX_TARGETS} are taken at once")
     return list(out.values())
 
 
@@ -275,7 +278,7 @@ def _check_decay(kind: str, value: float, dt: float) -> None:
     elif kind == "halflife" and value > 0:
         rate = math.log(2) / value
     if not math.isfinite(rate):
-        raise ValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
+        raise InvalidValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
 
 
 # Most targets one solve takes: each is a model-sized output, and a typo in a range
@@ -290,13 +293,13 @@ def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
     out: list[float] = []
     for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
         if len(out) == MAX_TARGETS:
-            raise ValueError(f"{what}: more than {MAX_TARGETS} targets")
+            raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
         try:
             x = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"{what}: {v!r} is not a number") from None
+            raise InvalidValueError(f"{what}: {v!r} is not a number") from None
         if not math.isfinite(x):
-            raise ValueError(f"{what}: {x} is not a finite number")
+            raise InvalidValueError(f"{what}: {x} is not a finite number")
         out.append(x)
     return out
 
@@ -304,6 +307,7 @@ def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
 def solve(
     snapshots: Any,
     *,
+    targets: Any = None,
     sigma_rels: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
@@ -320,32 +324,42 @@ def solve(
     those after `at`; with `causal` only those at or before it ("what could have been known at
     `at`"). `noise` is the relative rounding noise of the snapshots: "auto" takes it from their
     dtype (fp16 when unknown); 0 gives the plain mass-preserving least-squares solution. Targets
-    phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`).
+    phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`). The
+    targets are `targets` (a `phema.Targets`, which then also gives the time, noise and mode) or
+    the keywords.
     """
+    if targets is not None:
+        if not callable(getattr(targets, "solve", None)):
+            raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
+        if any(v is not None for v in (sigma_rels, gammas, betas, halflives, at)):
+            raise InvalidValueError("targets= is given: leave out the target keywords")
+        return targets.solve(snapshots)
     records = _records(snapshots)
     if not records:
-        raise ValueError("no snapshots to solve with")
+        raise InvalidValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
     if kinds == {"raw"}:
         return _solve_raw(records, sigma_rels, gammas, betas, halflives, dt, at, causal)
     if "raw" in kinds:
-        raise ValueError("a store mixing power averages and plain checkpoints cannot be solved")
+        raise InvalidValueError(
+            "a store mixing power averages and plain checkpoints cannot be solved"
+        )
     ts, gs = [], []
     for r in records:
         t, g = _field(r, "t"), _field(r, "gamma")
         if t is None or g is None:
-            raise ValueError(f"snapshot {_field(r, 'path') or r!r} has no t/gamma")
+            raise InvalidValueError(f"snapshot {_field(r, 'path') or r!r} has no t/gamma")
         ts.append(float(t))
         gs.append(float(g))
     at = _target_time(ts, at)
     targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
     if isinstance(noise, str):
         if noise != "auto":
-            raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
+            raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
+        raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
     raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise), causal)
     notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
@@ -354,20 +368,20 @@ def solve(
                 f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used"
             )
         if not math.isfinite(raw["fit_error"][k]):
-            raise ValueError(f"{tg.label}: the solver produced a non-finite fit")
+            raise InvalidValueError(f"{tg.label}: the solver produced a non-finite fit")
     return Solution(targets=targets, snapshots=records, noise=float(noise), notes=notes, **raw)
 
 
 def _records(snapshots: Any) -> list[Any]:
     """The snapshot records of a store, a store directory, or a sequence of records."""
     if isinstance(snapshots, (str, os.PathLike)):
-        from phema.store import open_store
-
         snapshots = open_store(snapshots)
     try:
         return list(getattr(snapshots, "snapshots", snapshots))
     except TypeError:
-        raise ValueError(f"{snapshots!r}: expected a store, its directory or records") from None
+        raise InvalidValueError(
+            f"{snapshots!r}: expected a store, its directory or records"
+        ) from None
 
 
 def _target_time(ts: list[float], at: float | None) -> float:
@@ -377,9 +391,11 @@ def _target_time(ts: list[float], at: float | None) -> float:
     try:
         at = float(at)
     except (TypeError, ValueError):
-        raise ValueError(f"at={at!r}: expected a time") from None
+        raise InvalidValueError(f"at={at!r}: expected a time") from None
     if not (0 < at <= t_last * (1 + 1e-12)):
-        raise ValueError(f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})")
+        raise InvalidValueError(
+            f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})"
+        )
     return float(at)
 
 

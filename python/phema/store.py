@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from phema import _core, naming
+from phema import _core, meta
+from phema.errors import InvalidValueError
+from phema.files import checkpoint_files, not_a_checkpoint
 
 _DTYPES = {
     "float16": "F16",
@@ -32,7 +35,7 @@ def normalize_dtype(name: str) -> str:
     if key.upper() in ("F16", "BF16", "F32"):
         return key.upper()
     if key not in _DTYPES:
-        raise ValueError(f"dtype={name!r}: expected one of float16, bfloat16, float32")
+        raise InvalidValueError(f"dtype={name!r}: expected one of float16, bfloat16, float32")
     return _DTYPES[key]
 
 
@@ -57,16 +60,16 @@ class SnapshotRecord:
     n_tensors: int
     metadata: Mapping[str, str] = field(repr=False)
     paths: tuple[str, ...] = ()  # every file: the ranks' files in rank order, or just `path`
+    name: str = field(init=False)  # the file name
 
-    @property
-    def name(self) -> str:
-        """The file name."""
-        return os.path.basename(self.path)
+    def __post_init__(self) -> None:
+        # A field, not a property: readers loop over every snapshot's name.
+        object.__setattr__(self, "name", os.path.basename(self.path))
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
-        return len(self.paths)
+        """How many ranks wrote parts of it (1 for an ordinary snapshot or a checkpoint)."""
+        return len(self.paths) or 1
 
 
 @dataclass
@@ -136,9 +139,24 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     `(t, gamma)`, disagreeing tensors) raises `StoreError` naming the files; otherwise the problems
     are listed in `Store.problems`. Snapshots of sharded training missing a rank's file are left
     out either way and listed in `Store.incomplete`: a run still writing is not an error.
+    A store an import did not finish (its marker, docs/importers.md) is refused.
     """
+    marker = os.path.join(path, meta.IMPORT_INCOMPLETE)
+    if os.path.exists(marker):
+        raise _core.StoreError(
+            f"{marker}: an import into this store did not finish; run the same import again "
+            "to redo it, or delete the marker and the snapshots it lists"
+        )
+    return list_store(path, strict)
+
+
+def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
+    """`open_store` without the check of an unfinished import (for the import itself)."""
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
-    problems = problems + _mixed_runs(os.fspath(path), records)
+    mixed = meta.mixed_runs(
+        os.fspath(path), meta.runs([(r["path"], r["metadata"]) for r in records])
+    )
+    problems = problems + ([mixed] if mixed else [])
     if strict and problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise _core.StoreError(problems[0] + more)
@@ -150,34 +168,6 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
         headers=headers,
         incomplete=incomplete,
     )
-
-
-def _mixed_runs(path: str, records: list[dict[str, Any]]) -> list[str]:
-    """A problem when snapshots of several runs share the store (docs/runs.md)."""
-    runs: dict[str, str] = {}
-    for r in records:
-        run_id = r["metadata"].get("phema.run_id")
-        if run_id is not None:
-            runs.setdefault(run_id, os.path.basename(r["path"]))
-    if len(runs) < 2:
-        return []
-    shown = ", ".join(f"{k} (e.g. {v})" for k, v in list(runs.items())[:3])
-    return [
-        f"{path}: snapshots of {len(runs)} runs are mixed (phema.run_id {shown}): a store holds one run"
-    ]
-
-
-def snapshot_metadata(
-    t: float, gamma: float | None, sigma_rel: float | None = None
-) -> dict[str, str]:
-    """The per-snapshot `phema.*` keys of docs/store-format.md: `phema.t`, and for a power
-    average `phema.gamma` and `phema.sigma_rel` (from gamma unless given)."""
-    meta = {"phema.t": naming.format_t(t)}
-    if gamma is not None:
-        sigma_rel = _core.gamma_to_sigma_rel(gamma) if sigma_rel is None else sigma_rel
-        meta["phema.gamma"] = repr(float(gamma))
-        meta["phema.sigma_rel"] = repr(float(sigma_rel))
-    return meta
 
 
 def write_snapshot(
@@ -193,3 +183,103 @@ def write_snapshot(
     items = [(name, np.require(a, requirements="C")) for name, a in tensors.items()]
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     return _core.write_snapshot(os.fspath(path), items, normalize_dtype(dtype), meta)
+
+
+# Most checkpoints one average or store takes (each is opened while the engine runs).
+MAX_CHECKPOINTS = 10_000
+
+
+def _check_dtypes(described: list[dict[str, Any]]) -> None:
+    """Every float tensor must have the same dtype in every checkpoint."""
+    first = {name: dtype for name, dtype, _ in described[0]["tensors"]}
+    for d in described[1:]:
+        for name, dtype, _ in d["tensors"]:
+            if name in first and dtype != first[name]:
+                raise InvalidValueError(
+                    f"tensor `{name}` is {dtype} in {d['path']} but {first[name]} in "
+                    f"{described[0]['path']}"
+                )
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_CHECKPOINTS:
+        raise InvalidValueError(f"{n} checkpoints: at most {MAX_CHECKPOINTS} are taken at once")
+
+
+def open_checkpoints(
+    path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    times: Sequence[float] | None = None,
+    pattern: str = r"(\d+(?:\.\d+)?)",
+) -> Store:
+    """Ordinary checkpoints as a store of plain weights (snapshots of kind `raw`).
+
+    `path_or_paths` is a directory whose entries are checkpoints (files or checkpoint
+    directories), or a list of checkpoints. Each one's training time comes from `times`, else
+    from its metadata (`phema.t`, `step` or `global_step`), else from the last number in its name
+    matched by `pattern`. `phema.solve` and `phema.reconstruct` accept the result.
+    """
+    listed = isinstance(path_or_paths, (str, os.PathLike))
+    if listed:
+        root = os.fspath(path_or_paths)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: not a directory of checkpoints")
+        entries = [
+            os.path.join(root, n)
+            for n in sorted(os.listdir(root))
+            if not n.startswith(".")
+            and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
+        ]
+        ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
+        entries = [e for e in entries if e not in dict(ignored)]
+    else:
+        root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
+        entries = [os.fspath(p) for p in path_or_paths]
+        ignored = []
+    if not entries:
+        raise InvalidValueError(f"{root}: no checkpoints found")
+    _check_count(len(entries))
+    if times is not None and len(times) != len(entries):
+        raise InvalidValueError(f"{len(times)} times for {len(entries)} checkpoints")
+    files = [checkpoint_files(e) for e in entries]
+    sources = _core.Sources(files)
+    described = sources.describe()
+    try:
+        regex = re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise InvalidValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+    records = []
+    for i, (entry, d) in enumerate(zip(entries, described)):
+        name = os.path.basename(entry.rstrip("/")).removesuffix(".safetensors")
+        t = float(times[i]) if times is not None else meta.time_from(name, d["metadata"], regex)
+        if t is None or not (t > 0 and np.isfinite(t)):
+            raise InvalidValueError(
+                f"{entry}: no training time (pass times=..., or a pattern matching its name)"
+            )
+        records.append(
+            SnapshotRecord(
+                t=t,
+                gamma=None,
+                sigma_rel=None,
+                kind="raw",
+                path=entry,
+                dtype=dominant_dtype(dt for _, dt, _ in d["tensors"]),
+                size=int(d["file_size"]),
+                n_tensors=len(d["tensors"]),
+                metadata=d["metadata"],
+            )
+        )
+    order = sorted(range(len(records)), key=lambda i: records[i].t)
+    for a, b in zip(order, order[1:]):
+        if records[a].t == records[b].t:
+            raise InvalidValueError(
+                f"{records[a].path} and {records[b].path} have the same t={records[a].t}"
+            )
+    _check_dtypes([described[i] for i in order])
+    return Store(
+        path=root,
+        snapshots=[records[i] for i in order],
+        ignored=ignored,
+        problems=[],
+        headers=sources.select(order),
+        listed=listed,
+    )

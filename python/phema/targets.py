@@ -1,14 +1,15 @@
 """What to rebuild, as one value: EMA lengths and decays at one time, optionally a different
 EMA length per group of tensors (docs/sweep.md).
 
-Every entry point (`solve`, `reconstruct*`, `sweep`, the CLI) turns its arguments into a
-`Targets` once; `Targets.plan(store)` solves once and says which solved column each tensor of
-each output takes.
+Every entry point (`solve`, `reconstruct*`, `sweep`, the CLI) takes a `Targets` as `targets=`
+or turns its keywords into one, once (`Targets.given`); `Targets.solve` solves once and
+`Targets.outputs` says which solved column each tensor of each output takes.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from phema import naming
-from phema.solver import Solution, _as_list, solve
+from phema.errors import InvalidTypeError, InvalidValueError
+from phema.solver import KINDS, Solution, _as_list, solve
 
 # Most per-tensor patterns taken: each is matched against every tensor name.
 MAX_PATTERNS = 1000
@@ -27,7 +29,7 @@ class Targets:
     """Targets at one time `at` (default: the last snapshot's): one output per `sigma_rels`,
     `gammas`, `betas` (per `dt` time units) and `halflives` entry.
 
-    `tensors` gives some tensors their own `sigma_rel`: `(glob, sigma_rel)` pairs, the first
+    `tensor_sigma_rels` gives some tensors their own `sigma_rel`: `(glob, sigma_rel)` pairs, the first
     pattern a tensor name matches wins (shell-style, `*` matches dots, as `PostHocEMA(include=)`).
     Tensors no pattern matches take the output's own target; with no other target given there is
     one output and every tensor must match a pattern. With `vary`, the output's own target goes
@@ -42,7 +44,7 @@ class Targets:
     at: float | None = None
     causal: bool = False
     noise: float | str = "auto"
-    tensors: tuple[tuple[str, float], ...] = ()
+    tensor_sigma_rels: tuple[tuple[str, float], ...] = ()
     vary: str | None = None
     # Given only a solution: each of its targets is an output, in its order.
     every_solved: bool = False
@@ -59,18 +61,19 @@ class Targets:
         at: float | None = None,
         causal: bool = False,
         noise: float | str = "auto",
-        tensors: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+        tensor_sigma_rels: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
         vary: str | None = None,
         solution: Solution | None = None,
+        tensors: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     ) -> Targets:
         """Targets from the keyword arguments every entry point takes, checked; given only a
-        `solution`, its targets."""
-        pairs = _tensor_pairs(tensors)
+        `solution`, its targets. `tensors` is the former name of `tensor_sigma_rels`."""
+        pairs = _tensor_pairs(_renamed_tensors(tensor_sigma_rels, tensors))
         given = (sigma_rels, gammas, betas, halflives)
         if solution is not None and all(v is None for v in given) and not pairs:
             return cls(at=at, causal=bool(causal), noise=noise, every_solved=True)
         if vary is not None and not (isinstance(vary, str) and vary):
-            raise ValueError(f"vary={vary!r}: expected a tensor-name pattern")
+            raise InvalidValueError(f"vary={vary!r}: expected a tensor-name pattern")
         targets = cls(
             sigma_rels=_distinct(sigma_rels, "sigma_rels"),
             gammas=_distinct(gammas, "gammas"),
@@ -80,13 +83,36 @@ class Targets:
             at=at,
             causal=bool(causal),
             noise=noise,
-            tensors=pairs,
+            tensor_sigma_rels=pairs,
             vary=vary,
         )
         if not targets.own() and not pairs:
-            raise ValueError("no target given: pass sigma_rels, gammas, betas or halflives")
+            raise InvalidValueError("no target given: pass sigma_rels, gammas, betas or halflives")
         if vary is not None and not targets.own():
-            raise ValueError("vary= needs the targets to vary it over (sigma_rels, betas, ...)")
+            raise InvalidValueError(
+                "vary= needs the targets to vary it over (sigma_rels, betas, ...)"
+            )
+        return targets
+
+    @classmethod
+    def given(cls, targets: Targets | None, **keywords: Any) -> Targets:
+        """`targets` when an entry point was given one (then its target keywords must be left
+        out), else the targets its keywords (those of `of`) name: the one way every entry point
+        turns its arguments into targets."""
+        if targets is None:
+            return cls.of(**keywords)
+        if not isinstance(targets, Targets):
+            raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
+        defaults = {"dt": 1.0, "at": None, "causal": False, "noise": "auto"}
+        clash = [
+            k
+            for k, v in keywords.items()
+            if k != "solution" and v is not None and v != defaults.get(k)
+        ]
+        if clash:
+            raise InvalidValueError(
+                f"targets= is given: leave out {', '.join(clash)} (or put them in the Targets)"
+            )
         return targets
 
     def own(self) -> dict[str, tuple[float, ...]]:
@@ -107,7 +133,7 @@ class Targets:
     def solve(self, snapshots: Any) -> Solution:
         """The solution with one column per distinct target (the outputs' own first)."""
         own = self.own()
-        extra = [s for _, s in self.tensors if s not in self.sigma_rels]
+        extra = [s for _, s in self.tensor_sigma_rels if s not in self.sigma_rels]
         sigma_rels = list(dict.fromkeys([*self.sigma_rels, *extra]))
         return solve(
             snapshots,
@@ -130,18 +156,21 @@ class Targets:
 
         def col(kind: str, value: float) -> int:
             if (kind, value) not in column:
-                raise ValueError(
+                raise InvalidValueError(
                     f"solution= has no target {kind}={value!r}: solve these targets for it"
                 )
             return column[(kind, value)]
 
-        own = [(kind[:-1], v) for kind, values in self.own().items() for v in values]
-        pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensors]
+        singular = {plural: kind for kind, plural in KINDS.items()}
+        own = [(singular[kind], v) for kind, values in self.own().items() for v in values]
+        pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensor_sigma_rels]
         # A pattern that takes no tensor is a typo that would silently leave its length unused.
-        patterns = [p for p, _ in self.tensors] + ([] if self.vary is None else [self.vary])
+        patterns = [p for p, _ in self.tensor_sigma_rels] + (
+            [] if self.vary is None else [self.vary]
+        )
         idle = [p for p in patterns if not any(naming.matches(n, p) for n in names)]
         if idle:
-            raise ValueError(
+            raise InvalidValueError(
                 f"pattern(s) {', '.join(map(repr, idle))} match no tensor (tensors are named "
                 f"like {', '.join(names[:3])})"
             )
@@ -162,8 +191,8 @@ class Targets:
                 elif c != default:
                     routes[name] = c
             if unmatched:
-                raise ValueError(
-                    f"{len(unmatched)} tensor(s) match no pattern of tensors= (e.g. "
+                raise InvalidValueError(
+                    f"{len(unmatched)} tensor(s) match no pattern of tensor_sigma_rels= (e.g. "
                     f"{', '.join(unmatched[:3])}): add a catch-all '*' pattern"
                 )
             if default is None:
@@ -187,7 +216,7 @@ class Output:
     def label(self, sol: Solution) -> str:
         """The output's name: its target's label, marked when tensors mix EMA lengths."""
         own = self.targets.own()
-        if not self.targets.tensors:
+        if not self.targets.tensor_sigma_rels:
             return sol.targets[self.column].label
         if not own:
             return "per-tensor"
@@ -195,9 +224,9 @@ class Output:
 
     def metadata(self) -> dict[str, str]:
         """The per-tensor mapping, recorded in the output (docs/store-format.md)."""
-        if not self.targets.tensors:
+        if not self.targets.tensor_sigma_rels:
             return {}
-        meta = {"phema.tensors": json.dumps([[p, s] for p, s in self.targets.tensors])}
+        meta = {"phema.tensors": json.dumps([[p, s] for p, s in self.targets.tensor_sigma_rels])}
         if self.targets.vary is not None:
             meta["phema.vary"] = self.targets.vary
         return meta
@@ -205,6 +234,21 @@ class Output:
     def columns(self) -> list[int]:
         """Every column the output reads."""
         return sorted({self.column, *self.routes.values()})
+
+
+def _renamed_tensors(new: Any, old: Any) -> Any:
+    """`tensor_sigma_rels`, or `tensors` (its former name) with a deprecation warning."""
+    if old is None:
+        return new
+    if new is not None:
+        raise InvalidValueError("give tensor_sigma_rels= alone (tensors= is its former name)")
+    warnings.warn(
+        "tensors= is renamed tensor_sigma_rels= (per-tensor EMA lengths); the old name goes in "
+        "the next release",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return old
 
 
 def _distinct(values: Iterable[float] | float | None, what: str) -> tuple[float, ...]:
@@ -220,17 +264,21 @@ def _tensor_pairs(
     try:
         items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"tensors={tensors!r}: expected a mapping of tensor-name patterns to sigma_rel"
+        raise InvalidValueError(
+            f"tensor_sigma_rels={tensors!r}: expected a mapping of tensor-name patterns to sigma_rel"
         ) from None
     if len(items) > MAX_PATTERNS:
-        raise ValueError(f"tensors=: {len(items)} patterns, at most {MAX_PATTERNS} are taken")
+        raise InvalidValueError(
+            f"tensor_sigma_rels=: {len(items)} patterns, at most {MAX_PATTERNS} are taken"
+        )
     pairs = []
     for item in items:
         if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
-            raise ValueError(f"tensors=: {item!r} is not a (pattern, sigma_rel) pair")
-        [value] = _as_list(item[1], f"tensors[{item[0]!r}]")
+            raise InvalidValueError(
+                f"tensor_sigma_rels=: {item!r} is not a (pattern, sigma_rel) pair"
+            )
+        [value] = _as_list(item[1], f"tensor_sigma_rels[{item[0]!r}]")
         if not item[0]:
-            raise ValueError("tensors=: an empty pattern")
+            raise InvalidValueError("tensor_sigma_rels=: an empty pattern")
         pairs.append((item[0], value))
     return tuple(pairs)

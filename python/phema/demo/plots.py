@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from phema import naming
+from phema import files
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def _save(fig: object, path: str | Path) -> Path:
     """Save a figure as PNG (creating the directory) and close it."""
-    return Path(naming.save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white"))
+    return Path(files.save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white"))
 
 
 def plot_samples(

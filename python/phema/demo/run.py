@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import phema
-from phema import _core, naming
+from phema import _core
 from phema.demo.metrics import METRIC_LABELS, Reference, evaluate, make_reference
 from phema.demo.model import (
     ToyDenoiser,
@@ -27,6 +27,8 @@ from phema.demo.model import (
 )
 from phema.demo.plots import plot_profiles, plot_samples
 from phema.demo.tree import GaussianMixture, tree_mixture
+from phema.errors import InvalidValueError
+from phema.files import write_atomically
 from phema.solver import Solution
 from phema.sweeps import SweepResult, SweepRow
 from phema.tracker import PostHocEMA
@@ -132,11 +134,13 @@ def _clear(out: Path) -> tuple[Path, Path, Path]:
     if not marker.exists():
         for d in (store_dir, recon_dir):
             if d.exists() and any(d.iterdir()):
-                raise ValueError(
+                raise InvalidValueError(
                     f"{d} exists and was not written by phema demo: give another --out"
                 )
         if csv.exists():
-            raise ValueError(f"{csv} exists and was not written by phema demo: give another --out")
+            raise InvalidValueError(
+                f"{csv} exists and was not written by phema demo: give another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     for d in (store_dir, recon_dir):
@@ -493,5 +497,5 @@ def _report(
         "",
     ]
     path = out / "report.md"
-    naming.write_atomically(path, "\n".join(md).encode())
+    write_atomically(path, "\n".join(md).encode())
     return path

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from phema.errors import InvalidValueError
+
 # Rows of x processed at once: the [rows, K] intermediates stay at a few tens of MB.
 _CHUNK = 4096
 
@@ -46,7 +48,7 @@ class GaussianMixture:
     def __post_init__(self) -> None:
         k = self.weights.shape[0]
         if self.means.shape != (k, 2) or self.covs.shape != (k, 2, 2) or self.depth.shape != (k,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"inconsistent mixture shapes: weights {tuple(self.weights.shape)}, means "
                 f"{tuple(self.means.shape)}, covs {tuple(self.covs.shape)}, depth "
                 f"{tuple(self.depth.shape)}"
@@ -99,7 +101,9 @@ class GaussianMixture:
         if not x.is_floating_point():
             x = x.to(self.dtype)
         if x.shape[-1] != 2:
-            raise ValueError(f"points must have a last dimension of 2, got shape {tuple(x.shape)}")
+            raise InvalidValueError(
+                f"points must have a last dimension of 2, got shape {tuple(x.shape)}"
+            )
         s = torch.as_tensor(sigma, device=self.device, dtype=x.dtype)
         s = s.broadcast_to(x.shape[:-1])
         return x.reshape(-1, 2), s.reshape(-1), x.shape[:-1]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phema import naming
+from phema import files
 from phema.guidance.compose import APG, CADS
 from phema.guidance.emag import EMAG
 
@@ -415,7 +415,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
     writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    naming.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
+    files.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
 
     per_class = 8
     fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 3.6))
@@ -432,7 +432,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.set_title(method.upper())
         ax.axis("off")
     fig.tight_layout()
-    naming.save_figure(fig, out / "emag-samples.png", dpi=120)
+    files.save_figure(fig, out / "emag-samples.png", dpi=120)
 
     # Bars per run; the error axis starts at 0 so one sample in a few hundred looks like one.
     labels = [
@@ -450,7 +450,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
         ax.set_xticks(pos, labels, fontsize=7)
     fig.suptitle(f"digits DiT, {rows[0]['samples']} samples per run, same noise and labels")
     fig.tight_layout()
-    naming.save_figure(fig, out / "emag-metrics.png", dpi=120)
+    files.save_figure(fig, out / "emag-metrics.png", dpi=120)
 
 
 # The demo's runs: the conditional model and EMAG as its only guidance, then CFG 1.5 alone and

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from phema.guidance.processors import attach
+
 Selection = Literal["deviation", "entropy", "fixed"]
 _SELECTIONS = ("deviation", "entropy", "fixed")
 Reduce = Literal["mean", "head-median"]
@@ -581,8 +583,6 @@ class EMAG:
         then runs the negative pass and guidance itself) or to a transformer model (processors
         only; drive it with :meth:`positive` / :meth:`negative`). Returns self; :meth:`detach`
         or a ``with`` block restores the original processors."""
-        from phema.guidance.processors import attach
-
         self._check_open()
         if self._attachment is not None:
             raise ValueError("attach(): this EMAG is already attached; detach() it first")

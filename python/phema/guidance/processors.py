@@ -11,12 +11,36 @@ processor itself, so a model with EMAG attached but idle gives bit-identical out
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from phema.guidance.emag import EMAG
+
+class Guidance(Protocol):
+    """What the processors and the pipeline forward use of a :class:`phema.guidance.EMAG`
+    (a protocol, so that this module needs no import of the one that imports it)."""
+
+    num_layers: int | None
+
+    @property
+    def candidates(self) -> tuple[int, ...]: ...
+    @property
+    def feed(self) -> str: ...
+    @property
+    def _mode(self) -> str: ...
+
+    def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attn_mask: torch.Tensor | None = ..., scale: float | None = ...,
+                  query_rows: int | None = ...) -> torch.Tensor: ...  # fmt: skip
+    def reset(self) -> None: ...
+    def begin_step(self, step: int, num_steps: int) -> bool: ...
+    def positive(
+        self, rows: slice | None = ..., uncond_rows: slice | None = ...
+    ) -> AbstractContextManager[Any]: ...
+    def negative(self) -> AbstractContextManager[Any]: ...
+    def guide(self, eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor,
+              eps_neg: torch.Tensor | None) -> torch.Tensor: ...  # fmt: skip
 
 
 def _processor_kinds() -> tuple[type, type]:
@@ -49,7 +73,7 @@ class EMAGAttnProcessor:
     """Processor for one candidate layer: the computation of the processor it replaces, with
     EMAG's recording (positive pass) or perturbation (negative pass)."""
 
-    def __init__(self, emag: EMAG, layer_id: int, original: Any, joint: bool) -> None:
+    def __init__(self, emag: Guidance, layer_id: int, original: Any, joint: bool) -> None:
         self.emag = emag
         self.layer_id = layer_id
         self.original = original
@@ -184,7 +208,7 @@ class Attachment:
 _MARK = "_phema_emag"
 
 
-def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
+def attach(emag: Guidance, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
     """Install EMAG's processors on the candidate layers of `target` (a pipeline with a
     ``transformer`` or a transformer model); for a pipeline also its guided forward."""
     self_kind, joint_kind = _processor_kinds()
@@ -293,7 +317,7 @@ def _step_index(scheduler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 def _install_forward(
-    emag: EMAG,
+    emag: Guidance,
     pipe: Any,
     model: torch.nn.Module,
     att: Attachment,

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from phema.errors import InvalidTypeError, InvalidValueError
 from phema.tracker import PostHocEMA
 from phema.tracker.profiles import Profiles
 
@@ -42,16 +43,16 @@ class Driver:
         self.profiles = Profiles.of(sigma_rels, gammas)
         self._given = {"sigma_rels": sigma_rels, "gammas": gammas}
         if time not in TIMES:
-            raise ValueError(f"time={time!r}: expected one of {', '.join(map(repr, TIMES))}")
+            raise InvalidValueError(f"time={time!r}: expected one of {', '.join(map(repr, TIMES))}")
         if snapshot_every is not None and (
             isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int)
         ):
-            raise TypeError(f"snapshot_every={snapshot_every!r}: expected a number of steps")
+            raise InvalidTypeError(f"snapshot_every={snapshot_every!r}: expected a number of steps")
         if snapshot_every is not None and snapshot_every < 1:
-            raise ValueError(f"snapshot_every={snapshot_every!r}: expected at least 1 step")
+            raise InvalidValueError(f"snapshot_every={snapshot_every!r}: expected at least 1 step")
         unknown = sorted(set(tracker_options) - TRACKER_OPTIONS)
         if unknown:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"unknown option(s) {', '.join(unknown)}; PostHocEMA takes "
                 f"{', '.join(sorted(TRACKER_OPTIONS))}"
             )
@@ -76,7 +77,7 @@ class Driver:
         state loaded earlier if there is one. `total_steps` sets the default snapshot interval."""
         if self.snapshot_every is None:
             if not (isinstance(total_steps, (int, float)) and math.isfinite(total_steps)):
-                raise ValueError(
+                raise InvalidValueError(
                     "the number of training steps is not known (an iterable dataset without "
                     "max_steps?): give PostHocEMACallback(snapshot_every=STEPS)"
                 )

@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from phema.errors import InvalidValueError
+
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.data import extract_batch_size
@@ -76,7 +78,7 @@ class PostHocEMACallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The loops are restored now: a resumed fit must resume the tracker at its step."""
         if trainer.global_step != self._last_step:
-            raise ValueError(
+            raise InvalidValueError(
                 f"fit resumes at step {trainer.global_step}, but the checkpoint holds "
                 + (
                     f"the {type(self).__name__} state of step {self._last_step}"
@@ -137,14 +139,14 @@ class PostHocEMACallback(pl.Callback):
         keys = {"tracker", "global_step", "samples"}
         if not isinstance(state_dict, Mapping) or not keys <= set(state_dict):
             got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
-            raise ValueError(
+            raise InvalidValueError(
                 f"checkpoint entry of {type(self).__name__}: expected the keys global_step, "
                 f"samples and tracker, got {got}"
             )
         step, samples = state_dict["global_step"], state_dict["samples"]
         for key, value in (("global_step", step), ("samples", samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
+                raise InvalidValueError(
                     f"checkpoint entry of {type(self).__name__}: {key}={value!r}, expected an "
                     "integer >= 0"
                 )

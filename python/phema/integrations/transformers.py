@@ -12,7 +12,8 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from phema import naming
+from phema import files, naming
+from phema.errors import InvalidValueError
 from phema.integrations._driver import Driver
 from phema.tracker import PostHocEMA
 
@@ -80,7 +81,7 @@ class PostHocEMACallback(TrainerCallback):
     ) -> None:
         """Make the tracker; a resumed run (global step > 0) loads its checkpoint's state."""
         if model is None:
-            raise ValueError("PostHocEMACallback needs the Trainer's model (got none)")
+            raise InvalidValueError("PostHocEMACallback needs the Trainer's model (got none)")
         ema = self._driver.start(model, os.path.join(args.output_dir, "phema"), state.max_steps)
         self._state_name = _state_name(ema)
         if state.global_step > 0:
@@ -88,13 +89,15 @@ class PostHocEMACallback(TrainerCallback):
             try:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # a truncated or foreign file
-                raise ValueError(f"{path}: not a readable phema tracker state ({e})") from None
+                raise InvalidValueError(
+                    f"{path}: not a readable phema tracker state ({e})"
+                ) from None
             try:
                 ema.load_state_dict(saved)
             except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
+                raise InvalidValueError(f"{path}: {e}") from None
             if ema.t != self._t(args, state.global_step):
-                raise ValueError(
+                raise InvalidValueError(
                     f"{path}: the tracker state is at t={ema.t!r}, the Trainer resumes at step "
                     f"{state.global_step} (t={self._t(args, state.global_step)!r} with "
                     f"time={self._driver.time!r}): the state of another checkpoint"
@@ -140,7 +143,7 @@ class PostHocEMACallback(TrainerCallback):
         # Complete or absent, never half-written.
         buf = io.BytesIO()
         torch.save(ema.state_dict(), buf)
-        naming.write_atomically(os.path.join(folder, self._state_name), buf.getvalue())
+        files.write_atomically(os.path.join(folder, self._state_name), buf.getvalue())
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -171,7 +174,7 @@ class PostHocEMACallback(TrainerCallback):
         for folder in candidates:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
-        raise ValueError(
+        raise InvalidValueError(
             f"the Trainer resumes at step {state.global_step}, but no {name} (the phema tracker's "
             f"state) is in {' or '.join(candidates)}: give PostHocEMACallback(resume_from=...) "
             "the checkpoint directory it is in (a tracker cannot continue averages it has not "

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from phema.errors import InvalidValueError
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -91,7 +93,7 @@ def sharding(
             return None
         roots = {mesh_ranks(root_mesh(x.device_mesh)): x.device_mesh for _, x in sharded}
         if len(roots) > 1:
-            raise ValueError(
+            raise InvalidValueError(
                 "the model's DTensors live on device meshes of different ranks "
                 f"({', '.join(str(list(r)) for r in roots)}): give PostHocEMA(mesh=...) the "
                 "mesh whose ranks write this store"
@@ -101,12 +103,14 @@ def sharding(
     ranks = mesh_ranks(mesh)
     for name, x in sharded:
         if not set(mesh_ranks(x.device_mesh)) <= set(ranks):
-            raise ValueError(f"{name} is sharded over ranks outside mesh={mesh}")
+            raise InvalidValueError(f"{name} is sharded over ranks outside mesh={mesh}")
     # Position in the mesh (row-major over its dims), which is the global rank for a mesh made
     # by init_device_mesh over the whole world; tensors of a sub-mesh (FSDP on the "dp" dim of
     # a dp x tp mesh) are replicated over the other dims, and those identical blocks dedupe.
     if torch.distributed.get_rank() not in ranks:
-        raise ValueError(f"this process (rank {torch.distributed.get_rank()}) is not in {mesh}")
+        raise InvalidValueError(
+            f"this process (rank {torch.distributed.get_rank()}) is not in {mesh}"
+        )
     rank = ranks.index(torch.distributed.get_rank())
     if len(ranks) == 1:
         return None  # a mesh of one rank: local shards are whole tensors
@@ -116,7 +120,7 @@ def sharding(
     for name, x in sharded:
         shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
         if tuple(shape) != tuple(x._local_tensor.shape):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{name}: local shard of shape {tuple(x._local_tensor.shape)} where its "
                 f"placements {x.placements} give {tuple(shape)}; phema cannot place it"
             )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phema import naming
+from phema.errors import InvalidValueError
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
 
 # Each profile is a model-sized accumulator.
@@ -28,7 +29,7 @@ class Profiles:
         """From `sigma_rels` (default 0.05 and 0.10) or `gammas`: ValueError on a bad set."""
         if gammas is not None:
             if sigma_rels is not None:
-                raise ValueError("give sigma_rels or gammas, not both")
+                raise InvalidValueError("give sigma_rels or gammas, not both")
             gs = tuple(float(g) for g in as_tuple(gammas))
             profiles = cls(tuple(float(gamma_to_sigma_rel(g)) for g in gs), gs)
         else:
@@ -37,16 +38,16 @@ class Profiles:
             )
             profiles = cls(srs, tuple(float(sigma_rel_to_gamma(s)) for s in srs))
         if not profiles.gammas:
-            raise ValueError("track at least one profile (sigma_rels or gammas is empty)")
+            raise InvalidValueError("track at least one profile (sigma_rels or gammas is empty)")
         if len(profiles.gammas) > MAX_PROFILES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{len(profiles.gammas)} profiles: at most {MAX_PROFILES} (each is a copy of "
                 "the model)"
             )
         for i, g in enumerate(profiles.gammas):
             for h in profiles.gammas[:i]:
                 if math.isclose(g, h, rel_tol=1e-6):
-                    raise ValueError(f"profile gamma={g!r} is given twice")
+                    raise InvalidValueError(f"profile gamma={g!r} is given twice")
         return profiles
 
     def __len__(self) -> int:
@@ -76,7 +77,7 @@ class Profiles:
     def index(self, sigma_rel: float | None, gamma: float | None) -> int:
         """Index of the profile matching `sigma_rel` or `gamma` (relative tolerance 1e-6)."""
         if (sigma_rel is None) == (gamma is None):
-            raise ValueError("give sigma_rel or gamma")
+            raise InvalidValueError("give sigma_rel or gamma")
         key, value, tracked = (
             ("sigma_rel", sigma_rel, self.sigma_rels)
             if sigma_rel is not None
@@ -85,7 +86,7 @@ class Profiles:
         for i, x in enumerate(tracked):
             if math.isclose(x, value, rel_tol=1e-6):
                 return i
-        raise ValueError(
+        raise InvalidValueError(
             f"{key}={value!r} is not tracked; tracked: {', '.join(f'{x:.6g}' for x in tracked)}"
         )
 
@@ -95,10 +96,10 @@ def next_time(t_prev: int | float, t: Any) -> int | float:
     if t is None:
         return t_prev + 1
     if not is_number(t):
-        raise ValueError(f"update(t={t!r}): t must be a number")
+        raise InvalidValueError(f"update(t={t!r}): t must be a number")
     t = t if isinstance(t, int) else float(t)
     if not (t > t_prev and math.isfinite(t)):
-        raise ValueError(f"update(t={t!r}): t must be finite and > the last t={t_prev!r}")
+        raise InvalidValueError(f"update(t={t!r}): t must be finite and > the last t={t_prev!r}")
     return t
 
 

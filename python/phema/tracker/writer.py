@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from phema import naming
-from phema.store import snapshot_metadata, write_snapshot
+from phema import _core, naming
+from phema import meta as phema_meta
+from phema.errors import InvalidValueError, PhemaError
+from phema.meta import snapshot_metadata
+from phema.store import write_snapshot
 
 if TYPE_CHECKING:
     from phema.tracker.accumulators import HostBuffers
@@ -43,7 +46,7 @@ class Failure:
     error: BaseException
 
 
-class SnapshotWriteError(RuntimeError):
+class SnapshotWriteError(PhemaError, RuntimeError):
     """Snapshot files could not be written; `failed` lists (path, error) of every one."""
 
     def __init__(self, failed: Sequence[Failure]) -> None:
@@ -131,7 +134,7 @@ class SnapshotWriter:
                 continue
             path = os.path.join(self.directory, name)
             meta = _metadata_of(path)
-            found = meta.get("phema.run_id")
+            found = meta.get(phema_meta.RUN_ID)
             if found is None:  # written before run ids, or not a snapshot
                 continue
             if found != run_id:
@@ -140,7 +143,7 @@ class SnapshotWriter:
                 later.append(name)
         if others:
             found, name = sorted(others)[0]
-            raise ValueError(
+            raise InvalidValueError(
                 f"{self.directory} holds snapshots of another run (phema.run_id {found}, "
                 f"e.g. {name}); this tracker is run {run_id}: a store holds one run, so "
                 "write to another directory, or resume that run with load_state_dict()"
@@ -148,8 +151,7 @@ class SnapshotWriter:
         if later:
             aside = os.path.join(self.directory, "superseded")
             os.makedirs(aside, exist_ok=True)
-            for name in later:
-                os.replace(os.path.join(self.directory, name), os.path.join(aside, name))
+            _core.move_files([os.path.join(self.directory, name) for name in later], aside)
             with open(os.path.join(aside, "NOTE.txt"), "a") as f:
                 f.write(
                     f"run {run_id} resumed at t={naming.format_t(resumed_t)}: the snapshots "

@@ -10,27 +10,27 @@ through a restricted unpickler, everything else through torch's safe loader
 from __future__ import annotations
 
 import contextlib
-import io
+import json
 import math
 import os
-import pickle
 import re
-import uuid
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from phema import naming
+from phema import _core, files, meta, naming
+from phema.errors import InvalidTypeError, InvalidValueError, SourceError
+from phema.importers._unpickle import _Inert, _is_count, _torch_load, load_edm2_pickle
+from phema.meta import snapshot_metadata
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
 from phema.store import (
     dominant_dtype,
+    list_store,
     normalize_dtype,
     open_store,
-    snapshot_metadata,
     write_snapshot,
 )
 
@@ -47,11 +47,6 @@ MAX_T = 1e15
 MAX_PROFILE_CALLS = 2_000_000
 
 
-class SourceError(ValueError):
-    """A file to import cannot be read, or holds something phema refuses to load; the message
-    names the file."""
-
-
 @dataclass
 class _Item:
     """One snapshot to write: where it comes from, its time and profile, how to read it."""
@@ -65,10 +60,10 @@ class _Item:
 
 
 def import_store(
-    kind: str,
-    src: str | os.PathLike[str],
     store: str | os.PathLike[str],
-    *,
+    src: str | os.PathLike[str],
+    *legacy: str | os.PathLike[str],
+    kind: str | None = None,
     sigma_rels: Sequence[float] | None = None,
     update_every: int | None = None,
     times: Sequence[float] | None = None,
@@ -86,25 +81,38 @@ def import_store(
     LightningModule).
     Float tensors keep their dtype unless `dtype` is given. A non-empty `store` is refused unless
     `append` (the snapshots then join its run). All snapshots are written or none. Returns the
-    paths written.
+    paths written. (`import_store(kind, src, store)`, the former order, still works for one
+    release, with a warning.)
     """
+    if legacy:
+        if len(legacy) != 1 or kind is not None:
+            raise InvalidTypeError("import_store(store, src, kind=...): two positional arguments")
+        warnings.warn(
+            "import_store(kind, src, store) is now import_store(store, src, kind=kind); the "
+            "former order goes in the next release",
+            FutureWarning,
+            stacklevel=2,
+        )
+        kind, store = os.fspath(store), legacy[0]
+    if kind is None:
+        raise InvalidValueError(f"kind= is required: one of {', '.join(KINDS)}")
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+        raise InvalidValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     src = os.fspath(src)
     store = os.fspath(store)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or directory")
     out_dtype = None if dtype is None else normalize_dtype(dtype)
     if strip_prefix is not None and not isinstance(strip_prefix, str):
-        raise ValueError(f"strip_prefix={strip_prefix!r}: expected a string")
+        raise InvalidValueError(f"strip_prefix={strip_prefix!r}: expected a string")
     if times is not None and kind in ("edm2", "ema-pytorch"):
-        raise ValueError(f"times are for plain checkpoints; {kind} files carry their own")
+        raise InvalidValueError(f"times are for plain checkpoints; {kind} files carry their own")
     if kind == "ema-pytorch":
         items = _plan_ema_pytorch(src, sigma_rels, update_every)
     else:
         for name, value in (("sigma_rels", sigma_rels), ("update_every", update_every)):
             if value is not None:
-                raise ValueError(f"{name} is for ema-pytorch folders, not {kind}")
+                raise InvalidValueError(f"{name} is for ema-pytorch folders, not {kind}")
         items = _plan_edm2(src) if kind == "edm2" else _plan_plain(kind, src, times)
     items.sort(key=lambda it: (it.t, it.gamma or 0.0))
     labels = _labels(items)
@@ -112,30 +120,40 @@ def import_store(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise SourceError(f"{src}: two files give the same snapshot {dup}")
-    naming.check_outputs(store, names, [src, *(it.path for it in items)])
+    marker = os.path.join(store, meta.IMPORT_INCOMPLETE)
+    _redo(marker, src, kind)
+    files.check_outputs(store, names, [src, *(it.path for it in items)])
     run_id = _claim(store, items, append)
     created = not os.path.exists(store)
     os.makedirs(store, exist_ok=True)
-    written: list[str] = []
+    written = [os.path.join(store, name) for name in names]
+    # Until the last snapshot is in, the marker makes every reader refuse the store: a kill
+    # (SIGTERM, SIGKILL, power loss) that skips the clean-up below leaves nothing usable.
+    _core.write_file(marker, json.dumps({"source": src, "kind": kind, "snapshots": names}).encode())
     try:
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
             tensors, source_dtype = _arrays(item, strip_prefix)
             metadata = {
-                "phema.version": "1",
-                "phema.kind": "raw" if item.gamma is None else "power",
-                "phema.run_id": run_id,
+                **meta.header("raw" if item.gamma is None else "power"),
+                meta.RUN_ID: run_id,
                 "phema.imported_from": kind,
                 "phema.source": os.path.basename(item.path),
                 **item.metadata,
                 **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
             }
-            write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
-            written.append(path)
+            try:
+                write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+            except InvalidValueError as e:  # about its values (NaN): name the file they are in
+                raise SourceError(f"{item.path}: {e}") from None
             del tensors  # one source file in memory at a time
-        open_store(store)  # the result must be a store phema can use: same tensors everywhere
+        list_store(store)  # the result must be a store phema can use: same tensors everywhere
+        os.remove(marker)
+        _sync_dir(store)
     except BaseException:
-        for path in written:
+        # Every snapshot this import names, committed or not (an interrupt may come right after
+        # a commit); none existed before (check_outputs).
+        for path in [*written, marker]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         if created:
@@ -143,6 +161,41 @@ def import_store(
                 os.rmdir(store)
         raise
     return written
+
+
+def _redo(marker: str, src: str, kind: str) -> None:
+    """Undoes the unfinished import `marker` records when this one is the same (a rerun redoes
+    it); refuses the store otherwise."""
+    if not os.path.exists(marker):
+        return
+    try:
+        with open(marker, encoding="utf-8") as f:
+            left = json.load(f)
+        same = left["source"] == src and left["kind"] == kind
+        names = [n for n in left["snapshots"] if n == os.path.basename(n)]
+    except (OSError, ValueError, KeyError, TypeError):
+        same, names = False, []
+    if not same:
+        raise InvalidValueError(
+            f"{marker}: another import into this store did not finish; run it again to redo "
+            "it, or delete the marker and the snapshots it lists"
+        )
+    store = os.path.dirname(marker)
+    # Its snapshots, and the temporary files of those it was writing when killed.
+    unfinished = tuple(f".{name}.tmp-" for name in names)
+    for name in [*names, *(n for n in os.listdir(store) if n.startswith(unfinished))]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(store, name))
+    os.remove(marker)
+
+
+def _sync_dir(path: str) -> None:
+    """Makes a removal in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _labels(items: list[_Item]) -> dict[float | None, str]:
@@ -155,9 +208,9 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
     """The run id to write: a new one for an empty store, the store's own when appending.
     Refuses a non-empty store unless `append`, and snapshots the store already has."""
     if not (os.path.isdir(store) and os.listdir(store)):
-        return uuid.uuid4().hex[:16]  # as PostHocEMA makes them (docs/runs.md)
+        return meta.new_run_id()
     if not append:
-        raise ValueError(
+        raise InvalidValueError(
             f"{store} is not empty: import into a new directory, or pass append=True "
             "(--append) to add these snapshots to the run stored there"
         )
@@ -165,13 +218,13 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
     have = {(s.t, s.gamma) for s in existing.snapshots}
     for it in items:
         if (it.t, it.gamma) in have:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{store} already holds the snapshot at t={naming.format_t(it.t)}"
                 + ("" if it.sigma_rel is None else f", sigma_rel={it.sigma_rel:g}")
                 + f" that {it.path} would give"
             )
-    ids = {s.metadata.get("phema.run_id") for s in existing.snapshots} - {None}
-    return ids.pop() if ids else uuid.uuid4().hex[:16]
+    ids = meta.runs((s.path, s.metadata) for s in existing.snapshots)
+    return next(iter(ids)) if ids else meta.new_run_id()
 
 
 def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray], str]:
@@ -192,7 +245,7 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
             raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
         try:
             if x.is_complex():
-                raise TypeError("complex")
+                raise InvalidTypeError("complex")
             x = x.detach().to("cpu")
             if x.is_floating_point():
                 floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
@@ -225,9 +278,11 @@ def _files(src: str, match: Callable[[str], bool], what: str) -> list[str]:
         if not n.startswith(".") and match(n) and os.path.isfile(os.path.join(src, n))
     )
     if not found:
-        raise ValueError(f"{src}: no {what} found")
+        raise InvalidValueError(f"{src}: no {what} found")
     if len(found) > MAX_FILES:
-        raise ValueError(f"{src}: {len(found)} files, at most {MAX_FILES} are imported at once")
+        raise InvalidValueError(
+            f"{src}: {len(found)} files, at most {MAX_FILES} are imported at once"
+        )
     return found
 
 
@@ -307,15 +362,11 @@ def _edm2_state_items(path: str, kimg: int) -> list[_Item]:
     return items
 
 
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _plan_ema_pytorch(
     src: str, sigma_rels: Sequence[float] | None, update_every: int | None
 ) -> list[_Item]:
     if sigma_rels is None:
-        raise ValueError(
+        raise InvalidValueError(
             "ema-pytorch checkpoints do not store sigma_rel: give sigma_rels (--sigma-rel), "
             "one per ema index, in order"
         )
@@ -324,14 +375,14 @@ def _plan_ema_pytorch(
     sigma_rels = [float(s) for s in sigma_rels]
     for s in sigma_rels:
         if not 0 < s < _SIGMA_REL_MAX:
-            raise ValueError(f"sigma_rel {s!r}: expected 0 < sigma_rel < 0.289")
+            raise InvalidValueError(f"sigma_rel {s!r}: expected 0 < sigma_rel < 0.289")
     if update_every is None:
-        raise ValueError(
+        raise InvalidValueError(
             "give update_every (--update-every): the update_every of the run's ema-pytorch "
             "PostHocEMA (its default is 100; 1 if every step was averaged)"
         )
     if not (_is_count(update_every) and 1 <= update_every <= MAX_UPDATE_EVERY):
-        raise ValueError(f"update_every={update_every!r}: expected a whole number 1 to 1e6")
+        raise InvalidValueError(f"update_every={update_every!r}: expected a whole number 1 to 1e6")
     pattern = re.compile(r"(\d+)\.(\d+)\.pt")
     files = _files(src, lambda n: bool(pattern.fullmatch(n)), "ema-pytorch files ({ind}.{step}.pt)")
     profiles = {}
@@ -342,7 +393,7 @@ def _plan_ema_pytorch(
             raise SourceError(f"{path}: not named {{ind}}.{{step}}.pt")
         ind, step = int(m.group(1)), int(m.group(2))
         if ind >= len(sigma_rels):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{path} is ema index {ind}, but {len(sigma_rels)} sigma_rels were given"
             )
         if not 1 <= step <= MAX_T:
@@ -375,7 +426,7 @@ def ema_pytorch_gamma(gamma: float, update_every: int) -> float:
     close to `tau ** ((gamma + 1) / update_every - 1)`."""
     effective = (gamma + 1.0) / update_every - 1.0
     if not effective > 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"gamma {gamma:.4g} updated every {update_every} steps tracks the profile "
             f"tau^{effective:.3g}, which is not a power profile phema stores (its exponent must "
             f"be > 0): this run's averages cannot be imported (a smaller update_every, or a "
@@ -423,14 +474,13 @@ def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> fl
 
 
 def _plan_plain(kind: str, src: str, times: Sequence[float] | None) -> list[_Item]:
-    from phema.checkpoints import _time_from
 
     suffixes = (".ckpt",) if kind == "lightning" else (".pth", ".pth.tar", ".pt", ".bin")
     files = _files(
         src, lambda n: n.endswith(suffixes), f"{kind} checkpoints ({', '.join(suffixes)})"
     )
     if times is not None and len(times) != len(files):
-        raise ValueError(f"{len(times)} times for {len(files)} checkpoints in {src}")
+        raise InvalidValueError(f"{len(times)} times for {len(files)} checkpoints in {src}")
     number = re.compile(r"(\d+(?:\.\d+)?)")
     items = []
     for i, path in enumerate(files):
@@ -439,7 +489,7 @@ def _plan_plain(kind: str, src: str, times: Sequence[float] | None) -> list[_Ite
         else:
             counters = _plain_counters(kind, _torch_load(path))
             name = os.path.basename(path).split(".")[0]
-            t = _time_from(name, counters, number)  # type: ignore[assignment]
+            t = meta.time_from(name, counters, number)  # type: ignore[assignment]
         if t is None or not (t > 0 and math.isfinite(t)):
             raise SourceError(
                 f"{path}: no training time > 0 (pass times=... / --times, or name it by step)"
@@ -494,204 +544,6 @@ def _ema_pytorch_tensors(path: str, step: int) -> Mapping[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Safe loading
-
-
-def _torch_load(path: str) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU, memory-mapped when the format allows;
-    every failure is one SourceError naming the file (and the class it refused)."""
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            # A mutated protocol byte makes torch warn before it fails; the failure says enough.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except SourceError:
-        raise
-    except Exception as e:
-        text = str(e)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found:
-            raise SourceError(
-                f"{path}: holds {found.group(1)}, which torch's safe loader (weights_only=True) "
-                "refuses: phema reads only tensors and plain containers"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: (.+)", text)
-        why = detail.group(1).strip()[:200] if detail else _brief(e)
-        raise SourceError(f"{path}: not a readable torch file ({why})") from None
-
-
-def _brief(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:200]}"
-
-
-class _Inert:
-    """What an object of a class phema does not run becomes: its class name and its state."""
-
-    _phema_class = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        obj = object.__new__(cls)
-        obj.state = None
-        return obj
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _InertDict(dict):
-    """An EDM2 `dnnlib.EasyDict`: a dict (whatever attribute state it carries is dropped)."""
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _persistent(meta: Any) -> _Inert:
-    """EDM2's `persistence._reconstruct_persistent_obj`, without running `meta['module_src']`:
-    a placeholder holding the class name and the state the object would receive."""
-    if not (isinstance(meta, dict) and isinstance(meta.get("class_name"), str)):
-        raise pickle.UnpicklingError("a persistent object without a class name")
-    obj = _Inert()
-    obj._phema_class = meta["class_name"]
-    obj.state = meta.get("state")
-    return obj
-
-
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> Any:
-    import torch
-
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError("a tensor whose storage is not a storage")
-    for v in (size, stride):
-        if not (isinstance(v, tuple) and all(_is_count(n) and n >= 0 for n in v)):
-            raise pickle.UnpicklingError("a tensor with an invalid shape or stride")
-    if not (_is_count(offset) and offset >= 0):
-        raise pickle.UnpicklingError("a tensor with an invalid offset")
-    return torch._utils._rebuild_tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, *rest: Any) -> Any:
-    return data  # the parameter's tensor; requires_grad and hooks do not matter here
-
-
-def _load_from_bytes(b: Any) -> Any:
-    """A tensor storage pickled by `pickle.dump` (torch's legacy format), loaded safely."""
-    import torch
-
-    if not isinstance(b, bytes):
-        raise pickle.UnpicklingError("a storage that is not bytes")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        storage = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError("a storage that is not a storage")
-    return storage
-
-
-def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    """copyreg's `_reconstructor` for the inert classes only."""
-    if isinstance(cls, type) and issubclass(cls, (_Inert, _InertDict, OrderedDict)):
-        return cls()
-    raise pickle.UnpicklingError("copyreg._reconstructor of a class that is not allowed")
-
-
-class _EDM2Unpickler(pickle.Unpickler):
-    """Rebuilds tensors and plain containers; EDM2's persistent classes and torch modules become
-    inert placeholders; any other global is refused."""
-
-    def __init__(self, file: Any, path: str) -> None:
-        super().__init__(file)
-        self.path = path
-        self.inert: dict[str, type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        allowed: dict[tuple[str, str], Any] = {
-            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-            ("torch.storage", "_load_from_bytes"): _load_from_bytes,
-            ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
-            ("dnnlib.util", "EasyDict"): _InertDict,
-            ("collections", "OrderedDict"): OrderedDict,
-            ("copyreg", "_reconstructor"): _reconstructor,
-            ("builtins", "set"): set,
-            ("builtins", "frozenset"): frozenset,
-            ("builtins", "object"): object,
-        }
-        if (module, name) in allowed:
-            return allowed[module, name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith("torch.nn.modules.") and name.isidentifier():
-            key = f"{module}.{name}"
-            if key not in self.inert:
-                self.inert[key] = type(name, (_Inert,), {"_phema_class": key})
-            return self.inert[key]
-        raise SourceError(
-            f"{self.path}: refuses to load {module}.{name}: phema rebuilds only tensors, plain "
-            "containers and EDM2's persistent-class placeholders, and never runs code from a "
-            "pickle"
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not part of an EDM2 network pickle")
-
-
-def load_edm2_pickle(path: str | os.PathLike[str]) -> Any:
-    """The object an EDM2 network pickle holds, with tensors rebuilt and every persistent or
-    torch-module object an inert placeholder (no code from the file runs)."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            reader = _Bounded(f)
-            _check_opcodes(reader, path)
-            f.seek(0)
-            return _EDM2Unpickler(reader, path).load()
-    except (SourceError, OSError):
-        raise
-    except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
-        raise SourceError(f"{path}: not a readable EDM2 network pickle ({_brief(e)})") from None
-
-
-class _Bounded:
-    """A file whose reads never ask for more than what is left: a length field of a crafted
-    pickle cannot make a reader allocate beyond the file's size."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.size = os.fstat(f.fileno()).st_size
-
-    def read(self, n: int = -1) -> bytes:
-        left = self.size - self.f.tell()
-        return self.f.read(left if n is None or n < 0 else min(n, left))
-
-    def readline(self) -> bytes:
-        return self.f.readline()
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-def _check_opcodes(reader: _Bounded, path: str) -> None:
-    """Walks the opcodes without building anything: a memo index beyond the objects made so far
-    (which would make the unpickler allocate a memo table of that size) or a length beyond the
-    file is refused before unpickling."""
-    import pickletools
-
-    for count, (op, arg, pos) in enumerate(pickletools.genops(reader), 1):
-        if op.name in _MEMO_PUTS and isinstance(arg, int) and not 0 <= arg <= count:
-            raise SourceError(f"{path}: memo index {arg} at byte {pos} is out of range")
 
 
 def _edm2_pickle_tensors(path: str) -> Mapping[str, Any]:

@@ -6,53 +6,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from phema import naming
+from phema import files
+from phema.sweeps.rows import SweepRow
 
 # Smallest fit error drawn.
 _FLOOR = 1e-6
 _BEST = "crimson"
 
-if TYPE_CHECKING:
-    from phema.sweeps import SweepResult, SweepRow
-
 
 def plot_sweep(
-    result: SweepResult,
+    rows: list[SweepRow],
     path: str,
     metrics: Sequence[str],
     mode: str,
     *,
+    raw: SweepRow | None = None,
+    best: SweepRow | None = None,
+    per_time: Sequence[SweepRow] = (),
     references: Mapping[str, Mapping[str, float]] | None = None,
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> str:
     """Draws every metric of `metrics` in a panel of its own: power targets as a line over their
-    sigma_rel, classic decays as markers at their equivalent sigma_rel, the raw weights and each
-    of `references` (name -> metric values) as horizontal lines, the best row by the first
-    metric (`mode` "min" or "max") starred in every panel; the fit error and gain of every
-    target below. Several times: a heatmap per metric, the best of each time circled."""
+    sigma_rel, classic decays as markers at their equivalent sigma_rel, the `raw` weights and
+    each of `references` (name -> metric values) as horizontal lines, the `best` row starred in
+    every panel; the fit error and gain of every target below. Rows of several times: a heatmap
+    per metric, `per_time` (the best of each time) circled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from phema.sweeps import SweepResult
-
     metrics = list(metrics)
-    rows = [r for r in result.rows if metrics and metrics[0] in r.metrics]
     times = sorted({r.t for r in rows})
-    if len(times) > 1:  # the heatmap draws power EMAs: its best is one of them
-        rows = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
-    best = SweepResult(rows, [], result.store).best(metrics[0], mode) if rows else None
     names = dict(labels or {})
     if len(times) > 1:
-        fig = _heatmap(plt, result, rows, times, metrics, mode, best, names)
+        fig = _heatmap(plt, rows, per_time, times, metrics, best, names)
     else:
-        fig = _curve(plt, rows, result.raw, metrics, best, dict(references or {}), names)
+        fig = _curve(plt, rows, raw, metrics, best, dict(references or {}), names)
     head = ""
     if best is not None:
         head = (
@@ -60,7 +54,7 @@ def plot_sweep(
             f" ({'lowest' if mode == 'min' else 'highest'})"
         )
     fig.suptitle("\n".join(s for s in (title, head) if s), fontsize=11)
-    return naming.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
+    return files.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
 
 
 def _groups(rows: list[SweepRow]) -> dict[str, list[SweepRow]]:
@@ -161,7 +155,7 @@ def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, 
     return fig
 
 
-def _heatmap(plt, result, rows, times, metrics, mode, best, labels):  # noqa: ANN001, ANN202
+def _heatmap(plt, rows, per_time, times, metrics, best, labels):  # noqa: ANN001, ANN202
     sigmas = sorted({round(r.sigma_rel, 12) for r in rows})
     n = max(len(metrics), 1)
     fig, axes = plt.subplots(
@@ -177,7 +171,6 @@ def _heatmap(plt, result, rows, times, metrics, mode, best, labels):  # noqa: AN
         )
         fig.colorbar(image, ax=ax, label=metric)
         # The best length of each time: how the optimum moves during training.
-        per_time = result.best_by_time(metrics[0], mode)
         ax.plot(
             [r.sigma_rel for r in per_time], [r.t for r in per_time], "o", mfc="none", mec="white",
             mew=1.5, ms=9, label=f"best of each time by {metrics[0]}", linestyle="none",

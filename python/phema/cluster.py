@@ -3,8 +3,9 @@
 The client plans once (the solve, the inputs, every output's shards); each task runs phema's own
 engine on the workers over the tensors of one shard (or a few whole outputs) and writes those
 files itself, into a staging directory beside the outputs, so no tensor data goes through the
-scheduler. Once every task succeeded the client moves the files into place and writes each
-sharded output's index last, so the result is the files a single-machine run writes. If a task
+scheduler. Once every task succeeded the client commits them through the core (moved into
+place, each sharded output's index last), so the result is the files a single-machine run
+writes. If a task
 fails, the others are cancelled and nothing is committed. Needs `distributed` (an optional
 extra); the store and the outputs must be on storage every worker sees.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from phema import _core
+from phema.errors import InvalidTypeError
 
 # How long the client waits for cancelled tasks still running before it cleans up.
 _DRAIN_SECONDS = 60.0
@@ -36,6 +38,7 @@ def combine_on_cluster(
     mix: list[tuple[int, dict[str, int]]] | None,
     progress: bool,
     desc: str,
+    verify: bool = True,
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """What `Sources.combine_to_files` does, with the work spread over `client`'s workers:
     returns (paths per output, stats)."""
@@ -53,6 +56,7 @@ def combine_on_cluster(
             [staged[k] | {"shard": shard} for k in members],
             copy_from,
             [mix[k] for k in members],
+            verify,
             key=f"phema-{desc}-{run}-{n}",
             pure=False,
         )
@@ -83,7 +87,7 @@ def _require() -> Any:
 
 def _check_client(client: Any) -> None:
     if not isinstance(client, _require().Client):
-        raise TypeError(f"client={client!r}: expected a dask.distributed.Client")
+        raise InvalidTypeError(f"client={client!r}: expected a dask.distributed.Client")
 
 
 def _staging_root(output: dict[str, Any], run: str) -> str:
@@ -129,10 +133,13 @@ def _task(
     outputs: list[dict[str, Any]],
     copy_from: int | None,
     mix: list[tuple[int, dict[str, int]]],
+    verify: bool,
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """One task, on a worker: the engine over the inputs for these outputs (one shard each)."""
     sources = _core.Sources(inputs)
-    return sources.combine_to_files(weights, outputs, _core.EngineProgress(), copy_from, mix)
+    return sources.combine_to_files(
+        weights, outputs, _core.EngineProgress(), copy_from, mix, verify
+    )
 
 
 def _gather(client: Any, futures: list[Any], progress: bool, desc: str) -> list[Any]:
@@ -183,48 +190,15 @@ def _commit(
     staged: list[dict[str, Any]],
     run: str,
 ) -> list[list[str]]:
-    """Moves every staged file into place, file by file as the engine commits (a file it
-    replaces set aside until all moved, put back if one fails), then writes each sharded
-    output's index: the commit point."""
-    moved: list[tuple[str, str | None]] = []
-
-    def set_aside(path: str) -> None:
-        aside = None
-        if os.path.lexists(path):
-            aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.aside-{run}")
-            os.replace(path, aside)
-        moved.append((path, aside))
-
+    """Moves every staged file into place and writes each sharded output's index last, as one
+    commit by the core's rule (a file it replaces is set aside and put back if a step fails);
+    the staging directories go either way."""
     try:
-        written = []
-        for final, stage in zip(outputs, staged):
-            shards, index = sources.output_files(weights, final)
-            staged_shards, _ = sources.output_files(weights, stage)
-            for (path, _), (staged_path, _) in zip(shards, staged_shards):
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                set_aside(path)
-                os.replace(staged_path, path)
-            written.append([p for p, _ in shards])
-        for final, paths in zip(outputs, written):
-            _, index = sources.output_files(weights, final)
-            if index is not None:
-                set_aside(index)
-                sources.write_index(weights, final)
-                paths.insert(0, index)
-    except BaseException:
-        for path, aside in reversed(moved):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            if aside is not None:
-                os.replace(aside, path)
-        raise
+        paths = sources.commit_staged(weights, outputs, staged)
     finally:
         for o in outputs:
             _remove(_staging_root(o, run))
-    for _, aside in moved:
-        if aside is not None:
-            _remove(aside)
-    return written
+    return [[os.fspath(p) for p in per_output] for per_output in paths]
 
 
 def _remove(path: str) -> None:

@@ -8,7 +8,6 @@ bounded by two batches of float32 state dicts.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import fcntl
 import hashlib
@@ -20,27 +19,24 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
+import torch
 
-from phema import _core, naming
-from phema.reconstruction import (
-    Plan,
-    _as_store,
-    _PlainReader,
-    load_into,
-    make_plan,
-    state_dicts,
-    write_outputs,
-)
-from phema.solver import MAX_TARGETS, Solution
+from phema import _core, files
+from phema.engine import show_progress
+from phema.errors import InvalidTypeError, InvalidValueError
+from phema.load import _PlainReader, load_into
+from phema.plan import Plan, make_plan
+from phema.reconstruction import _as_store, state_dicts
+from phema.solver import KINDS, MAX_TARGETS, Solution
 from phema.store import Store
+from phema.sweeps.result import SweepResult, _best_text
+from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
 from phema.targets import Output, Targets
-
-if TYPE_CHECKING:
-    import torch
+from phema.tracker.model import unwrap
 
 # Largest sigma_rel a power profile can have (gamma > -1 ... 0 gives sigma_rel < 1/sqrt(12)).
 _SIGMA_REL_LIMIT = 1 / math.sqrt(12)
@@ -48,154 +44,6 @@ _SIGMA_REL_LIMIT = 1 / math.sqrt(12)
 MAX_BATCH = 64
 # Share of the available memory two batches of float32 state dicts may take.
 _MEMORY_SHARE = 0.25
-# Columns every row has, before the metrics.
-COLUMNS = (
-    "label",
-    "kind",
-    "value",
-    "sigma_rel",
-    "t",
-    "fit_error",
-    "cdf_error",
-    "gain",
-    "tensors",
-    "vary",
-    "snapshots",
-)
-_RAW = "raw"
-
-
-@dataclass
-class SweepRow:
-    """One evaluated target: what it was, how well it was reconstructed, and its metrics."""
-
-    label: str
-    kind: str
-    value: float
-    sigma_rel: float
-    t: float
-    fit_error: float
-    cdf_error: float
-    gain: float
-    tensors: str
-    vary: str
-    snapshots: str
-    metrics: dict[str, float]
-    targets: Targets | None = field(default=None, repr=False)
-    store: Store | None = field(default=None, repr=False)
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        """What a result is for: target kind and value, time, per-tensor mapping, snapshots."""
-        return (self.kind, repr(self.value), repr(self.t), self.tensors, self.vary, self.snapshots)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The row as CSV columns."""
-        return {c: getattr(self, c) for c in COLUMNS} | self.metrics
-
-    @property
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The row's averaged weights (float32), reconstructed again from the store."""
-        if self.targets is None or self.store is None:
-            raise ValueError(f"{self.label}: raw weights or a row read from a CSV file alone")
-        [sd] = state_dicts(self.store, make_plan(self.store, self.targets))
-        return sd
-
-
-@dataclass
-class SweepResult:
-    """Every row of a sweep, with the notes about targets left out."""
-
-    rows: list[SweepRow]
-    notes: list[str]
-    store: Store
-    raw: SweepRow | None = None
-
-    @property
-    def table(self) -> list[dict[str, Any]]:
-        """One dict per (target, time): the columns of `COLUMNS` and the metrics."""
-        return [r.as_dict() for r in self.rows]
-
-    @property
-    def metric_names(self) -> list[str]:
-        """Every metric name, in order of first appearance."""
-        return list(dict.fromkeys(m for r in self.rows for m in r.metrics))
-
-    def best(self, metric: str | None = None, mode: str = "min") -> SweepRow:
-        """The row with the lowest (`mode="min"`) or highest (`"max"`) `metric` (default: the
-        only or first metric); NaN values never win."""
-        metric = self._metric(metric)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
-        scored = [r for r in self.rows if math.isfinite(r.metrics.get(metric, math.nan))]
-        if not scored:
-            raise ValueError(f"no row has a finite value of {metric!r}")
-        sign = 1 if mode == "min" else -1
-        return min(scored, key=lambda r: sign * r.metrics[metric])
-
-    def best_by_time(self, metric: str | None = None, mode: str = "min") -> list[SweepRow]:
-        """The best power-EMA row (`sigma_rel` or `gamma` targets) of each time, by time: how
-        the optimum moves during training (EDM2's figure 5)."""
-        out = []
-        for t in sorted({r.t for r in self.rows}):
-            power = [r for r in self.at(t).rows if r.kind in ("sigma_rel", "gamma")]
-            with contextlib.suppress(ValueError):  # a time without a finite value
-                out.append(SweepResult(power, self.notes, self.store).best(metric, mode))
-        return out
-
-    def save_best(
-        self,
-        out: str | os.PathLike[str],
-        metric: str | None = None,
-        mode: str = "min",
-        dtype: str = "float16",
-    ) -> list[str]:
-        """Writes the best row's weights into `out` as `reconstruct` would; returns the paths."""
-        row = self.best(metric, mode)
-        if row.targets is None:
-            raise ValueError(f"{row.label}: no targets to reconstruct (a row read from CSV)")
-        return write_outputs(self.store, make_plan(self.store, row.targets), out=out, dtype=dtype)
-
-    def at(self, t: float) -> SweepResult:
-        """The rows of target time `t` alone (with the raw baseline and the notes)."""
-        rows = [r for r in self.rows if math.isclose(r.t, t, rel_tol=1e-12, abs_tol=1e-12)]
-        if not rows:
-            times = sorted({r.t for r in self.rows})
-            raise ValueError(
-                f"t={t:g}: the sweep has rows at t={', '.join(f'{x:g}' for x in times)}"
-            )
-        return SweepResult(rows=rows, notes=self.notes, store=self.store, raw=self.raw)
-
-    def plot(
-        self,
-        path: str | os.PathLike[str],
-        metric: str | Sequence[str] | None = None,
-        mode: str = "min",
-        *,
-        references: Mapping[str, Mapping[str, float]] | None = None,
-        labels: Mapping[str, str] | None = None,
-        title: str | None = None,
-    ) -> str:
-        """Draws the sweep to `path` (see `plot_sweep`): one panel per metric of `metric` (a name
-        or several; the best is by the first, `mode` "min" or "max"), `references` (name ->
-        metric values) as horizontal lines, `labels` as panel titles; returns the path."""
-        from phema.sweep_plot import plot_sweep
-
-        names = [metric] if metric is None or isinstance(metric, str) else list(metric)
-        metrics = [self._metric(m) for m in names] if self.rows else []
-        return plot_sweep(
-            self, os.fspath(path), metrics, mode, references=references, labels=labels, title=title
-        )
-
-    def _metric(self, metric: str | None) -> str:
-        names = self.metric_names
-        if metric is None:
-            if not names:
-                raise ValueError("the sweep has no evaluated rows")
-            return names[0]
-        if metric not in names:
-            raise ValueError(f"metric {metric!r}: the sweep measured {', '.join(names) or 'none'}")
-        return metric
 
 
 def sweep(
@@ -203,12 +51,14 @@ def sweep(
     model: torch.nn.Module,
     evaluate: Callable[[torch.nn.Module], float | Mapping[str, float]],
     *,
+    targets: Targets | None = None,
     sigma_rels: Iterable[float] | float | None = None,
-    betas: Iterable[float] | float | None = None,
     gammas: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | Sequence[float] | str | None = None,
+    tensor_sigma_rels: Mapping[str, float] | None = None,
     tensors: Mapping[str, float] | None = None,
     vary: str | None = None,
     batch: int | None = None,
@@ -216,7 +66,7 @@ def sweep(
     raw: Any = None,
     causal: bool = False,
     noise: float | str = "auto",
-    progress: bool = True,
+    progress: bool | None = None,
     on_row: Callable[[SweepRow], None] | None = None,
     metric: str | None = None,
     mode: str = "min",
@@ -226,26 +76,27 @@ def sweep(
     the table. The model's own weights and modes are restored afterwards, whatever `evaluate`
     does; its exceptions propagate after that.
 
-    Targets as in `reconstruct` (`tensors` for per-tensor lengths, `vary` to sweep one group's
-    length with the others fixed by `tensors`). Targets past the feasible range or that the
+    Targets as in `reconstruct` (`targets=` or the keywords; `tensor_sigma_rels` for
+    per-tensor lengths, `vary` to sweep one group's length with the others fixed by
+    `tensor_sigma_rels`). Targets past the feasible range or that the
     accuracy rules refuse are left out with a note instead of failing the sweep. `results` is a
     CSV file updated after every target; a re-run skips the targets it already holds (same
     kind, value, time, per-tensor mapping and snapshots), and its rows of other targets or
     times are kept. `raw` (a state dict or checkpoint) is evaluated too, as the raw-weights
     baseline. `batch` targets are reconstructed per pass (default: what two batches of float32
     copies fit in a quarter of the available memory). The progress bar shows the best row so far
-    by `metric` (default: the first) and `mode` ("min", the lowest, or "max").
+    by `metric` (default: the first) and `mode` ("min", the lowest, or "max"); `progress`
+    defaults to showing it when standard error is a terminal.
     """
-    import torch
-
     store = _as_store(store)
     if not callable(evaluate):
-        raise TypeError(f"evaluate={evaluate!r} is not callable")
+        raise InvalidTypeError(f"evaluate={evaluate!r} is not callable")
     if mode not in ("min", "max"):
-        raise ValueError(f"mode={mode!r}: expected 'min' or 'max'")
+        raise InvalidValueError(f"mode={mode!r}: expected 'min' or 'max'")
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, not {type(model).__name__}")
-    base = Targets.of(
+        raise InvalidTypeError(f"model: expected a torch.nn.Module, not {type(model).__name__}")
+    base = Targets.given(
+        targets,
         sigma_rels=_feasible(sigma_rels),
         gammas=gammas,
         betas=betas,
@@ -253,9 +104,14 @@ def sweep(
         dt=dt,
         causal=causal,
         noise=noise,
+        tensor_sigma_rels=tensor_sigma_rels,
         tensors=tensors,
         vary=vary,
     )
+    if targets is not None:
+        sigma_rels = base.sigma_rels
+        base = base.replace(sigma_rels=tuple(_feasible(base.sigma_rels) or ()))
+    progress = show_progress(progress)
     notes = _infeasible_note(sigma_rels)
     names = [n for n, _, _ in store.tensors]
     _check_model(model, names, store)
@@ -298,6 +154,7 @@ def sweep(
         if raw_row is not None and raw_row.key not in done:
             saved.load(_PlainReader(raw, str).sd)
             raw_row.metrics = _metrics(evaluate(model))
+            saved.check()
             saved.restore()
         bar = (metric, mode) if progress and n_fresh else None
         _run(store, model, evaluate, jobs, rows, n_fresh, bar, saved, write, on_row)
@@ -305,7 +162,9 @@ def sweep(
             write()
     finally:
         saved.restore()
-    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row)
+    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = str(next(floats, "float16")).removeprefix("torch.")
+    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
 
 
 def _run(
@@ -363,6 +222,7 @@ def _run(
                 row = job_rows.pop(0)
                 saved.load(sds.pop(0))  # freed once the next one is in
                 row.metrics = _metrics(evaluate(model))
+                saved.check()
                 rows.append(row)
                 write()
                 if on_row is not None:
@@ -404,10 +264,6 @@ class _Saved:
     (on another device, sharded) are copied into, and restored from a CPU copy."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        import torch
-
-        from phema.tracker.model import unwrap
-
         self.model = model
         self.own = own = unwrap(model)
         named = [
@@ -419,6 +275,16 @@ class _Saved:
             for name, t in named
             if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
         }
+        # Where every parameter and buffer lives, the tensor itself and its storage: evaluate may
+        # replace, delete or cast them (model.half() swaps buffers for new ones), and all of
+        # that is put back.
+        self.slots = [
+            (f"{prefix}.{key}" if prefix else key, container, key, t, t.data)
+            for prefix, m in own.named_modules(remove_duplicate=False)
+            for container in (m._parameters, m._buffers)
+            for key, t in container.items()
+            if type(t) in (torch.Tensor, torch.nn.Parameter)  # not sharded (FSDP swaps those)
+        ]
         self.kept = {name: t.data for name, t in self.swapped.items()}
         self.state = {
             k: v.detach().to("cpu", copy=True)
@@ -444,9 +310,32 @@ class _Saved:
         for name, t in self.swapped.items():
             t.data = self.kept[name]
 
+    def check(self) -> None:
+        """Raises, naming them, if `evaluate` replaced, deleted or cast a parameter or buffer
+        (restore() puts them back)."""
+        changes = []
+        for name, container, key, t, data in self.slots:
+            now = container.get(key)
+            if now is None:
+                changes.append(f"deleted {name}")
+            elif now is not t:
+                changes.append(f"replaced {name}")
+            elif (now.dtype, now.device) != (data.dtype, data.device):
+                changes.append(f"made {name} {now.dtype} on {now.device} (was {data.dtype})")
+        if changes:
+            raise InvalidValueError(
+                f"evaluate changed the model ({'; '.join(changes[:3])}"
+                + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
+                + "): the sweep loads every target into the model as it was, so it stopped and "
+                "put the model back; evaluate a copy to change it"
+            )
+
     def restore(self) -> None:
         import torch
 
+        for _, container, key, t, data in self.slots:
+            container[key] = t
+            t.data = data
         self.unload()
         own = self.own.state_dict()
         with torch.no_grad():
@@ -463,10 +352,10 @@ def _feasible(sigma_rels: Iterable[float] | float | None) -> list[float] | None:
         return None
     values = [sigma_rels] if np.ndim(sigma_rels) == 0 else list(sigma_rels)  # type: ignore[arg-type]
     if len(values) > MAX_TARGETS:
-        raise ValueError(f"sigma_rels: more than {MAX_TARGETS} targets")
+        raise InvalidValueError(f"sigma_rels: more than {MAX_TARGETS} targets")
     ok = [v for v in values if _is_feasible(v)]
     if values and not ok:
-        raise ValueError(
+        raise InvalidValueError(
             f"sigma_rels: none of {values[:5]} is a feasible EMA length (0 < sigma_rel < "
             f"{_SIGMA_REL_LIMIT:.4f})"
         )
@@ -477,7 +366,7 @@ def _is_feasible(v: Any) -> bool:
     try:
         return 0 < float(v) < _SIGMA_REL_LIMIT
     except (TypeError, ValueError):
-        raise ValueError(f"sigma_rels: {v!r} is not a number") from None
+        raise InvalidValueError(f"sigma_rels: {v!r} is not a number") from None
 
 
 def _infeasible_note(sigma_rels: Iterable[float] | float | None) -> list[str]:
@@ -499,27 +388,25 @@ def _times(store: Store, at: float | Sequence[float] | str | None) -> list[float
         return [None]
     if isinstance(at, str):
         if at != "all":
-            raise ValueError(f"at={at!r}: expected a time, a list of times or 'all'")
+            raise InvalidValueError(f"at={at!r}: expected a time, a list of times or 'all'")
         return sorted({float(s.t) for s in store.snapshots})
     values = [at] if np.ndim(at) == 0 else list(at)  # type: ignore[arg-type]
     if len(values) > MAX_TARGETS:
-        raise ValueError(f"at: more than {MAX_TARGETS} times")
+        raise InvalidValueError(f"at: more than {MAX_TARGETS} times")
     out = []
     for v in values:
         try:
             out.append(float(v))
         except (TypeError, ValueError):
-            raise ValueError(f"at: {v!r} is not a time") from None
+            raise InvalidValueError(f"at: {v!r} is not a time") from None
     return list(dict.fromkeys(out))
 
 
 def _check_model(model: torch.nn.Module, names: Sequence[str], store: Store) -> None:
-    from phema.tracker.model import unwrap
-
     own = set(unwrap(model).state_dict())
     foreign = [n for n in names if n not in own]
     if foreign:
-        raise ValueError(
+        raise InvalidValueError(
             f"the store {store.path} holds {len(foreign)} tensor(s) the model does not have "
             f"(e.g. {', '.join(foreign[:3])}): a model of another architecture?"
         )
@@ -528,7 +415,9 @@ def _check_model(model: torch.nn.Module, names: Sequence[str], store: Store) -> 
 def _batch_size(batch: int | None, store: Store) -> int:
     if batch is not None:
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch={batch!r}: expected a whole number from 1 to {MAX_BATCH}")
+            raise InvalidValueError(
+                f"batch={batch!r}: expected a whole number from 1 to {MAX_BATCH}"
+            )
         return batch
     f32 = sum(4 * int(np.prod(shape)) for _, _, shape in store.tensors)
     try:
@@ -544,11 +433,16 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
     tg = sol.targets[k]
     one = _one_output(targets, tg.kind, tg.value)
     used = _used(plan, output)
+    # The row's identity: the contents of the snapshots it reads (each one's checksum, or its
+    # size where it records none), the run that wrote them and their weights, so that a results
+    # file of another run is never taken for this one.
     digest = hashlib.sha1(
         json.dumps(
             [
                 [
                     store.snapshots[i].name,
+                    store.snapshots[i].metadata.get("phema.checksum", store.snapshots[i].size),
+                    store.snapshots[i].metadata.get("phema.run_id", ""),
                     [round(float(w), 12) for w in plan.weights[i, output.columns()]],
                 ]
                 for i in used
@@ -564,7 +458,9 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
         fit_error=float(sol.fit_error[k]),
         cdf_error=float(sol.cdf_error[k]),
         gain=float(sol.gain[k]),
-        tensors=json.dumps([[p, s] for p, s in targets.tensors]) if targets.tensors else "",
+        tensors=json.dumps([[p, s] for p, s in targets.tensor_sigma_rels])
+        if targets.tensor_sigma_rels
+        else "",
         vary=targets.vary or "",
         snapshots=digest,
         metrics={},
@@ -580,16 +476,10 @@ def _used(plan: Plan, output: Output) -> np.ndarray:
 
 def _one_output(targets: Targets, kind: str, value: float) -> Targets:
     """The targets of one row alone (to reconstruct it again)."""
-    empty: dict[str, tuple[float, ...]] = {
-        "sigma_rels": (),
-        "gammas": (),
-        "betas": (),
-        "halflives": (),
-    }
-    own = kind + "s"
-    if own not in empty:  # a per-tensor output without a target of its own
+    if kind not in KINDS:  # a per-tensor output without a target of its own
         return targets
-    return targets.replace(**(empty | {own: (value,)}))
+    empty: dict[str, tuple[float, ...]] = {plural: () for plural in KINDS.values()}
+    return targets.replace(**(empty | {KINDS[kind]: (value,)}))
 
 
 def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> SweepRow:
@@ -605,11 +495,36 @@ def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> Swee
         gain=math.nan,
         tensors="",
         vary="",
-        snapshots=os.fspath(source),
+        snapshots=f"{os.fspath(source)} {_contents(raw)}",
         metrics={},
     )
     row.metrics = dict(done.get(row.key, {}))
     return row
+
+
+def _contents(raw: Any) -> str:
+    """A digest of the raw weights (a file, a directory's files, or a state dict's tensors):
+    the baseline's row is another one when they differ."""
+    h = hashlib.sha1()
+    if isinstance(raw, (str, os.PathLike)):
+        paths = (
+            sorted(os.path.join(d, f) for d, _, fs in os.walk(raw) for f in fs)
+            if os.path.isdir(raw)
+            else [os.fspath(raw)]
+        )
+        for path in paths:
+            h.update(os.path.relpath(path, raw).encode() + b"\0")
+            with open(path, "rb") as f:
+                for piece in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                    h.update(piece)
+    elif isinstance(raw, Mapping):
+        for name in sorted(raw, key=str):
+            x = raw[name]
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            x = np.ascontiguousarray(x)
+            h.update(f"{name} {x.dtype} {x.shape}".encode() + x.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _metrics(value: Any) -> dict[str, float]:
@@ -621,27 +536,16 @@ def _metrics(value: Any) -> dict[str, float]:
     out = {}
     for name, v in items:
         if not isinstance(name, str) or name in COLUMNS:
-            raise TypeError(f"evaluate returned the metric name {name!r}: use other names")
+            raise InvalidTypeError(f"evaluate returned the metric name {name!r}: use other names")
         try:
             out[name] = float(v)
         except (TypeError, ValueError):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"evaluate returned {name}={v!r}: expected a number or a dict of numbers"
             ) from None
     if not out:
-        raise TypeError("evaluate returned no metric")
+        raise InvalidTypeError("evaluate returned no metric")
     return out
-
-
-def _best_text(result: SweepResult, metric: str | None, mode: str) -> str:
-    """The progress bar's report of the best row so far."""
-    try:
-        best = result.best(metric, mode)
-    except ValueError:  # no row has a finite value (of that metric) yet
-        return ""
-    name = metric or result.metric_names[0]
-    word = "lowest" if mode == "min" else "highest"
-    return f"{word} {name} {best.metrics[name]:.4g} at {best.label}"
 
 
 def _read_results(
@@ -656,7 +560,7 @@ def _read_results(
             reader = csv.DictReader(f)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"not a phema sweep results file (no {missing[0]} column)")
+                raise InvalidValueError(f"not a phema sweep results file (no {missing[0]} column)")
             for line in reader:
                 key = (
                     line["kind"],
@@ -671,7 +575,7 @@ def _read_results(
                 }
                 lines[key] = {k: v for k, v in line.items() if k is not None}
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable sweep results ({e})") from None
+        raise InvalidValueError(f"{path}: unreadable sweep results ({e})") from None
     return done, lines
 
 
@@ -696,7 +600,7 @@ def _write_results(
         w = csv.DictWriter(buf, fieldnames=[*COLUMNS, *metrics], lineterminator="\n")
         w.writeheader()
         w.writerows(lines)
-        naming.write_atomically(path, buf.getvalue().encode())
+        files.write_atomically(path, buf.getvalue().encode())
     finally:
         os.close(directory)  # releases the lock
 

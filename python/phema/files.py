@@ -1,0 +1,230 @@
+"""Files on disk: which files a checkpoint is, how a `like=` output is laid out, the rule that no
+output overwrites or lands inside an input, and small files written atomically (through the
+core's one commit rule, docs/store-format.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import io
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from phema import _core, naming
+from phema.errors import InvalidValueError
+from phema.naming import _NEVER_COPIED, LIKE_COPIED, LIKE_WEIGHTS
+
+
+@dataclass(frozen=True)
+class LikeLayout:
+    """How a `like=` output is laid out: the weights under `weights` (a file name in the
+    target's directory) or, when `shard_size` is set, as `STEM-NNNNN-of-NNNNN.safetensors`
+    shards with `STEM.safetensors.index.json` (`STEM` is `weights` without `.safetensors`:
+    `model` for transformers, `diffusion_pytorch_model` for diffusers); `copied` are the files
+    taken over from `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
+
+    source: str
+    weights: str
+    shard_size: int | None
+    copied: tuple[str, ...]
+    inputs: tuple[str, ...]
+
+
+def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
+    """The layout of the checkpoint directory `like` (a transformers or diffusers
+    `save_pretrained` directory, or a Trainer's `checkpoint-N/`) for outputs that load like it."""
+    like = os.fspath(like)
+    if not os.path.isdir(like):
+        raise InvalidValueError(f"like={like}: not a checkpoint directory")
+    names = sorted(n for n in os.listdir(like) if os.path.isfile(os.path.join(like, n)))
+    weights = [n for n in LIKE_WEIGHTS if n in names]
+    indexes = [n for n in LIKE_WEIGHTS if n + ".index.json" in names]
+    shard_size = None
+    if indexes and not weights:
+        weights = indexes
+        stem = weights[0].removesuffix(".safetensors")
+        shards = [n for n in names if fnmatch.fnmatchcase(n, f"{stem}-*-of-*.safetensors")]
+        if shards:
+            shard_size = max(os.path.getsize(os.path.join(like, n)) for n in shards)
+    if not weights:
+        found = [n for n in names if n.endswith(".safetensors")]
+        if len(found) != 1:
+            raise InvalidValueError(
+                f"like={like}: expected {' or '.join(LIKE_WEIGHTS)} (or a sharded index), "
+                f"found {len(found)} other .safetensors files"
+            )
+        weights = found
+    copied = tuple(
+        n
+        for n in names
+        if any(fnmatch.fnmatchcase(n, p) for p in LIKE_COPIED)
+        and not any(fnmatch.fnmatchcase(n, p) for p in _NEVER_COPIED)
+    )
+    return LikeLayout(
+        source=like,
+        weights=weights[0],
+        shard_size=shard_size,
+        copied=copied,
+        inputs=(like, *(os.path.join(like, n) for n in names)),
+    )
+
+
+def check_outputs(
+    out: str | os.PathLike[str], written: Iterable[str], inputs: Iterable[str]
+) -> None:
+    """Raise unless writing `written` into the directory `out` is safe for `inputs`.
+
+    `written` are names inside `out`: a trailing `/` marks a directory, `*` a run of characters
+    (shard numbers). Refused: `out` being an input or inside one; a written path being an input
+    or holding one (`model.safetensors` in `--out` of its own directory); a written file where a
+    directory is, or the other way round (found only when the engine renames, after all the
+    work, and then the outputs already renamed were removed again). Paths are compared after
+    resolving symbolic links.
+    """
+    try:
+        out = os.fspath(out)
+    except TypeError:
+        raise InvalidValueError(f"out={out!r}: expected a directory path") from None
+    if not out:
+        raise InvalidValueError("the output directory is an empty name")
+    real_out = os.path.realpath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
+    reals = [(p, os.path.realpath(p)) for p in map(os.fspath, inputs)]
+    for given, real in reals:
+        if _within(real_out, real):
+            where = "is" if real_out == real else "is inside"
+            raise InvalidValueError(f"output directory {out} {where} the input {given}")
+    for name in written:
+        is_dir = name.endswith("/")
+        name = name.rstrip("/")
+        pattern = os.path.join(glob.escape(real_out), name)
+        for given, real in reals:
+            if fnmatch.fnmatchcase(real, pattern) or any(
+                fnmatch.fnmatchcase(parent, pattern) for parent in _parents(real, real_out)
+            ):
+                raise InvalidValueError(
+                    f"the output {os.path.join(out, name)} would replace the input {given}"
+                )
+        if "*" in name:
+            continue
+        path = os.path.join(out, name)
+        if is_dir and os.path.exists(path) and not os.path.isdir(path):
+            raise FileExistsError(f"{path}: exists and is not a directory; the output is one")
+        if not is_dir and os.path.isdir(path):
+            raise FileExistsError(f"{path}: exists and is a directory; the output is a file")
+
+
+def _within(path: str, root: str) -> bool:
+    """`path` is `root` or inside it (both resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _parents(path: str, top: str) -> list[str]:
+    """The directories between `top` (exclusive) and `path` (exclusive)."""
+    out = []
+    parent = os.path.dirname(path)
+    while _within(parent, top) and parent != top:
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replaces the file at `path` with `data` in one step, by the writer's rule for every file
+    phema writes (docs/store-format.md: temporary name with host and pid, fsync, rename, dead
+    writers' temporaries removed), so an interrupted write leaves the old file whole."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _core.write_file(path, bytes(data))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], **options: Any) -> str:
+    """Writes a matplotlib figure as PNG at `path` through `write_atomically` (so a full disk
+    names the file and leaves no partial image) and closes it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **options)
+    plt.close(fig)
+    write_atomically(path, buf.getvalue())
+    return os.fspath(path)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+# The index diffusers writes for a sharded `diffusion_pytorch_model.safetensors`.
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
+    """The safetensors files of one checkpoint: a `.safetensors` file, or a directory holding a
+    sharded `model.safetensors.index.json` (or diffusers' index), a `model.safetensors`, or
+    exactly one `.safetensors`."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    index = os.path.join(path, INDEX)
+    if not os.path.exists(index):
+        index = os.path.join(path, DIFFUSERS_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, "rb") as f:
+                weight_map = json.load(f)["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+            if not names or not all(isinstance(n, str) and n == os.path.basename(n) for n in names):
+                raise InvalidValueError("weight_map must name files in its directory")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidValueError(f"{index}: not a valid safetensors index ({e})") from None
+        return [os.path.join(path, name) for name in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if len(found) == 1 and not naming.is_partial_shard(found[0]):
+        return [os.path.join(path, found[0])]
+    if found and all(naming.is_partial_shard(n) for n in found):
+        raise InvalidValueError(
+            f"{path}: shards of a sharded checkpoint without its index ({found[0]}, ...): an "
+            "interrupted or incomplete write; nothing here is a whole checkpoint"
+        )
+    raise InvalidValueError(
+        f"{path}: expected model.safetensors, {INDEX} or a single .safetensors file "
+        f"(found {len(found)} .safetensors files)"
+    )
+
+
+def not_a_checkpoint(path: str) -> str | None:
+    """Why the directory `path`, found among checkpoints, is none (None: it may be one).
+
+    A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
+    callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
+    if not os.path.isdir(path) or any(
+        os.path.exists(os.path.join(path, n)) for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS)
+    ):
+        return None
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not found:
+        return "no .safetensors file: not a checkpoint"
+    [described] = _core.Sources([[os.path.join(path, found[0])]]).describe()
+    if "phema.kind" in described["metadata"]:
+        return "a phema store (its files are phema snapshots), not a checkpoint"
+    return None
+
+
+def copy_like_files(layout: LikeLayout, target: str) -> list[str]:
+    """Copies the configuration and tokenizer files of `layout` into the directory `target`, by
+    the core's rule for every file phema writes (no partial copy under the final name)."""
+    copied = []
+    for name in layout.copied:
+        dst = os.path.join(target, name)
+        _core.copy_file(os.path.join(layout.source, name), dst)
+        copied.append(dst)
+    return copied
