@@ -20,7 +20,6 @@ FLOORS = {
     "phema.meta": 1,
     "phema.files": 1,
     "phema.dcp": 1,
-    "phema.dcp": 1,
     "phema.store": 2,
     "phema.solver": 2,
     "phema.targets": 2,
