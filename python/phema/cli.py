@@ -548,9 +548,11 @@ def _metadata(path: str) -> dict[str, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.emag:
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps {args.steps}: need at least 1 training step")
         from phema.guidance.digits import run_demo as run_emag_demo
 
-        run_emag_demo(out=args.out, seed=args.seed)
+        run_emag_demo(out=args.out, seed=args.seed, train_steps=args.steps)
         return 0
     from phema.demo.run import run_demo
 
@@ -784,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("demo", "train a toy model, sweep EMA lengths, draw the result")
     s.add_argument("--out", default="phema-demo", help="output directory")
     s.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: 4096; not for --emag)"
+        "--steps", type=int, default=None, help="training steps (default: 4096; --emag: 1500)"
     )
     s.add_argument("--seed", type=int, default=0, help="random seed of data, model and training")
     s.add_argument(
