@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -104,10 +105,15 @@ def test_wandb_offline_run_holds_a_step_per_target(swept, tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_SILENT", "true")
     result = run_sweep(swept, log_to="wandb", log_dir=tmp_path)
     [path] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    # W&B's service process writes the file: wait for the run's exit record.
+    records: list = []
+    for _ in range(300):
+        records = [wandb_internal_pb2.Record.FromString(d) for d in wandb_records(path)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
     logged = {}
-    for data in wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             items = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
             logged[int(items["_step"])] = items
