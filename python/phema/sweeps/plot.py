@@ -12,8 +12,6 @@ import numpy as np
 from phema import files
 from phema.sweeps.rows import SweepRow
 
-# Smallest fit error drawn.
-_FLOOR = 1e-6
 _BEST = "crimson"
 
 
@@ -131,13 +129,19 @@ def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, 
         top.set_title(labels.get(metric, metric), fontsize=10)
         top.set_ylabel(metric if n == 1 else "")
         top.grid(alpha=0.3, which="both")
+    exact = [r.sigma_rel for r in rows if r.fit_error == 0]
     for name, members in groups.items():
         x = [r.sigma_rel for r in members]
-        # A target equal to a stored profile fits exactly: kept visible on the log axis.
-        bottom.plot(
-            x, [max(r.fit_error, _FLOOR) for r in members], ".-", ms=3, label=f"fit error, {name}"
-        )
+        # Zero has no place on a log axis: those points are gaps here, marked below instead.
+        errors = [r.fit_error if r.fit_error > 0 else math.nan for r in members]
+        bottom.plot(x, errors, ".-", ms=3, label=f"fit error, {name}")
         bottom.plot(x, [r.gain for r in members], ":", label=f"gain, {name}")
+    if exact:
+        # A target equal to a stored profile fits exactly: a mark on the bottom edge.
+        bottom.plot(
+            exact, [0.0] * len(exact), "^", ms=6, color="black", clip_on=False, linestyle="none",
+            transform=bottom.get_xaxis_transform(), label="fit error 0 (a stored profile)",
+        )  # fmt: skip
     _log_x(bottom)
     bottom.set_yscale("log")
     bottom.set_xlabel("sigma_rel (equivalent, for classic decays)")
@@ -171,9 +175,12 @@ def _heatmap(plt, rows, per_time, times, metrics, best, labels):  # noqa: ANN001
         )
         fig.colorbar(image, ax=ax, label=metric)
         # The best length of each time: how the optimum moves during training.
+        # Black on white: visible on every colour of the map, on left-out (white) cells and in
+        # the legend.
         ax.plot(
-            [r.sigma_rel for r in per_time], [r.t for r in per_time], "o", mfc="none", mec="white",
-            mew=1.5, ms=9, label=f"best of each time by {metrics[0]}", linestyle="none",
+            [r.sigma_rel for r in per_time], [r.t for r in per_time], "o", mfc="white",
+            mec="black", mew=1.2, ms=7, label=f"best of each time by {metrics[0]}",
+            linestyle="none",
         )  # fmt: skip
         if best is not None and not math.isnan(best.sigma_rel):
             ax.plot([best.sigma_rel], [best.t], "*", ms=16, color=_BEST, label="best of all")

@@ -1,0 +1,47 @@
+"""The sweep's figure says what it knows: an exact fit (a stored profile) is marked as zero, not
+drawn at an invented 1e-6 on the log axis; the best of each time stays visible on white."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import torch
+
+import phema
+from phema.sweeps.plot import _curve, _heatmap
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def evaluate(model: torch.nn.Module) -> dict[str, float]:
+    x = torch.linspace(-1, 1, 30).reshape(10, 3)
+    with torch.no_grad():
+        return {"mse": float(((model(x) - x.sum(1, keepdim=True)) ** 2).mean())}
+
+
+def test_exact_fits_are_marked_zero_and_the_best_of_each_time_is_outlined(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    with phema.PostHocEMA(model, tmp_path / "store", (0.05, 0.15), snapshot_every=10) as ema:
+        for _ in range(40):
+            with torch.no_grad():
+                model.weight += 0.1 * torch.randn(model.weight.shape)
+            ema.update()
+    result = phema.sweep(tmp_path / "store", model, evaluate, sigma_rels=[0.05, 0.1], at="all")
+    last = result.at(max(r.t for r in result.rows))
+    assert [r.fit_error == 0 for r in last.rows] == [True, False]  # 0.05 is a stored profile
+    fig = _curve(plt, last.rows, None, ["mse"], last.best(), {}, {})
+    bottom = fig.axes[1]
+    lines = {line.get_label(): line for line in bottom.get_lines()}
+    errors = lines["fit error, power EMA"].get_ydata()
+    assert math.isnan(errors[0]) and errors[1] == last.rows[1].fit_error
+    assert list(lines["fit error 0 (a stored profile)"].get_xdata()) == [0.05]
+    plt.close(fig)
+    per_time = result.best_by_time()
+    fig = _heatmap(plt, result.rows, per_time, sorted({r.t for r in result.rows}), ["mse"],
+                   result.best(), {})  # fmt: skip
+    [marker] = [x for x in fig.axes[0].get_lines() if x.get_label().startswith("best of each")]
+    assert marker.get_markeredgecolor() == "black"
+    plt.close(fig)
