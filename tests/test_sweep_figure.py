@@ -45,3 +45,32 @@ def test_exact_fits_are_marked_zero_and_the_best_of_each_time_is_outlined(tmp_pa
     [marker] = [x for x in fig.axes[0].get_lines() if x.get_label().startswith("best of each")]
     assert marker.get_markeredgecolor() == "black"
     plt.close(fig)
+
+
+def test_a_winner_chosen_elsewhere_is_the_star_of_the_heatmap(tmp_path, monkeypatch):
+    """The demo names the winner at the end of training: its heatmap stars that row, not the
+    best of all times (two figures, one winner)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    with phema.PostHocEMA(model, tmp_path / "store", (0.05, 0.15), snapshot_every=10) as ema:
+        for _ in range(40):
+            with torch.no_grad():
+                model.weight += 0.1 * torch.randn(model.weight.shape)
+            ema.update()
+    result = phema.sweep(tmp_path / "store", model, evaluate, sigma_rels=[0.05, 0.1], at="all")
+    end = result.at(max(r.t for r in result.rows))
+    # A mode whose best of all times is another row than the winner at the end.
+    [mode] = [m for m in ("min", "max") if end.best("mse", m) != result.best("mse", m)][:1]
+    winner = end.best("mse", mode)
+    import phema.sweeps.plot as plot_module
+
+    drawn = []
+    real = plot_module.files.save_figure
+    monkeypatch.setattr(
+        plot_module.files,
+        "save_figure",
+        lambda fig, *a, **k: drawn.append(fig) or real(fig, *a, **k),
+    )
+    result.plot(tmp_path / "heatmap.png", "mse", mode, best=winner)
+    [star] = [x for x in drawn[0].axes[0].get_lines() if x.get_label() == "best of all"]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (winner.sigma_rel, winner.t)

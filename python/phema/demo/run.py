@@ -285,7 +285,8 @@ def _figures(
     steps: int,
 ) -> list[Path]:
     rows = {r.label: r for r in final.rows}
-    best = final.best(PRIMARY, MODE).label
+    winner = final.best(PRIMARY, MODE)
+    best = winner.label
     labels = ["raw", best, *[k for k in SHOWN if k in samples and k != best][:4]]
     panels = [("true distribution", mixture.sample(SAMPLES, torch.Generator().manual_seed(7)))]
     panels += [(_pretty(k, rows) + ("  (winner)" if k == best else ""), samples[k]) for k in labels]
@@ -309,6 +310,7 @@ def _figures(
                 references={"true samples": truth},
                 labels=METRIC_LABELS,
                 title="Sample quality against EMA length (reconstructed post hoc)",
+                best=winner,
             )
         )
     )
@@ -320,6 +322,7 @@ def _figures(
                 MODE,
                 labels=METRIC_LABELS,
                 title="Tail recall by training time and EMA length (power EMAs)",
+                best=winner,  # the winner the text and metrics.png name: one star, one row
             )
         )
     )

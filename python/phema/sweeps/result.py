@@ -99,16 +99,20 @@ class SweepResult:
         references: Mapping[str, Mapping[str, float]] | None = None,
         labels: Mapping[str, str] | None = None,
         title: str | None = None,
+        best: SweepRow | None = None,
     ) -> str:
         """Draws the sweep to `path` (see `plot_sweep`): one panel per metric of `metric` (a name
         or several; the best is by the first, `mode` "min" or "max"), `references` (name ->
-        metric values) as horizontal lines, `labels` as panel titles; returns the path."""
+        metric values) as horizontal lines, `labels` as panel titles; returns the path. `best`
+        stars a row chosen elsewhere (the winner another figure or the text names), else the
+        best of the rows drawn."""
         names = [metric] if metric is None or isinstance(metric, str) else list(metric)
         metrics = [self._metric(m) for m in names] if self.rows else []
         rows = [r for r in self.rows if metrics and metrics[0] in r.metrics]
         if len({r.t for r in rows}) > 1:  # the heatmap draws power EMAs: its best is one of them
             rows = [r for r in rows if r.kind in ("sigma_rel", "gamma")] or rows
-        best = SweepResult(rows, [], self.store).best(metrics[0], mode) if rows else None
+        if best is None or best not in rows:
+            best = SweepResult(rows, [], self.store).best(metrics[0], mode) if rows else None
         per_time = self.best_by_time(metrics[0], mode) if rows else []
         return plot_sweep(
             rows,
