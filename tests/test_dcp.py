@@ -199,7 +199,8 @@ def test_code_in_a_pickle_is_refused(checkpoints, tmp_path, payload, where) -> N
 
         _rewrite_metadata(bad, point)
     out = tmp_path / "out"
-    with pytest.raises(SourceError, match=str(named)):
+    called = "system" if payload is _System else "exec"
+    with pytest.raises(SourceError, match=f"{named}: .*{called}"):
         phema.average([bad, checkpoints / "step-200"], out=out)
     assert main(["average", str(bad), str(checkpoints / "step-200"), "--out", str(out)]) == 2
     assert not marker.exists() and not out.exists()
@@ -287,4 +288,13 @@ def test_inconsistent_metadata_is_refused(checkpoints, tmp_path, change, message
     _rewrite_metadata(bad, change)
     with pytest.raises(SourceError, match=f"{bad / '.metadata'}: {message}"):
         phema.average([bad, checkpoints / "step-200"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dtype_phema_does_not_store_is_refused(tmp_path) -> None:
+    dirs = [tmp_path / f"step-{s}" for s in (1, 2)]
+    for d in dirs:
+        save_dcp({"a": torch.ones(3).to(torch.float8_e4m3fn)}, d)
+    with pytest.raises(SourceError, match=f"{dirs[0]}: `a` is torch.float8_e4m3fn"):
+        phema.average(dirs, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
