@@ -5,6 +5,7 @@ crafted or damaged files refused, naming the file, with nothing run and nothing 
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import tempfile
@@ -101,10 +102,17 @@ def test_average_equals_torch_and_safetensors_route(checkpoints, tmp_path, monke
     assert not list(staged.iterdir())  # the converted files are gone
 
 
-def test_reconstruct_checkpoints_and_import(checkpoints: Path, tmp_path: Path) -> None:
+def test_reconstruct_checkpoints_and_import(checkpoints, tmp_path, monkeypatch) -> None:
+    staged = tmp_path / "tmp"
+    staged.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staged))
     store = phema.open_checkpoints(checkpoints)
     assert [s.t for s in store.snapshots] == [100.0, 200.0, 300.0]
     assert [s.path for s in store.snapshots] == [str(d) for d in sorted(checkpoints.iterdir())]
+    assert len(list(staged.iterdir())) == 1  # the converted files, kept while the store lives
+    del store
+    gc.collect()
+    assert not list(staged.iterdir())
     # The same checkpoints as safetensors files give the same reconstruction, tensor for tensor.
     plain = tmp_path / "plain"
     plain.mkdir()
