@@ -79,6 +79,16 @@ def solve(
     noise: float,
     causal: bool = False,
 ) -> dict[str, np.ndarray]: ...
+def solve_kernels(
+    snapshots: Sequence[tuple[str, float, float, tuple[Sequence[float], Sequence[float]] | None]],
+    kernels: Sequence[tuple[str, float, Sequence[float], str]],
+    noise: float,
+    causal: bool = False,
+) -> dict[str, np.ndarray]:
+    """Snapshots `(power|raw|steps, t, gamma, (edges, weights) | None)`; kernels
+    `(kind, t, params, shape)`: power [gamma], beta [beta, dt], halflife [halflife],
+    window [width], last [count], merge [width] + shape, bema [tau, phi, kappa, eta, rho, gamma]."""
+
 def solve_raw(
     times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False
 ) -> dict[str, np.ndarray]: ...
@@ -116,6 +126,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> tuple[list[list[str]], EngineStats]: ...
     def output_files(
         self, weights: np.ndarray, output: OutputRequest
@@ -133,6 +144,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> EngineStats: ...
 
 def write_file(path: str | PathLike[str], data: bytes) -> None: ...
@@ -148,4 +160,5 @@ def per_rank_to_files(
     progress: EngineProgress,
     copy_from: int | None = None,
     mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+    verify: bool = True,
 ) -> tuple[list[list[list[str]]], EngineStats]: ...

@@ -15,7 +15,7 @@ from phema import _core, meta, naming
 from phema.dcp import Staging, is_dcp, stored_files
 from phema.engine import combine_to_files
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.files import check_outputs, checkpoint_files
+from phema.files import check_outputs, checkpoint_files, copy_like_files, like_layout
 from phema.store import _check_count, _check_dtypes, dominant_dtype, normalize_dtype
 
 
@@ -29,6 +29,7 @@ def average(
     progress: bool | None = None,
     stats: dict[str, Any] | None = None,
     client: Any = None,
+    like: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """Writes `sum_i weights[i] * checkpoint_i` into the directory `out`, in bounded memory
     (with a Dask `client`, spread over its workers a shard each; docs/distributed.md).
@@ -40,6 +41,10 @@ def average(
     Sharded inputs give sharded outputs (same shard size) unless `shard_size` says otherwise.
     Returns the written paths (the index first when sharded); a `stats` dict, if given, receives
     what was read (`read`, `bytes_read`, `raw_mismatch`).
+
+    `like` (a transformers `save_pretrained` directory or a Trainer's `checkpoint-N/`) makes
+    `out` load like it with `from_pretrained`: its configuration and tokenizer files are copied
+    beside the weights, and a sharded `like` gives shards of its size (docs/outputs.md).
     """
     if legacy:  # the former positional form average(paths, weights, out, ...)
         names = ("weights", "out", "dtype", "shard_size", "progress", "stats", "client")
@@ -67,8 +72,22 @@ def average(
     dcps = [is_dcp(p) for p in paths]
     inputs = [stored_files(p) if d else checkpoint_files(p) for p, d in zip(paths, dcps)]
     shard_size = naming.check_shard_size(shard_size)
+    layout = None if like is None else like_layout(like)
+    if layout is not None:
+        if layout.weights != "model.safetensors":
+            raise InvalidValueError(
+                f"like={like}: average writes transformers' model.safetensors, not "
+                f"{layout.weights}; reconstruct takes that layout"
+            )
+        shard_size = shard_size or layout.shard_size
     check_outputs(
-        out, naming.AVERAGE_OUTPUTS, [*map(os.fspath, paths), *(f for fs in inputs for f in fs)]
+        out,
+        [*naming.AVERAGE_OUTPUTS, *(layout.copied if layout else ())],
+        [
+            *map(os.fspath, paths),
+            *(f for fs in inputs for f in fs),
+            *(layout.inputs if layout else ()),
+        ],
     )
     try:
         w = (
@@ -139,4 +158,4 @@ def average(
         )
     if stats is not None:
         stats.update(run_stats)
-    return paths_out[0]
+    return paths_out[0] + (copy_like_files(layout, os.fspath(out)) if layout else [])

@@ -201,6 +201,26 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     )
 
 
+def not_a_checkpoint(path: str) -> str | None:
+    """Why the directory `path`, found among checkpoints, is none (None: it may be one).
+
+    A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
+    callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
+    # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
+    if not os.path.isdir(path) or any(
+        os.path.exists(os.path.join(path, n))
+        for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")
+    ):
+        return None
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not found:
+        return "no .safetensors file: not a checkpoint"
+    [described] = _core.Sources([[os.path.join(path, found[0])]]).describe()
+    if "phema.kind" in described["metadata"]:
+        return "a phema store (its files are phema snapshots), not a checkpoint"
+    return None
+
+
 def copy_like_files(layout: LikeLayout, target: str) -> list[str]:
     """Copies the configuration and tokenizer files of `layout` into the directory `target`, by
     the core's rule for every file phema writes (no partial copy under the final name)."""

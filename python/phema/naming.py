@@ -104,12 +104,17 @@ def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
 
 
 def value_text(value: float, fmt: str) -> str:
-    """`value` in the short format `fmt` when that reads back as the same number, else in full.
+    """`value` in the short format `fmt` when that reads back as the same number, else in the
+    fewest digits that do, to 12 significant digits (a grid from `np.geomspace` reads `0.05`,
+    not `0.049999999999999996`).
 
-    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), and the
-    usual ones keep their short names (`0.100`, `0.999`)."""
+    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), the usual
+    ones keep their short names (`0.100`, `0.999`), and float arithmetic's last-digit noise
+    stays out of file names. Values equal to 12 significant digits share a label, and
+    `reconstruction_stems` refuses them as one target given twice."""
+    rounded = f"{value:.12g}"
     short = format(value, fmt)
-    return short if float(short) == value else repr(float(value))
+    return short if float(short) == float(rounded) else rounded
 
 
 def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:

@@ -238,6 +238,10 @@ def _field(record: Any, name: str) -> Any:
     return getattr(record, name, None)
 
 
+#: Every target kind (a Target's `kind`) and the name of the argument giving targets of it.
+KINDS = {"sigma_rel": "sigma_rels", "gamma": "gammas", "beta": "betas", "halflife": "halflives"}
+
+
 def make_targets(
     t: float,
     sigma_rels: Iterable[float] | None = None,
@@ -252,13 +256,10 @@ def make_targets(
     if not dt > 0:
         raise InvalidValueError(f"dt={dt!r}: expected a finite number > 0")
     out: dict[tuple[str, float], Target] = {}
-    for kind, values in (
-        ("sigma_rel", sigma_rels),
-        ("gamma", gammas),
-        ("beta", betas),
-        ("halflife", halflives),
+    for (kind, plural), values in zip(
+        KINDS.items(), (sigma_rels, gammas, betas, halflives), strict=True
     ):
-        for v in _as_list(values, kind + "s"):
+        for v in _as_list(values, plural):
             _check_decay(kind, v, dt)
             out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
     if not out:

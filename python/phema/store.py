@@ -15,7 +15,7 @@ import numpy as np
 from phema import _core, meta
 from phema.dcp import Staging, is_dcp
 from phema.errors import InvalidValueError
-from phema.files import checkpoint_files
+from phema.files import checkpoint_files, not_a_checkpoint
 
 _DTYPES = {
     "float16": "F16",
@@ -70,8 +70,8 @@ class SnapshotRecord:
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
-        return len(self.paths)
+        """How many ranks wrote parts of it (1 for an ordinary snapshot or a checkpoint)."""
+        return len(self.paths) or 1
 
 
 @dataclass
@@ -141,7 +141,19 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     `(t, gamma)`, disagreeing tensors) raises `StoreError` naming the files; otherwise the problems
     are listed in `Store.problems`. Snapshots of sharded training missing a rank's file are left
     out either way and listed in `Store.incomplete`: a run still writing is not an error.
+    A store an import did not finish (its marker, docs/importers.md) is refused.
     """
+    marker = os.path.join(path, meta.IMPORT_INCOMPLETE)
+    if os.path.exists(marker):
+        raise _core.StoreError(
+            f"{marker}: an import into this store did not finish; run the same import again "
+            "to redo it, or delete the marker and the snapshots it lists"
+        )
+    return list_store(path, strict)
+
+
+def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
+    """`open_store` without the check of an unfinished import (for the import itself)."""
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
     mixed = meta.mixed_runs(
         os.fspath(path), meta.runs([(r["path"], r["metadata"]) for r in records])
@@ -219,9 +231,12 @@ def open_checkpoints(
             if not n.startswith(".")
             and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
         ]
+        ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
+        entries = [e for e in entries if e not in dict(ignored)]
     else:
         root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
         entries = [os.fspath(p) for p in path_or_paths]
+        ignored = []
     if not entries:
         raise InvalidValueError(f"{root}: no checkpoints found")
     _check_count(len(entries))
@@ -238,7 +253,7 @@ def open_checkpoints(
             staging.files(e) if staging is not None and is_dcp(e) else checkpoint_files(e)
             for e in entries
         ]
-        store = _checkpoint_store(entries, files, times, regex, root, listed)
+        store = _checkpoint_store(entries, files, times, regex, root, listed, ignored)
     except BaseException:
         if staging is not None:
             staging.close()
@@ -255,6 +270,7 @@ def _checkpoint_store(
     regex: re.Pattern[str],
     root: str,
     listed: bool,
+    ignored: list[tuple[str, str]],
 ) -> Store:
     sources = _core.Sources(files)
     described = sources.describe()
@@ -289,7 +305,7 @@ def _checkpoint_store(
     return Store(
         path=root,
         snapshots=[records[i] for i in order],
-        ignored=[],
+        ignored=ignored,
         problems=[],
         headers=sources.select(order),
         listed=listed,

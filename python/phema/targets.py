@@ -18,7 +18,7 @@ import numpy as np
 
 from phema import naming
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.solver import Solution, _as_list, solve
+from phema.solver import KINDS, Solution, _as_list, solve
 
 # Most per-tensor patterns taken: each is matched against every tensor name.
 MAX_PATTERNS = 1000
@@ -161,7 +161,8 @@ class Targets:
                 )
             return column[(kind, value)]
 
-        own = [(kind[:-1], v) for kind, values in self.own().items() for v in values]
+        singular = {plural: kind for kind, plural in KINDS.items()}
+        own = [(singular[kind], v) for kind, values in self.own().items() for v in values]
         pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensor_sigma_rels]
         # A pattern that takes no tensor is a typo that would silently leave its length unused.
         patterns = [p for p, _ in self.tensor_sigma_rels] + (

@@ -10,6 +10,7 @@ through a restricted unpickler, everything else through torch's safe loader
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from phema.meta import snapshot_metadata
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
 from phema.store import (
     dominant_dtype,
+    list_store,
     normalize_dtype,
     open_store,
     write_snapshot,
@@ -125,11 +127,16 @@ def import_store(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise SourceError(f"{src}: two files give the same snapshot {dup}")
+    marker = os.path.join(store, meta.IMPORT_INCOMPLETE)
+    _redo(marker, src, kind)
     files.check_outputs(store, names, [src, *(it.path for it in items)])
     run_id = _claim(store, items, append)
     created = not os.path.exists(store)
     os.makedirs(store, exist_ok=True)
-    written: list[str] = []
+    written = [os.path.join(store, name) for name in names]
+    # Until the last snapshot is in, the marker makes every reader refuse the store: a kill
+    # (SIGTERM, SIGKILL, power loss) that skips the clean-up below leaves nothing usable.
+    _core.write_file(marker, json.dumps({"source": src, "kind": kind, "snapshots": names}).encode())
     try:
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
@@ -145,12 +152,18 @@ def import_store(
                 _write_dcp(item.path, path, out_dtype, metadata, strip_prefix)
             else:
                 tensors, source_dtype = _arrays(item.path, item.read(), strip_prefix)
-                write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+                try:
+                    write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+                except InvalidValueError as e:  # about its values (NaN): name their file
+                    raise SourceError(f"{item.path}: {e}") from None
                 del tensors  # one source file in memory at a time
-            written.append(path)
-        open_store(store)  # the result must be a store phema can use: same tensors everywhere
+        list_store(store)  # the result must be a store phema can use: same tensors everywhere
+        os.remove(marker)
+        _sync_dir(store)
     except BaseException:
-        for path in written:
+        # Every snapshot this import names, committed or not (an interrupt may come right after
+        # a commit); none existed before (check_outputs).
+        for path in [*written, marker]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         if created:
@@ -158,6 +171,41 @@ def import_store(
                 os.rmdir(store)
         raise
     return written
+
+
+def _redo(marker: str, src: str, kind: str) -> None:
+    """Undoes the unfinished import `marker` records when this one is the same (a rerun redoes
+    it); refuses the store otherwise."""
+    if not os.path.exists(marker):
+        return
+    try:
+        with open(marker, encoding="utf-8") as f:
+            left = json.load(f)
+        same = left["source"] == src and left["kind"] == kind
+        names = [n for n in left["snapshots"] if n == os.path.basename(n)]
+    except (OSError, ValueError, KeyError, TypeError):
+        same, names = False, []
+    if not same:
+        raise InvalidValueError(
+            f"{marker}: another import into this store did not finish; run it again to redo "
+            "it, or delete the marker and the snapshots it lists"
+        )
+    store = os.path.dirname(marker)
+    # Its snapshots, and the temporary files of those it was writing when killed.
+    unfinished = tuple(f".{name}.tmp-" for name in names)
+    for name in [*names, *(n for n in os.listdir(store) if n.startswith(unfinished))]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(store, name))
+    os.remove(marker)
+
+
+def _sync_dir(path: str) -> None:
+    """Makes a removal in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _labels(items: list[_Item]) -> dict[float | None, str]:
