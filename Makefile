@@ -26,14 +26,11 @@ $(DEV_DEPS): $(DEMO_DEPS)
 
 # The extension in release mode, installed editable into the venv (Python sources are linked, so
 # only the Rust sources and the build settings make it stale). A per-interpreter `_core` left by
-# an earlier build would shadow the abi3 one, so it goes. maturin's log goes to a file, shown only
-# when the build fails.
+# an earlier build would shadow the abi3 one, so it goes. `--uv` installs it without pip's noise.
 EXT := python/phema/_core.abi3.so
 $(EXT): $(DEMO_DEPS) Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
 	rm -f python/phema/_core.cpython-*.so
-	@echo "building the Rust extension (release; minutes on a first run)"
-	@VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --uv --quiet \
-		>$(VENV)/maturin.log 2>&1 || { cat $(VENV)/maturin.log; exit 1; }
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --uv --quiet
 	touch $(EXT)
 
 build: $(EXT)
@@ -41,8 +38,10 @@ build: $(EXT)
 demo: build
 	$(VENV)/bin/phema demo
 
-# The Rust tests share the extension's release build of every dependency (Cargo.toml's
-# dev-dependencies say how): only the crate itself compiles again, with its tests.
+# The Rust tests reuse the extension's release build of every dependency, so only the crate itself
+# compiles again: Cargo.toml's dev-dependencies make the features match, and `--lib` leaves out the
+# fuzz corpus example, whose plain rlib would need every dependency again as object code instead of
+# the extension's LTO bitcode (`make lint` and `make fuzz` build the example).
 test: build $(DEV_DEPS)
 	cargo test --release --lib --quiet
 	$(PY) -m pytest
