@@ -185,3 +185,30 @@ def test_cli_writes_kernel_outputs_with_their_metadata(tmp_path: Path) -> None:
         meta = f.metadata()
     assert meta["phema.target.kind"] == "merge"
     assert '"shape": "cosine"' in meta["phema.target"]
+
+
+def test_a_tracked_running_mean_is_fp32_and_makes_windows_exact(tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []  # every step's weights, float64
+    ema = phema.PostHocEMA(model, tmp_path / "store", snapshot_every=20, cumulative=True)
+    for _ in range(80):
+        loss = model(torch.randn(8, 6)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        steps.append(torch.cat([p.detach().double().ravel() for p in model.parameters()]))
+    ema.close()
+    store = phema.open_store(tmp_path / "store")
+    running = [s for s in store.snapshots if s.gamma == 0]
+    assert [s.t for s in running] == [20, 40, 60, 80] and {s.dtype for s in running} == {"F32"}
+    sd = phema.reconstruct_state_dict(store, window=40)
+    got = torch.cat([sd[n].double().ravel() for n, _ in model.named_parameters()])
+    want = torch.stack(steps[40:]).mean(dim=0)
+    # fp32 rounding scales with the weights the accumulators carried, not with the window's mean.
+    scale = torch.stack(steps).abs().max()
+    assert float((got - want).abs().max() / scale) < 1e-6
