@@ -212,3 +212,34 @@ def test_a_tracked_running_mean_is_fp32_and_makes_windows_exact(tmp_path: Path) 
     # fp32 rounding scales with the weights the accumulators carried, not with the window's mean.
     scale = torch.stack(steps).abs().max()
     assert float((got - want).abs().max() / scale) < 1e-6
+
+
+def test_mixes_take_the_given_weights_behind_the_extrapolation_guard(tmp_path: Path) -> None:
+    from phema.cli import main
+
+    theta = raw_store(tmp_path / "run", trajectory(), every=10)
+    sd = phema.reconstruct_state_dict(
+        tmp_path / "run", mixes=[{"raw-000120.safetensors": 0.5, 100: 0.5}]
+    )
+    assert rel(flat(sd), 0.5 * theta[120] + 0.5 * theta[100]) < 1e-6
+    extrapolate = {120: 2.0, 110: -1.0}
+    out = tmp_path / "out"
+    with pytest.raises(
+        InvalidValueError, match="sum to 1 and include negative ones.*allow_extrapolation"
+    ):
+        phema.reconstruct(tmp_path / "run", mixes=[extrapolate], out=out)
+    with pytest.raises(InvalidValueError, match="'raw-999.safetensors' is not in the store"):
+        phema.reconstruct(tmp_path / "run", mixes=[{"raw-999.safetensors": 1.0}], out=out)
+    with pytest.raises(InvalidValueError, match="mix weight of 110"):
+        phema.solve(tmp_path / "run", mixes=[{120: 1.0, 110: float("nan")}])
+    assert not out.exists()
+    argv = ["reconstruct", str(tmp_path / "run"), "--out", str(out), "--dtype", "float32"]
+    argv += ["--mix", "120=2,110=-1"]
+    assert main([*argv, "--allow-extrapolation"]) == 0
+    [path] = out.iterdir()
+    from safetensors.numpy import load_file
+
+    got = np.concatenate([load_file(path)["a.weight"].ravel(), load_file(path)["b.bias"]])
+    assert rel(got.astype(np.float64), 2 * theta[120] - theta[110]) < 1e-6
+    sol = phema.solve(tmp_path / "run", mixes=[extrapolate], allow_extrapolation=True)
+    assert '"allow_extrapolation": true' in sol.targets[0].metadata()["phema.target"]

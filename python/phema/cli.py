@@ -223,12 +223,14 @@ def _targets(args: argparse.Namespace) -> dict:
         "last": parse_list(args.last) if args.last else None,
         "merges": args.merge or None,
         "bema": args.bema or None,
+        "mixes": args.mix or None,
+        "allow_extrapolation": args.allow_extrapolation,
     }
     kinds = ("sigma_rels", "gammas", "betas", "halflives", "tensor_sigma_rels")
-    if not any(kw[k] for k in (*kinds, "windows", "last", "merges", "bema")):
+    if not any(kw[k] for k in (*kinds, "windows", "last", "merges", "bema", "mixes")):
         raise UserError(
             "give at least one target: --sigma-rel, --gamma, --beta, --halflife, --window, "
-            "--last, --merge or --bema"
+            "--last, --merge, --bema or --mix"
         )
     return kw
 
@@ -594,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME=VALUE,...",
             help="BEMA with tau, phi, kappa, eta, rho, gamma (TRL defaults otherwise), e.g. "
             "tau=1000,kappa=0.5; '' for the defaults (repeatable)",
+        )
+        s.add_argument(
+            "--mix",
+            action="append",
+            metavar="SNAPSHOT=WEIGHT,...",
+            help="explicit weights on snapshots named by file name or time (repeatable)",
+        )
+        s.add_argument(
+            "--allow-extrapolation",
+            action="store_true",
+            help="let --mix weights be negative or not sum to 1",
         )
         if times == "one":
             s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")

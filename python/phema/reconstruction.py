@@ -85,6 +85,8 @@ def reconstruct(
     last: Any = None,
     merges: Any = None,
     bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -135,6 +137,8 @@ def reconstruct(
         last=last,
         merges=merges,
         bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         noise=noise,
@@ -309,6 +313,8 @@ def reconstruct_state_dict(
     last: int | None = None,
     merge: Any = None,
     bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -322,11 +328,11 @@ def reconstruct_state_dict(
     `tensor_sigma_rels` as in `reconstruct` (then the target may be left out if a pattern is
     `*`). The kernels of docs/kernels.md: one `window`, `last` count, `merge` (shape, window)
     or `bema` mapping."""
-    one = (sigma_rel, gamma, beta, halflife, window, last, merge, bema)
+    one = (sigma_rel, gamma, beta, halflife, window, last, merge, bema, mixes)
     given = [v for v in one if v is not None]
     if len(given) > 1 or not (given or tensor_sigma_rels or tensors):
         raise InvalidValueError(
-            "give exactly one of sigma_rel, gamma, beta, halflife, window, last, merge, bema"
+            "give exactly one of sigma_rel, gamma, beta, halflife, window, last, merge, bema, mixes"
         )
     [sd] = reconstruct_state_dicts(
         store,
@@ -338,6 +344,8 @@ def reconstruct_state_dict(
         last=last,
         merges=None if merge is None else [merge],
         bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         causal=causal,
@@ -362,6 +370,8 @@ def reconstruct_state_dicts(
     last: Any = None,
     merges: Any = None,
     bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -386,6 +396,8 @@ def reconstruct_state_dicts(
         last=last,
         merges=merges,
         bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         noise=noise,

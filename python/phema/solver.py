@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -100,6 +101,9 @@ class Target:
             return "-".join(["bema", *changed])
         if self.kind in ("window", "last"):
             return f"{self.kind}-{_text(self.value)}"
+        if self.kind == "mix":
+            digest = hashlib.sha1(json.dumps(self.describe()).encode()).hexdigest()[:8]
+            return f"mix-{digest}"
         fmt = ".3f" if self.kind in ("sigma_rel", "gamma") else "g"
         return f"{self.kind}-{value_text(self.value, fmt)}"
 
@@ -109,6 +113,13 @@ class Target:
             return {"kind": "merge", "shape": self.value[0], "window": self.value[1]}
         if self.kind == "bema":
             return {"kind": "bema", **dict(zip(BEMA_PARAMS, self.value))}
+        if self.kind == "mix":
+            pairs, allow = self.value
+            return {
+                "kind": "mix",
+                "weights": [list(p) for p in pairs],
+                "allow_extrapolation": allow,
+            }
         out = {"kind": self.kind, "value": self.value}
         if self.kind == "beta":
             out["dt"] = self.dt
@@ -187,6 +198,37 @@ def merge_value(value: Any) -> tuple[str, float | str]:
     if shape not in MERGE_SHAPES:
         raise InvalidValueError(f"merge shape {value[0]!r} is unknown ({', '.join(MERGE_SHAPES)})")
     return (shape, window_value(value[1], f"merge {shape} window"))
+
+
+def mix_value(value: Any, allow_extrapolation: bool) -> tuple[tuple[Any, ...], bool]:
+    """A mix `{snapshot: weight}` (a snapshot named by its file name or its time), checked: the
+    weights finite; negative weights or a sum outside [0.99, 1.01] only with
+    `allow_extrapolation` (docs/kernels.md)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
+        return value  # already checked, as `Targets` keeps it
+    if isinstance(value, str):
+        pairs = [p.rpartition("=") for p in value.split(",") if p.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise InvalidValueError(f"mix {value!r}: expected SNAPSHOT=WEIGHT,...")
+        value = {k.strip(): w for k, _, w in pairs}
+    if not (isinstance(value, Mapping) and value):
+        raise InvalidValueError(f"mixes=: {value!r} is not a mapping of snapshots to weights")
+    out = []
+    for key, w in value.items():
+        [x] = _as_list(w, f"mix weight of {key!r}")
+        try:
+            key = float(key)  # a time
+        except (TypeError, ValueError):
+            key = str(key)
+        out.append((key, x))
+    total = sum(x for _, x in out)
+    if not allow_extrapolation and (any(x < 0 for _, x in out) or not 0.99 <= total <= 1.01):
+        raise InvalidValueError(
+            f"mix {dict(out)!r}: weights sum to {total:g}"
+            + (" and include negative ones" if any(x < 0 for _, x in out) else "")
+            + "; an extrapolation needs allow_extrapolation=True (--allow-extrapolation)"
+        )
+    return tuple(out), bool(allow_extrapolation)
 
 
 def bema_value(value: Any) -> tuple[float, ...]:
@@ -447,13 +489,16 @@ def solve(
     last: Iterable[int] | int | None = None,
     merges: Iterable[Any] | None = None,
     bema: Iterable[Any] | Mapping[str, float] | None = None,
+    mixes: Iterable[Any] | Mapping[Any, float] | None = None,
+    allow_extrapolation: bool = False,
 ) -> Solution:
     """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target;
     every target's weights sum to 1.
 
     Beside EMA lengths, the kernels of docs/kernels.md: `windows` (lengths, or "20%" of the
     time), `last` (counts of checkpoints), `merges` ((shape, window) pairs or "shape:window"),
-    `bema` (mappings of tau, phi, kappa, eta, rho, gamma).
+    `bema` (mappings of tau, phi, kappa, eta, rho, gamma), `mixes` (explicit `{snapshot:
+    weight}`; negative weights or a sum off 1 need `allow_extrapolation`).
 
     `at` is the target time (default: the last snapshot's). Every snapshot contributes, also
     those after `at`; with `causal` only those at or before it ("what could have been known at
@@ -466,7 +511,7 @@ def solve(
     if targets is not None:
         if not callable(getattr(targets, "solve", None)):
             raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
-        given = (sigma_rels, gammas, betas, halflives, at, windows, last, merges, bema)
+        given = (sigma_rels, gammas, betas, halflives, at, windows, last, merges, bema, mixes)
         if any(v is not None for v in given):
             raise InvalidValueError("targets= is given: leave out the target keywords")
         return targets.solve(snapshots)
@@ -474,7 +519,7 @@ def solve(
     if not records:
         raise InvalidValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
-    kernels = kernel_pairs(windows, last, merges, bema)
+    kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
     if kernels or len(kinds) > 1:
         ts = [float(_field(r, "t")) for r in records]
         at = _target_time(ts, at)
@@ -517,7 +562,12 @@ def _noise(records: list[Any], noise: float | str) -> float:
 
 
 def kernel_pairs(
-    windows: Any = None, last: Any = None, merges: Any = None, bema: Any = None
+    windows: Any = None,
+    last: Any = None,
+    merges: Any = None,
+    bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
 ) -> list[tuple[str, Any]]:
     """The kernels of docs/kernels.md as checked `(kind, value)` pairs, in this order."""
     out: list[tuple[str, Any]] = []
@@ -530,6 +580,9 @@ def kernel_pairs(
         out.append(("last", int(x)))
     out.extend(("merge", merge_value(v)) for v in _many(merges, pair=True))
     out.extend(("bema", bema_value(v)) for v in _many(bema, mapping=True))
+    out.extend(
+        ("mix", mix_value(v, allow_extrapolation)) for v in _many(mixes, mapping=True, pair=True)
+    )
     return out
 
 
@@ -563,7 +616,13 @@ def _solve_kernels(
             if kind == "raw"
             else ("power", t, float(_field(r, "gamma")), None)
         )
-    raw = _core.solve_kernels(snaps, [tg.kernel_spec() for tg in targets], noise, causal)
+    solved = [k for k, tg in enumerate(targets) if tg.kind != "mix"]
+    raw = (
+        _core.solve_kernels(snaps, [targets[k].kernel_spec() for k in solved], noise, causal)
+        if solved
+        else None
+    )
+    raw = _with_mixes(records, targets, solved, raw, noise)
     notes = _initial_mass_notes(targets, raw["initial_mass"])
     for k, tg in enumerate(targets):
         if raw["interpolated_mass"][k] > 0:
@@ -578,6 +637,68 @@ def _solve_kernels(
     for key in ("interpolated_mass", "point_mass"):
         raw.pop(key)
     return Solution(targets=targets, snapshots=records, noise=noise, notes=notes, **raw)
+
+
+def _with_mixes(
+    records: list[Any],
+    targets: list[Target],
+    solved: list[int],
+    raw: dict[str, np.ndarray] | None,
+    noise: float,
+) -> dict[str, np.ndarray]:
+    """The solver's columns for `solved`, and every mix's given weights in its own column."""
+    n, kk = len(records), len(targets)
+    out: dict[str, np.ndarray] = {}
+    for key in (
+        "fit_error",
+        "gain",
+        "norm",
+        "mass",
+        "initial_mass",
+        "sigma_rel",
+        "lstsq_gain",
+        "lstsq_fit_error",
+        "noise_error",
+        "extrapolated_mass",
+        "interpolated_mass",
+        "point_mass",
+    ):
+        out[key] = np.zeros(kk)
+    for key in ("cdf_error", "resolution"):
+        out[key] = np.full(kk, np.nan)
+    for key in ("regularized", "poor", "rank_deficient"):
+        out[key] = np.zeros(kk, bool)
+    out["weights"] = np.zeros((n, kk))
+    if raw is not None:
+        for key, values in raw.items():
+            if key == "weights":
+                out[key][:, solved] = values
+            else:
+                out[key][solved] = values
+    names = [os.path.basename(str(_field(r, "path") or "")) for r in records]
+    times = [float(_field(r, "t")) for r in records]
+    for k, tg in enumerate(targets):
+        if tg.kind != "mix":
+            continue
+        for key, w in tg.value[0]:
+            if isinstance(key, str):
+                hits = [i for i, name in enumerate(names) if name == key]
+            else:
+                hits = [i for i, t in enumerate(times) if t == key]
+            if len(hits) != 1:
+                raise InvalidValueError(
+                    f"mix: snapshot {key!r} is "
+                    + ("not in the store" if not hits else f"ambiguous ({len(hits)} snapshots)")
+                    + " (name a snapshot by its file name, or by its time where the store "
+                    "holds one snapshot then)"
+                )
+            out["weights"][hits[0], k] += w
+        col = out["weights"][:, k]
+        out["gain"][k] = out["lstsq_gain"][k] = np.abs(col).sum()
+        out["norm"][k] = np.linalg.norm(col)
+        out["mass"][k] = col.sum()
+        out["noise_error"][k] = noise * out["norm"][k]
+    return out
 
 
 def _records(snapshots: Any) -> list[Any]:

@@ -45,6 +45,7 @@ class Targets:
     last: tuple[int, ...] = ()
     merges: tuple[Any, ...] = ()
     bema: tuple[Any, ...] = ()
+    mixes: tuple[Any, ...] = ()
     dt: float = 1.0
     at: float | None = None
     causal: bool = False
@@ -66,6 +67,8 @@ class Targets:
         last: Any = None,
         merges: Any = None,
         bema: Any = None,
+        mixes: Any = None,
+        allow_extrapolation: bool = False,
         dt: float = 1.0,
         at: float | None = None,
         causal: bool = False,
@@ -78,8 +81,8 @@ class Targets:
         """Targets from the keyword arguments every entry point takes, checked; given only a
         `solution`, its targets. `tensors` is the former name of `tensor_sigma_rels`."""
         pairs = _tensor_pairs(_renamed_tensors(tensor_sigma_rels, tensors))
-        given = (sigma_rels, gammas, betas, halflives, windows, last, merges, bema)
-        kernels = kernel_pairs(windows, last, merges, bema)
+        given = (sigma_rels, gammas, betas, halflives, windows, last, merges, bema, mixes)
+        kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
         if solution is not None and all(v is None for v in given) and not pairs:
             return cls(at=at, causal=bool(causal), noise=noise, every_solved=True)
         if vary is not None and not (isinstance(vary, str) and vary):
@@ -93,6 +96,7 @@ class Targets:
             last=tuple(dict.fromkeys(v for k, v in kernels if k == "last")),
             merges=tuple(dict.fromkeys(v for k, v in kernels if k == "merge")),
             bema=tuple(dict.fromkeys(v for k, v in kernels if k == "bema")),
+            mixes=tuple(dict.fromkeys(v for k, v in kernels if k == "mix")),
             dt=dt,
             at=at,
             causal=bool(causal),
@@ -117,7 +121,13 @@ class Targets:
             return cls.of(**keywords)
         if not isinstance(targets, Targets):
             raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
-        defaults = {"dt": 1.0, "at": None, "causal": False, "noise": "auto"}
+        defaults = {
+            "dt": 1.0,
+            "at": None,
+            "causal": False,
+            "noise": "auto",
+            "allow_extrapolation": False,
+        }
         clash = [
             k
             for k, v in keywords.items()
@@ -153,6 +163,7 @@ class Targets:
             last=own.get("last"),
             merges=own.get("merges"),
             bema=own.get("bema"),
+            mixes=own.get("mixes"),
             dt=self.dt,
             at=self.at,
             noise=self.noise,
@@ -257,6 +268,7 @@ _KIND_OF = {
     "last": "last",
     "merges": "merge",
     "bema": "bema",
+    "mixes": "mix",
 }
 
 
