@@ -243,3 +243,45 @@ def test_mixes_take_the_given_weights_behind_the_extrapolation_guard(tmp_path: P
     assert rel(got.astype(np.float64), 2 * theta[120] - theta[110]) < 1e-6
     sol = phema.solve(tmp_path / "run", mixes=[extrapolate], allow_extrapolation=True)
     assert '"allow_extrapolation": true' in sol.targets[0].metadata()["phema.target"]
+
+
+def test_dask_writes_the_same_kernel_files(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    raw_store(tmp_path / "run", trajectory(), every=5)
+    kw = {"windows": ["25%"], "merges": [("1-sqrt", 40)], "bema": [{"tau": 20, "phi": 10}]}
+    here = phema.reconstruct(tmp_path / "run", out=tmp_path / "here", **kw)
+    with distributed.Client(processes=False, n_workers=2, dashboard_address=None) as client:
+        there = phema.reconstruct(tmp_path / "run", out=tmp_path / "there", client=client, **kw)
+    assert sorted(Path(p).name for p in there) == sorted(Path(p).name for p in here)
+    for p in here:
+        assert (tmp_path / "there" / Path(p).name).read_bytes() == Path(p).read_bytes()
+
+
+def test_sweep_over_kinds_evaluates_each_kernel(tmp_path: Path) -> None:
+    import torch
+
+    theta = raw_store(tmp_path / "run", trajectory(), every=5)
+    model = torch.nn.Module()
+    model.a = torch.nn.Module()
+    model.a.weight = torch.nn.Parameter(torch.zeros(5, 6))
+    model.b = torch.nn.Module()
+    model.b.bias = torch.nn.Parameter(torch.zeros(10))
+
+    def evaluate(m: torch.nn.Module) -> float:
+        return float(m.a.weight.detach().double().sum() + m.b.bias.detach().double().sum())
+
+    result = phema.sweep(
+        tmp_path / "run",
+        model,
+        evaluate,
+        windows=[40],
+        last=[3],
+        merges=[("cosine", "25%")],
+        sigma_rels=[0.1],
+    )
+    rows = {r.label: r for r in result.rows}
+    assert set(rows) == {"sigma_rel-0.100", "window-40", "last-3", "merge-cosine-25%"}
+    grid = theta[::5]
+    window = (grid[-9:-1] + grid[-8:]).sum(axis=0) / 16  # trapezoid over steps 80..120
+    assert rows["window-40"].metrics["metric"] == pytest.approx(window.sum(), rel=1e-6)
+    assert rows["last-3"].metrics["metric"] == pytest.approx(grid[-3:].mean(axis=0).sum(), rel=1e-6)

@@ -31,7 +31,7 @@ from phema.errors import InvalidTypeError, InvalidValueError
 from phema.load import _PlainReader, load_into
 from phema.plan import Plan, make_plan
 from phema.reconstruction import _as_store, state_dicts
-from phema.solver import MAX_TARGETS, Solution
+from phema.solver import EMA_KINDS, MAX_TARGETS, Solution
 from phema.store import Store
 from phema.sweeps.result import SweepResult, _best_text
 from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
@@ -422,7 +422,8 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
     return SweepRow(
         label=output.label(sol),
         kind=tg.kind,
-        value=float(tg.value),
+        # A kernel's parameters are in its label (docs/kernels.md); `value` is an EMA length's.
+        value=float(tg.value) if tg.kind in EMA_KINDS else math.nan,
         sigma_rel=float(sol.sigma_rel[k]),
         t=float(tg.t),
         fit_error=float(sol.fit_error[k]),
