@@ -47,6 +47,7 @@ MANY = [round(float(s), 4) for s in np.linspace(0.03, 0.25, 16)]
 GOAL_FLOOR = 2.0  # one target <= 2x the read floor
 GOAL_TORCH = 10.0  # >= 10x faster than the torch loop
 GOAL_MANY = 1.5  # 16 targets <= 1.5x one target
+GOAL_VERIFY = 1.05  # verifying the snapshots' checksums costs <= 5% of one target
 GOAL_RSS_MB = 300.0
 
 
@@ -205,13 +206,17 @@ def fresh_out() -> str:
 
 
 def run_reconstruct(
-    store: phema.Store, sigma_rels: list[float], parent: str = DATA
+    store: phema.Store, sigma_rels: list[float], parent: str = DATA, verify: bool = True
 ) -> tuple[float, dict]:
     """Wall time of phema.reconstruct into a fresh directory under `parent` (removed after)."""
     out = tempfile.mkdtemp(prefix="recon-out-", dir=parent)
     try:
         stats: dict = {}
-        dt, _ = timed(lambda: phema.reconstruct(store, sigma_rels=sigma_rels, out=out, stats=stats))
+        dt, _ = timed(
+            lambda: phema.reconstruct(
+                store, sigma_rels=sigma_rels, out=out, stats=stats, verify=verify
+            )
+        )
         return dt, stats
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -372,6 +377,7 @@ def main() -> None:
         add("read floor, 2 threads", timed(lambda: read_floor_threads(paths, bufs))[0])
         add("torch load_file + add_", timed(lambda: torch_baseline(paths, weights))[0])
         add("phema reconstruct, 1 target", run_reconstruct(store, [ONE])[0])
+        add("  same, checksums not verified", run_reconstruct(store, [ONE], verify=False)[0])
         add(
             "phema reconstruct_state_dict",
             timed(lambda: reconstruct_state_dict(store, sigma_rel=ONE))[0],
@@ -437,8 +443,13 @@ def main() -> None:
     r_floor = ratio("phema reconstruct, 1 target", "read floor")
     r_torch = ratio("torch load_file + add_", "phema reconstruct, 1 target")
     r_many = ratio(many_label, "phema reconstruct, 1 target")
+    r_verify = ratio("phema reconstruct, 1 target", "  same, checksums not verified")
     print("  (ratios: median over rounds of the ratio within each round)")
     goal(f"1 target / read floor = {r_floor:.2f}x (goal <= {GOAL_FLOOR:g}x)", r_floor <= GOAL_FLOOR)
+    goal(
+        f"1 target with checksums verified / without = {r_verify:.3f}x (goal <= {GOAL_VERIFY:g}x)",
+        r_verify <= GOAL_VERIFY,
+    )
     goal(
         f"torch / 1 target = {r_torch:.1f}x faster (goal >= {GOAL_TORCH:g}x)", r_torch >= GOAL_TORCH
     )

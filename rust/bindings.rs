@@ -560,13 +560,7 @@ impl Sources {
             .detach(|| {
                 inputs
                     .iter()
-                    .map(|files| {
-                        let files = files
-                            .iter()
-                            .map(|p| store::read_header(p))
-                            .collect::<crate::Result<Vec<_>>>()?;
-                        Source::new(files, local)
-                    })
+                    .map(|files| Source::open(files, local))
                     .collect::<crate::Result<Vec<_>>>()
             })
             .map_err(err)?;
@@ -609,7 +603,10 @@ impl Sources {
     /// (dicts with path, dtype, metadata, shard_size); returns (paths per output, stats).
     /// Non-float tensors come from input `copy_from` (default: the last input read). With `mix`
     /// (a list of `(column, {tensor name: column})` per output) outputs mix columns per tensor.
-    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None))]
+    /// Unless `verify` is false, the checksum of every file read whole is verified.
+    #[pyo3(signature = (weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_files<'py>(
         &self,
         py: Python<'py>,
@@ -618,6 +615,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<(Vec<Vec<String>>, Bound<'py, PyDict>)> {
         let w = rows(&weights)?;
         let requests = outputs
@@ -629,7 +627,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let (paths, stats) = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_files(inputs, &plan, &requests, &progress)
             })
             .map_err(err)?;
@@ -647,7 +646,9 @@ impl Sources {
     /// Like `combine_to_files`, into caller-owned buffers: `buffers[k][j]` is a writable,
     /// C-contiguous uint8 array holding tensor `j` (in the first used file's order) of output `k`
     /// as float32 (float tensors) or in its stored dtype (others, from input `copy_from`).
-    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None))]
+    #[pyo3(signature = (weights, buffers, progress, copy_from=None, mix=None, verify=true))]
+    // Python keyword arguments, each optional.
+    #[allow(clippy::too_many_arguments)]
     fn combine_to_memory<'py>(
         &self,
         py: Python<'py>,
@@ -656,6 +657,7 @@ impl Sources {
         progress: &EngineProgress,
         copy_from: Option<usize>,
         mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+        verify: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let w = rows(&weights)?;
         let mut held = Vec::with_capacity(buffers.len());
@@ -684,7 +686,8 @@ impl Sources {
         let mix = mix.map(to_mix);
         let stats = py
             .detach(|| {
-                let plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                let mut plan = ops::plan(inputs, w, copy_from, mix.as_ref())?;
+                plan.skip_verify = !verify;
                 ops::to_memory(inputs, &plan, slices, &progress)
             })
             .map_err(err)?;
@@ -778,19 +781,20 @@ type ScanResult<'py> = (
     Vec<String>,
 );
 
-/// A listed snapshot as an engine input.
-fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
-    Source::new(s.files.clone(), false).map_err(err)
-}
-
 /// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems,
 /// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
+    let sources = scan
+        .snapshots
+        .iter()
+        .map(|s| Source::new(s.files.clone(), false))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
-    for s in &scan.snapshots {
-        let d = source_dict(py, &snapshot_source(s)?)?;
+    for (s, source) in scan.snapshots.iter().zip(&sources) {
+        let d = source_dict(py, source)?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -809,13 +813,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
         .iter()
         .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
         .collect();
-    let headers = Sources(
-        scan.snapshots
-            .iter()
-            .map(snapshot_source)
-            .collect::<PyResult<_>>()?,
-    );
-    Ok((headers, records, ignored, scan.problems, scan.incomplete))
+    Ok((
+        Sources(sources),
+        records,
+        ignored,
+        scan.problems,
+        scan.incomplete,
+    ))
 }
 
 /// Block layout: `{name: (global shape, offset)}`.
@@ -846,7 +850,9 @@ type PathsPerRank = Vec<Vec<Vec<String>>>;
 /// `outputs[rank]` that rank's output dicts), all committed together; returns (paths per rank
 /// and output, stats).
 #[pyfunction]
-#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None))]
+#[pyo3(signature = (inputs, weights, outputs, progress, copy_from=None, mix=None, verify=true))]
+// Python keyword arguments, each optional.
+#[allow(clippy::too_many_arguments)]
 fn per_rank_to_files<'py>(
     py: Python<'py>,
     inputs: Vec<Vec<Vec<PathBuf>>>,
@@ -855,6 +861,7 @@ fn per_rank_to_files<'py>(
     progress: &EngineProgress,
     copy_from: Option<usize>,
     mix: Option<Vec<(usize, BTreeMap<String, usize>)>>,
+    verify: bool,
 ) -> PyResult<(PathsPerRank, Bound<'py, PyDict>)> {
     let w = rows(&weights)?;
     let requests = outputs
@@ -870,21 +877,16 @@ fn per_rank_to_files<'py>(
     let (paths, stats) = py
         .detach(|| {
             let sources = inputs
-                .into_iter()
+                .iter()
                 .map(|rank| {
-                    rank.into_iter()
-                        .map(|files| {
-                            let headers = files
-                                .iter()
-                                .map(|p| store::read_header(p))
-                                .collect::<crate::Result<Vec<_>>>()?;
-                            Source::new(headers, true)
-                        })
+                    rank.iter()
+                        .map(|files| Source::open(files, true))
                         .collect::<crate::Result<Vec<_>>>()
                 })
                 .collect::<crate::Result<Vec<_>>>()?;
             let first = sources.first().map(Vec::as_slice).unwrap_or_default();
-            let plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            let mut plan = ops::plan(first, w, copy_from, mix.as_ref())?;
+            plan.skip_verify = !verify;
             ops::per_rank_to_files(&sources, &plan, &requests, &progress)
         })
         .map_err(err)?;

@@ -1,7 +1,8 @@
 //! The checksum a snapshot records of itself (`phema.checksum`, docs/store-format.md): XXH3-128
 //! of the header JSON, with the checksum's own value zeroed, followed by every byte after it.
-//! It is written with the file and verified on demand (`phema inspect --verify`): it tells a
-//! file changed after it was written (the same size, other data) from the one phema wrote.
+//! It is written with the file and verified wherever the engine reads a whole file anyway, and
+//! on demand (`phema inspect --verify`): it tells a file changed after it was written (the same
+//! size, other data) from the one phema wrote.
 
 use std::fs::File;
 use std::io::Read;
@@ -114,20 +115,29 @@ pub fn verify_bytes(path: &Path, bytes: &[u8]) -> Result<Verified> {
     })
 }
 
+/// What a mismatch reports when the header holds no checksum digits where the writer puts them.
+pub const NOT_IN_PLACE: &str = "(the header does not hold the value where it was written)";
+
+/// A hasher started as the writer started it: on `header_json` with the checksum's digits
+/// zeroed (in place). None when the header does not hold them where the writer puts them.
+pub fn resume(header_json: &mut [u8]) -> Option<Hasher> {
+    let at = digits_at(header_json)?;
+    header_json[at..at + DIGITS].fill(b'0');
+    Some(Hasher::new(header_json))
+}
+
 /// Hashes the header JSON (its checksum digits zeroed) and what `rest` feeds, against `recorded`.
 fn compare(
     mut json: Vec<u8>,
     recorded: String,
     rest: impl FnOnce(&mut Hasher) -> Result<()>,
 ) -> Result<Verified> {
-    let Some(at) = digits_at(&json) else {
+    let Some(mut hasher) = resume(&mut json) else {
         return Ok(Verified::Mismatch {
             recorded,
-            computed: "(the header does not hold the value where it was written)".into(),
+            computed: NOT_IN_PLACE.into(),
         });
     };
-    json[at..at + DIGITS].fill(b'0');
-    let mut hasher = Hasher::new(&json);
     rest(&mut hasher)?;
     let computed = hasher.value();
     Ok(if computed == recorded {

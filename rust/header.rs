@@ -2,9 +2,8 @@
 //! (docs/store-format.md). Every size in it is checked against the file's size before use.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -76,8 +75,13 @@ fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
 /// Reads and validates the header of a safetensors file without touching its data. Anything
 /// but a regular file (a FIFO, a device) is refused without blocking on it.
 pub fn read_header(path: &Path) -> Result<Header> {
+    Ok(read_open(path, &open_regular(path)?)?.0)
+}
+
+/// Opens `path` for reading, refusing anything but a regular file without blocking on it.
+pub fn open_regular(path: &Path) -> Result<File> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
@@ -86,26 +90,26 @@ pub fn read_header(path: &Path) -> Result<Header> {
     if !meta.is_file() {
         return Err(corrupt(path, "not a regular file".into()));
     }
-    let file_size = meta.len();
+    Ok(file)
+}
+
+/// The header of `file` (opened from `path`) and its JSON as stored. Read from the open file, it
+/// describes the very data later read from it, whatever replaces `path` meanwhile.
+pub fn read_open(path: &Path, file: &File) -> Result<(Header, Vec<u8>)> {
+    let file_size = file.metadata().map_err(|e| PhemaError::io(path, e))?.len();
     let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix).map_err(|_| {
+    file.read_exact_at(&mut prefix, 0).map_err(|_| {
         corrupt(
             path,
             format!("only {file_size} bytes, shorter than a header"),
         )
     })?;
     let n = header_len(path, prefix, file_size)?;
-    let mut json = Vec::new();
-    Read::take(&mut file, n)
-        .read_to_end(&mut json)
-        .map_err(|e| PhemaError::io(path, e))?;
-    if json.len() as u64 != n {
-        return Err(corrupt(
-            path,
-            "the file shrank while its header was read".into(),
-        ));
-    }
-    parse(path, n, &json, file_size)
+    // `n` was bounded by MAX_HEADER.
+    let mut json = vec![0u8; n as usize];
+    file.read_exact_at(&mut json, 8)
+        .map_err(|_| corrupt(path, "the file shrank while its header was read".into()))?;
+    Ok((parse(path, n, &json, file_size)?, json))
 }
 
 /// Parses the header of a whole safetensors file held in `bytes` (`path` names it in errors):

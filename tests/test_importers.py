@@ -4,6 +4,7 @@ profiles; nothing in a pickle runs; failures leave nothing behind."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import sys
@@ -508,3 +509,14 @@ def test_an_imported_update_every_run_reconstructs_what_phema_would_have_tracked
     corrected, naive = error(every), error(1)
     assert corrected < 0.05  # of the distance between the average and the raw weights
     assert naive > 20 * corrected
+
+
+def test_a_nan_in_a_source_is_an_error_naming_that_file_and_nothing_is_left(tmp_path):
+    src = tmp_path / "timm"
+    src.mkdir()
+    for epoch, bad in enumerate([1.0, math.nan]):
+        sd = {"fc.weight": torch.tensor([[1.0, bad]])}
+        torch.save({"epoch": epoch, "state_dict": sd}, src / f"checkpoint-{epoch}.pth.tar")
+    with pytest.raises(SourceError, match=r"checkpoint-1\.pth\.tar: tensor `fc.weight` holds NaN"):
+        import_store(tmp_path / "store", src, kind="timm")
+    assert not (tmp_path / "store").exists()

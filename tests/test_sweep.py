@@ -337,7 +337,7 @@ def test_save_best_writes_the_best_weights(run, tmp_path):
     got = load_file(path)
     want = best.state_dict
     for k, v in want.items():
-        assert torch.equal(got[k], v.half()), k
+        assert torch.equal(got[k], v), k  # float32, the model's own dtype
 
 
 def test_varying_one_group_keeps_the_others_fixed(run):
@@ -412,6 +412,11 @@ def test_cli_sweep_writes_table_csv_figure_and_best(run, tmp_path, capsys, monke
     ]:
         assert main([*args[:2], *args[2:], *bad]) == 2
         assert message in capsys.readouterr().err
+    # A dtype typo is refused before any target is evaluated (no results file is begun).
+    typo = [*args[:-1], str(tmp_path / "typo"), "--dtype", "f61"]
+    assert main(typo) == 2
+    assert "f61" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "sweep.csv").exists()
     del sys.modules["sweepmod"]
 
 
@@ -494,3 +499,66 @@ def test_a_killed_sweeps_temporary_files_are_removed_by_the_next_write(run, tmp_
     assert left["dead"] not in names
     assert {left["alive"], left["other host"], "sweep.csv"} <= names
     assert len(names) == 3
+
+
+def test_a_results_file_of_another_run_or_other_raw_weights_is_not_reused(run, tmp_path):
+    # Another run with the same snapshot schedule: same names, same weights, other contents.
+    store, _ = run
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    calls = []
+
+    def counted(m: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        return evaluate(m)
+
+    results = tmp_path / "r.csv"
+    raw = {k: v.clone() for k, v in make_model().state_dict().items()}
+    phema.sweep(other, make_model(), counted, sigma_rels=SIGMAS[:2], results=results, raw=raw)
+    assert len(calls) == 3
+    # The same run resumes (nothing evaluated again) ...
+    phema.sweep(other, make_model(), counted, sigma_rels=SIGMAS[:2], results=results, raw=raw)
+    assert len(calls) == 3
+    # ... but a store whose snapshots differ, and other raw weights, are evaluated afresh.
+    for p in sorted(other.glob("*.safetensors")):
+        p.unlink()
+    model = make_model()
+    with phema.PostHocEMA(model, other, (0.05, 0.15), snapshot_every=40) as ema:
+        for _ in range(400):
+            with torch.no_grad():
+                for q in model.parameters():
+                    q.add_(0.001)
+            ema.update()
+    raw2 = {k: v + 1 for k, v in raw.items()}
+    got = phema.sweep(
+        other, make_model(), counted, sigma_rels=SIGMAS[:2], results=results, raw=raw2
+    )
+    assert len(calls) == 6
+    want = by_hand(other, make_model(), sigma_rel=SIGMAS[0])
+    assert got.rows[0].metrics == pytest.approx(want)
+
+
+@pytest.mark.parametrize("change", ["half", "double", "replace", "delete"])
+def test_evaluate_that_changes_the_model_stops_the_sweep_and_the_model_is_as_before(run, change):
+    store, _ = run
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    objects = dict(model.named_parameters())
+
+    def hostile(m: torch.nn.Module) -> float:
+        if change in ("half", "double"):
+            getattr(m, change)()
+        elif change == "replace":
+            m[0].weight = torch.nn.Parameter(torch.zeros(8, 4))
+        else:
+            del m[2].bias
+        return 0.0
+
+    with pytest.raises(phema.InvalidValueError, match="evaluate changed the model"):
+        phema.sweep(store, model, hostile, sigma_rels=SIGMAS[:2])
+    after = dict(model.named_parameters())
+    assert after.keys() == objects.keys()
+    for k, v in after.items():
+        assert v is objects[k], k
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k

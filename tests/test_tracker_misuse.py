@@ -17,6 +17,7 @@ from torch import nn
 
 import phema
 from phema.tracker import SnapshotWriteError
+from phema.tracker.model import ROTATION
 
 
 def model() -> nn.Module:
@@ -24,19 +25,43 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
 
 
-def test_replaced_parameter_is_an_error_at_the_next_update():
+def test_replaced_parameter_is_an_error_within_a_round_of_updates():
     m = model()
     ema = phema.PostHocEMA(m, None)
     ema.update()
     m[0].weight = nn.Parameter(torch.zeros(2, 3))
+    done = ema.step
     with pytest.raises(RuntimeError, match=r"0\.weight was replaced"):
-        ema.update()
-    assert ema.step == 1  # nothing was updated
+        for _ in range(5):  # 5 tracked tensors
+            ema.update()
+            done += 1
+    assert ema.step == done  # the update that found it changed nothing
     m = model()
     ema = phema.PostHocEMA(m, None)
     m[1].running_mean = torch.zeros(2)  # a buffer replaced likewise
     with pytest.raises(RuntimeError, match=r"1\.running_mean was replaced"):
-        ema.update()
+        for _ in range(5):
+            ema.update()
+
+
+def test_a_replaced_tensor_of_a_large_model_stops_the_run_before_a_snapshot_uses_it(tmp_path):
+    # Each update checks a few tensors in turn: every one within len/ROTATION updates, and all
+    # at every snapshot, so a stale average is never written.
+    m = nn.Sequential(*[nn.Linear(2, 2) for _ in range(40)])
+    ema = phema.PostHocEMA(m, tmp_path / "store", sigma_rels=(0.05, 0.1))
+    ema.update()
+    tracked, m[39].bias = m[39].bias, nn.Parameter(torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"39\.bias was replaced"):
+        ema.snapshot()
+    ema.flush()
+    assert not list((tmp_path / "store").glob("*.safetensors"))
+    m[39].bias = tracked
+    ema.close()
+    ema = phema.PostHocEMA(m, None)
+    m[20].weight = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match=r"20\.weight was replaced"):
+        for _ in range(80 // ROTATION):
+            ema.update()
 
 
 def test_dtype_or_device_change_after_construction_names_tensor_and_dtypes():

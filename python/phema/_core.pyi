@@ -126,6 +126,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> tuple[list[list[str]], EngineStats]: ...
     def output_files(
         self, weights: np.ndarray, output: OutputRequest
@@ -143,6 +144,7 @@ class Sources:
         progress: EngineProgress,
         copy_from: int | None = None,
         mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+        verify: bool = True,
     ) -> EngineStats: ...
 
 def write_file(path: str | PathLike[str], data: bytes) -> None: ...
@@ -158,4 +160,5 @@ def per_rank_to_files(
     progress: EngineProgress,
     copy_from: int | None = None,
     mix: Sequence[tuple[int, Mapping[str, int]]] | None = None,
+    verify: bool = True,
 ) -> tuple[list[list[list[str]]], EngineStats]: ...

@@ -38,6 +38,7 @@ def combine_on_cluster(
     mix: list[tuple[int, dict[str, int]]] | None,
     progress: bool,
     desc: str,
+    verify: bool = True,
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """What `Sources.combine_to_files` does, with the work spread over `client`'s workers:
     returns (paths per output, stats)."""
@@ -55,6 +56,7 @@ def combine_on_cluster(
             [staged[k] | {"shard": shard} for k in members],
             copy_from,
             [mix[k] for k in members],
+            verify,
             key=f"phema-{desc}-{run}-{n}",
             pure=False,
         )
@@ -131,10 +133,13 @@ def _task(
     outputs: list[dict[str, Any]],
     copy_from: int | None,
     mix: list[tuple[int, dict[str, int]]],
+    verify: bool,
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """One task, on a worker: the engine over the inputs for these outputs (one shard each)."""
     sources = _core.Sources(inputs)
-    return sources.combine_to_files(weights, outputs, _core.EngineProgress(), copy_from, mix)
+    return sources.combine_to_files(
+        weights, outputs, _core.EngineProgress(), copy_from, mix, verify
+    )
 
 
 def _gather(client: Any, futures: list[Any], progress: bool, desc: str) -> list[Any]:

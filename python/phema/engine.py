@@ -100,18 +100,27 @@ def combine_to_files(
     progress: bool | None,
     desc: str,
     client: Any = None,
+    verify: bool = True,
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """Writes every output (`sum_i weights[i, k] * input_i`) as files: on this machine, or with a
     Dask `client` spread over its workers (docs/distributed.md). Returns (paths per output,
     stats)."""
     if client is not None:
         paths, stats = combine_on_cluster(
-            client, sources.files(), weights, outputs, copy_from, mix, show_progress(progress), desc
+            client,
+            sources.files(),
+            weights,
+            outputs,
+            copy_from,
+            mix,
+            show_progress(progress),
+            desc,
+            verify,
         )
         warn_nonfinite(stats, desc)
         return paths, stats
     return run_engine(
-        lambda handle: sources.combine_to_files(weights, outputs, handle, copy_from, mix),
+        lambda handle: sources.combine_to_files(weights, outputs, handle, copy_from, mix, verify),
         total_bytes,
         progress,
         desc,

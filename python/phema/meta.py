@@ -25,6 +25,11 @@ def header(kind: str) -> dict[str, str]:
     return {"format": "pt", "phema.version": VERSION, "phema.kind": kind}
 
 
+#: The marker an import keeps in a store until every snapshot is written (docs/importers.md):
+#: while it is there, every reader refuses the store.
+IMPORT_INCOMPLETE = "phema-import-incomplete.json"
+
+
 def new_run_id() -> str:
     """A fresh run id (docs/runs.md)."""
     return uuid.uuid4().hex[:16]

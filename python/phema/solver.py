@@ -72,7 +72,7 @@ class Target:
 
     def kernel_spec(self) -> tuple[str, float, list[float], str]:
         """The `(kind, t, params, shape)` tuple `_core.solve_kernels` takes."""
-        if self.kind in EMA_KINDS:
+        if self.kind in KINDS:
             kind, t, value, dt = self.spec()
             return (kind, t, [value, dt] if kind == "beta" else [value], "")
         if self.kind == "window":
@@ -132,7 +132,7 @@ class Target:
             "phema.target": json.dumps(self.describe()),
             "phema.t": format_t(self.t),
         }
-        if self.kind not in EMA_KINDS:
+        if self.kind not in KINDS:
             return meta
         spec = self.spec()
         sigma_rel, initial = _core.profile_info(spec)
@@ -147,8 +147,6 @@ class Target:
         return meta
 
 
-#: The kinds of EMA lengths; the others are kernels (docs/kernels.md).
-EMA_KINDS = ("sigma_rel", "gamma", "beta", "halflife")
 #: BEMA's parameters in order, with TRL's `BEMACallback` defaults (docs/kernels.md).
 BEMA_DEFAULTS = {"tau": 0.0, "phi": 400.0, "kappa": 0.5, "eta": 0.2, "rho": 10.0, "gamma": 1.0}
 BEMA_PARAMS = tuple(BEMA_DEFAULTS)
@@ -404,6 +402,10 @@ def _field(record: Any, name: str) -> Any:
     return getattr(record, name, None)
 
 
+#: Every target kind (a Target's `kind`) and the name of the argument giving targets of it.
+KINDS = {"sigma_rel": "sigma_rels", "gamma": "gammas", "beta": "betas", "halflife": "halflives"}
+
+
 def make_targets(
     t: float,
     sigma_rels: Iterable[float] | None = None,
@@ -420,13 +422,10 @@ def make_targets(
     if not dt > 0:
         raise InvalidValueError(f"dt={dt!r}: expected a finite number > 0")
     out: dict[tuple[str, Any], Target] = {}
-    for kind, values in (
-        ("sigma_rel", sigma_rels),
-        ("gamma", gammas),
-        ("beta", betas),
-        ("halflife", halflives),
+    for (kind, plural), values in zip(
+        KINDS.items(), (sigma_rels, gammas, betas, halflives), strict=True
     ):
-        for v in _as_list(values, kind + "s"):
+        for v in _as_list(values, plural):
             _check_decay(kind, v, dt)
             out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
     for kind, v in kernels:

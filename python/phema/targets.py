@@ -18,7 +18,7 @@ import numpy as np
 
 from phema import naming
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.solver import Solution, _as_list, kernel_pairs, solve
+from phema.solver import KINDS, Solution, _as_list, kernel_pairs, solve
 
 # Most per-tensor patterns taken: each is matched against every tensor name.
 MAX_PATTERNS = 1000
@@ -258,12 +258,9 @@ class Output:
         return sorted({self.column, *self.routes.values()})
 
 
-#: The target kind of every field of `Targets` holding outputs' own targets, in output order.
-_KIND_OF = {
-    "sigma_rels": "sigma_rel",
-    "gammas": "gamma",
-    "betas": "beta",
-    "halflives": "halflife",
+#: The target kind of every field of `Targets` holding outputs' own targets, in output order:
+#: the EMA lengths, then the kernels of docs/kernels.md.
+_KIND_OF = {plural: kind for kind, plural in KINDS.items()} | {
     "windows": "window",
     "last": "last",
     "merges": "merge",

@@ -31,7 +31,7 @@ from phema.errors import InvalidTypeError, InvalidValueError
 from phema.load import _PlainReader, load_into
 from phema.plan import Plan, make_plan
 from phema.reconstruction import _as_store, state_dicts
-from phema.solver import EMA_KINDS, MAX_TARGETS, Solution
+from phema.solver import KINDS, MAX_TARGETS, Solution
 from phema.store import Store
 from phema.sweeps.result import SweepResult, _best_text
 from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
@@ -166,6 +166,7 @@ def sweep(
         if raw_row is not None and raw_row.key not in done:
             saved.load(_PlainReader(raw, str).sd)
             raw_row.metrics = _metrics(evaluate(model))
+            saved.check()
             saved.restore()
         bar = (metric, mode) if progress and n_fresh else None
         _run(store, model, evaluate, jobs, rows, n_fresh, bar, saved, write, on_row)
@@ -173,7 +174,9 @@ def sweep(
             write()
     finally:
         saved.restore()
-    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row)
+    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = str(next(floats, "float16")).removeprefix("torch.")
+    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
 
 
 def _run(
@@ -231,6 +234,7 @@ def _run(
                 row = job_rows.pop(0)
                 saved.load(sds.pop(0))  # freed once the next one is in
                 row.metrics = _metrics(evaluate(model))
+                saved.check()
                 rows.append(row)
                 write()
                 if on_row is not None:
@@ -283,6 +287,16 @@ class _Saved:
             for name, t in named
             if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
         }
+        # Where every parameter and buffer lives, the tensor itself and its storage: evaluate may
+        # replace, delete or cast them (model.half() swaps buffers for new ones), and all of
+        # that is put back.
+        self.slots = [
+            (f"{prefix}.{key}" if prefix else key, container, key, t, t.data)
+            for prefix, m in own.named_modules(remove_duplicate=False)
+            for container in (m._parameters, m._buffers)
+            for key, t in container.items()
+            if type(t) in (torch.Tensor, torch.nn.Parameter)  # not sharded (FSDP swaps those)
+        ]
         self.kept = {name: t.data for name, t in self.swapped.items()}
         self.state = {
             k: v.detach().to("cpu", copy=True)
@@ -308,9 +322,32 @@ class _Saved:
         for name, t in self.swapped.items():
             t.data = self.kept[name]
 
+    def check(self) -> None:
+        """Raises, naming them, if `evaluate` replaced, deleted or cast a parameter or buffer
+        (restore() puts them back)."""
+        changes = []
+        for name, container, key, t, data in self.slots:
+            now = container.get(key)
+            if now is None:
+                changes.append(f"deleted {name}")
+            elif now is not t:
+                changes.append(f"replaced {name}")
+            elif (now.dtype, now.device) != (data.dtype, data.device):
+                changes.append(f"made {name} {now.dtype} on {now.device} (was {data.dtype})")
+        if changes:
+            raise InvalidValueError(
+                f"evaluate changed the model ({'; '.join(changes[:3])}"
+                + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
+                + "): the sweep loads every target into the model as it was, so it stopped and "
+                "put the model back; evaluate a copy to change it"
+            )
+
     def restore(self) -> None:
         import torch
 
+        for _, container, key, t, data in self.slots:
+            container[key] = t
+            t.data = data
         self.unload()
         own = self.own.state_dict()
         with torch.no_grad():
@@ -408,11 +445,16 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
     tg = sol.targets[k]
     one = _one_output(targets, tg.kind, tg.value)
     used = _used(plan, output)
+    # The row's identity: the contents of the snapshots it reads (each one's checksum, or its
+    # size where it records none), the run that wrote them and their weights, so that a results
+    # file of another run is never taken for this one.
     digest = hashlib.sha1(
         json.dumps(
             [
                 [
                     store.snapshots[i].name,
+                    store.snapshots[i].metadata.get("phema.checksum", store.snapshots[i].size),
+                    store.snapshots[i].metadata.get("phema.run_id", ""),
                     [round(float(w), 12) for w in plan.weights[i, output.columns()]],
                 ]
                 for i in used
@@ -423,7 +465,7 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
         label=output.label(sol),
         kind=tg.kind,
         # A kernel's parameters are in its label (docs/kernels.md); `value` is an EMA length's.
-        value=float(tg.value) if tg.kind in EMA_KINDS else math.nan,
+        value=float(tg.value) if tg.kind in KINDS else math.nan,
         sigma_rel=float(sol.sigma_rel[k]),
         t=float(tg.t),
         fit_error=float(sol.fit_error[k]),
@@ -447,16 +489,10 @@ def _used(plan: Plan, output: Output) -> np.ndarray:
 
 def _one_output(targets: Targets, kind: str, value: float) -> Targets:
     """The targets of one row alone (to reconstruct it again)."""
-    empty: dict[str, tuple[float, ...]] = {
-        "sigma_rels": (),
-        "gammas": (),
-        "betas": (),
-        "halflives": (),
-    }
-    own = kind + "s"
-    if own not in empty:  # a per-tensor output without a target of its own
+    if kind not in KINDS:  # a per-tensor output without a target of its own
         return targets
-    return targets.replace(**(empty | {own: (value,)}))
+    empty: dict[str, tuple[float, ...]] = {plural: () for plural in KINDS.values()}
+    return targets.replace(**(empty | {KINDS[kind]: (value,)}))
 
 
 def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> SweepRow:
@@ -472,11 +508,36 @@ def _raw_row(raw: Any, done: Mapping[tuple[str, ...], dict[str, float]]) -> Swee
         gain=math.nan,
         tensors="",
         vary="",
-        snapshots=os.fspath(source),
+        snapshots=f"{os.fspath(source)} {_contents(raw)}",
         metrics={},
     )
     row.metrics = dict(done.get(row.key, {}))
     return row
+
+
+def _contents(raw: Any) -> str:
+    """A digest of the raw weights (a file, a directory's files, or a state dict's tensors):
+    the baseline's row is another one when they differ."""
+    h = hashlib.sha1()
+    if isinstance(raw, (str, os.PathLike)):
+        paths = (
+            sorted(os.path.join(d, f) for d, _, fs in os.walk(raw) for f in fs)
+            if os.path.isdir(raw)
+            else [os.fspath(raw)]
+        )
+        for path in paths:
+            h.update(os.path.relpath(path, raw).encode() + b"\0")
+            with open(path, "rb") as f:
+                for piece in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                    h.update(piece)
+    elif isinstance(raw, Mapping):
+        for name in sorted(raw, key=str):
+            x = raw[name]
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            x = np.ascontiguousarray(x)
+            h.update(f"{name} {x.dtype} {x.shape}".encode() + x.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _metrics(value: Any) -> dict[str, float]:

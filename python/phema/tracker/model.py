@@ -58,6 +58,7 @@ class Tracked:
                 f"(include={include!r}, exclude={exclude!r})"
             )
         self._slots = _slots(module, self.all_names, self.all_tensors)
+        self._turn = 0  # the first slot the next update checks
         where = {id(x): (c, k) for c, k, x in self._slots}
         self._expected = [
             (name, x, local([x])[0].dtype, local([x])[0].device, where.get(id(x), (None, "")))
@@ -78,10 +79,19 @@ class Tracked:
         """Raise if a tracked tensor is no longer the model's, or changed dtype or device: the
         tracker would average a stale tensor, or fail in a fused op with a cryptic error.
 
-        Every update checks identity only (~0.1 us a tensor); dtype and device (`full`) when a
-        fused op fails, at snapshots and in swapped()."""
-        if not full and all(c.get(k) is x for c, k, x in self._slots):
-            return
+        An update checks the identity of a few tensors only, in turn (`full=False`: a constant
+        cost per update, every tensor within len/ROTATION updates); everything (dtype and
+        device too) is checked at every snapshot, in swapped() and when a fused op fails, so
+        no snapshot is written from a stale tensor."""
+        if not full:
+            n = len(self._slots)
+            turn = self._turn
+            self._turn = (turn + ROTATION) % max(n, 1)
+            if all(
+                c.get(k) is x
+                for c, k, x in (self._slots[j % n] for j in range(turn, turn + min(n, ROTATION)))
+            ):
+                return
         for name, x, dtype, device, (container, key) in self._expected:
             now = x if container is None else container.get(key)
             here = local([now])[0] if isinstance(now, torch.Tensor) else None
@@ -97,6 +107,10 @@ class Tracked:
                     "Parameter or buffer), so its average would follow the old tensor: create "
                     "the tracker once the model is built"
                 )
+
+
+#: Tracked tensors whose identity one update checks (Tracked.check).
+ROTATION = 4
 
 
 def _slots(

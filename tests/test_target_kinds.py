@@ -1,0 +1,130 @@
+"""Every target kind through every entry point: solve, reconstruct, reconstruct_state_dict(s),
+sweep, the CLI and Dask all rebuild sum_i w_i * snapshot_i (computed here with numpy from the
+stored snapshots) for the weights solve gives, and solve's weights for a gamma or a halflife are
+those of the sigma_rel or beta it converts to (docs/sweep.md: sigma_rel <-> gamma, beta =
+0.5 ** (1 / halflife))."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+import phema
+from conftest import make_store
+from phema.cli import main
+
+HALFLIFE = 69.0
+# kind, argument, value, and the same target as another kind (or None)
+KINDS = [
+    ("sigma_rel", "sigma_rels", 0.1, None),
+    ("gamma", "gammas", phema.sigma_rel_to_gamma(0.1), ("sigma_rels", 0.1)),
+    ("beta", "betas", 0.99, None),
+    ("halflife", "halflives", HALFLIFE, ("betas", 0.5 ** (1 / HALFLIFE))),
+]
+FLAGS = {"sigma_rel": "--sigma-rel", "gamma": "--gamma", "beta": "--beta", "halflife": "--halflife"}
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 3))
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kinds") / "store"
+    make_store(path, [100 * i for i in range(1, 9)], {"weight": (4, 3), "bias": (4,)})
+    return path
+
+
+def expected(store, arg: str, value: float) -> dict[str, np.ndarray]:
+    """sum_i w_i * snapshot_i over the stored files, in float64."""
+    sol = phema.solve(store, **{arg: [value]})
+    st = phema.open_store(store)
+    out: dict[str, np.ndarray] = {}
+    for w, snap in zip(sol.weights[:, 0], st.snapshots, strict=True):
+        for name, x in load_file(snap.path).items():
+            if name != "step":
+                out[name] = out.get(name, 0) + w * x.astype(np.float64)
+    return out
+
+
+def close(got: dict, want: dict, tol: float) -> None:
+    for name, x in want.items():
+        np.testing.assert_allclose(np.asarray(got[name], dtype=np.float64), x, atol=tol)
+
+
+@pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
+def test_solve(store, kind, arg, value, same):
+    sol = phema.solve(store, **{arg: [value]})
+    assert (sol.targets[0].kind, sol.targets[0].value) == (kind, value)
+    assert np.isfinite(sol.weights).all() and abs(sol.weights.sum() - 1) < 1e-6
+    if same is not None:
+        other = phema.solve(store, **{same[0]: [same[1]]})
+        np.testing.assert_allclose(sol.weights, other.weights, atol=1e-9)
+
+
+@pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
+def test_reconstruct_and_state_dicts(store, tmp_path, kind, arg, value, same):
+    want = expected(store, arg, value)
+    [path] = phema.reconstruct(store, out=tmp_path / "r", dtype="f32", **{arg: [value]})
+    close(load_file(path), want, 1e-5)
+    close(phema.reconstruct_state_dict(store, **{kind: value}), want, 1e-5)
+    [sd] = phema.reconstruct_state_dicts(store, **{arg: [value]})
+    close(sd, want, 1e-5)
+
+
+@pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
+def test_sweep(store, tmp_path, kind, arg, value, same):
+    want = expected(store, arg, value)
+    model = Tiny()
+    result = phema.sweep(
+        store,
+        model,
+        lambda m: {"w": float(m.weight[1, 2]), "b": float(m.bias[3])},
+        **{arg: [value]},
+    )
+    [row] = result.rows
+    assert (row.kind, row.value) == (kind, value)
+    assert row.metrics["w"] == pytest.approx(want["weight"][1, 2], abs=1e-5)
+    assert row.metrics["b"] == pytest.approx(want["bias"][3], abs=1e-5)
+    assert not model.weight.any()  # restored
+
+
+@pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
+def test_cli(store, tmp_path, kind, arg, value, same, capsys):
+    want = expected(store, arg, value)
+    out = tmp_path / "cli"
+    code = main(["reconstruct", str(store), FLAGS[kind], repr(value), "--out", str(out)])
+    assert code in (0, None), capsys.readouterr().err
+    [name] = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    close(load_file(out / name), want, 2e-3)  # float16 output
+
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    )
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
+def test_dask(store, tmp_path, client, kind, arg, value, same):
+    want = expected(store, arg, value)
+    [path] = phema.reconstruct(
+        store, out=tmp_path / "d", dtype="f32", client=client, **{arg: [value]}
+    )
+    close(load_file(path), want, 1e-5)
