@@ -14,7 +14,7 @@ use safetensors::Dtype;
 use crate::checksum::{resume, Hasher, NOT_IN_PLACE};
 use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
-use crate::header::{is_float, open_regular, read_open, Header, TensorEntry};
+use crate::header::{is_float, open_regular, read_header, read_open, Header, TensorEntry};
 use crate::meta::{shard_id, CHECKSUM};
 use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
 

@@ -760,11 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         "write another project's EMA snapshots or checkpoints as a phema store",
         description="KIND: edm2 (network-snapshot-*.pkl, training-state-*.pt), ema-pytorch "
-        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth). "
-        "See docs/importers.md.",
+        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth), dcp "
+        "(PyTorch Distributed Checkpoint directories). See docs/importers.md.",
     )
     s.add_argument(
-        "kind", choices=["edm2", "ema-pytorch", "lightning", "timm"], help="the source's format"
+        "kind",
+        choices=["edm2", "ema-pytorch", "lightning", "timm", "dcp"],
+        help="the source's format",
     )
     s.add_argument("src", help="the run's directory (or one file)")
     s.add_argument(
@@ -774,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--update-every", type=int, help="ema-pytorch: the run's update_every (its default: 100)"
     )
-    s.add_argument("--times", help="lightning/timm: training times in file-name order")
+    s.add_argument("--times", help="lightning/timm/dcp: training times in name order")
     s.add_argument("--strip-prefix", help="remove this prefix from tensor names, e.g. model.")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the source's)")
     s.add_argument("--append", action="store_true", help="add to the run already stored in STORE")

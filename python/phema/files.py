@@ -206,8 +206,10 @@ def not_a_checkpoint(path: str) -> str | None:
 
     A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
     callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
+    # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
     if not os.path.isdir(path) or any(
-        os.path.exists(os.path.join(path, n)) for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS)
+        os.path.exists(os.path.join(path, n))
+        for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")
     ):
         return None
     found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
