@@ -234,6 +234,9 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
 
     out: dict[str, np.ndarray] = {}
     floats: list[str] = []
+    # What a source may declare is bounded by its own size: a view with stride 0 (or tensors
+    # overlapping in one storage) would expand a small file into any size of store.
+    budget = _MAX_EXPANSION * os.path.getsize(item.path) + (1 << 20)
     for name, x in item.read().items():
         if not isinstance(name, str) or not name:
             raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
@@ -246,6 +249,14 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
         try:
             if x.is_complex():
                 raise InvalidTypeError("complex")
+            nbytes = x.numel() * x.element_size()
+            budget -= nbytes
+            if nbytes > x.untyped_storage().nbytes() or budget < 0:
+                raise SourceError(
+                    f"{item.path}: `{name}` declares {x.numel()} elements {tuple(x.shape)} over "
+                    f"{x.untyped_storage().nbytes()} bytes of data (a stride-0 or overlapping "
+                    "view, or more than the file can hold): refusing to expand it"
+                )
             x = x.detach().to("cpu")
             if x.is_floating_point():
                 floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
@@ -260,6 +271,8 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
 
 
 _FLOAT_NAMES = {"torch.float16": "F16", "torch.bfloat16": "BF16"}
+# Most tensor bytes a source may declare per byte of its own (tied tensors share one storage).
+_MAX_EXPANSION = 8
 
 
 # ---------------------------------------------------------------------------------------------
