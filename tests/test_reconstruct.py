@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import phema
+from conftest import SIGMA_RELS, snapshot_metadata
+from phema.store import write_snapshot
 
 
 def straightforward(store: phema.Store, weights: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -198,3 +201,23 @@ def test_bad_dtype_and_empty_targets_are_value_errors(small_store, tmp_path):
         phema.reconstruct(path, sigma_rels=[0.1], out=tmp_path, dtype="int8")
     with pytest.raises(ValueError, match="exactly one"):
         phema.reconstruct_state_dict(path, sigma_rel=0.1, beta=0.99)
+
+
+def test_a_state_dict_cast_to_float16_warns_naming_the_tensors_that_overflow(tmp_path):
+    store = tmp_path / "s"
+    store.mkdir()
+    for t in (100, 200, 300):
+        for s in SIGMA_RELS:
+            write_snapshot(
+                store / f"{t:012d}-{s:.3f}.safetensors",
+                {"big": np.array([1.0, 70000.0], np.float32), "small": np.ones(2, np.float32)},
+                dtype="float32",
+                metadata=snapshot_metadata(t, phema.sigma_rel_to_gamma(s)),
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd = phema.reconstruct_state_dict(store, sigma_rel=0.1)  # float32: nothing to say
+    assert float(sd["big"][1]) == pytest.approx(70000.0, rel=1e-6)
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) hold NaN or infinity.*: big$"):
+        sd = phema.reconstruct_state_dict(store, sigma_rel=0.1, dtype=torch.float16)
+    assert torch.isinf(sd["big"][1]) and torch.isfinite(sd["small"]).all()
