@@ -95,8 +95,15 @@ fn number(header: &Header, key: &str, max: f64) -> Result<f64> {
         .trim()
         .parse()
         .map_err(|_| bad(header, key, raw, "is not a number"))?;
-    if !(v > 0.0 && v <= max) {
-        return Err(bad(header, key, raw, &format!("must lie in (0, {max:e}]")));
+    // Subnormal values (5e-324) lose their precision in the profiles' powers: no fit is
+    // meaningful there.
+    if !(v >= f64::MIN_POSITIVE && v <= max) {
+        return Err(bad(
+            header,
+            key,
+            raw,
+            &format!("must lie in [{:e}, {max:e}]", f64::MIN_POSITIVE),
+        ));
     }
     Ok(v)
 }
@@ -248,6 +255,8 @@ mod tests {
             ("inf", "6.9", "phema.t"),
             ("NaN", "6.9", "phema.t"),
             ("-5", "6.9", "phema.t"),
+            ("5e-324", "6.9", "phema.t"),
+            ("1e-310", "6.9", "phema.t"),
             ("100", "1e300", "phema.gamma"),
             ("100", "0", "phema.gamma"),
             ("100", "nan", "phema.gamma"),
