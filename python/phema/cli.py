@@ -109,6 +109,9 @@ def _open(args: argparse.Namespace, strict: bool = True) -> Store:
             args.store, times=times, **({"pattern": args.pattern} if args.pattern else {})
         )
     store = open_store(args.store, strict=strict)
+    if strict:  # inspect lists them as problems
+        for why in store.incomplete:
+            print(f"note: left out {why}", file=sys.stderr)
     if not store.snapshots and any("phema metadata" in why for _, why in store.ignored):
         raise UserError(
             f"{args.store} holds safetensors files but no phema snapshots; "
