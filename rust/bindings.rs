@@ -19,6 +19,7 @@ use safetensors::Dtype;
 
 use crate::engine::{self, Progress, Source};
 use crate::error::PhemaError as CoreError;
+use crate::kernel::{self, Kernel};
 use crate::ops;
 use crate::profile::{self, Profile};
 use crate::solve::{self as solver, SolveOptions};
@@ -199,6 +200,144 @@ fn inner(p: ProfileSpec, q: ProfileSpec) -> PyResult<f64> {
     let p = make_profile(&p.0, p.1, p.2, p.3)?;
     let q = make_profile(&q.0, q.1, q.2, q.3)?;
     Ok(profile::inner(&p, &q))
+}
+
+/// A snapshot for `solve_kernels`: `(kind, t, gamma, steps)` with kind `power` (gamma), `raw`,
+/// or `steps` (`steps` = (edges, weights)).
+type SnapshotSpec = (String, f64, f64, Option<(Vec<f64>, Vec<f64>)>);
+/// A target for `solve_kernels`: `(kind, t, params, shape)`, kinds and params as in
+/// `phema/_core.pyi`.
+type KernelSpec = (String, f64, Vec<f64>, String);
+
+fn make_snapshot(spec: SnapshotSpec) -> PyResult<solver::Snapshot> {
+    let (kind, t, gamma, steps) = spec;
+    match (kind.as_str(), steps) {
+        ("power", _) => Ok(solver::Snapshot::Average(
+            Profile::power(t, gamma).map_err(err)?.into(),
+        )),
+        ("raw", _) => solver::Snapshot::raw(t).map_err(err),
+        ("steps", Some((edges, weights))) => Ok(solver::Snapshot::Average(kernel::Density::Steps(
+            Arc::new(kernel::Steps::new(edges, weights).map_err(err)?),
+        ))),
+        (other, _) => Err(invalid(format!(
+            "snapshot kind {other:?} unknown or without its steps (power, raw, steps)"
+        ))),
+    }
+}
+
+fn make_kernel(spec: KernelSpec) -> PyResult<Kernel> {
+    let (kind, t, p, shape) = spec;
+    let want = |n: usize| -> PyResult<()> {
+        if p.len() == n {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "{kind} takes {n} parameter(s), not {}",
+                p.len()
+            )))
+        }
+    };
+    match kind.as_str() {
+        "power" | "halflife" => {
+            want(1)?;
+            make_profile(&kind, t, p[0], 1.0).map(Kernel::Profile)
+        }
+        "beta" => {
+            want(2)?;
+            make_profile(&kind, t, p[0], p[1]).map(Kernel::Profile)
+        }
+        "window" => {
+            want(1)?;
+            Kernel::window(t, p[0]).map_err(err)
+        }
+        "last" => {
+            want(1)?;
+            if !(p[0] >= 1.0 && p[0] <= 1e9 && p[0].fract() == 0.0) {
+                return Err(invalid(format!(
+                    "last={}: expected a whole number >= 1",
+                    p[0]
+                )));
+            }
+            Kernel::last(t, p[0] as usize).map_err(err)
+        }
+        "merge" => {
+            want(1)?;
+            let shape = kernel::Shape::parse(&shape).map_err(err)?;
+            Kernel::merge(t, p[0], shape).map_err(err)
+        }
+        "bema" => {
+            want(6)?;
+            let bema = kernel::Bema {
+                tau: p[0],
+                phi: p[1],
+                kappa: p[2],
+                eta: p[3],
+                rho: p[4],
+                gamma: p[5],
+            };
+            Kernel::bema(t, bema).map_err(err)
+        }
+        other => Err(invalid(format!(
+            "unknown target kind {other:?} (power, beta, halflife, window, last, merge, bema)"
+        ))),
+    }
+}
+
+/// Snapshot weights of every kernel target over snapshots of any kind; a dict of numpy arrays.
+#[pyfunction]
+#[pyo3(signature = (snapshots, kernels, noise, causal=false))]
+fn solve_kernels<'py>(
+    py: Python<'py>,
+    snapshots: Vec<SnapshotSpec>,
+    kernels: Vec<KernelSpec>,
+    noise: f64,
+    causal: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let snaps = snapshots
+        .into_iter()
+        .map(make_snapshot)
+        .collect::<PyResult<Vec<_>>>()?;
+    let kernels = kernels
+        .into_iter()
+        .map(make_kernel)
+        .collect::<PyResult<Vec<_>>>()?;
+    let options = SolveOptions { noise, causal };
+    let fits = py
+        .detach(|| solver::solve_kernels(&snaps, &kernels, &options))
+        .map_err(err)?;
+    let out = PyDict::new(py);
+    let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
+    out.set_item("weights", weight_matrix(py, snaps.len(), &columns)?)?;
+    let col = |f: fn(&solver::KernelFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
+    for (name, f) in [
+        (
+            "fit_error",
+            (|f| f.fit_error) as fn(&solver::KernelFit) -> f64,
+        ),
+        ("cdf_error", |f| f.cdf_error),
+        ("noise_error", |f| f.noise_error),
+        ("gain", |f| f.gain),
+        ("norm", |f| f.norm),
+        ("mass", |f| f.mass),
+        ("initial_mass", |f| f.initial_mass),
+        ("sigma_rel", |f| f.sigma_rel),
+        ("lstsq_fit_error", |f| f.lstsq_fit_error),
+        ("lstsq_gain", |f| f.lstsq_gain),
+        ("resolution", |f| f.resolution),
+        ("extrapolated_mass", |f| f.extrapolated_mass),
+        ("interpolated_mass", |f| f.interpolated_mass),
+        ("point_mass", |f| f.point_mass),
+    ] {
+        out.set_item(name, col(f).into_pyarray(py))?;
+    }
+    let flags = |f: fn(&solver::KernelFit) -> bool| fits.iter().map(f).collect::<Vec<bool>>();
+    out.set_item("regularized", flags(|f| f.regularized).into_pyarray(py))?;
+    out.set_item("poor", flags(|f| f.poor).into_pyarray(py))?;
+    out.set_item(
+        "rank_deficient",
+        flags(|f| f.rank_deficient).into_pyarray(py),
+    )?;
+    Ok(out)
 }
 
 /// Solves for the snapshot weights of every target; returns a dict of numpy arrays.
@@ -421,13 +560,7 @@ impl Sources {
             .detach(|| {
                 inputs
                     .iter()
-                    .map(|files| {
-                        let files = files
-                            .iter()
-                            .map(|p| store::read_header(p))
-                            .collect::<crate::Result<Vec<_>>>()?;
-                        Source::new(files, local)
-                    })
+                    .map(|files| Source::open(files, local))
                     .collect::<crate::Result<Vec<_>>>()
             })
             .map_err(err)?;
@@ -648,19 +781,20 @@ type ScanResult<'py> = (
     Vec<String>,
 );
 
-/// A listed snapshot as an engine input.
-fn snapshot_source(s: &store::Snapshot) -> PyResult<Source> {
-    Source::new(s.files.clone(), false).map_err(err)
-}
-
 /// Lists a store directory; returns (headers of the snapshots, their records, ignored, problems,
 /// incomplete snapshots).
 #[pyfunction]
 fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> {
     let scan = py.detach(|| store::scan(&path)).map_err(err)?;
+    let sources = scan
+        .snapshots
+        .iter()
+        .map(|s| Source::new(s.files.clone(), false))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(err)?;
     let mut records = Vec::with_capacity(scan.snapshots.len());
-    for s in &scan.snapshots {
-        let d = source_dict(py, &snapshot_source(s)?)?;
+    for (s, source) in scan.snapshots.iter().zip(&sources) {
+        let d = source_dict(py, source)?;
         d.set_item("t", s.t)?;
         match s.kind {
             store::Kind::Power { gamma } => {
@@ -679,13 +813,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
         .iter()
         .map(|(p, r)| (p.to_string_lossy().into_owned(), r.clone()))
         .collect();
-    let headers = Sources(
-        scan.snapshots
-            .iter()
-            .map(snapshot_source)
-            .collect::<PyResult<_>>()?,
-    );
-    Ok((headers, records, ignored, scan.problems, scan.incomplete))
+    Ok((
+        Sources(sources),
+        records,
+        ignored,
+        scan.problems,
+        scan.incomplete,
+    ))
 }
 
 /// Block layout: `{name: (global shape, offset)}`.
@@ -743,16 +877,10 @@ fn per_rank_to_files<'py>(
     let (paths, stats) = py
         .detach(|| {
             let sources = inputs
-                .into_iter()
+                .iter()
                 .map(|rank| {
-                    rank.into_iter()
-                        .map(|files| {
-                            let headers = files
-                                .iter()
-                                .map(|p| store::read_header(p))
-                                .collect::<crate::Result<Vec<_>>>()?;
-                            Source::new(headers, true)
-                        })
+                    rank.iter()
+                        .map(|files| Source::open(files, true))
                         .collect::<crate::Result<Vec<_>>>()
                 })
                 .collect::<crate::Result<Vec<_>>>()?;
@@ -837,6 +965,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(solve, m)?)?;
     m.add_function(wrap_pyfunction!(inner, m)?)?;
     m.add_function(wrap_pyfunction!(solve_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(solve_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(scan_store, m)?)?;
     m.add_function(wrap_pyfunction!(shard_layout, m)?)?;

@@ -14,7 +14,7 @@ use safetensors::Dtype;
 use crate::checksum::{resume, Hasher, NOT_IN_PLACE};
 use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
-use crate::header::{is_float, open_regular, read_open, Header, TensorEntry};
+use crate::header::{is_float, open_regular, read_header, read_open, Header, TensorEntry};
 use crate::meta::{shard_id, CHECKSUM};
 use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
 
@@ -151,6 +151,16 @@ impl Source {
             files: vec![header],
             sharded: false,
         }
+    }
+
+    /// Reads the headers of the files at `paths` (their data is not touched) and makes a
+    /// source of them, as [`Source::new`] does.
+    pub fn open(paths: &[PathBuf], local: bool) -> Result<Self> {
+        let files = paths
+            .iter()
+            .map(|p| read_header(p))
+            .collect::<Result<Vec<_>>>()?;
+        Source::new(files, local)
     }
 
     /// A source of these files. Rank files of a sharded snapshot are assembled into global

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod header;
+pub mod kernel;
 pub mod memory;
 pub mod meta;
 pub mod ops;

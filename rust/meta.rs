@@ -81,8 +81,8 @@ fn clip(raw: &str) -> String {
     }
 }
 
-/// `key` as a number in `(0, max]`.
-fn number(header: &Header, key: &str, max: f64) -> Result<f64> {
+/// `key` as a normal (not subnormal) number up to `max`, or 0 as well with `zero`.
+fn number(header: &Header, key: &str, max: f64, zero: bool) -> Result<f64> {
     let raw = header
         .metadata
         .get(key)
@@ -97,12 +97,17 @@ fn number(header: &Header, key: &str, max: f64) -> Result<f64> {
         .map_err(|_| bad(header, key, raw, "is not a number"))?;
     // Subnormal values (5e-324) lose their precision in the profiles' powers: no fit is
     // meaningful there.
-    if !(v >= f64::MIN_POSITIVE && v <= max) {
+    if !((v >= f64::MIN_POSITIVE || (zero && v == 0.0)) && v <= max) {
+        let low = if zero {
+            "0".to_string()
+        } else {
+            format!("{:e}", f64::MIN_POSITIVE)
+        };
         return Err(bad(
             header,
             key,
             raw,
-            &format!("must lie in [{:e}, {max:e}]", f64::MIN_POSITIVE),
+            &format!("must lie in [{low}, {max:e}]"),
         ));
     }
     Ok(v)
@@ -113,10 +118,10 @@ pub fn snapshot(header: &Header) -> Result<Option<SnapshotMeta>> {
     let Some(kind) = header.metadata.get("phema.kind") else {
         return Ok(None);
     };
-    let t = number(header, "phema.t", MAX_T)?;
     let kind = match kind.as_str() {
+        // gamma = 0 is the running mean over (0, t] (docs/kernels.md).
         "power" => Kind::Power {
-            gamma: number(header, "phema.gamma", MAX_GAMMA)?,
+            gamma: number(header, "phema.gamma", MAX_GAMMA, true)?,
         },
         "raw" => Kind::Raw,
         other => {
@@ -128,17 +133,19 @@ pub fn snapshot(header: &Header) -> Result<Option<SnapshotMeta>> {
             ))
         }
     };
+    // Raw weights may be the initial ones (t = 0), which BEMA's default burn-in reads.
+    let t = number(header, "phema.t", MAX_T, kind == Kind::Raw)?;
     if let Some(raw) = header.metadata.get("phema.sigma_rel") {
         let s: f64 = raw
             .trim()
             .parse()
             .map_err(|_| bad(header, "phema.sigma_rel", raw, "is not a number"))?;
-        if !(s > 0.0 && s < SIGMA_REL_MAX) {
+        if !(s > 0.0 && s <= SIGMA_REL_MAX) {
             return Err(bad(
                 header,
                 "phema.sigma_rel",
                 raw,
-                &format!("must lie in (0, {SIGMA_REL_MAX:.4})"),
+                &format!("must lie in (0, {SIGMA_REL_MAX:.4}]"),
             ));
         }
     }
@@ -258,7 +265,8 @@ mod tests {
             ("5e-324", "6.9", "phema.t"),
             ("1e-310", "6.9", "phema.t"),
             ("100", "1e300", "phema.gamma"),
-            ("100", "0", "phema.gamma"),
+            ("100", "-1e-9", "phema.gamma"),
+            ("0", "6.9", "phema.t"),
             ("100", "nan", "phema.gamma"),
         ] {
             let err = snapshot(&power(t, g)).unwrap_err().to_string();
@@ -269,6 +277,10 @@ mod tests {
         }
         let ok = snapshot(&power("4096", "6.94")).unwrap().unwrap();
         assert_eq!((ok.t, ok.kind), (4096.0, Kind::Power { gamma: 6.94 }));
+        let cumulative = snapshot(&power("4096", "0")).unwrap().unwrap();
+        assert_eq!(cumulative.kind, Kind::Power { gamma: 0.0 });
+        let initial = header(&[("phema.kind", "raw"), ("phema.t", "0")]);
+        assert_eq!(snapshot(&initial).unwrap().unwrap().t, 0.0);
         let mut h = power("4096", "6.94");
         h.metadata.insert("phema.sigma_rel".into(), "1e300".into());
         assert!(snapshot(&h)

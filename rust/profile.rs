@@ -8,13 +8,14 @@ use crate::error::{PhemaError, Result};
 /// Largest relative width a power profile can have (`gamma -> 0`): `12^-0.5`.
 pub const SIGMA_REL_MAX: f64 = 0.288_675_134_594_812_9;
 
-/// Relative standard deviation of the power profile with exponent `gamma` (docs/accuracy.md).
+/// Relative standard deviation of the power profile with exponent `gamma` (docs/accuracy.md);
+/// `gamma = 0` is the running mean over `(0, t]` (docs/kernels.md), of width [`SIGMA_REL_MAX`].
 pub fn gamma_to_sigma_rel(gamma: f64) -> Result<f64> {
-    if !(gamma > 0.0 && gamma.is_finite()) {
+    if !(gamma >= 0.0 && gamma.is_finite()) {
         return Err(PhemaError::OutOfRange {
             name: "gamma",
             value: gamma,
-            expected: "must be a finite number > 0".into(),
+            expected: "must be a finite number >= 0".into(),
         });
     }
     Ok(sigma_rel_of(gamma))
@@ -73,7 +74,7 @@ pub enum Profile {
     Power {
         /// Time of the average.
         t: f64,
-        /// Exponent, > 0.
+        /// Exponent, >= 0 (0: the running mean).
         gamma: f64,
     },
     /// Classic EMA `c exp(-c (t - tau))` renormalized on `(0, t]`: the mass `exp(-c t)` that a
@@ -408,7 +409,7 @@ mod tests {
         for s in [0.0, -0.1, SIGMA_REL_MAX, 0.3, f64::NAN, f64::INFINITY] {
             assert!(sigma_rel_to_gamma(s).is_err(), "{s}");
         }
-        for g in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        for g in [-1e-300, -1.0, f64::NAN, f64::INFINITY] {
             assert!(gamma_to_sigma_rel(g).is_err(), "{g}");
         }
         assert!(Profile::from_beta(10.0, 1.0, 1.0).is_err());
@@ -443,6 +444,25 @@ mod tests {
                 assert!(close(got, want, 1e-8), "{p:?} {q:?}: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn gamma_zero_is_the_running_mean() {
+        // The uniform density 1/t on (0, t]: width 12^-0.5, cdf tau/t, <p, p> = 1/t.
+        let p = Profile::power(400.0, 0.0).unwrap();
+        assert!(close(
+            gamma_to_sigma_rel(0.0).unwrap(),
+            SIGMA_REL_MAX,
+            1e-15
+        ));
+        assert!(close(p.cdf(100.0), 0.25, 1e-15) && close(p.density(7.0), 1.0 / 400.0, 1e-15));
+        assert!(close(inner(&p, &p), 1.0 / 400.0, 1e-14));
+        // Two running means: overlap (0, 300] at density 1/(300*400) each.
+        let q = Profile::power(300.0, 0.0).unwrap();
+        assert!(close(inner(&p, &q), 1.0 / 400.0, 1e-14));
+        let e = Profile::from_beta(400.0, 0.99, 1.0).unwrap();
+        let want = simpson(|x| p.density(x) * e.density(x), 0.0, 400.0, 400_000);
+        assert!(close(inner(&p, &e), want, 1e-8));
     }
 
     #[test]

@@ -15,7 +15,7 @@ import pytest
 
 import phema
 from conftest import SIGMA_RELS, listing, make_store, snapshot_metadata
-from phema.cli import main
+from phema.cli import _size, main
 from phema.store import write_snapshot
 
 distributed = pytest.importorskip("distributed")
@@ -159,3 +159,11 @@ def test_cli_workers_and_scheduler(client, tmp_path, capsys):
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
     assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err
+    # Two one-file outputs, one per worker, each task reading every snapshot: the summary gives
+    # the store's size on disk, and the tasks' total apart from it.
+    both = ["reconstruct", str(store), "--sigma-rel", "0.07,0.09", "--out", str(tmp_path / "d")]
+    assert main([*both, "--scheduler", address]) == 0
+    on_disk = sum(os.path.getsize(store / n) for n in os.listdir(store))
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith(f"read 8 snapshots, {_size(on_disk)} ("), summary
+    assert f"{_size(2 * on_disk)} read in all by the cluster's tasks); wrote 2 files" in summary

@@ -19,14 +19,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import traceback
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import ranks
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -280,36 +279,8 @@ WORKERS = {"train": train_worker, "load": load_worker, "run_id": run_id_worker}
 
 
 def run_ranks(mode: str, directory: Path, *args: Any, world: int = WORLD, timeout: float = 120):
-    """Run WORKERS[mode](rank, directory, *args) on `world` gloo ranks; raise if one fails.
-
-    `args` travel as JSON on the command line.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(directory / f"{mode}-rank{rank}.log", "w+")  # noqa: SIM115
-        cmd = [sys.executable, __file__, mode, str(directory), str(rank), str(world)]
-        procs.append(subprocess.Popen([*cmd, *map(json.dumps, args)], stderr=log, env=env))
-        logs.append(log)
-    deadline = time.monotonic() + timeout
-    try:
-        # A failed rank leaves the others waiting in a collective: stop them all at once.
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll()]
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        codes = [p.poll() for p in procs]
-        if codes != [0] * world:
-            rank = next(i for i, c in enumerate(codes) if c not in (0, None)) if any(codes) else 0
-            logs[rank].seek(0)
-            raise RuntimeError(f"rank {rank} of {world}: exit {codes}\n{logs[rank].read()}")
-    finally:
-        for p, log in zip(procs, logs):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+    """Run WORKERS[mode](rank, directory, *args) on `world` gloo ranks; raise if one fails."""
+    ranks.run_ranks(__file__, mode, directory, *args, world=world, timeout=timeout)
 
 
 def make_sharded_and_plain_stores(tmp_path: Path, steps: int = 24, every: int = 8):
@@ -708,24 +679,4 @@ def test_per_rank_needs_a_sharded_store(run, tmp_path):
 
 
 if __name__ == "__main__":
-    mode, directory, rank, world, *rest = sys.argv[1:]
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.abspath(directory)}/rendezvous-{mode}",
-        rank=int(rank),
-        world_size=int(world),
-    )
-    code = 0
-    try:
-        WORKERS[mode](int(rank), Path(directory), *map(json.loads, rest))
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        torch.distributed.destroy_process_group()
-    # gloo's worker threads may still free a finished collective's tensors while the interpreter
-    # finalizes, which aborts the process ("terminate called without an active exception", a
-    # torch shutdown race); every result is on disk by now, so leave without finalizing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    ranks.rank_main(WORKERS)

@@ -267,3 +267,84 @@ def test_hf_checkpoints_are_plain_checkpoints_for_open_checkpoints(tmp_path):
     store = phema.open_checkpoints(runs)
     assert [s.t for s in store.snapshots] == [10, 20, 30]
     json.dumps(phema.solve(store, sigma_rels=[0.2]).to_json())
+
+
+def test_a_trainer_output_dir_with_the_callbacks_store_reconstructs_from_its_checkpoints(
+    tmp_path, capsys
+):
+    """README's `phema reconstruct out/ --checkpoints … --like …` on a directory the Hugging Face
+    callback wrote to: its store `out/phema/` and the logs beside the checkpoints are no
+    checkpoints; each is named in a note, and the output loads with `from_pretrained`."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    runs = tmp_path / "out"
+    with phema.PostHocEMA(model, runs / "phema", sigma_rels=(0.05, 0.1), snapshot_every=1) as ema:
+        for step in (10, 20, 30):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            ema.update()
+            model.save_pretrained(runs / f"checkpoint-{step}")
+    (runs / "runs").mkdir()
+    (runs / "runs" / "events.out.tfevents.1").write_bytes(b"log")
+    args = ["reconstruct", str(runs), "--checkpoints", "--sigma-rel", "0.2", "--allow-poor-fit"]
+    assert main([*args, "--like", str(runs / "checkpoint-30"), "--out", str(tmp_path / "ema")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: ignored {runs / 'phema'}: a phema store" in out
+    assert f"note: ignored {runs / 'runs'}: no .safetensors file" in out
+    store = phema.open_checkpoints(runs)
+    assert [s.t for s in store.snapshots] == [10, 20, 30]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ema" / "sigma_rel-0.200")
+    assert loaded.dtype == torch.float32  # the checkpoints' own dtype
+    sd = phema.reconstruct_state_dict(store, sigma_rel=0.2, allow_poor_fit=True)
+    got = loaded.state_dict()
+    assert sd and all(torch.equal(got[k], v) for k, v in sd.items())
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_the_sweeps_winner_and_an_average_load_with_from_pretrained_in_the_models_dtype(
+    tmp_path, capsys
+):
+    """Every command that writes weights takes `like`; without it they keep the model's dtype
+    (a float32 model's winner is float32; fp16 is only the snapshots' format)."""
+    store, ckpt, model = _train_gpt2(tmp_path)
+    x = torch.randint(0, 64, (2, 8))
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"loss": float(m(x, labels=x).loss)}
+
+    result = phema.sweep(store, model, evaluate, sigma_rels=[0.05, 0.08], progress=False)
+    best = result.best("loss")
+    result.save_best(tmp_path / "plain", "loss")
+    assert {v.dtype for v in _weights(tmp_path / "plain").values()} == {torch.float32}
+    written = result.save_best(tmp_path / "best", "loss", like=ckpt)
+    target = os.path.commonpath(written)
+    assert {"model.safetensors", "config.json"} <= set(os.listdir(target))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(target).eval()
+    phema.load_into(model, best.state_dict)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+    # An average of two checkpoints, laid out like one: config.json beside model.safetensors.
+    other = tmp_path / "checkpoint-12"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    model.save_pretrained(other)
+    args = ["average", ckpt, str(other), "--like", ckpt, "--out", str(tmp_path / "soup")]
+    assert main(args) == 0
+    assert "config.json" in capsys.readouterr().out
+    soup = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "soup").eval()
+    first = transformers.AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    second = model.state_dict()
+    for k, v in soup.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, (first[k] + second[k]) / 2, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.load_state_dict({k: (first[k] + second[k]) / 2 for k in first})
+        torch.testing.assert_close(soup(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)

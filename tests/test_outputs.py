@@ -140,6 +140,15 @@ def test_labels_are_short_and_distinct():
     assert label("beta", 0.9999) == "beta-0.9999"
     assert label("beta", 0.99999991) != label("beta", 0.99999992)
     assert label("halflife", 500.0) == "halflife-500"
+    # The README's grid: float noise stays out of names, every name reads back as its value.
+    grid = np.geomspace(0.01, 0.25, 17)
+    assert grid[8] != 0.05 and label("sigma_rel", grid[8]) == "sigma_rel-0.050"
+    names = [label("sigma_rel", v) for v in grid]
+    assert len(set(names)) == len(grid)
+    for v, name in zip(grid, names, strict=True):
+        digits = name.removeprefix("sigma_rel-")
+        assert abs(float(digits) - v) <= 5e-12 * v and len(digits.lstrip("0.")) <= 12
+    assert label("beta", 1 - 1e-4 * 3) == "beta-0.9997"  # 0.9997000000000000...3
 
 
 def test_solution_of_another_store_is_refused(small_store, tmp_path):

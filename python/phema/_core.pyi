@@ -79,6 +79,16 @@ def solve(
     noise: float,
     causal: bool = False,
 ) -> dict[str, np.ndarray]: ...
+def solve_kernels(
+    snapshots: Sequence[tuple[str, float, float, tuple[Sequence[float], Sequence[float]] | None]],
+    kernels: Sequence[tuple[str, float, Sequence[float], str]],
+    noise: float,
+    causal: bool = False,
+) -> dict[str, np.ndarray]:
+    """Snapshots `(power|raw|steps, t, gamma, (edges, weights) | None)`; kernels
+    `(kind, t, params, shape)`: power [gamma], beta [beta, dt], halflife [halflife],
+    window [width], last [count], merge [width] + shape, bema [tau, phi, kappa, eta, rho, gamma]."""
+
 def solve_raw(
     times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False
 ) -> dict[str, np.ndarray]: ...

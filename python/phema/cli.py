@@ -156,12 +156,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ]
             print(_table(rows, ["t", "sigma_rel", "dtype", "size", "file"]))
         _print_feasible(store)
-    for path, why in store.ignored:
-        print(f"note: ignored {path}: {why}")
+    _print_ignored(store)
     for p in store.problems + store.incomplete:
         print(f"problem: {p}")
     changed = _verify(store) if args.verify else 0
     return 1 if store.problems or store.incomplete or changed else 0
+
+
+def _print_ignored(store: Store) -> None:
+    for path, why in store.ignored:
+        print(f"note: ignored {path}: {why}")
 
 
 def _verify(store: Store) -> int:
@@ -294,14 +298,22 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     sol = written.solution
     rows = _report_rows(sol, [[o] for o in _outputs_per_column(written, args.out)])
     print(_table(rows, [*_REPORT, "output"]))
-    stats = written.stats
-    print(
-        f"read {len(stats['read'])} snapshots, {_size(stats['bytes_read'])}; "
-        f"wrote {_count(len(written), 'file')}"
-    )
+    print(f"{_read_summary(store, written.stats)}; wrote {_count(len(written), 'file')}")
     for n in sol.notes:
         print(f"note: {n}")
+    if args.checkpoints:  # a store's stray files are inspect's business
+        _print_ignored(store)
     return 0
+
+
+def _read_summary(store: Store, stats: dict[str, Any]) -> str:
+    """What was read: the snapshots and their size on disk; on a cluster, whose tasks may each
+    read a snapshot for their share of the outputs, also the bytes read in all."""
+    size = sum(store.snapshots[i].size for i in stats["read"])
+    text = f"read {_count(len(stats['read']), 'snapshot')}, {_size(size)}"
+    if stats["bytes_read"] > size:
+        text += f" ({_size(stats['bytes_read'])} read in all by the cluster's tasks)"
+    return text
 
 
 def _count(n: int, what: str) -> str:
@@ -360,6 +372,7 @@ def cmd_average(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not args.quiet,
             stats=stats,
             client=client,
+            like=args.like,
         )
     for w in caught:
         print(f"note: {w.message}")
@@ -404,6 +417,9 @@ def _load_callable(spec: str, flag: str) -> Any:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
+            # As `python -m`: modules in the working directory are importable.
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(where)
     except ModuleNotFoundError as e:
         raise UserError(f"{flag} {spec!r}: no module {e.name!r}") from None
@@ -474,18 +490,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     for w in caught:
         print(f"note: {w.message}")
-    for row in result.rows:
-        if id(row) not in shown:  # taken from an earlier run's results
-            show(row)
+    reused = [row for row in result.rows if id(row) not in shown]
+    for row in reused:
+        show(row)
+    if result.raw is not None and result.raw.metrics:
+        show(result.raw)
     if not result.rows:
         raise UserError("no target could be evaluated (see the notes)")
+    csv = os.path.join(args.out, "sweep.csv")
+    if reused:
+        print(f"note: {_count(len(reused), 'row')} reused from the earlier results in {csv}")
     best = result.best(args.metric, args.mode)
     metric = args.metric or result.metric_names[0]
     png = result.plot(os.path.join(args.out, "sweep.png"), metric, args.mode)
-    [path] = result.save_best(args.out, metric, args.mode, dtype=args.dtype)
+    written = result.save_best(args.out, metric, args.mode, dtype=args.dtype, like=args.like)
+    path = os.path.commonpath(written) if args.like else written[0]
+    baseline = ""
+    if result.raw is not None and metric in result.raw.metrics:
+        baseline = f" (raw weights: {result.raw.metrics[metric]:.6g})"
     print(
-        f"best {metric} {best.metrics[metric]:.6g} at {best.label} (t={best.t:g}); "
-        f"wrote {path}, {png} and {os.path.join(args.out, 'sweep.csv')}"
+        f"best {metric} {best.metrics[metric]:.6g}{baseline} at {best.label} (t={best.t:g}); "
+        f"wrote {path}, {png} and {csv}"
     )
     return 0
 
@@ -525,9 +550,11 @@ def _metadata(path: str) -> dict[str, str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.emag:
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps {args.steps}: need at least 1 training step")
         from phema.guidance.digits import run_demo as run_emag_demo
 
-        run_emag_demo(out=args.out, seed=args.seed)
+        run_emag_demo(out=args.out, seed=args.seed, train_steps=args.steps)
         return 0
     from phema.demo.run import run_demo
 
@@ -537,15 +564,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless the help says it), examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # 0 is a default to show
+        if unset or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+STORE_HELP = (
+    "a phema store: the directory PostHocEMA (or `phema import`) writes snapshots into; "
+    "with --checkpoints, a directory of ordinary checkpoints"
+)
+
+# One example per command, shown under its --help.
+EXAMPLES = {
+    "inspect": "phema inspect runs/ema\n  phema inspect ckpts/ --checkpoints --verify",
+    "solve": "phema solve runs/ema --sigma-rel 0.05:0.25:0.05\n"
+    "  phema solve runs/ema --beta 0.999,0.9999 --dt 1 --at 50000",
+    "reconstruct": "phema reconstruct runs/ema --sigma-rel 0.1 --out ema-0.1\n"
+    "  phema reconstruct out/ --checkpoints --sigma-rel 0.1 --like out/checkpoint-500 "
+    "--out ema",
+    "sweep": "phema sweep runs/ema --sigma-rel 0.02:0.2:0.02 --model my_model:build "
+    "--eval my_model:evaluate --out sweep --mode max",
+    "average": "phema average ckpt-100 ckpt-200 ckpt-300 --out soup\n"
+    "  phema average a.safetensors b.safetensors --weights 0.7,0.3 --out mix",
+    "import": "phema import ema-pytorch results/ runs/imported --sigma-rel 0.05,0.28",
+    "demo": "phema demo --out phema-demo",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `phema`."""
     p = argparse.ArgumentParser(
         prog="phema",
         description="Post-hoc EMA: rebuild the weights any EMA length would have given.",
+        epilog="COMMAND --help shows each command's options, defaults and an example.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"phema {_core.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=kw.pop("description", help),
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_HelpFormatter,
+            **kw,
+        )
 
     def raw(s: argparse.ArgumentParser) -> None:
         g = s.add_argument_group(
@@ -559,8 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         g.add_argument("--pattern", help="regex whose last match in a name is its time")
 
-    s = sub.add_parser("inspect", help="what a store holds: times, profiles, sizes, problems")
-    s.add_argument("store")
+    s = command("inspect", "what a store holds: times, profiles, sizes, problems")
+    s.add_argument("store", metavar="STORE", help=STORE_HELP)
     s.add_argument("-v", "--verbose", action="store_true", help="list every snapshot")
     s.add_argument(
         "--verify",
@@ -571,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     def targets(s: argparse.ArgumentParser, times: str = "one") -> None:
-        s.add_argument("store")
+        s.add_argument("store", metavar="STORE", help=STORE_HELP)
         s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
         s.add_argument("--gamma", help="power-function exponents, e.g. 6.94,16.97")
         s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
@@ -602,6 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         raw(s)
 
+    def like(s: argparse.ArgumentParser, what: str) -> None:
+        s.add_argument(
+            "--like",
+            metavar="CHECKPOINT_DIR",
+            help=f"{what} as a directory laid out like this transformers/diffusers checkpoint "
+            "(weights file, dtype, config and tokenizer files), for from_pretrained",
+        )
+
     def engine(s: argparse.ArgumentParser) -> None:
         s.add_argument("--threads", type=int, help="worker threads (default: all cores)")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -611,12 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--scheduler", metavar="ADDRESS", help="e.g. tcp://HOST:8786")
         g.add_argument("--workers", type=int, metavar="N", help="a local cluster of N processes")
 
-    s = sub.add_parser("solve", help="weights, fit error and gain per target")
+    s = command("solve", "weights, fit error and gain per target")
     targets(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_solve)
 
-    s = sub.add_parser("reconstruct", help="write the averaged weights for every target")
+    s = command("reconstruct", "write the averaged weights for every target")
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
@@ -626,12 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not verify the snapshots' checksums as they are read (docs/store-format.md)",
     )
     s.add_argument("--shard-size", help="split outputs into shards of this size, e.g. 2GB")
-    s.add_argument(
-        "--like",
-        metavar="CHECKPOINT_DIR",
-        help="write each target as a directory laid out like this transformers/diffusers "
-        "checkpoint (weights file, dtype, config and tokenizer files), for from_pretrained",
-    )
+    like(s, "write each target")
     s.add_argument(
         "--per-rank",
         action="store_true",
@@ -647,9 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster(s)
     s.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser(
+    s = command(
         "sweep",
-        help="evaluate every target with your model and metric: table, CSV, figure, best weights",
+        "evaluate every target with your model and metric: table, CSV, figure, best weights",
     )
     targets(s, times="many")
     s.add_argument("--model", required=True, help="MODULE:NAME or FILE.py:NAME making the model")
@@ -662,13 +737,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", help="raw-weights checkpoint to evaluate as the baseline")
     s.add_argument("--metric", help="metric choosing the best (default: the first)")
     s.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher wins")
-    s.add_argument("--dtype", default="f16", help="dtype of the best weights written")
+    s.add_argument(
+        "--dtype",
+        help="dtype of the best weights written (default: the model's; with --like: the "
+        "checkpoint's)",
+    )
+    like(s, "write the best weights")
     engine(s)
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser(
-        "average", help="weighted average of checkpoints (SWA, soups) in bounded memory"
-    )
+    s = command("average", "weighted average of checkpoints (SWA, soups) in bounded memory")
     s.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help=".safetensors file or checkpoint directory"
     )
@@ -676,34 +754,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
+    like(s, "write the average")
     engine(s)
     cluster(s)
     s.set_defaults(func=cmd_average)
 
-    s = sub.add_parser(
+    s = command(
         "import",
-        help="write another project's EMA snapshots or checkpoints as a phema store",
+        "write another project's EMA snapshots or checkpoints as a phema store",
         description="KIND: edm2 (network-snapshot-*.pkl, training-state-*.pt), ema-pytorch "
-        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth). "
-        "See docs/importers.md.",
+        "(PostHocEMA folder of {ind}.{step}.pt), lightning (.ckpt), timm (.pth), dcp "
+        "(PyTorch Distributed Checkpoint directories). See docs/importers.md.",
     )
-    s.add_argument("kind", choices=["edm2", "ema-pytorch", "lightning", "timm"])
+    s.add_argument(
+        "kind",
+        choices=["edm2", "ema-pytorch", "lightning", "timm", "dcp"],
+        help="the source's format",
+    )
     s.add_argument("src", help="the run's directory (or one file)")
-    s.add_argument("store", help="the phema store to write (a new or empty directory)")
+    s.add_argument(
+        "store", metavar="STORE", help="the phema store to write (a new or empty directory)"
+    )
     s.add_argument("--sigma-rel", help="ema-pytorch: the sigma_rels of the run, one per ind")
     s.add_argument(
         "--update-every", type=int, help="ema-pytorch: the run's update_every (its default: 100)"
     )
-    s.add_argument("--times", help="lightning/timm: training times in file-name order")
+    s.add_argument("--times", help="lightning/timm/dcp: training times in name order")
     s.add_argument("--strip-prefix", help="remove this prefix from tensor names, e.g. model.")
     s.add_argument("--dtype", help="f16, bf16 or f32 (default: the source's)")
     s.add_argument("--append", action="store_true", help="add to the run already stored in STORE")
     s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("demo", help="train a toy model, sweep EMA lengths, draw the result")
-    s.add_argument("--out", default="phema-demo", help="output directory (default: phema-demo)")
-    s.add_argument("--steps", type=int, default=None, help="training steps")
-    s.add_argument("--seed", type=int, default=0)
+    s = command("demo", "train a toy model, sweep EMA lengths, draw the result")
+    s.add_argument("--out", default="phema-demo", help="output directory")
+    s.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: 4096; --emag: 1500)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed of data, model and training")
     s.add_argument(
         "--emag",
         action="store_true",
@@ -718,6 +805,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`phema inspect S | head`): end quietly, as `cat` does. Standard
+        # output points at /dev/null so that the interpreter's last flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserCodeError as e:
         import traceback
 

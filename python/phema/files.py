@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from phema import _core
+from phema import _core, naming
 from phema.errors import InvalidValueError
 from phema.naming import _NEVER_COPIED, LIKE_COPIED, LIKE_WEIGHTS
 
@@ -188,12 +188,37 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     if os.path.exists(single):
         return [single]
     found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if len(found) == 1:
+    if len(found) == 1 and not naming.is_partial_shard(found[0]):
         return [os.path.join(path, found[0])]
+    if found and all(naming.is_partial_shard(n) for n in found):
+        raise InvalidValueError(
+            f"{path}: shards of a sharded checkpoint without its index ({found[0]}, ...): an "
+            "interrupted or incomplete write; nothing here is a whole checkpoint"
+        )
     raise InvalidValueError(
         f"{path}: expected model.safetensors, {INDEX} or a single .safetensors file "
         f"(found {len(found)} .safetensors files)"
     )
+
+
+def not_a_checkpoint(path: str) -> str | None:
+    """Why the directory `path`, found among checkpoints, is none (None: it may be one).
+
+    A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
+    callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
+    # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
+    if not os.path.isdir(path) or any(
+        os.path.exists(os.path.join(path, n))
+        for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")
+    ):
+        return None
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not found:
+        return "no .safetensors file: not a checkpoint"
+    [described] = _core.Sources([[os.path.join(path, found[0])]]).describe()
+    if "phema.kind" in described["metadata"]:
+        return "a phema store (its files are phema snapshots), not a checkpoint"
+    return None
 
 
 def copy_like_files(layout: LikeLayout, target: str) -> list[str]:

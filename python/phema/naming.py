@@ -62,6 +62,16 @@ def has_rank_suffix(name: str) -> bool:
     return bool(_RANK_SUFFIX.search(name.removesuffix(".safetensors")))
 
 
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+
+
+def is_partial_shard(name: str) -> bool:
+    """Whether `name` is one shard (`model-00001-of-00003.safetensors`) of several: alone, it is
+    not a checkpoint."""
+    found = _SHARD.search(name)
+    return found is not None and int(found.group(2)) > 1
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether a tensor name matches a pattern: shell-style (`fnmatch`), case-sensitive, `*`
     also matching dots, as every tensor-name pattern phema takes."""
@@ -94,12 +104,17 @@ def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
 
 
 def value_text(value: float, fmt: str) -> str:
-    """`value` in the short format `fmt` when that reads back as the same number, else in full.
+    """`value` in the short format `fmt` when that reads back as the same number, else in the
+    fewest digits that do, to 12 significant digits (a grid from `np.geomspace` reads `0.05`,
+    not `0.049999999999999996`).
 
-    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), and the
-    usual ones keep their short names (`0.100`, `0.999`)."""
+    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), the usual
+    ones keep their short names (`0.100`, `0.999`), and float arithmetic's last-digit noise
+    stays out of file names. Values equal to 12 significant digits share a label, and
+    `reconstruction_stems` refuses them as one target given twice."""
+    rounded = f"{value:.12g}"
     short = format(value, fmt)
-    return short if float(short) == value else repr(float(value))
+    return short if float(short) == float(rounded) else rounded
 
 
 def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:

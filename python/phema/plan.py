@@ -101,8 +101,8 @@ def output_metadata(plan: Plan, o: int, store: Store) -> dict[str, str]:
 def check_like(store: Store, layout: files.LikeLayout) -> str:
     """The dtype of the checkpoint `layout` describes; raises unless the store holds every
     tensor it holds, under the same names and shapes (tied aliases count)."""
-    files = checkpoint_files(layout.source)
-    [described] = _core.Sources([files]).describe()
+    paths = checkpoint_files(layout.source)
+    [described] = _core.Sources([paths]).describe()
     theirs = {name: tuple(shape) for name, _, shape in described["tensors"]}
     ours = {name: tuple(shape) for name, _, shape in store.tensors}
     tied = (

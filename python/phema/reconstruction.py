@@ -25,7 +25,7 @@ from phema.plan import (
     tied_aliases,
 )
 from phema.solver import Solution
-from phema.store import Store, normalize_dtype, open_store
+from phema.store import Store, dominant_dtype, normalize_dtype, open_store
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ def reconstruct(
     written, unless `allow_poor_fit` (their outputs then carry `phema.poor_fit`).
     The checksum of every snapshot read whole is verified as it is read (docs/store-format.md),
     unless `verify` is False.
+
+    `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
+    of a store of ordinary checkpoints; phema snapshots give float16, their format.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -181,7 +184,7 @@ def write_outputs(
         layout = like_layout(like)
         like_dtype = check_like(store, layout)
         dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or "float16")
+    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
     labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
@@ -201,26 +204,32 @@ def write_outputs(
         os.mkdir(d)
         made.append(d)
     outputs = []
-    for o, name in enumerate(labels):
-        if layout is None:
-            path = os.path.join(out, name if shard_size else name + ".safetensors")
-        elif layout.shard_size:
-            path, shard_size = os.path.join(out, name), layout.shard_size
-        else:
-            if not os.path.isdir(os.path.join(out, name)):
-                os.makedirs(os.path.join(out, name))
-                made.append(os.path.join(out, name))
-            path = os.path.join(out, name, layout.weights)
-        outputs.append(
-            {
-                "path": path,
-                "dtype": dtype,
-                "metadata": output_metadata(plan, o, store),
-                "shard_size": shard_size,
-                "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
-            }
-        )
+    copied: list[str] = []
     try:
+        for o, name in enumerate(labels):
+            if layout is None:
+                path = os.path.join(out, name if shard_size else name + ".safetensors")
+            else:
+                target = os.path.join(out, name)
+                if not os.path.isdir(target):
+                    os.mkdir(target)
+                    made.append(os.path.abspath(target))
+                # The configuration first, the weights last: an interrupted run leaves a
+                # directory without weights, which no listing takes for a checkpoint.
+                copied += copy_like_files(layout, target)
+                if layout.shard_size:
+                    path, shard_size = target, layout.shard_size
+                else:
+                    path = os.path.join(target, layout.weights)
+            outputs.append(
+                {
+                    "path": path,
+                    "dtype": dtype,
+                    "metadata": output_metadata(plan, o, store),
+                    "shard_size": shard_size,
+                    "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
+                }
+            )
         paths, run_stats = combine_to_files(
             store.headers,
             plan.weights,
@@ -234,17 +243,24 @@ def write_outputs(
             verify=verify,
         )
     except BaseException:
-        for directory in reversed(made):
+        # What this run made goes again, innermost first; files copied over an earlier
+        # output's stay.
+        here = [p for p in copied if os.path.abspath(os.path.dirname(p)) in made]
+        for path in here + made[::-1]:
             with contextlib.suppress(OSError):
-                os.rmdir(directory)
+                (os.rmdir if path in made else os.remove)(path)
         raise
     if stats is not None:
         stats.update(run_stats)
-    copied = []
-    if layout is not None:
-        for name in labels:
-            copied += copy_like_files(layout, os.path.join(out, name))
     return _result(plan, labels, paths, run_stats, copied)
+
+
+def _checkpoints_dtype(store: Store) -> str | None:
+    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    phema snapshots (their float16 is the snapshot format, not the model's)."""
+    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
+        return None
+    return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
 
 
 def _result(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from phema import _core, meta
+from phema.dcp import Staging, is_dcp
 from phema.errors import InvalidValueError
-from phema.files import checkpoint_files
+from phema.files import checkpoint_files, not_a_checkpoint
 
 _DTYPES = {
     "float16": "F16",
@@ -68,8 +70,8 @@ class SnapshotRecord:
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote parts of it (1 for an ordinary snapshot)."""
-        return len(self.paths)
+        """How many ranks wrote parts of it (1 for an ordinary snapshot or a checkpoint)."""
+        return len(self.paths) or 1
 
 
 @dataclass
@@ -213,8 +215,8 @@ def open_checkpoints(
 ) -> Store:
     """Ordinary checkpoints as a store of plain weights (snapshots of kind `raw`).
 
-    `path_or_paths` is a directory whose entries are checkpoints (files or checkpoint
-    directories), or a list of checkpoints. Each one's training time comes from `times`, else
+    `path_or_paths` is a directory whose entries are checkpoints (files, checkpoint directories
+    or PyTorch DCP directories, docs/importers.md), or a list of checkpoints. Each one's training time comes from `times`, else
     from its metadata (`phema.t`, `step` or `global_step`), else from the last number in its name
     matched by `pattern`. `phema.solve` and `phema.reconstruct` accept the result.
     """
@@ -229,21 +231,49 @@ def open_checkpoints(
             if not n.startswith(".")
             and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
         ]
+        ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
+        entries = [e for e in entries if e not in dict(ignored)]
     else:
         root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
         entries = [os.fspath(p) for p in path_or_paths]
+        ignored = []
     if not entries:
         raise InvalidValueError(f"{root}: no checkpoints found")
     _check_count(len(entries))
     if times is not None and len(times) != len(entries):
         raise InvalidValueError(f"{len(times)} times for {len(entries)} checkpoints")
-    files = [checkpoint_files(e) for e in entries]
-    sources = _core.Sources(files)
-    described = sources.describe()
     try:
         regex = re.compile(pattern)
     except (re.error, TypeError) as e:
         raise InvalidValueError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+    # DCP checkpoints are converted for the engine; the files live as long as the Store.
+    staging = Staging() if any(is_dcp(e) for e in entries) else None
+    try:
+        files = [
+            staging.files(e) if staging is not None and is_dcp(e) else checkpoint_files(e)
+            for e in entries
+        ]
+        store = _checkpoint_store(entries, files, times, regex, root, listed, ignored)
+    except BaseException:
+        if staging is not None:
+            staging.close()
+        raise
+    if staging is not None:
+        weakref.finalize(store, staging.close)
+    return store
+
+
+def _checkpoint_store(
+    entries: list[str],
+    files: list[list[str]],
+    times: Sequence[float] | None,
+    regex: re.Pattern[str],
+    root: str,
+    listed: bool,
+    ignored: list[tuple[str, str]],
+) -> Store:
+    sources = _core.Sources(files)
+    described = sources.describe()
     records = []
     for i, (entry, d) in enumerate(zip(entries, described)):
         name = os.path.basename(entry.rstrip("/")).removesuffix(".safetensors")
@@ -275,7 +305,7 @@ def open_checkpoints(
     return Store(
         path=root,
         snapshots=[records[i] for i in order],
-        ignored=[],
+        ignored=ignored,
         problems=[],
         headers=sources.select(order),
         listed=listed,

@@ -28,6 +28,7 @@ from phema.demo.model import (
 from phema.demo.plots import plot_profiles, plot_samples
 from phema.demo.tree import GaussianMixture, tree_mixture
 from phema.errors import InvalidValueError
+from phema.files import write_atomically
 from phema.solver import Solution
 from phema.sweeps import SweepResult, SweepRow
 from phema.tracker import PostHocEMA
@@ -496,5 +497,5 @@ def _report(
         "",
     ]
     path = out / "report.md"
-    files.write_atomically(path, "\n".join(md).encode())
+    write_atomically(path, "\n".join(md).encode())
     return path

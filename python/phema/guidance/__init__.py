@@ -7,6 +7,8 @@ the method, every choice made where the paper left one open, and the API.
 
 from __future__ import annotations
 
+from phema.guidance.compose import APG, CADS, cfg_additive
 from phema.guidance.emag import EMAG, Schedule
+from phema.guidance.pipeline import EMAGPipeline
 
-__all__ = ["EMAG", "Schedule"]
+__all__ = ["APG", "CADS", "EMAG", "EMAGPipeline", "Schedule", "cfg_additive"]

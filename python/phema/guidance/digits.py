@@ -14,6 +14,8 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from phema import files
-from phema.guidance.emag import EMAG, Schedule
+from phema.guidance.compose import APG, CADS
+from phema.guidance.emag import EMAG
 
-METHODS = ("cfg", "emag", "emag-q")
+# Guidance methods: CFG alone; CFG + EMAG (Eq. 14 + 15), EMAG-Q, EMAG + APG, CADS + EMAG; the
+# conditional model alone ("cond", no guidance) and EMAG as its only guidance ("emag-only").
+METHODS = ("cfg", "emag", "emag-q", "emag+apg", "emag+cads", "cond", "emag-only")
 NUM_CLASSES = 10
 T_TRAIN = 1000
 
@@ -103,9 +108,15 @@ class DigitsDiT(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, emag: EMAG | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        emag: EMAG | None = None,
+        condition: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Predict the noise in `x` ([B, 1, 8, 8]) at timesteps `t` for classes `y`."""
+        """Predict the noise in `x` ([B, 1, 8, 8]) at timesteps `t` for classes `y`;
+        `condition` transforms the class embeddings (CADS)."""
         b, p = x.shape[0], self.patch
         g = 8 // p
         tok = x.view(b, 1, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, p * p)
@@ -113,7 +124,10 @@ class DigitsDiT(nn.Module):
         half = self.width // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device) / half)
         args = t.to(torch.float32)[:, None] * freqs[None]
-        c = self.t_mlp(torch.cat([args.cos(), args.sin()], dim=-1)) + self.y_emb(y)
+        ye = self.y_emb(y)
+        if condition is not None:
+            ye = condition(ye)
+        c = self.t_mlp(torch.cat([args.cos(), args.sin()], dim=-1)) + ye
         for i, block in enumerate(self.blocks):
             h = block(h, c, i, emag)
         shift, scale = self.final_ada(c).unsqueeze(1).chunk(2, dim=-1)
@@ -179,39 +193,48 @@ class SampleStats:
 
 
 def make_emag(method: str, emag_scale: float = 3.0, cfg_scale: float = 1.5) -> EMAG | None:
-    """The EMAG object for a method name (None for plain CFG): middle layers 2 and 3 of 6, the
-    DiT schedule (scaled to the run's step count), beta 0.988, lambda 1."""
-    if method == "cfg":
-        return None
+    """The EMAG object of a method (None for "cfg" and "cond"): the DiT reference preset
+    (:meth:`EMAG.dit`: schedule, feed, selection) on middle layers 2 and 3 of 6."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: need one of {', '.join(METHODS)}")
-    return EMAG(
+    if method in ("cfg", "cond"):
+        return None
+    return EMAG.dit(
         [2, 3],
         emag_scale=emag_scale,
         cfg_scale=cfg_scale,
-        schedule=Schedule.dit(),
         queries=method == "emag-q",
         num_layers=6,
     )
+
+
+# CADS on the class embedding: the DiT reference's t1, t2, noise scale and psi (its linear
+# schedule in the CADS paper's normalized time, 1 = noise).
+DIGITS_CADS = CADS(t1=0.475, t2=0.9, noise_scale=0.006, psi=1.0)
 
 
 @torch.no_grad()
 def sample(
     model: DigitsDiT,
     labels: torch.Tensor,
-    emag: EMAG | None,
+    method: str = "cfg",
     *,
     cfg_scale: float = 1.5,
+    emag_scale: float = 3.0,
     steps: int = 50,
     seed: int = 0,
     batch_size: int = 500,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Deterministic DDIM (eta = 0, x0 clipped to [-1, 1]) with CFG, plus EMAG when `emag` is
-    given; the initial noise comes from `seed`, so every method starts from the same noise."""
+    """Deterministic DDIM (eta = 0, x0 clipped to [-1, 1]) with the guidance of `method`
+    (:data:`METHODS`); the initial noise comes from `seed`, so every method starts from the
+    same noise. EMAG + APG: Eq. 14 on the conditional branch, then :meth:`APG.dit` in x0 space."""
+    emag = make_emag(method, emag_scale=emag_scale, cfg_scale=cfg_scale)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((labels.shape[0], 1, 8, 8), generator=gen)
+    cads_gen = torch.Generator().manual_seed(seed + 1)
     ab = alphas_cumprod()
     ts = torch.linspace(T_TRAIN - 1, 0, steps).round().long()
+    unconditional = method in ("cond", "emag-only")
     out = []
     start = time.perf_counter()
     peak_avg = 0
@@ -219,28 +242,52 @@ def sample(
         x = noise[lo : lo + batch_size].clone()
         y = labels[lo : lo + batch_size]
         n = x.shape[0]
-        y2 = torch.cat([y, torch.full_like(y, NUM_CLASSES)])
+        yb = y if unconditional else torch.cat([y, torch.full_like(y, NUM_CLASSES)])
+        apg = APG.dit() if method == "emag+apg" else None
         if emag is not None:
             emag.reset()
         for i in range(steps):
             t = ts[i]
-            tb = t.expand(2 * n)
-            x2 = torch.cat([x, x])
-            if emag is None:
-                eps2 = model(x2, tb, y2)
-            else:
-                with emag.positive(rows=slice(0, n)):
-                    eps2 = model(x2, tb, y2, emag)
-            eps_c, eps_u = eps2[:n], eps2[n:]
-            eps_n = None
-            if emag is not None and emag.active(i, steps):
-                with emag.negative():
-                    eps_n = model(x, tb[:n], y, emag)
-            if emag is None:
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
-            else:
-                eps = emag.guide(eps_u, eps_c, eps_n, cfg_scale=cfg_scale)
             a = ab[t]
+            condition = None
+            if method == "emag+cads":
+                tn = float(t) / (T_TRAIN - 1)
+
+                def condition(e: torch.Tensor, tn: float = tn) -> torch.Tensor:
+                    return DIGITS_CADS(e, tn, generator=cads_gen)
+
+            xb = x if unconditional else torch.cat([x, x])
+            tb = t.expand(xb.shape[0])
+            active = emag is not None and emag.begin_step(i, steps)
+            recording = (
+                nullcontext()
+                if emag is None
+                else emag.positive(
+                    rows=slice(0, n), uncond_rows=None if unconditional else slice(n, 2 * n)
+                )
+            )
+            with recording:
+                eps2 = model(xb, tb, yb, emag, condition)
+            eps_c = eps2[:n]
+            eps_u = None if unconditional else eps2[n:]
+            eps_n = None
+            if active:
+                assert emag is not None
+                with emag.negative():
+                    eps_n = model(x, tb[:n], y, emag, condition)
+            if method == "cond":
+                eps = eps_c
+            elif emag is None:
+                assert eps_u is not None
+                eps = eps_u + cfg_scale * (eps_c - eps_u)
+            elif apg is not None:
+                assert eps_u is not None
+                guided = emag.guide(None, eps_c, eps_n)
+                x0c = (x - (1 - a).sqrt() * guided) / a.sqrt()
+                x0u = (x - (1 - a).sqrt() * eps_u) / a.sqrt()
+                eps = (x - a.sqrt() * apg(x0c, x0u)) / (1 - a).sqrt()
+            else:
+                eps = emag.guide(eps_u, eps_c, eps_n)
             a_prev = ab[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0)
             x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -309,54 +356,55 @@ def evaluate(
     judge: DigitsJudge,
     *,
     samples: int,
-    emag_scales: tuple[float, ...],
+    runs: list[tuple[str, float]],
     cfg_scale: float = 1.5,
     steps: int = 50,
     seed: int = 0,
-    default_scale: float = 3.0,
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Sample every method (EMAG and EMAG-Q at each w_e in `emag_scales`) from the same noise
-    and score them; returns the rows and the samples at the default w_e."""
+    """Sample every (method, w_e) of `runs` from the same noise and labels and score them;
+    returns the rows and, per method, the samples of its first run."""
     labels = balanced_labels(samples)
     rows: list[dict[str, Any]] = []
     grids: dict[str, torch.Tensor] = {}
-    runs = [("cfg", 1.0)] + [(m, w) for m in ("emag", "emag-q") for w in emag_scales]
     for method, w_e in runs:
-        emag = make_emag(method, emag_scale=w_e, cfg_scale=cfg_scale)
-        x, stats = sample(model, labels, emag, cfg_scale=cfg_scale, steps=steps, seed=seed)
+        x, stats = sample(
+            model, labels, method, cfg_scale=cfg_scale, emag_scale=w_e, steps=steps, seed=seed
+        )
+        guided_by_cfg = method not in ("cond", "emag-only")
         rows.append(
             {
                 "method": method,
-                "cfg_scale": cfg_scale,
-                "emag_scale": w_e,
+                "cfg_scale": cfg_scale if guided_by_cfg else 1.0,
+                "emag_scale": w_e if method not in ("cfg", "cond") else 0.0,
                 "samples": samples,
+                "seed": seed,
                 **judge.score(x, labels),
                 "seconds": stats.seconds,
                 "average_MiB": stats.average_bytes / 2**20,
             }
         )
-        if method == "cfg" or w_e == default_scale:
-            grids[method] = x
+        grids.setdefault(method, x)
     return rows, grids
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The metrics table as text."""
+    """The metrics table as text (w_e 0: no EMAG; cfg 1: no CFG)."""
     lines = [
-        f"{'method':<8} {'cfg':>4} {'w_e':>4} {'n':>5} {'accuracy':>9} {'FD':>8} "
+        f"{'method':<10} {'cfg':>4} {'w_e':>4} {'n':>5} {'accuracy':>9} {'FD':>8} "
         f"{'time s':>7} {'avg MiB':>8}"
     ]
     for r in rows:
         lines.append(
-            f"{r['method']:<8} {r['cfg_scale']:>4.1f} {r['emag_scale']:>4.1f} {r['samples']:>5d} "
-            f"{r['accuracy']:>9.4f} {r['fd']:>8.3f} {r['seconds']:>7.2f} {r['average_MiB']:>8.3f}"
+            f"{r['method']:<10} {r['cfg_scale']:>4.1f} {r['emag_scale']:>4.1f} "
+            f"{r['samples']:>5d} {r['accuracy']:>9.4f} {r['fd']:>8.3f} {r['seconds']:>7.2f} "
+            f"{r['average_MiB']:>8.3f}"
         )
     return "\n".join(lines)
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.Tensor]) -> None:
     """Write emag-metrics.csv, emag-samples.png (a row of digits per class, per method) and
-    emag-metrics.png (accuracy and Fréchet distance against w_e)."""
+    emag-metrics.png (misclassified share and Fréchet distance per run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,7 +418,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
     files.write_atomically(out / "emag-metrics.csv", table.getvalue().encode())
 
     per_class = 8
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6))
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 3.6))
     axes = np.atleast_1d(axes)
     for ax, (method, x) in zip(axes, grids.items()):
         n = x.shape[0]
@@ -386,24 +434,34 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], grids: dict[str, torch.
     fig.tight_layout()
     files.save_figure(fig, out / "emag-samples.png", dpi=120)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    cfg = [r for r in rows if r["method"] == "cfg"][0]
-    for method, style in (("emag", "o-"), ("emag-q", "s--")):
-        rs = [r for r in rows if r["method"] == method]
-        ws = [r["emag_scale"] for r in rs]
-        a1.plot(ws, [r["accuracy"] for r in rs], style, label=method.upper())
-        a2.plot(ws, [r["fd"] for r in rs], style, label=method.upper())
-    for ax, key, name in (
-        (a1, "accuracy", "accuracy on intended class"),
-        (a2, "fd", "Fréchet distance"),
-    ):
-        ax.axhline(cfg[key], color="gray", lw=1, label="CFG alone")
-        ax.set_xlabel("EMAG scale w_e")
-        ax.set_ylabel(name)
-        ax.legend()
-    fig.suptitle(f"digits DiT, CFG {cfg['cfg_scale']}, {cfg['samples']} samples per point")
+    # Bars per run; the error axis starts at 0 so one sample in a few hundred looks like one.
+    labels = [
+        f"{r['method']}" + (f"\nw_e {r['emag_scale']:g}" if r["emag_scale"] else "") for r in rows
+    ]
+    pos = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(rows) * 2), 3.8))
+    a1.bar(pos, [100.0 * (1.0 - r["accuracy"]) for r in rows], color="tab:red")
+    a1.set_ylabel("misclassified samples (%)")
+    a1.set_ylim(bottom=0.0)
+    a2.bar(pos, [r["fd"] for r in rows], color="tab:blue")
+    a2.set_ylabel("Fréchet distance (lower is better)")
+    a2.set_ylim(bottom=0.0)
+    for ax in (a1, a2):
+        ax.set_xticks(pos, labels, fontsize=7)
+    fig.suptitle(f"digits DiT, {rows[0]['samples']} samples per run, same noise and labels")
     fig.tight_layout()
     files.save_figure(fig, out / "emag-metrics.png", dpi=120)
+
+
+# The demo's runs: the conditional model and EMAG as its only guidance, then CFG 1.5 alone and
+# with EMAG / EMAG-Q at the paper's w_e 3.
+DEMO_RUNS = [
+    ("cond", 0.0),
+    ("emag-only", 3.0),
+    ("cfg", 0.0),
+    ("emag", 3.0),
+    ("emag-q", 3.0),
+]
 
 
 def run_demo(
@@ -414,9 +472,13 @@ def run_demo(
     train_steps: int | None = None,
     samples: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the digits DiT, sample with CFG, CFG+EMAG and CFG+EMAG-Q, print the metrics table
-    and write emag-samples.png, emag-metrics.png and emag-metrics.csv into `out`.
+    """Train the digits DiT for `train_steps` steps, sample the :data:`DEMO_RUNS`, print the
+    metrics table and write emag-samples.png, emag-metrics.png and emag-metrics.csv into `out`.
     `quick` is a seconds-long smoke run (tiny training, few samples)."""
+    if train_steps is not None and (
+        isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1
+    ):
+        raise ValueError(f"train_steps={train_steps!r}: need an int >= 1")
     # The model is tiny: one thread is fastest, and kind to whatever else runs on the machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -431,7 +493,6 @@ def _run_demo(
 ) -> list[dict[str, Any]]:
     steps = train_steps if train_steps is not None else (60 if quick else 1500)
     n = samples if samples is not None else (40 if quick else 300)
-    scales = (1.0, 3.0) if quick else (1.0, 2.0, 3.0, 5.0)
     sampler_steps = 10 if quick else 25
     t0 = time.perf_counter()
     print(f"EMAG demo: training a digits DiT for {steps} steps ...", flush=True)
@@ -442,10 +503,12 @@ def _run_demo(
         f"{judge.test_accuracy:.3f}",
         flush=True,
     )
-    rows, grids = evaluate(
-        model, judge, samples=n, emag_scales=scales, steps=sampler_steps, seed=seed
-    )
+    rows, grids = evaluate(model, judge, samples=n, runs=DEMO_RUNS, steps=sampler_steps, seed=seed)
     print(format_table(rows))
     write_outputs(out, rows, grids)
-    print(f"wrote {out}/emag-samples.png, emag-metrics.png, emag-metrics.csv", flush=True)
+    print(
+        f"wrote {out}/emag-samples.png, emag-metrics.png, emag-metrics.csv "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     return rows

@@ -1,53 +1,19 @@
 """EMAG: exponential-moving-average guidance at sampling time (arXiv 2512.17303).
 
 Per candidate attention layer l, EMAG keeps an average of the layer's softmax map across the
-denoising steps of one sampling run, ``E_l <- beta * E_l + (1 - beta) * A_l``, and in a third
-("negative") forward pass replaces the live map of one chosen layer with
-``A~ = lambda * E^ + (1 - lambda) * A`` (``E^`` is ``E`` with its rows renormalized to sum to 1).
-The guided prediction is ``eps~' = eps'(x, c) + w_e (eps(x, c) - eps'(x, c))`` followed by CFG,
-``eps~ = eps(x, 0) + w (eps~' - eps(x, 0))``. EMAG-Q averages the attention *queries* instead of
-the maps, so every layer keeps fused scaled-dot-product attention. docs/guidance.md has the
-method, the API and the figures.
+denoising steps of one sampling run, ``E_l <- beta * E_l + (1 - beta) * A_l``, inside an
+accumulation window, and in a third ("negative") forward pass, inside a replacement window,
+replaces the map of the layer whose live map deviates most from its average (``mean |E - A|``
+over every entry) with ``A~ = lambda * E + (1 - lambda) * A``. The guided prediction is
+``eps~' = eps'(x, c) + w_e (eps(x, c) - eps'(x, c))`` (Eq. 14) followed by CFG,
+``eps~ = eps(x, 0) + w (eps~' - eps(x, 0))`` (Eq. 15). EMAG-Q averages the attention *queries*
+instead of the maps, so every layer keeps fused scaled-dot-product attention.
 
-Choices where the paper and the reference code leave room (each is tested):
-
-- **Which pass feeds the average.** The reference feeds it from different passes per model (DiT:
-  the conditional and then the unconditional positive pass, two updates per step; SD3: the
-  negative pass itself, both CFG branches). Here the average is fed once per step by the
-  *positive* pass, from the rows that the negative pass will perturb (the conditional branch,
-  ``rows=`` of :meth:`EMAG.positive`): it follows the model's unperturbed attention and is never
-  contaminated by the perturbation, and no average is kept for the unconditional branch, which the
-  guidance formula never perturbs.
-- **Per-sample averages, per-batch layer choice.** Like the reference (``reduce_over_batch=False``)
-  every batch row has its own average. The layer choice is one per batch by default, as in the
-  reference (a scalar deviation per layer); ``per_sample=True`` chooses per row instead.
-- **Selection score.** ``deviation`` (the paper's method): for each candidate, the mean of
-  ``|E_{t-1} - A_t|`` over query and key positions (and batch rows, unless ``per_sample``), then the
-  median over heads (``torch.median``: the lower of the two middle values for an even head count);
-  the layer with the largest score is perturbed, ties going to the first candidate given. The
-  score uses the average *before* this step's update, as the reference's SD3 processor does (the
-  DiT reference measures after the update, ``beta`` times the same value, same choice).
-  ``entropy`` picks the lowest median row entropy of the live map (reference mode 1); ``fixed``
-  perturbs every candidate at once (reference mode 0; pass one candidate to fix one layer).
-- **The choice uses this step's scores** (the DiT reference; the SD3 reference uses the previous
-  step's) and the replacement uses the average *after* this step's update, as both references do.
-- **Initial average.** The first recorded map itself (``E_1 = A_1``), as in the reference; after
-  ``k`` steps ``E_k = beta^(k-1) A_1 + sum_{j=2..k} (1 - beta) beta^(k-j) A_j``.
-- **Image-query rows.** For joint (SD3) attention only the image-query rows are averaged and
-  replaced, over all keys (image and text), the reference's ``attn_ema_full`` setting; text-query
-  rows are never touched. For DiT the whole map.
-- **Row renormalization.** ``E`` is a convex combination of stochastic rows, so its rows sum to 1
-  up to rounding; they are divided by their sum before use, so ``A~`` is stochastic exactly.
-- **No explicit map in the negative pass.** ``A~ V = lambda E^ V + (1 - lambda) A V`` and ``A V``
-  is the fused attention output, so the negative pass materializes no live map; only the
-  positive pass of candidate layers computes ``softmax(q k^T)`` for the average.
-- **Schedule.** Step indices count down like the reference's (``r = N - 1 - i`` at loop index
-  ``i`` of an ``N``-step run); the negative pass runs while ``stop <= r <= start``. Indices are
-  given for a run of ``base_steps`` steps and scale to ``N`` steps as ``round(k N / base_steps)``
-  (Python's round, half to even), so a run of ``base_steps`` uses them unchanged (the reference's
-  ``k2idx`` uses ``k (N - 1) / 250``). The average is built from the first step.
-- **Guidance arithmetic.** ``eps~'`` is computed as ``eps + (w_e - 1)(eps - eps')``, the same
-  value, so ``w_e = 1`` gives the CFG prediction bit for bit.
+The presets are the authors' code as they ran it: :meth:`EMAG.dit` (``forward_with_emag``:
+the conditional and then the unconditional pass feed the average, ``feed="cond+uncond"``) and
+:meth:`EMAG.sd3` (``emag_forward``: the negative pass over both CFG branches feeds it, updating
+before replacing, ``feed="negative"``). docs/guidance.md lists every place phema's defaults or
+options differ from the reference (each a named option) and the API.
 """
 
 from __future__ import annotations
@@ -61,22 +27,41 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from phema.guidance.processors import attach
+
 Selection = Literal["deviation", "entropy", "fixed"]
 _SELECTIONS = ("deviation", "entropy", "fixed")
+Reduce = Literal["mean", "head-median"]
+_REDUCES = ("mean", "head-median")
+Feed = Literal["cond+uncond", "negative", "conditional"]
+_FEEDS = ("cond+uncond", "negative", "conditional")
+Scaling = Literal["proportional", "k2idx"]
+_SCALINGS = ("proportional", "k2idx")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """When the negative pass runs: countdown step indices ``stop <= r <= start`` of a run of
-    ``base_steps`` steps, scaled to other step counts."""
+    """When EMAG works, in countdown step indices of a run of ``base_steps`` steps (``r = N - 1 - i``
+    at loop index ``i``): the negative pass (replacement) runs while ``stop <= r <= start``, the
+    average is accumulated while ``accumulate_stop <= r <= accumulate_start`` (None: every step).
+
+    ``scaling`` maps an index ``k`` to a run of ``N`` steps: ``"proportional"`` (phema's choice,
+    the default) is ``round(k N / base_steps)``, the identity at ``base_steps`` steps, so both
+    presets are the reference's exactly at its own step count; ``"k2idx"`` is the SD3 reference's
+    ``round(k (N - 1) / base_steps)`` clamped to ``[0, N - 1]``."""
 
     start: int = 150
     stop: int = 50
     base_steps: int = 250
+    accumulate_start: int | None = None
+    accumulate_stop: int | None = None
+    scaling: Scaling = "proportional"
 
     def __post_init__(self) -> None:
-        for name in ("start", "stop", "base_steps"):
+        for name in ("start", "stop", "base_steps", "accumulate_start", "accumulate_stop"):
             value = getattr(self, name)
+            if value is None and name.startswith("accumulate"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Schedule {name}={value!r}: need an int")
         if self.base_steps < 1:
@@ -92,39 +77,85 @@ class Schedule:
             raise ValueError(
                 f"Schedule start={self.start}: past the run of base_steps={self.base_steps}"
             )
+        if (self.accumulate_start is None) != (self.accumulate_stop is None):
+            raise ValueError(
+                f"Schedule accumulate_start={self.accumulate_start}, accumulate_stop="
+                f"{self.accumulate_stop}: give both (or neither: accumulate at every step)"
+            )
+        if self.accumulate_start is not None and self.accumulate_stop is not None:
+            if not 0 <= self.accumulate_stop <= self.accumulate_start:
+                raise ValueError(
+                    f"Schedule accumulate_start={self.accumulate_start} < accumulate_stop="
+                    f"{self.accumulate_stop}: need 0 <= accumulate_stop <= accumulate_start"
+                )
+            if self.accumulate_start < self.start:
+                raise ValueError(
+                    f"Schedule accumulate_start={self.accumulate_start} < start={self.start}: "
+                    "the replacement would begin before the average has any step"
+                )
+        if self.scaling not in _SCALINGS:
+            raise ValueError(
+                f"Schedule scaling={self.scaling!r}: need one of {', '.join(_SCALINGS)}"
+            )
 
     @classmethod
     def dit(cls) -> Schedule:
-        """DiT-XL/2 defaults: replacement between countdown indices 150 and 50 of 250 steps."""
-        return cls(start=150, stop=50, base_steps=250)
+        """The DiT reference (``--emag_start_step 150 --emag_time_delta 50``, stop 50, 250 steps):
+        accumulate while 50 <= r <= 150, replace while 50 <= r <= 100."""
+        return cls(start=100, stop=50, base_steps=250, accumulate_start=150, accumulate_stop=50)
 
     @classmethod
     def sd3(cls) -> Schedule:
-        """SD3-Medium defaults: 28 steps, 5 warm-up steps, none in the last 5."""
-        return cls(start=22, stop=5, base_steps=28)
+        """The SD3 reference at 28 steps (``k2idx`` of start 250, delta 50, stop 50): accumulate
+        while 5 <= r <= 27 (from the first step), replace while 5 <= r <= 22."""
+        return cls(start=22, stop=5, base_steps=28, accumulate_start=27, accumulate_stop=5)
+
+    def _scale(self, k: int, num_steps: int) -> int:
+        if self.scaling == "k2idx":
+            return max(0, min(num_steps - 1, round(k * (num_steps - 1) / self.base_steps)))
+        return round(k * num_steps / self.base_steps)
 
     def window(self, num_steps: int) -> tuple[int, int]:
-        """The (start, stop) countdown indices scaled to a run of `num_steps` steps."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: need an int >= 1")
+        """The replacement window (start, stop) in countdown indices of a run of `num_steps`."""
+        _check_steps(num_steps)
+        return self._scale(self.start, num_steps), self._scale(self.stop, num_steps)
+
+    def accumulation_window(self, num_steps: int) -> tuple[int, int]:
+        """The accumulation window (start, stop) in countdown indices of a run of `num_steps`."""
+        _check_steps(num_steps)
+        if self.accumulate_start is None or self.accumulate_stop is None:
+            return num_steps - 1, 0
         return (
-            round(self.start * num_steps / self.base_steps),
-            round(self.stop * num_steps / self.base_steps),
+            self._scale(self.accumulate_start, num_steps),
+            self._scale(self.accumulate_stop, num_steps),
         )
 
     def active(self, step: int, num_steps: int) -> bool:
         """Whether loop index `step` (0 = first, noisiest step) of `num_steps` runs the negative pass."""
         start, stop = self.window(num_steps)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
-            raise ValueError(f"step={step!r}: need an int in [0, {num_steps})")
-        r = num_steps - 1 - step
-        return stop <= r <= start
+        return stop <= _countdown(step, num_steps) <= start
+
+    def accumulating(self, step: int, num_steps: int) -> bool:
+        """Whether loop index `step` of `num_steps` feeds the average."""
+        start, stop = self.accumulation_window(num_steps)
+        return stop <= _countdown(step, num_steps) <= start
+
+
+def _check_steps(num_steps: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: need an int >= 1")
+
+
+def _countdown(step: int, num_steps: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
+        raise ValueError(f"step={step!r}: need an int in [0, {num_steps})")
+    return num_steps - 1 - step
 
 
 @dataclass
 class _Layer:
-    avg: torch.Tensor | None = None  # fp32 [B, H, Nq, Nk] (maps) or [B, H, Nq, D] (queries)
-    score: torch.Tensor | None = None  # [] or [B]: this step's selection score
+    avg: torch.Tensor | None = None  # [B, H, Nq, Nk] (maps) or [B, H, Nq, D] (queries)
+    score: torch.Tensor | None = None  # [] or [B]: the latest selection score
 
 
 class EMAG:
@@ -132,7 +163,8 @@ class EMAG:
     sampling run and perturbs one adaptively chosen layer in a negative pass.
 
     Use it with a diffusers pipeline or transformer (:meth:`attach`), or with your own attention
-    code (:meth:`attention`) and sampler (:meth:`positive`, :meth:`negative`, :meth:`guide`).
+    code (:meth:`attention`) and sampler (:meth:`begin_step`, :meth:`positive`, :meth:`negative`,
+    :meth:`guide`).
     """
 
     def __init__(
@@ -145,6 +177,9 @@ class EMAG:
         cfg_scale: float = 1.5,
         schedule: Schedule | None = None,
         selection: Selection = "deviation",
+        reduce: Reduce = "mean",
+        feed: Feed = "cond+uncond",
+        renormalize: bool = False,
         queries: bool = False,
         per_sample: bool = False,
         num_layers: int | None = None,
@@ -183,6 +218,10 @@ class EMAG:
             raise TypeError(f"schedule={schedule!r}: need a phema.guidance.Schedule")
         if selection not in _SELECTIONS:
             raise ValueError(f"selection={selection!r}: need one of {', '.join(_SELECTIONS)}")
+        if reduce not in _REDUCES:
+            raise ValueError(f"reduce={reduce!r}: need one of {', '.join(_REDUCES)}")
+        if feed not in _FEEDS:
+            raise ValueError(f"feed={feed!r}: need one of {', '.join(_FEEDS)}")
         if queries and selection == "entropy":
             raise ValueError(
                 "selection='entropy' needs attention maps; EMAG-Q (queries=True) has none"
@@ -194,14 +233,18 @@ class EMAG:
         self.cfg_scale = cfg_scale
         self.schedule = schedule
         self.selection: Selection = selection
+        self.reduce: Reduce = reduce
+        self.feed: Feed = feed
+        self.renormalize = bool(renormalize)
         self.queries = bool(queries)
         self.per_sample = bool(per_sample)
         self.num_layers = num_layers
         self._layers = {c: _Layer() for c in cands}
         self._index = {c: i for i, c in enumerate(cands)}
         self._mode: Literal["idle", "record", "perturb"] = "idle"
-        self._rows: slice | None = None
+        self._feeds: tuple[slice, ...] = ()
         self._choice: torch.Tensor | None = None
+        self._step: tuple[int, int] | None = None
         self._closed = False
         self._attachment: Any = None
         self.steps_recorded = 0
@@ -210,18 +253,23 @@ class EMAG:
 
     @classmethod
     def dit(cls, candidates: Sequence[int] = (12, 13, 14, 15), **kwargs: Any) -> EMAG:
-        """The paper's DiT-XL/2 setting: blocks 12-15, w_e = 3 with CFG 1.5, steps 150..50 of 250."""
+        """The DiT-XL/2 reference (``forward_with_emag``): blocks 12-15, w_e = 3 with CFG 1.5, the
+        average fed by the conditional then the unconditional pass, the layer with the largest
+        mean deviation replaced, :meth:`Schedule.dit`."""
         kwargs.setdefault("emag_scale", 3.0)
         kwargs.setdefault("cfg_scale", 1.5)
         kwargs.setdefault("schedule", Schedule.dit())
+        kwargs.setdefault("feed", "cond+uncond")
         return cls(candidates, **kwargs)
 
     @classmethod
     def sd3(cls, candidates: Sequence[int] = (6, 7, 8), **kwargs: Any) -> EMAG:
-        """The paper's SD3-Medium setting: blocks 6-8, w_e = 1.5 with CFG 7, 28 steps."""
+        """The SD3-Medium reference (``emag_forward``, combo "No"): blocks 6-8, w_e = 1.5 with
+        CFG 7, the average fed by the negative pass over both CFG branches, :meth:`Schedule.sd3`."""
         kwargs.setdefault("emag_scale", 1.5)
         kwargs.setdefault("cfg_scale", 7.0)
         kwargs.setdefault("schedule", Schedule.sd3())
+        kwargs.setdefault("feed", "negative")
         return cls(candidates, **kwargs)
 
     # ----------------------------------------------------------------------------- state
@@ -233,10 +281,11 @@ class EMAG:
             layer.avg = None
             layer.score = None
         self._choice = None
+        self._step = None
         self.steps_recorded = 0
 
     def memory_bytes(self) -> int:
-        """Bytes held by the per-layer averages (fp32), from their shapes (no device sync)."""
+        """Bytes held by the per-layer averages, from their shapes (no device sync)."""
         return sum(
             layer.avg.numel() * layer.avg.element_size()
             for layer in self._layers.values()
@@ -244,11 +293,11 @@ class EMAG:
         )
 
     def average(self, layer_id: int) -> torch.Tensor | None:
-        """The current average of a candidate layer (maps or queries, fp32), None before any step."""
+        """The current average of a candidate layer (maps or queries), None before any step."""
         return self._layer(layer_id).avg
 
     def score(self, layer_id: int) -> torch.Tensor | None:
-        """The selection score a candidate layer got at the last positive pass."""
+        """The latest selection score of a candidate layer."""
         return self._layer(layer_id).score
 
     def active(self, step: int, num_steps: int) -> bool:
@@ -256,42 +305,86 @@ class EMAG:
         self._check_open()
         return self.schedule.active(step, num_steps)
 
+    def begin_step(self, step: int, num_steps: int) -> bool:
+        """Start loop index `step` of a run of `num_steps`: the passes of this step then feed the
+        average only inside the schedule's accumulation window. Returns :meth:`active`. Without
+        it, every positive pass feeds the average."""
+        self._check_open()
+        active = self.schedule.active(step, num_steps)
+        self._step = (step, num_steps)
+        return active
+
+    def _accumulating(self) -> bool:
+        return self._step is None or self.schedule.accumulating(*self._step)
+
+    def _positive_records(self) -> bool:
+        if not self._accumulating():
+            return False
+        if self.feed != "negative" or self._step is None:
+            return True
+        # The negative pass feeds the average on the steps it runs; on the others the positive
+        # pass over the same rows computes what it would (no replacement) and feeds it instead.
+        return not self.schedule.active(*self._step)
+
     # ----------------------------------------------------------------------------- passes
 
     @contextmanager
-    def positive(self, rows: slice | None = None) -> Iterator[EMAG]:
-        """The live forward pass of one step: candidate layers update their averages from the
-        batch rows `rows` (the conditional branch; None = every row) and run normally."""
+    def positive(
+        self, rows: slice | None = None, uncond_rows: slice | None = None
+    ) -> Iterator[EMAG]:
+        """The live forward pass of one step. With ``feed="cond+uncond"`` candidate layers update
+        their averages from the batch rows `rows` (the conditional branch; None = every row) and
+        then from `uncond_rows` (the unconditional branch, when there is one): two updates, as
+        the DiT reference's two passes. ``feed="conditional"``: `rows` only. ``feed="negative"``:
+        every row, and only on steps without a negative pass."""
         self._check_open()
-        if rows is not None and not isinstance(rows, slice):
-            raise TypeError(f"rows={rows!r}: need a slice of the batch or None")
+        for name, value in (("rows", rows), ("uncond_rows", uncond_rows)):
+            if value is not None and not isinstance(value, slice):
+                raise TypeError(f"{name}={value!r}: need a slice of the batch or None")
         if self._mode != "idle":
             raise ValueError(f"positive(): already inside a {self._mode} pass")
-        self._mode, self._rows = "record", rows
+        recording = self._positive_records()
+        if recording:
+            full = slice(None)
+            if self.feed == "negative":
+                feeds: tuple[slice, ...] = (full,)
+            elif self.feed == "cond+uncond" and uncond_rows is not None:
+                feeds = (rows or full, uncond_rows)
+            else:
+                feeds = (rows or full,)
+            self._mode, self._feeds = "record", feeds
         try:
             yield self
         finally:
-            self._mode, self._rows = "idle", None
-        self.steps_recorded += 1
+            self._mode, self._feeds = "idle", ()
+        if recording:
+            self.steps_recorded += 1
 
     @contextmanager
     def negative(self) -> Iterator[EMAG]:
         """The negative forward pass: the chosen candidate layer uses the averaged attention
-        (its batch must be the rows the positive pass recorded); every other layer runs normally."""
+        (its batch must be the rows the average was recorded from); every other layer runs
+        normally. With ``feed="negative"`` this pass also feeds the average (before replacing,
+        as the SD3 reference) and the choice uses the scores of the previous step."""
         self._check_open()
         if self._mode != "idle":
             raise ValueError(f"negative(): already inside a {self._mode} pass")
+        records = self.feed == "negative" and self._accumulating()
         missing = [c for c, layer in self._layers.items() if layer.avg is None]
-        if missing:
+        if missing and not records:
             raise ValueError(
                 f"negative(): candidate layers {missing} have no average yet; run a positive "
                 "pass through them first"
             )
-        self._mode, self._choice = "perturb", None
+        # The choice is fixed before this pass can change any score.
+        self._choice = self.choice()
+        self._mode = "perturb"
         try:
             yield self
         finally:
             self._mode = "idle"
+        if records:
+            self.steps_recorded += 1
 
     def choice(self) -> torch.Tensor:
         """One-hot weights of the layer(s) the negative pass perturbs, on the device:
@@ -299,14 +392,14 @@ class EMAG:
         self._check_open()
         layers = [self._layers[c] for c in self.candidates]
         if any(layer.score is None for layer in layers):
-            raise ValueError("choice(): no positive pass has recorded every candidate layer yet")
+            raise ValueError("choice(): no pass has recorded every candidate layer yet")
         scores = torch.stack([layer.score for layer in layers])  # type: ignore[misc]
         if self.selection == "fixed":
             return torch.ones_like(scores)
         idx = scores.argmin(0) if self.selection == "entropy" else scores.argmax(0)
         # A comparison, not F.one_hot (which reads the indices back to check their range).
         slots = torch.arange(len(layers), device=scores.device).view(-1, *([1] * idx.dim()))
-        return (slots == idx.unsqueeze(0)).to(torch.float32)
+        return (slots == idx.unsqueeze(0)).to(scores.dtype)
 
     # ----------------------------------------------------------------------------- attention
 
@@ -344,30 +437,34 @@ class EMAG:
         if not 0 < nq <= q.shape[2]:
             raise ValueError(f"query_rows={query_rows}: need 1 to {q.shape[2]}")
         if self._mode == "record":
-            return self._record(layer_id, layer, q, k, v, attn_mask, scale, nq)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            for rows in self._feeds:
+                self._update(layer_id, layer, q, k, attn_mask, scale, nq, rows)
+            return out
+        if self.feed == "negative" and self._accumulating():
+            self._update(layer_id, layer, q, k, attn_mask, scale, nq, slice(None))
         return self._perturb(layer_id, layer, q, k, v, attn_mask, scale, nq)
 
-    def _record(
+    def _update(
         self,
         layer_id: int,
         layer: _Layer,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
         attn_mask: torch.Tensor | None,
         scale: float | None,
         nq: int,
-    ) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        rows = self._rows if self._rows is not None else slice(None)
+        rows: slice,
+    ) -> None:
+        """One update of a layer's average from batch rows `rows`, and its selection score."""
         with torch.no_grad():
             qr = q[rows, :, :nq]
+            if qr.shape[0] == 0:
+                raise ValueError(f"rows={rows}: selects no batch row")
             if self.queries:
-                live = qr.detach().to(torch.float32)
+                live = qr.detach().to(_acc_dtype(q))
             else:
                 live = _attention_map(qr, k[rows], _rows_of(attn_mask, rows, q.shape[0]), scale)
-            if live.shape[0] == 0:
-                raise ValueError(f"positive(rows={self._rows}): selects no batch row")
             if layer.avg is None:
                 layer.avg = live.clone()
                 dev = torch.zeros_like(live)
@@ -381,28 +478,35 @@ class EMAG:
                 dev = torch.sub(layer.avg, live).abs_()
                 layer.avg.lerp_(live, 1.0 - self.beta)
             if self.selection == "entropy":
-                stat = -(live * torch.log(live.clamp_min(1e-30))).sum(-1, keepdim=True)
+                layer.score = self._entropy(live)
             else:
-                stat = dev
-            layer.score = self._reduce(stat)
-        return out
+                layer.score = self._deviation(dev)
 
-    def _reduce(self, stat: torch.Tensor) -> torch.Tensor:
-        """Mean over positions (and rows unless per_sample), then the median over heads."""
-        per_head = stat.mean(dim=(2, 3))  # [B, H]
+    def _deviation(self, dev: torch.Tensor) -> torch.Tensor:
+        """``reduce="mean"``: one mean over every entry (the reference's MAE); per row with
+        ``per_sample``. ``"head-median"``: the mean per head, then the median over heads."""
+        if self.reduce == "mean":
+            return dev.mean(dim=(1, 2, 3)) if self.per_sample else dev.mean()
+        per_head = dev.mean(dim=(2, 3))  # [B, H]
         if self.per_sample:
-            return per_head.median(dim=1).values  # [B]
+            return per_head.median(dim=1).values
         return per_head.mean(dim=0).median()
 
+    def _entropy(self, live: torch.Tensor) -> torch.Tensor:
+        """Mean row entropy per batch row (over heads and queries), then the median over the
+        batch (the reference's mode 1); per row with ``per_sample``."""
+        rows = -(live * torch.log(live.clamp_min(1e-12))).sum(-1)  # [B, H, Nq]
+        per_row = rows.mean(dim=(1, 2))
+        return per_row if self.per_sample else per_row.median()
+
     def _mask(self, layer_id: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-        if self._choice is None:
-            self._choice = self.choice()
+        assert self._choice is not None
         w = self._choice[self._index[layer_id]] * self.strength
         if self.per_sample:
             if w.shape[0] != batch:
                 raise ValueError(
-                    f"layer {layer_id}: the negative pass has {batch} rows but the positive "
-                    f"pass recorded {w.shape[0]}"
+                    f"layer {layer_id}: the negative pass has {batch} rows but the scores "
+                    f"were recorded for {w.shape[0]}"
                 )
             w = w.view(batch, 1, 1, 1)
         return w.to(device=like.device, dtype=like.dtype)
@@ -437,7 +541,7 @@ class EMAG:
                 f"layer {layer_id}: {k.shape[2]} keys but the averaged map has {avg.shape[3]}"
             )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        e = avg / avg.sum(dim=-1, keepdim=True)
+        e = avg / avg.sum(dim=-1, keepdim=True) if self.renormalize else avg
         replaced = torch.matmul(e.to(v.dtype), v)  # [B, H, nq, D]
         w = self._mask(layer_id, q.shape[0], out)
         oi = out[:, :, :nq]
@@ -479,8 +583,6 @@ class EMAG:
         then runs the negative pass and guidance itself) or to a transformer model (processors
         only; drive it with :meth:`positive` / :meth:`negative`). Returns self; :meth:`detach`
         or a ``with`` block restores the original processors."""
-        from phema.guidance.processors import attach
-
         self._check_open()
         if self._attachment is not None:
             raise ValueError("attach(): this EMAG is already attached; detach() it first")
@@ -521,7 +623,8 @@ class EMAG:
         return (
             f"EMAG(candidates={list(self.candidates)}, beta={self.beta}, strength={self.strength}, "
             f"emag_scale={self.emag_scale}, cfg_scale={self.cfg_scale}, schedule={self.schedule}, "
-            f"selection={self.selection!r}, queries={self.queries}, per_sample={self.per_sample})"
+            f"selection={self.selection!r}, reduce={self.reduce!r}, feed={self.feed!r}, "
+            f"renormalize={self.renormalize}, queries={self.queries}, per_sample={self.per_sample})"
         )
 
 
@@ -537,18 +640,23 @@ def _rows_of(mask: torch.Tensor | None, rows: slice, batch: int) -> torch.Tensor
     return mask[rows]
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Averages are fp32 whatever the model's dtype (fp64 for fp64 inputs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _attention_map(
     q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) in fp32: the map the fused kernel never materializes."""
+    """softmax(q k^T * scale + mask) in fp32 (fp64 for fp64 inputs): the map the fused kernel
+    never materializes."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(
-        q.detach().to(torch.float32), k.detach().to(torch.float32).transpose(-2, -1)
-    )
+    dtype = _acc_dtype(q)
+    scores = torch.matmul(q.detach().to(dtype), k.detach().to(dtype).transpose(-2, -1))
     scores = scores * s
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask[..., : scores.shape[-2], :], float("-inf"))
         else:
-            scores = scores + attn_mask[..., : scores.shape[-2], :].to(torch.float32)
+            scores = scores + attn_mask[..., : scores.shape[-2], :].to(dtype)
     return torch.softmax(scores, dim=-1)

@@ -11,12 +11,36 @@ processor itself, so a model with EMAG attached but idle gives bit-identical out
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from phema.guidance.emag import EMAG
+
+class Guidance(Protocol):
+    """What the processors and the pipeline forward use of a :class:`phema.guidance.EMAG`
+    (a protocol, so that this module needs no import of the one that imports it)."""
+
+    num_layers: int | None
+
+    @property
+    def candidates(self) -> tuple[int, ...]: ...
+    @property
+    def feed(self) -> str: ...
+    @property
+    def _mode(self) -> str: ...
+
+    def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attn_mask: torch.Tensor | None = ..., scale: float | None = ...,
+                  query_rows: int | None = ...) -> torch.Tensor: ...  # fmt: skip
+    def reset(self) -> None: ...
+    def begin_step(self, step: int, num_steps: int) -> bool: ...
+    def positive(
+        self, rows: slice | None = ..., uncond_rows: slice | None = ...
+    ) -> AbstractContextManager[Any]: ...
+    def negative(self) -> AbstractContextManager[Any]: ...
+    def guide(self, eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor,
+              eps_neg: torch.Tensor | None) -> torch.Tensor: ...  # fmt: skip
 
 
 def _processor_kinds() -> tuple[type, type]:
@@ -49,7 +73,7 @@ class EMAGAttnProcessor:
     """Processor for one candidate layer: the computation of the processor it replaces, with
     EMAG's recording (positive pass) or perturbation (negative pass)."""
 
-    def __init__(self, emag: EMAG, layer_id: int, original: Any, joint: bool) -> None:
+    def __init__(self, emag: Guidance, layer_id: int, original: Any, joint: bool) -> None:
         self.emag = emag
         self.layer_id = layer_id
         self.original = original
@@ -151,7 +175,8 @@ class EMAGAttnProcessor:
 class Attachment:
     """What :meth:`EMAG.attach` changed, so :meth:`restore` can put it back exactly."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.processors: list[tuple[Any, Any]] = []
         self.transformer: torch.nn.Module | None = None
         self.had_forward = False
@@ -176,9 +201,14 @@ class Attachment:
             else:
                 del self.scheduler.set_timesteps
             self.scheduler = None
+        self.model.__dict__.pop(_MARK, None)
 
 
-def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
+# The attribute a model carries while an EMAG is attached to it.
+_MARK = "_phema_emag"
+
+
+def attach(emag: Guidance, target: Any, *, cfg: bool | None, cond_first: bool | None) -> Attachment:
     """Install EMAG's processors on the candidate layers of `target` (a pipeline with a
     ``transformer`` or a transformer model); for a pipeline also its guided forward."""
     self_kind, joint_kind = _processor_kinds()
@@ -187,6 +217,12 @@ def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"attach({type(target).__name__}): need a diffusers pipeline or transformer"
+        )
+    other = model.__dict__.get(_MARK)
+    if other is not None:
+        raise ValueError(
+            f"{type(model).__name__} already has an EMAG attached ({other!r}); detach() it "
+            "before attaching another"
         )
     layers = attention_layers(model)
     if emag.num_layers is None:
@@ -204,8 +240,6 @@ def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None
             )
         module = layers[lid]
         original = module.get_processor() if hasattr(module, "get_processor") else None
-        if isinstance(original, EMAGAttnProcessor):
-            raise ValueError(f"layer {lid} already has an EMAG processor (attached twice)")
         if isinstance(original, joint_kind):
             joint = True
         elif isinstance(original, self_kind):
@@ -215,21 +249,75 @@ def attach(emag: EMAG, target: Any, *, cfg: bool | None, cond_first: bool | None
         else:
             raise TypeError(
                 f"candidate layer {lid}: processor {type(original).__name__} is not supported "
-                "(AttnProcessor2_0 or JointAttnProcessor2_0); use EMAG.attention() in your own "
-                "processor"
+                "(AttnProcessor2_0 or JointAttnProcessor2_0). Wrapping it would take a "
+                "processor that computes what it computes and hands its q, k, v to "
+                "EMAG.attention(); write that for your model, or set_processor("
+                "AttnProcessor2_0()) on the candidate layers first"
             )
         planned.append((module, original, lid, joint))
-    att = Attachment()
+    name = type(target).__name__
+    if is_pipeline and cfg is None and not _knows_cfg(target):
+        raise ValueError(
+            f"attach({name}): this pipeline has no do_classifier_free_guidance attribute, so "
+            "whether its batch holds an unconditional half cannot be read; say it: "
+            "attach(pipe, cfg=True or False, cond_first=...) (cfg=True when guidance_scale > 1)"
+        )
+    if is_pipeline:
+        _check_scheduler(target)
+    att = Attachment(model)
     for module, original, lid, joint in planned:
         module.set_processor(EMAGAttnProcessor(emag, lid, original, joint))
         att.processors.append((module, original))
     if is_pipeline:
         _install_forward(emag, target, model, att, cfg=cfg, cond_first=cond_first)
+    model.__dict__[_MARK] = emag
     return att
 
 
+def _knows_cfg(pipe: Any) -> bool:
+    """Whether the batch layout can be read from the pipeline: a ``do_classifier_free_guidance``
+    attribute, or DiT's class labels (null class 1000 in the second half)."""
+    return hasattr(type(pipe), "do_classifier_free_guidance") or type(pipe).__name__.startswith(
+        "DiT"
+    )
+
+
+def _check_scheduler(pipe: Any) -> None:
+    scheduler = getattr(pipe, "scheduler", None)
+    order = getattr(scheduler, "order", 1)
+    if order != 1:
+        raise ValueError(
+            f"EMAG: {type(scheduler).__name__} calls the transformer {order} times per step "
+            f"(scheduler order {order}); an attached EMAG maps one call to one step: use a "
+            "first-order scheduler (DDIM, Euler, FlowMatchEuler, DPM-Solver) or drive the "
+            "transformer yourself with EMAG.positive() / negative()"
+        )
+
+
+def _step_index(scheduler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The scheduler's index of the step this transformer call belongs to: its ``step_index``
+    (None before the first step: the run's begin index), or for schedulers that keep none
+    (DDIM, DDPM; first order, so every timestep is distinct) the timestep's position."""
+    if hasattr(scheduler, "step_index"):
+        idx = scheduler.step_index
+        if idx is None:
+            idx = getattr(scheduler, "begin_index", None) or 0
+        return int(idx)
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if not torch.is_tensor(t):
+        t = torch.tensor(t)
+    t = t.reshape(-1)[0].to(scheduler.timesteps.device, scheduler.timesteps.dtype)
+    hits = (scheduler.timesteps == t).nonzero()
+    if hits.numel() != 1:
+        raise ValueError(
+            f"EMAG: timestep {t.item()} is not one step of {type(scheduler).__name__}'s "
+            "timesteps; drive the transformer yourself with EMAG.positive() / negative()"
+        )
+    return int(hits[0, 0])
+
+
 def _install_forward(
-    emag: EMAG,
+    emag: Guidance,
     pipe: Any,
     model: torch.nn.Module,
     att: Attachment,
@@ -238,23 +326,24 @@ def _install_forward(
     cond_first: bool | None,
 ) -> None:
     """Replace the transformer's forward (on the instance) by one that runs the positive pass,
-    the negative pass on the conditional rows when the schedule says so, and puts
+    the negative pass when the schedule says so, and puts
     ``eps~' = eps + (w_e - 1)(eps - eps')`` in the conditional rows; the pipeline's own CFG
-    then gives ``eps_u + w (eps~' - eps_u)``."""
+    then gives ``eps_u + w (eps~' - eps_u)``. Each call is mapped to the scheduler's step; a
+    further call in the same step (skip-layer guidance) runs the plain model."""
     name = type(pipe).__name__
     if cond_first is None:
-        # DiTPipeline batches [cond, uncond]; SD3 and most others [uncond, cond].
+        # DiTPipeline batches [cond, uncond]; SD3, PixArt and most others [uncond, cond].
         cond_first = name.startswith("DiT")
     config = getattr(model, "config", None)
     in_ch = getattr(config, "in_channels", None)
     out_ch = getattr(config, "out_channels", None)
-    # DiT with learned sigma: the pipeline guides only the first in_channels channels.
+    # Learned sigma (DiT, PixArt): the pipeline guides only the first in_channels channels.
     channels = in_ch if (in_ch is not None and out_ch == 2 * in_ch) else None
     old = model.__dict__.get("forward")
     att.had_forward, att.old_forward = old is not None, old
     original_forward = model.forward
     params = list(inspect.signature(original_forward).parameters)
-    state = {"step": 0, "cfg": None}
+    state: dict[str, Any] = {"last": None, "cfg": None}
 
     def uses_cfg(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> bool:
         if cfg is not None:
@@ -275,33 +364,42 @@ def _install_forward(
         x = args[0] if args else kwargs.get("hidden_states")
         if not torch.is_tensor(x):
             raise TypeError("EMAG: the transformer's first input must be the latent batch")
+        scheduler = pipe.scheduler
+        _check_scheduler(pipe)
+        step = _step_index(scheduler, args, kwargs)
+        last = state["last"]
+        if kwargs.get("skip_layers") is not None or step == last:
+            # Not the step's positive pass (skip-layer guidance): the plain model, unrecorded.
+            return original_forward(*args, **kwargs)
         batch = x.shape[0]
-        num_steps = len(pipe.scheduler.timesteps)
-        step = state["step"]
-        if step >= num_steps:
-            step = 0
-        if step == 0:
+        if last is None or step < last:
             emag.reset()
             state["cfg"] = uses_cfg(args, kwargs, batch)
-        use_cfg = state["cfg"]
-        if use_cfg:
+        state["last"] = step
+        num_steps = len(scheduler.timesteps)
+        if state["cfg"]:
             half = batch // 2
             rows = slice(0, half) if cond_first else slice(half, batch)
+            uncond = slice(half, batch) if cond_first else slice(0, half)
         else:
-            rows = slice(0, batch)
-        with emag.positive(rows=rows):
+            rows, uncond = slice(0, batch), None
+        active = emag.begin_step(step, num_steps)
+        with emag.positive(rows=rows, uncond_rows=uncond):
             out = original_forward(*args, **kwargs)
-        state["step"] = step + 1
-        if not emag.active(step, num_steps):
+        if not active:
             return out
-        sub_args = tuple(_rows(a, rows, batch) for a in args)
-        sub_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
-        with emag.negative():
-            neg = original_forward(*sub_args, **sub_kwargs)
-        eps, eps_neg = _sample(out), _sample(neg)
+        if emag.feed == "negative":
+            # The SD3 reference's negative pass: the whole batch, both branches.
+            with emag.negative():
+                neg = _sample(original_forward(*args, **kwargs))[rows]
+        else:
+            sub_args = tuple(_rows(a, rows, batch) for a in args)
+            sub_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+            with emag.negative():
+                neg = _sample(original_forward(*sub_args, **sub_kwargs))
+        eps = _sample(out)
         c = slice(None) if channels is None else slice(0, channels)
-        eps_c = eps[rows, c]
-        guided = emag.guide(None, eps_c, eps_neg[:, c])
+        guided = emag.guide(None, eps[rows, c], neg[:, c])
         eps = eps.clone()
         eps[rows, c] = guided
         return _with_sample(out, eps)
@@ -317,13 +415,15 @@ def _install_forward(
         att.scheduler, att.old_set_timesteps = scheduler, scheduler.__dict__.get("set_timesteps")
 
         def new_run(*args: Any, **kwargs: Any) -> Any:
-            state["step"] = 0
+            state["last"] = None
             return set_timesteps(*args, **kwargs)
 
         scheduler.set_timesteps = new_run
 
 
 def _rows(value: Any, rows: slice, batch: int) -> Any:
+    if isinstance(value, dict):  # PixArt's added_cond_kwargs
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == batch:
         return value[rows]
     return value

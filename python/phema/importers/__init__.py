@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core, files, meta, naming
+from phema import _core, dcp, files, meta, naming
+from phema.engine import run_engine
 from phema.errors import InvalidTypeError, InvalidValueError, SourceError
 from phema.importers._unpickle import _Inert, _is_count, _torch_load, load_edm2_pickle
 from phema.meta import snapshot_metadata
@@ -34,7 +35,7 @@ from phema.store import (
     write_snapshot,
 )
 
-KINDS = ("edm2", "ema-pytorch", "lightning", "timm")
+KINDS = ("edm2", "ema-pytorch", "lightning", "timm", "dcp")
 # Most files one import takes (as for checkpoints: each becomes a snapshot of the store).
 MAX_FILES = 10_000
 # Largest update interval of ema-pytorch accepted (its calls are then far apart in steps).
@@ -55,7 +56,7 @@ class _Item:
     t: float
     gamma: float | None  # None: plain weights (kind raw)
     sigma_rel: float | None
-    read: Callable[[], Mapping[str, Any]]
+    read: Callable[[], Mapping[str, Any]] | None  # None: a DCP checkpoint (`_write_dcp`)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,8 +76,9 @@ def import_store(
 
     `kind` is `edm2` (`network-snapshot-KKKKKKK-S.SSS.pkl`, `training-state-KKKKKKK.pt`),
     `ema-pytorch` (a `PostHocEMA` checkpoint folder of `{ind}.{step}.pt`; `sigma_rels` per `ind`
-    and the `update_every` of its run are required), `lightning` (`.ckpt`) or `timm` (`.pth`,
-    plain weights: a store of kind `raw`, times from `times`, the checkpoint or its name).
+    and the `update_every` of its run are required), `lightning` (`.ckpt`), `timm` (`.pth`) or
+    `dcp` (PyTorch Distributed Checkpoint directories, read one tensor at a time): plain
+    weights, a store of kind `raw`, times from `times`, the checkpoint or its name.
     `strip_prefix` keeps the tensors whose names start with it, without it (`model.` of a
     LightningModule).
     Float tensors keep their dtype unless `dtype` is given. A non-empty `store` is refused unless
@@ -113,7 +115,12 @@ def import_store(
         for name, value in (("sigma_rels", sigma_rels), ("update_every", update_every)):
             if value is not None:
                 raise InvalidValueError(f"{name} is for ema-pytorch folders, not {kind}")
-        items = _plan_edm2(src) if kind == "edm2" else _plan_plain(kind, src, times)
+        if kind == "edm2":
+            items = _plan_edm2(src)
+        elif kind == "dcp":
+            items = _plan_dcp(src, times)
+        else:
+            items = _plan_plain(kind, src, times)
     items.sort(key=lambda it: (it.t, it.gamma or 0.0))
     labels = _labels(items)
     names = [naming.snapshot_name(it.t, labels[it.sigma_rel]) for it in items]
@@ -133,7 +140,6 @@ def import_store(
     try:
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
-            tensors, source_dtype = _arrays(item, strip_prefix)
             metadata = {
                 **meta.header("raw" if item.gamma is None else "power"),
                 meta.RUN_ID: run_id,
@@ -142,11 +148,15 @@ def import_store(
                 **item.metadata,
                 **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
             }
-            try:
-                write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
-            except InvalidValueError as e:  # about its values (NaN): name the file they are in
-                raise SourceError(f"{item.path}: {e}") from None
-            del tensors  # one source file in memory at a time
+            if item.read is None:
+                _write_dcp(item.path, path, out_dtype, metadata, strip_prefix)
+            else:
+                tensors, source_dtype = _arrays(item.path, item.read(), strip_prefix)
+                try:
+                    write_snapshot(path, tensors, out_dtype or source_dtype, metadata)
+                except InvalidValueError as e:  # about its values (NaN): name their file
+                    raise SourceError(f"{item.path}: {e}") from None
+                del tensors  # one source file in memory at a time
         list_store(store)  # the result must be a store phema can use: same tensors everywhere
         os.remove(marker)
         _sync_dir(store)
@@ -227,25 +237,27 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
     return next(iter(ids)) if ids else meta.new_run_id()
 
 
-def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray], str]:
-    """The item's tensors as arrays for write_snapshot (float tensors as float32), and the
-    dtype most of its float tensors had (which they keep)."""
+def _arrays(
+    path: str, source: Mapping[str, Any], strip_prefix: str | None
+) -> tuple[dict[str, np.ndarray], str]:
+    """The tensors read from the source file `path` as arrays for write_snapshot (float tensors
+    as float32), and the dtype most of its float tensors had (which they keep)."""
     import torch
 
     out: dict[str, np.ndarray] = {}
     floats: list[str] = []
     # What a source may declare is bounded by its own size: a view with stride 0 (or tensors
     # overlapping in one storage) would expand a small file into any size of store.
-    budget = _MAX_EXPANSION * os.path.getsize(item.path) + (1 << 20)
-    for name, x in item.read().items():
+    budget = _MAX_EXPANSION * os.path.getsize(path) + (1 << 20)
+    for name, x in source.items():
         if not isinstance(name, str) or not name:
-            raise SourceError(f"{item.path}: a tensor name is {name!r}, not a string")
+            raise SourceError(f"{path}: a tensor name is {name!r}, not a string")
         if strip_prefix:
             if not name.startswith(strip_prefix):
                 continue  # another part of the module (a loss, a metric)
             name = name[len(strip_prefix) :]
         if not isinstance(x, torch.Tensor):
-            raise SourceError(f"{item.path}: `{name}` is a {type(x).__name__}, not a tensor")
+            raise SourceError(f"{path}: `{name}` is a {type(x).__name__}, not a tensor")
         try:
             if x.is_complex():
                 raise InvalidTypeError("complex")
@@ -253,7 +265,7 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
             budget -= nbytes
             if nbytes > x.untyped_storage().nbytes() or budget < 0:
                 raise SourceError(
-                    f"{item.path}: `{name}` declares {x.numel()} elements {tuple(x.shape)} over "
+                    f"{path}: `{name}` declares {x.numel()} elements {tuple(x.shape)} over "
                     f"{x.untyped_storage().nbytes()} bytes of data (a stride-0 or overlapping "
                     "view, or more than the file can hold): refusing to expand it"
                 )
@@ -263,10 +275,10 @@ def _arrays(item: _Item, strip_prefix: str | None) -> tuple[dict[str, np.ndarray
                 x = x.float()
             out[name] = x.contiguous().numpy()
         except (TypeError, RuntimeError) as e:  # sparse, quantized, complex, meta tensors
-            raise SourceError(f"{item.path}: `{name}` is not a dense real tensor ({e})") from None
+            raise SourceError(f"{path}: `{name}` is not a dense real tensor ({e})") from None
     if not out:
         what = f" whose name starts with {strip_prefix!r}" if strip_prefix else ""
-        raise SourceError(f"{item.path}: holds no tensors{what}")
+        raise SourceError(f"{path}: holds no tensors{what}")
     return out, dominant_dtype(floats)
 
 
@@ -484,6 +496,62 @@ def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> fl
     keep = width > 0
     err2 = np.sum(w[keep] ** 2 / width[keep]) - 2.0 * np.sum(w[keep] * mass[keep] / width[keep])
     return math.sqrt(max(err2 + norm2, 0.0) / norm2)
+
+
+def _plan_dcp(src: str, times: Sequence[float] | None) -> list[_Item]:
+    """`src` is one DCP checkpoint directory or a directory of them; times from `times`, else
+    the last number in each one's name."""
+    if dcp.is_dcp(src):
+        found = [src]
+    elif os.path.isdir(src):
+        found = [
+            os.path.join(src, n)
+            for n in sorted(os.listdir(src))
+            if not n.startswith(".") and dcp.is_dcp(os.path.join(src, n))
+        ]
+    else:
+        raise InvalidValueError(f"{src}: not a DCP checkpoint directory (no {dcp.METADATA})")
+    if not found:
+        raise InvalidValueError(f"{src}: no DCP checkpoints (directories with {dcp.METADATA})")
+    if len(found) > MAX_FILES:
+        raise InvalidValueError(f"{src}: {len(found)} checkpoints, at most {MAX_FILES} at once")
+    if times is not None and len(times) != len(found):
+        raise InvalidValueError(f"{len(times)} times for {len(found)} checkpoints in {src}")
+    number = re.compile(r"(\d+(?:\.\d+)?)")
+    items = []
+    for i, path in enumerate(found):
+        name = os.path.basename(path.rstrip(os.sep))
+        t = float(times[i]) if times is not None else meta.time_from(name, {}, number)
+        if t is None or not (t > 0 and math.isfinite(t)):
+            raise SourceError(
+                f"{path}: no training time > 0 (pass times=... / --times, or name it by step)"
+            )
+        items.append(_Item(path, t, None, None, None))
+    return items
+
+
+def _write_dcp(
+    src: str, path: str, dtype: str | None, metadata: dict[str, str], strip_prefix: str | None
+) -> None:
+    """Writes the DCP checkpoint `src` as the snapshot `path`: converted a bounded group of
+    tensors at a time, then written by the engine (weight 1), so it is never whole in memory."""
+    staging = dcp.Staging()
+    try:
+        sources = _core.Sources([staging.files(src, strip_prefix)])
+        described = sources.describe()[0]
+        output = {
+            "path": path,
+            "dtype": dtype or dominant_dtype(d for _, d, _ in described["tensors"]),
+            "metadata": metadata,
+        }
+        run_engine(
+            lambda h: sources.combine_to_files(np.ones((1, 1)), [output], h, 0, None),
+            described["file_size"],
+            None,
+            "import",
+        )
+    finally:
+        staging.close()
 
 
 def _plan_plain(kind: str, src: str, times: Sequence[float] | None) -> list[_Item]:

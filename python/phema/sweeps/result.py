@@ -25,6 +25,7 @@ class SweepResult:
     notes: list[str]
     store: Store
     raw: SweepRow | None = None
+    dtype: str | None = None  # the model's own (float) dtype: what `save_best` writes
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -63,13 +64,19 @@ class SweepResult:
         out: str | os.PathLike[str],
         metric: str | None = None,
         mode: str = "min",
-        dtype: str = "float16",
+        dtype: str | None = None,
+        like: str | os.PathLike[str] | None = None,
     ) -> list[str]:
-        """Writes the best row's weights into `out` as `reconstruct` would; returns the paths."""
+        """Writes the best row's weights into `out` as `reconstruct` would; returns the paths.
+
+        `dtype` defaults to the swept model's own (with `like`, the checkpoint's); `like` lays
+        the output out as that transformers/diffusers checkpoint, for `from_pretrained`."""
         row = self.best(metric, mode)
         if row.targets is None:
             raise InvalidValueError(f"{row.label}: no targets to reconstruct (a row read from CSV)")
-        return write_outputs(self.store, make_plan(self.store, row.targets), out=out, dtype=dtype)
+        plan = make_plan(self.store, row.targets)
+        dtype = dtype or (None if like is not None else self.dtype)
+        return write_outputs(self.store, plan, out=out, dtype=dtype, like=like)
 
     def at(self, t: float) -> SweepResult:
         """The rows of target time `t` alone (with the raw baseline and the notes)."""
@@ -79,7 +86,9 @@ class SweepResult:
             raise InvalidValueError(
                 f"t={t:g}: the sweep has rows at t={', '.join(f'{x:g}' for x in times)}"
             )
-        return SweepResult(rows=rows, notes=self.notes, store=self.store, raw=self.raw)
+        return SweepResult(
+            rows=rows, notes=self.notes, store=self.store, raw=self.raw, dtype=self.dtype
+        )
 
     def plot(
         self,

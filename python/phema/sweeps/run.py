@@ -162,7 +162,9 @@ def sweep(
             write()
     finally:
         saved.restore()
-    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row)
+    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = str(next(floats, "float16")).removeprefix("torch.")
+    return SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
 
 
 def _run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import weakref
@@ -15,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from phema import meta, naming
 from phema.errors import InvalidTypeError, InvalidValueError
+from phema.reconstruction import reconstruct_state_dict
 from phema.store import normalize_dtype
 from phema.tracker.accumulators import Accumulators
 from phema.tracker.distributed import agreed_run_id, other_rank, sharding
@@ -306,12 +308,28 @@ class PostHocEMA:
 
     @contextlib.contextmanager
     def swapped(
-        self, sigma_rel: float | None = None, *, gamma: float | None = None
+        self, sigma_rel: float | None = None, *, gamma: float | None = None, **target: Any
     ) -> Iterator[nn.Module]:
-        """Put one tracked average into the model for the `with` block, then restore the weights."""
-        index = self._profiles.index(sigma_rel, gamma)
+        """Put an average into the model for the `with` block, then restore the trained weights.
+
+        A tracked profile comes from the averages in memory; any other target (another
+        `sigma_rel` or `gamma`, a `beta` or `halflife`: the keywords `reconstruct_state_dict`
+        takes) is reconstructed post hoc from the store, at the current time (see `ema_model`).
+        """
         if self._step == 0:
             raise RuntimeError("swapped() before the first update(): there is no average yet")
+        index = self._tracked_index(sigma_rel, gamma, target)
+        if index is None:
+            module = unwrap(self._model)
+            raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.copy_to(module, sigma_rel, gamma=gamma, **target)
+            self._swapped += 1
+            try:
+                yield self._model
+            finally:
+                self._swapped -= 1
+                module.load_state_dict(raw)
+            return
         self._tracked.check()
         with self._accs.swapped(self._model, index):
             self._swapped += 1
@@ -319,6 +337,88 @@ class PostHocEMA:
                 yield self._model
             finally:
                 self._swapped -= 1
+
+    def ema_model(
+        self, sigma_rel: float | None = None, *, gamma: float | None = None, **target: Any
+    ) -> nn.Module:
+        """A copy of the model holding an average, in eval mode and without gradients: ready
+        for evaluation, `save_pretrained` or `torch.save` while training goes on (what
+        ema-pytorch's `ema.ema_model` and timm's `ModelEmaV3.module` are).
+
+        `sigma_rel` or `gamma` of a tracked profile copies its average from memory; any other
+        target (an untracked `sigma_rel`, a `beta`, a `halflife`, ...) is reconstructed post hoc
+        from the store: a snapshot is taken now, so the average is the one at the current time.
+        Tensors the tracker does not track keep the model's current values."""
+        module = unwrap(self._model)
+        with self.swapped(sigma_rel, gamma=gamma, **target):
+            copied = copy.deepcopy(module)
+        return copied.eval().requires_grad_(False)
+
+    def copy_to(
+        self,
+        model: nn.Module | None = None,
+        sigma_rel: float | None = None,
+        *,
+        gamma: float | None = None,
+        **target: Any,
+    ) -> nn.Module:
+        """Writes an average (as `ema_model` picks it) into `model`, by default the tracked
+        model itself, for good: diffusers' `EMAModel.copy_to`, as at the end of training.
+        Returns `model`."""
+        if self._step == 0:
+            raise RuntimeError("copy_to() before the first update(): there is no average yet")
+        into = unwrap(model if model is not None else self._model)
+        index = self._tracked_index(sigma_rel, gamma, target)
+        if index is not None:
+            with self._accs.swapped(self._model, index):
+                averaged = {k: v.detach().clone() for k, v in self._tracked_state().items()}
+        else:
+            averaged = self._posthoc_state(sigma_rel, gamma, target)
+        # Checked before anything is copied, so that a wrong model is left as it was.
+        unknown = sorted(set(averaged) - set(into.state_dict()))
+        if unknown:
+            raise InvalidValueError(
+                f"copy_to: {type(into).__name__} has no tensor {unknown[0]} of the tracked model"
+            )
+        into.load_state_dict(averaged, strict=False)
+        return model if model is not None else self._model
+
+    def _tracked_index(
+        self, sigma_rel: float | None, gamma: float | None, target: dict[str, Any]
+    ) -> int | None:
+        """The tracked profile these keywords name, or None for a target to reconstruct."""
+        if target:
+            return None
+        with contextlib.suppress(InvalidValueError):
+            return self._profiles.index(sigma_rel, gamma)
+        if (sigma_rel is None) == (gamma is None):
+            raise InvalidValueError("give one target: sigma_rel, gamma, beta or halflife")
+        return None
+
+    def _tracked_state(self) -> dict[str, torch.Tensor]:
+        """The model's tracked tensors by their state_dict names."""
+        state = unwrap(self._model).state_dict()
+        return {n: state[n] for n in self._tracked.names if n in state}
+
+    def _posthoc_state(
+        self, sigma_rel: float | None, gamma: float | None, target: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """A target no profile tracks, reconstructed from the store at the current time."""
+        keywords = {"sigma_rel": sigma_rel, "gamma": gamma} | target
+        if self._writer is None or self._sharding is not None:
+            given = ", ".join(f"{k}={v!r}" for k, v in keywords.items() if v is not None)
+            raise InvalidValueError(
+                f"{given} is not tracked; tracked: "
+                f"{', '.join(f'{x:.6g}' for x in self.sigma_rels)}; other targets are "
+                "reconstructed from the snapshots of a PostHocEMA writing a store in one process"
+            )
+        self.snapshot()
+        self.flush()
+        return reconstruct_state_dict(
+            self._writer.directory,
+            **{k: v for k, v in keywords.items() if v is not None},
+            at=self._t,
+        )
 
     def _raise_failures(self) -> None:
         """Raise every write failure so far as one SnapshotWriteError, in the caller's thread.

@@ -1,0 +1,102 @@
+"""A writer killed at any step of a commit (an abort at a chosen step through PHEMA_FAILPOINT,
+as a kill -9 would leave it) leaves nothing a listing accepts: each output is whole, or no
+listing takes it for a checkpoint (docs/outputs.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import phema
+from conftest import make_store
+from phema.files import checkpoint_files
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import phema
+    store, out, like, cluster = sys.argv[1:5]
+    client = None
+    if cluster == "dask":
+        from distributed import Client
+        client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    phema.reconstruct(
+        store, sigma_rels=[0.06, 0.09], out=out, client=client,
+        shard_size=None if like != "-" else 20, like=None if like == "-" else like,
+    )
+    """
+)
+LABELS = ("sigma_rel-0.060", "sigma_rel-0.090")
+
+
+def _run(store, out, like="-", cluster="-", failpoint=None) -> int:
+    env = dict(os.environ)
+    env.pop("PHEMA_FAILPOINT", None)
+    if failpoint is not None:
+        env["PHEMA_FAILPOINT"] = failpoint
+    args = [sys.executable, "-c", SCRIPT, str(store), str(out), str(like), cluster]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, -signal.SIGABRT), done.stderr
+    return done.returncode
+
+
+def _weights(directory) -> dict[str, np.ndarray]:
+    out = {}
+    for path in checkpoint_files(directory):
+        out.update(load_file(path))
+    return out
+
+
+def _killed_at_every_step(tmp_path, like="-", cluster="-", step="commit") -> int:
+    store = tmp_path / "store"
+    make_store(store, [100, 200, 300, 400], {"w": (6, 3), "b": (3,), "c": (5,)})
+    assert _run(store, tmp_path / "clean", like, cluster) == 0
+    clean = {label: _weights(tmp_path / "clean" / label) for label in LABELS}
+    n = 0
+    while True:
+        n += 1
+        out = tmp_path / f"killed-{n}"
+        if _run(store, out, like, cluster, failpoint=f"{step}:{n}") == 0:
+            return n - 1
+        for label in LABELS:
+            target = out / label
+            try:
+                got = _weights(target)
+            except (phema.PhemaError, OSError):
+                continue  # nothing a listing accepts
+            assert got.keys() == clean[label].keys()
+            for name, value in got.items():
+                np.testing.assert_array_equal(value, clean[label][name])
+            if like != "-":
+                assert (target / "config.json").exists()
+
+
+def test_a_sharded_reconstruction_killed_at_each_commit_step_leaves_whole_outputs_or_none(
+    tmp_path,
+):
+    steps = _killed_at_every_step(tmp_path)
+    assert steps >= 2 * 3  # two outputs of at least two shards and an index each
+
+
+def test_a_like_output_killed_at_each_step_is_whole_or_has_no_weights(tmp_path):
+    like = tmp_path / "like"
+    like.mkdir()
+    (like / "config.json").write_text('{"model_type": "toy"}')
+    (like / "tokenizer.json").write_text("{}")
+    make_store(tmp_path / "ref", [100], {"w": (6, 3), "b": (3,), "c": (5,)})
+    [ref] = sorted((tmp_path / "ref").glob("*.safetensors"))[:1]
+    os.link(ref, like / "model.safetensors")
+    assert _killed_at_every_step(tmp_path, like=like, step="file") >= 4  # two copies each
+    assert _killed_at_every_step(tmp_path / "second", like=like, step="commit") >= 2
+
+
+def test_the_dask_commit_killed_at_each_step_leaves_whole_outputs_or_none(tmp_path):
+    pytest.importorskip("distributed")
+    assert _killed_at_every_step(tmp_path, cluster="dask") >= 2 * 3
