@@ -455,7 +455,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
     files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
-    normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
+    if args.dtype is not None:
+        normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]
