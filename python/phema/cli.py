@@ -109,6 +109,9 @@ def _open(args: argparse.Namespace, strict: bool = True) -> Store:
             args.store, times=times, **({"pattern": args.pattern} if args.pattern else {})
         )
     store = open_store(args.store, strict=strict)
+    if strict:  # inspect lists them as problems
+        for why in store.incomplete:
+            print(f"note: left out {why}", file=sys.stderr)
     if not store.snapshots and any("phema metadata" in why for _, why in store.ignored):
         raise UserError(
             f"{args.store} holds safetensors files but no phema snapshots; "
@@ -463,7 +466,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if at is not None:
         at = "all" if at == "all" else parse_list(at)
     files.check_outputs(args.out, ["sweep.csv", "sweep.png"], store.inputs)
-    normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
+    if args.dtype is not None:
+        normalize_dtype(args.dtype)  # a typo is refused before anything is evaluated
     model = _user_code(_load_callable(args.model, "--model"), args.model)()
     evaluate = _user_code(_load_callable(args.eval, "--eval"), args.eval)
     header = ["target", "t", "sigma_rel", "fit error", "gain"]

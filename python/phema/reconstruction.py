@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phema import _core, naming
-from phema.engine import combine_to_files, run_engine
+from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
 from phema.files import copy_like_files, like_layout
 from phema.plan import (
@@ -471,10 +471,23 @@ def state_dicts(
     if dtype is not None:
         if not isinstance(dtype, torch.dtype):
             dtype = getattr(torch, _TORCH_DTYPES[normalize_dtype(dtype)])
-        results = [
+        cast = [
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             for sd in results
         ]
+        # Values beyond the dtype's range become inf: said as for files (warn_nonfinite).
+        overflow = sorted(
+            {
+                k
+                for sd, out in zip(results, cast, strict=True)
+                for k, v in sd.items()
+                if v.is_floating_point()
+                and not torch.isfinite(out[k]).all()
+                and torch.isfinite(v).all()
+            }
+        )
+        warn_nonfinite({"nonfinite": overflow}, f"reconstruct_state_dict(dtype={dtype})")
+        results = cast
     tied = json.loads(tied_aliases(store, plan.used()) or "{}")
     for sd in results:
         for alias, canonical in tied.items():
