@@ -1,30 +1,36 @@
 # The single entry point: `make demo`, `make test`. Both work on a fresh clone.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.phema-deps
+UV     := $(VENV)/bin/uv
+DEMO_DEPS := $(VENV)/.phema-demo-deps
+DEV_DEPS  := $(VENV)/.phema-dev-deps
+INSTALL   := $(UV) pip install --quiet --python $(PY) -r pyproject.toml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: demo test build lint bench fuzz clean
 
-# Python environment with the runtime and dev dependencies (torch included, installed once).
-$(STAMP): pyproject.toml
+# Two dependency sets, each installed once, by uv (from PyPI; much faster than pip, and it skips
+# byte-compiling torch): `make demo` installs only the demo's and the build's, `make test` adds the
+# test extras. pyproject.toml's extras list them; maturin is the build backend it names.
+$(UV):
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.2" "numpy>=1.24" "safetensors>=0.4" "tqdm>=4.60" \
-		"matplotlib>=3.7" "pytest>=8" "ruff>=0.6" "mpmath>=1.3" "maturin>=1.7,<2" \
-		"lightning>=2.0" "transformers>=4.41" "accelerate>=0.26" "distributed>=2024.1" \
-		"diffusers>=0.31" "scikit-learn>=1.3"
-	# Test-only: the experiment trackers sweep(log_to=...) writes to (not needed by the demo).
-	$(PY) -m pip install -q "tensorboard>=2.14" "mlflow-skinny>=2.10" "wandb>=0.16"
-	touch $(STAMP)
+	$(PY) -m pip install --quiet uv
+
+$(DEMO_DEPS): pyproject.toml | $(UV)
+	$(INSTALL) --extra demo "maturin>=1.7,<2"
+	touch $@
+
+$(DEV_DEPS): $(DEMO_DEPS)
+	$(INSTALL) --extra dev
+	touch $@
 
 # The extension in release mode, installed editable into the venv (Python sources are linked, so
 # only the Rust sources and the build settings make it stale). A per-interpreter `_core` left by
-# an earlier build would shadow the abi3 one, so it goes.
+# an earlier build would shadow the abi3 one, so it goes. `--uv` installs it without pip's noise.
 EXT := python/phema/_core.abi3.so
-$(EXT): $(STAMP) Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
+$(EXT): $(DEMO_DEPS) Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
 	rm -f python/phema/_core.cpython-*.so
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --quiet
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --uv --quiet
 	touch $(EXT)
 
 build: $(EXT)
@@ -32,11 +38,15 @@ build: $(EXT)
 demo: build
 	$(VENV)/bin/phema demo
 
-test: build
-	cargo test --release --quiet
+# The Rust tests reuse the extension's release build of every dependency, so only the crate itself
+# compiles again: Cargo.toml's dev-dependencies make the features match, and `--lib` leaves out the
+# fuzz corpus example, whose plain rlib would need every dependency again as object code instead of
+# the extension's LTO bitcode (`make lint` and `make fuzz` build the example).
+test: build $(DEV_DEPS)
+	cargo test --release --lib --quiet
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(DEV_DEPS)
 	cargo fmt --check
 	cargo clippy --release --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
@@ -44,7 +54,7 @@ lint: $(STAMP)
 
 # Every benchmark (minutes; prints ratios, not a test). The reconstruct bench writes the store
 # the Rust engine bench reads.
-bench: build
+bench: build $(DEV_DEPS)
 	$(PY) benches/bench_solve.py
 	$(PY) benches/bench_update.py
 	$(PY) benches/bench_reconstruct.py

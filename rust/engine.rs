@@ -675,7 +675,7 @@ pub fn combine(
     let flagged: Vec<AtomicBool> = layout.iter().map(|_| AtomicBool::new(false)).collect();
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.
     let pool: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
-    let run = |&(ti, start, len): &(usize, usize, usize)| -> Result<()> {
+    let run = |index: usize, &(ti, start, len): &(usize, usize, usize)| -> Result<()> {
         if progress.cancel.load(Ordering::Relaxed) {
             return Err(PhemaError::Cancelled);
         }
@@ -701,6 +701,7 @@ pub fn combine(
             .and_then(|mut p| p.pop())
             .unwrap_or_default();
         let item = Item {
+            index,
             tensor: ti,
             start,
             len,
@@ -726,10 +727,11 @@ pub fn combine(
         .into_par_iter()
         .try_for_each(|_| -> Result<()> {
             while !failed.load(Ordering::Relaxed) {
-                let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(index) else {
                     break;
                 };
-                run(item).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+                run(index, item).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
             }
             Ok(())
         })?;
@@ -870,6 +872,8 @@ fn block_len(n_inputs: usize) -> usize {
 
 /// One work item: elements `start..start + len` of float tensor `tensor`, for `outputs`.
 struct Item<'a> {
+    /// Its place in the order items are handed out.
+    index: usize,
     tensor: usize,
     start: usize,
     len: usize,
@@ -887,6 +891,7 @@ fn combine_chunk(
     sink: &dyn Sink,
 ) -> Result<(u64, bool)> {
     let &Item {
+        index,
         tensor: ti,
         start,
         len,
@@ -904,11 +909,13 @@ fn combine_chunk(
     raw.resize_with(nm, Vec::new);
     staged.resize(nm * bs, 0.0);
     block.resize(kk * bs, 0.0);
-    let dtypes = opened
-        .iter()
-        .zip(raw.iter_mut())
-        .map(|(o, buf)| o.read(ti, start, len, buf))
-        .collect::<Result<Vec<_>>>()?;
+    // Each item starts reading at another input: threads working on neighbouring items then
+    // rarely wait for the same file's checksum at once.
+    let mut dtypes = vec![Dtype::F32; nm];
+    for j in 0..nm {
+        let i = (index * 7 + j) % nm;
+        dtypes[i] = opened[i].read(ti, start, len, &mut raw[i])?;
+    }
     // Where each output's encoded item starts in `out`, and the column it takes.
     let mut spans = Vec::with_capacity(outputs.len());
     let mut end = 0;

@@ -81,7 +81,7 @@ fn clip(raw: &str) -> String {
     }
 }
 
-/// `key` as a number in `(0, max]`, or `[0, max]` with `zero`.
+/// `key` as a normal (not subnormal) number up to `max`, or 0 as well with `zero`.
 fn number(header: &Header, key: &str, max: f64, zero: bool) -> Result<f64> {
     let raw = header
         .metadata
@@ -95,13 +95,19 @@ fn number(header: &Header, key: &str, max: f64, zero: bool) -> Result<f64> {
         .trim()
         .parse()
         .map_err(|_| bad(header, key, raw, "is not a number"))?;
-    if !((v > 0.0 || (zero && v == 0.0)) && v <= max) {
-        let open = if zero { "[" } else { "(" };
+    // Subnormal values (5e-324) lose their precision in the profiles' powers: no fit is
+    // meaningful there.
+    if !((v >= f64::MIN_POSITIVE || (zero && v == 0.0)) && v <= max) {
+        let low = if zero {
+            "0".to_string()
+        } else {
+            format!("{:e}", f64::MIN_POSITIVE)
+        };
         return Err(bad(
             header,
             key,
             raw,
-            &format!("must lie in {open}0, {max:e}]"),
+            &format!("must lie in [{low}, {max:e}]"),
         ));
     }
     Ok(v)
@@ -256,6 +262,8 @@ mod tests {
             ("inf", "6.9", "phema.t"),
             ("NaN", "6.9", "phema.t"),
             ("-5", "6.9", "phema.t"),
+            ("5e-324", "6.9", "phema.t"),
+            ("1e-310", "6.9", "phema.t"),
             ("100", "1e300", "phema.gamma"),
             ("100", "-1e-9", "phema.gamma"),
             ("0", "6.9", "phema.t"),

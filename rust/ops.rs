@@ -358,14 +358,14 @@ mod tests {
             &Progress::default(),
         )
         .unwrap();
-        let (shards, index) = output_files(&inputs, &weights, &request("parts", None)).unwrap();
+        let (shards, index) = output_files(&inputs, &weights, &request("staged", None)).unwrap();
         assert_eq!(shards.len(), 2);
         assert_eq!(shards[0].1, vec!["a".to_string()]);
         for i in 0..shards.len() {
             let (paths, stats) = to_files(
                 &inputs,
                 &plan,
-                &[request("parts", Some(i))],
+                &[request("staged", Some(i))],
                 &Progress::default(),
             )
             .unwrap();
@@ -374,10 +374,19 @@ mod tests {
             assert_eq!(stats.bytes_read, [24, 16][i]);
         }
         assert!(!index.as_ref().unwrap().exists()); // the client writes it, last
-        assert_eq!(
-            write_index(&inputs, &weights, &request("parts", None)).unwrap(),
-            index
-        );
+        let committed = commit_staged(
+            &inputs,
+            &weights,
+            &[request("parts", None)],
+            &[request("staged", None)],
+        )
+        .unwrap();
+        let (final_shards, final_index) =
+            output_files(&inputs, &weights, &request("parts", None)).unwrap();
+        let mut expected = vec![final_index.unwrap()];
+        expected.extend(final_shards.into_iter().map(|(p, _)| p));
+        assert_eq!(committed, vec![expected]);
+        assert!(shards.iter().all(|(p, _)| !p.exists())); // moved, not copied
         for p in &whole[0] {
             let name = p.file_name().unwrap();
             let other = dir.path().join("parts").join(name);

@@ -467,7 +467,7 @@ pub struct OutputRequest {
     /// Largest shard in bytes.
     pub shard_size: Option<u64>,
     /// Only this shard (0-based) and no index: one task of a distributed run, whose client
-    /// writes the index ([`write_index`]) once every shard is committed.
+    /// commits every shard and writes the index (`ops::commit_staged`).
     pub shard: Option<usize>,
     /// File stem of a sharded output: `model` as transformers names it (`model.safetensors`,
     /// `model-00001-of-00002.safetensors`, `model.safetensors.index.json`), or

@@ -5,6 +5,7 @@ crafted or damaged files refused, naming the file, with nothing run and nothing 
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import tempfile
@@ -101,10 +102,17 @@ def test_average_equals_torch_and_safetensors_route(checkpoints, tmp_path, monke
     assert not list(staged.iterdir())  # the converted files are gone
 
 
-def test_reconstruct_checkpoints_and_import(checkpoints: Path, tmp_path: Path) -> None:
+def test_reconstruct_checkpoints_and_import(checkpoints, tmp_path, monkeypatch) -> None:
+    staged = tmp_path / "tmp"
+    staged.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staged))
     store = phema.open_checkpoints(checkpoints)
     assert [s.t for s in store.snapshots] == [100.0, 200.0, 300.0]
     assert [s.path for s in store.snapshots] == [str(d) for d in sorted(checkpoints.iterdir())]
+    assert len(list(staged.iterdir())) == 1  # the converted files, kept while the store lives
+    del store
+    gc.collect()
+    assert not list(staged.iterdir())
     # The same checkpoints as safetensors files give the same reconstruction, tensor for tensor.
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -199,7 +207,8 @@ def test_code_in_a_pickle_is_refused(checkpoints, tmp_path, payload, where) -> N
 
         _rewrite_metadata(bad, point)
     out = tmp_path / "out"
-    with pytest.raises(SourceError, match=str(named)):
+    called = "system" if payload is _System else "exec"
+    with pytest.raises(SourceError, match=f"{named}: .*{called}"):
         phema.average([bad, checkpoints / "step-200"], out=out)
     assert main(["average", str(bad), str(checkpoints / "step-200"), "--out", str(out)]) == 2
     assert not marker.exists() and not out.exists()
@@ -287,4 +296,13 @@ def test_inconsistent_metadata_is_refused(checkpoints, tmp_path, change, message
     _rewrite_metadata(bad, change)
     with pytest.raises(SourceError, match=f"{bad / '.metadata'}: {message}"):
         phema.average([bad, checkpoints / "step-200"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dtype_phema_does_not_store_is_refused(tmp_path) -> None:
+    dirs = [tmp_path / f"step-{s}" for s in (1, 2)]
+    for d in dirs:
+        save_dcp({"a": torch.ones(3).to(torch.float8_e4m3fn)}, d)
+    with pytest.raises(SourceError, match=f"{dirs[0]}: `a` is torch.float8_e4m3fn"):
+        phema.average(dirs, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

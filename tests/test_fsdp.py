@@ -33,6 +33,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 import phema
+from phema.cli import main
 
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
@@ -626,7 +627,7 @@ def test_per_rank_and_full_outputs_reload_into_an_fsdp2_model(run, tmp_path):
             assert torch.equal(result[case]["buffers"]["scale"], want["scale"])
 
 
-def test_a_missing_rank_file_makes_the_snapshot_incomplete(run, tmp_path):
+def test_a_missing_rank_file_makes_the_snapshot_incomplete(run, tmp_path, capsys):
     directory = tmp_path / "store"
     shutil.copytree(run[4] / "sharded", directory)
     complete = phema.open_store(directory)
@@ -649,6 +650,9 @@ def test_a_missing_rank_file_makes_the_snapshot_incomplete(run, tmp_path):
         [sys.executable, "-m", "phema", "inspect", str(directory)], capture_output=True, text=True
     )
     assert cli.returncode == 1 and "problem: incomplete snapshot" in cli.stdout, cli.stdout
+    # Every other command says what it left out.
+    assert main(["solve", str(directory), "--sigma-rel", str(kept[0])]) == 0
+    assert f"note: left out {why}" in capsys.readouterr().err
 
 
 def test_per_rank_needs_a_sharded_store(run, tmp_path):

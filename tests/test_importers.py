@@ -520,3 +520,15 @@ def test_a_nan_in_a_source_is_an_error_naming_that_file_and_nothing_is_left(tmp_
     with pytest.raises(SourceError, match=r"checkpoint-1\.pth\.tar: tensor `fc.weight` holds NaN"):
         import_store(tmp_path / "store", src, kind="timm")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_stride_0_tensor_is_refused_not_expanded(tmp_path):
+    # 4 bytes of data declared as 40 MB: bounded by what the file can hold.
+    src = tmp_path / "timm"
+    src.mkdir()
+    sd = {"fc.weight": torch.zeros(1).expand(10_000_000)}
+    torch.save({"epoch": 0, "state_dict": sd}, src / "checkpoint-0.pth.tar")
+    assert os.path.getsize(src / "checkpoint-0.pth.tar") < 4096
+    with pytest.raises(SourceError, match=r"checkpoint-0\.pth\.tar: `fc.weight` declares 10000000"):
+        import_store(tmp_path / "store", src, kind="timm")
+    assert not (tmp_path / "store").exists()

@@ -35,10 +35,14 @@ def test_out_of_range_sigma_rel_is_a_value_error(bad):
         phema.sigma_rel_to_gamma(bad)
 
 
-@pytest.mark.parametrize("bad", [0.0, -2.0, math.nan])
+@pytest.mark.parametrize("bad", [-1e-9, -2.0, math.nan])
 def test_out_of_range_gamma_is_a_value_error(bad):
     with pytest.raises(ValueError, match="gamma"):
         phema.gamma_to_sigma_rel(bad)
+
+
+def test_gamma_zero_is_the_running_mean_of_width_twelve_to_the_minus_half():
+    assert phema.gamma_to_sigma_rel(0.0) == pytest.approx(12**-0.5, rel=1e-15)
 
 
 def _density(spec, tau):

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import phema
-from conftest import make_store, snapshot_metadata
+from conftest import SIGMA_RELS, make_store, snapshot_metadata
 from phema import _core
 from phema.store import write_snapshot
 
@@ -133,3 +133,18 @@ def test_listing_thousands_of_snapshots_is_fast(tmp_path):
     elapsed = time.perf_counter() - t0
     assert len(store) == 2000
     assert elapsed < 2.0, elapsed
+
+
+def test_a_subnormal_time_is_refused_naming_the_file_not_fitted_with_error_0(tmp_path):
+    # 5e-324 made every weight NaN and reported a fit error of 0.
+    store = tmp_path / "s"
+    store.mkdir()
+    for i, t in enumerate([5e-324, 1e-323, 1.5e-323]):
+        for s in SIGMA_RELS:
+            write_snapshot(
+                store / f"{i}-{s}.safetensors",
+                {"w": np.ones(3, np.float32)},
+                metadata=snapshot_metadata(t, phema.sigma_rel_to_gamma(s)),
+            )
+    with pytest.raises(phema.StoreError, match=r"0-0\.05\.safetensors: `phema\.t` .*must lie in"):
+        phema.solve(store, sigma_rels=[0.08])

@@ -88,7 +88,7 @@ def test_sweep(store, tmp_path, kind, arg, value, same):
     result = phema.sweep(
         store,
         model,
-        lambda m: {"w": float(m.weight[1, 2]), "b": float(m.bias[3])},
+        lambda m: {"w": m.weight[1, 2].item(), "b": m.bias[3].item()},
         **{arg: [value]},
     )
     [row] = result.rows

@@ -109,6 +109,9 @@ def _open(args: argparse.Namespace, strict: bool = True) -> Store:
             args.store, times=times, **({"pattern": args.pattern} if args.pattern else {})
         )
     store = open_store(args.store, strict=strict)
+    if strict:  # inspect lists them as problems
+        for why in store.incomplete:
+            print(f"note: left out {why}", file=sys.stderr)
     if not store.snapshots and any("phema metadata" in why for _, why in store.ignored):
         raise UserError(
             f"{args.store} holds safetensors files but no phema snapshots; "
@@ -223,9 +226,20 @@ def _targets(args: argparse.Namespace) -> dict:
         "noise": "auto" if args.noise is None else args.noise,
         "causal": args.causal,
         "tensor_sigma_rels": _tensor_sigma_rels(args),
+        # Kernels (docs/kernels.md): comma lists, and one --merge / --bema per option.
+        "windows": args.window.split(",") if args.window else None,
+        "last": parse_list(args.last) if args.last else None,
+        "merges": args.merge or None,
+        "bema": args.bema or None,
+        "mixes": args.mix or None,
+        "allow_extrapolation": args.allow_extrapolation,
     }
-    if not any(kw[k] for k in ("sigma_rels", "gammas", "betas", "halflives", "tensor_sigma_rels")):
-        raise UserError("give at least one target: --sigma-rel, --gamma, --beta or --halflife")
+    kinds = ("sigma_rels", "gammas", "betas", "halflives", "tensor_sigma_rels")
+    if not any(kw[k] for k in (*kinds, "windows", "last", "merges", "bema", "mixes")):
+        raise UserError(
+            "give at least one target: --sigma-rel, --gamma, --beta, --halflife, --window, "
+            "--last, --merge, --bema or --mix"
+        )
     return kw
 
 
@@ -647,6 +661,32 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
         s.add_argument("--halflife", help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
+        s.add_argument("--window", help="uniform averages over these lengths, e.g. 2000,20%%")
+        s.add_argument("--last", help="averages of the last N checkpoints, e.g. 4,8")
+        s.add_argument(
+            "--merge",
+            action="append",
+            metavar="SHAPE:WINDOW",
+            help="decay-emulating merge (linear, cosine, 1-sqrt), e.g. linear:20%% (repeatable)",
+        )
+        s.add_argument(
+            "--bema",
+            action="append",
+            metavar="NAME=VALUE,...",
+            help="BEMA with tau, phi, kappa, eta, rho, gamma (TRL defaults otherwise), e.g. "
+            "tau=1000,kappa=0.5; '' for the defaults (repeatable)",
+        )
+        s.add_argument(
+            "--mix",
+            action="append",
+            metavar="SNAPSHOT=WEIGHT,...",
+            help="explicit weights on snapshots named by file name or time (repeatable)",
+        )
+        s.add_argument(
+            "--allow-extrapolation",
+            action="store_true",
+            help="let --mix weights be negative or not sum to 1",
+        )
         if times == "one":
             s.add_argument("--at", type=float, help="target time (default: the last snapshot's)")
         else:

@@ -313,7 +313,7 @@ def _array(x: Any) -> tuple[np.ndarray, str]:
 
     if x.dtype == torch.bfloat16:
         return x.float().numpy(), "BF16"
-    return x.contiguous().numpy(), "F32"
+    return x.contiguous().numpy(), "F32"  # float8 and unsigned beyond uint8: TypeError
 
 
 def convert(
@@ -339,7 +339,12 @@ def convert(
     for name, x in tensors(directory, strip_prefix):
         if strip_prefix:
             name = name[len(strip_prefix) :]
-        a, kind = _array(x)
+        try:
+            a, kind = _array(x)
+        except TypeError:
+            raise SourceError(
+                f"{directory}: `{name}` is {x.dtype}, which phema does not store"
+            ) from None
         groups[kind].append((name, np.require(a, requirements="C")))
         sizes[kind] += a.nbytes
         if sizes[kind] >= GROUP_BYTES:

@@ -7,10 +7,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from phema import _core, naming
-from phema.errors import InvalidValueError
+from phema.errors import InvalidTypeError, InvalidValueError
 from phema.files import checkpoint_files
 from phema.tracker.distributed import dtensor_class, sharding
 from phema.tracker.model import unwrap
@@ -29,6 +30,24 @@ def _load_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         except Exception as e:  # safetensors' errors do not name the file
             raise InvalidValueError(f"{path}: unreadable safetensors data ({e})") from None
     return sd, meta
+
+
+def _as_tensors(sd: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+    """A state dict's entries as tensors (numpy arrays taken as they are); anything else is one
+    error naming the entry."""
+    out = {}
+    for name, v in sd.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+            v = torch.from_numpy(np.ascontiguousarray(v))
+        if not isinstance(name, str):
+            raise InvalidTypeError(f"state dict key {name!r} is a {type(name).__name__}, not a str")
+        if not isinstance(v, torch.Tensor):
+            raise InvalidTypeError(
+                f"state dict entry {name!r} is a {type(v).__name__}: load_into takes a mapping "
+                "of names (str) to tensors or numpy arrays"
+            )
+        out[name] = v
+    return out
 
 
 def load_into(
@@ -61,6 +80,8 @@ def load_into(
     def rename(name: str) -> str:
         return prefix + (name[len(strip_prefix) :] if name.startswith(strip_prefix) else name)
 
+    if isinstance(source, Mapping):
+        source = _as_tensors(source)
     reader = _ShardedReader(source, own, rename) if sharded else _PlainReader(source, rename)
     shapes = reader.shapes
     missing = [k for k in own if k not in shapes]

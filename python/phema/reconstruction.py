@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phema import _core, naming
-from phema.engine import combine_to_files, run_engine
+from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
 from phema.files import copy_like_files, like_layout
 from phema.plan import (
@@ -81,6 +81,12 @@ def reconstruct(
     gammas: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
+    windows: Any = None,
+    last: Any = None,
+    merges: Any = None,
+    bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -133,6 +139,12 @@ def reconstruct(
         gammas=gammas,
         betas=betas,
         halflives=halflives,
+        windows=windows,
+        last=last,
+        merges=merges,
+        bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         noise=noise,
@@ -326,6 +338,12 @@ def reconstruct_state_dict(
     gamma: float | None = None,
     beta: float | None = None,
     halflife: float | None = None,
+    window: float | str | None = None,
+    last: int | None = None,
+    merge: Any = None,
+    bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -337,16 +355,26 @@ def reconstruct_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The average for one target as `{name: torch.Tensor}` (float32 unless `dtype`), no files;
     `tensor_sigma_rels` as in `reconstruct` (then the target may be left out if a pattern is
-    `*`)."""
-    given = [v for v in (sigma_rel, gamma, beta, halflife) if v is not None]
+    `*`). The kernels of docs/kernels.md: one `window`, `last` count, `merge` (shape, window)
+    or `bema` mapping."""
+    one = (sigma_rel, gamma, beta, halflife, window, last, merge, bema, mixes)
+    given = [v for v in one if v is not None]
     if len(given) > 1 or not (given or tensor_sigma_rels or tensors):
-        raise InvalidValueError("give exactly one of sigma_rel, gamma, beta, halflife")
+        raise InvalidValueError(
+            "give exactly one of sigma_rel, gamma, beta, halflife, window, last, merge, bema, mixes"
+        )
     [sd] = reconstruct_state_dicts(
         store,
         sigma_rels=sigma_rel,
         gammas=gamma,
         betas=beta,
         halflives=halflife,
+        windows=window,
+        last=last,
+        merges=None if merge is None else [merge],
+        bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         causal=causal,
@@ -367,6 +395,12 @@ def reconstruct_state_dicts(
     gammas: Iterable[float] | float | None = None,
     betas: Iterable[float] | float | None = None,
     halflives: Iterable[float] | float | None = None,
+    windows: Any = None,
+    last: Any = None,
+    merges: Any = None,
+    bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
     dt: float = 1.0,
     at: float | None = None,
     causal: bool = False,
@@ -387,6 +421,12 @@ def reconstruct_state_dicts(
         gammas=gammas,
         betas=betas,
         halflives=halflives,
+        windows=windows,
+        last=last,
+        merges=merges,
+        bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
         dt=dt,
         at=at,
         noise=noise,
@@ -431,10 +471,23 @@ def state_dicts(
     if dtype is not None:
         if not isinstance(dtype, torch.dtype):
             dtype = getattr(torch, _TORCH_DTYPES[normalize_dtype(dtype)])
-        results = [
+        cast = [
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             for sd in results
         ]
+        # Values beyond the dtype's range become inf: said as for files (warn_nonfinite).
+        overflow = sorted(
+            {
+                k
+                for sd, out in zip(results, cast, strict=True)
+                for k, v in sd.items()
+                if v.is_floating_point()
+                and not torch.isfinite(out[k]).all()
+                and torch.isfinite(v).all()
+            }
+        )
+        warn_nonfinite({"nonfinite": overflow}, f"reconstruct_state_dict(dtype={dtype})")
+        results = cast
     tied = json.loads(tied_aliases(store, plan.used()) or "{}")
     for sd in results:
         for alias, canonical in tied.items():

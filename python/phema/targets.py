@@ -18,7 +18,7 @@ import numpy as np
 
 from phema import naming
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.solver import KINDS, Solution, _as_list, solve
+from phema.solver import KINDS, Solution, _as_list, kernel_pairs, solve
 
 # Most per-tensor patterns taken: each is matched against every tensor name.
 MAX_PATTERNS = 1000
@@ -40,6 +40,12 @@ class Targets:
     gammas: tuple[float, ...] = ()
     betas: tuple[float, ...] = ()
     halflives: tuple[float, ...] = ()
+    # Kernels of docs/kernels.md, as checked values (see `phema.solver.kernel_pairs`).
+    windows: tuple[Any, ...] = ()
+    last: tuple[int, ...] = ()
+    merges: tuple[Any, ...] = ()
+    bema: tuple[Any, ...] = ()
+    mixes: tuple[Any, ...] = ()
     dt: float = 1.0
     at: float | None = None
     causal: bool = False
@@ -57,6 +63,12 @@ class Targets:
         gammas: Iterable[float] | float | None = None,
         betas: Iterable[float] | float | None = None,
         halflives: Iterable[float] | float | None = None,
+        windows: Any = None,
+        last: Any = None,
+        merges: Any = None,
+        bema: Any = None,
+        mixes: Any = None,
+        allow_extrapolation: bool = False,
         dt: float = 1.0,
         at: float | None = None,
         causal: bool = False,
@@ -69,7 +81,8 @@ class Targets:
         """Targets from the keyword arguments every entry point takes, checked; given only a
         `solution`, its targets. `tensors` is the former name of `tensor_sigma_rels`."""
         pairs = _tensor_pairs(_renamed_tensors(tensor_sigma_rels, tensors))
-        given = (sigma_rels, gammas, betas, halflives)
+        given = (sigma_rels, gammas, betas, halflives, windows, last, merges, bema, mixes)
+        kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
         if solution is not None and all(v is None for v in given) and not pairs:
             return cls(at=at, causal=bool(causal), noise=noise, every_solved=True)
         if vary is not None and not (isinstance(vary, str) and vary):
@@ -79,6 +92,11 @@ class Targets:
             gammas=_distinct(gammas, "gammas"),
             betas=_distinct(betas, "betas"),
             halflives=_distinct(halflives, "halflives"),
+            windows=tuple(dict.fromkeys(v for k, v in kernels if k == "window")),
+            last=tuple(dict.fromkeys(v for k, v in kernels if k == "last")),
+            merges=tuple(dict.fromkeys(v for k, v in kernels if k == "merge")),
+            bema=tuple(dict.fromkeys(v for k, v in kernels if k == "bema")),
+            mixes=tuple(dict.fromkeys(v for k, v in kernels if k == "mix")),
             dt=dt,
             at=at,
             causal=bool(causal),
@@ -103,7 +121,13 @@ class Targets:
             return cls.of(**keywords)
         if not isinstance(targets, Targets):
             raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
-        defaults = {"dt": 1.0, "at": None, "causal": False, "noise": "auto"}
+        defaults = {
+            "dt": 1.0,
+            "at": None,
+            "causal": False,
+            "noise": "auto",
+            "allow_extrapolation": False,
+        }
         clash = [
             k
             for k, v in keywords.items()
@@ -115,15 +139,9 @@ class Targets:
             )
         return targets
 
-    def own(self) -> dict[str, tuple[float, ...]]:
-        """The outputs' own targets by kind, in output order."""
-        kinds = {
-            "sigma_rels": self.sigma_rels,
-            "gammas": self.gammas,
-            "betas": self.betas,
-            "halflives": self.halflives,
-        }
-        return {k: v for k, v in kinds.items() if v}
+    def own(self) -> dict[str, tuple[Any, ...]]:
+        """The outputs' own targets by field, in output order."""
+        return {f: v for f in _KIND_OF if (v := getattr(self, f))}
 
     def replace(self, **changes: Any) -> Targets:
         """A copy with some fields changed (e.g. another time)."""
@@ -141,6 +159,11 @@ class Targets:
             gammas=own.get("gammas"),
             betas=own.get("betas"),
             halflives=own.get("halflives"),
+            windows=own.get("windows"),
+            last=own.get("last"),
+            merges=own.get("merges"),
+            bema=own.get("bema"),
+            mixes=own.get("mixes"),
             dt=self.dt,
             at=self.at,
             noise=self.noise,
@@ -161,8 +184,7 @@ class Targets:
                 )
             return column[(kind, value)]
 
-        singular = {plural: kind for kind, plural in KINDS.items()}
-        own = [(singular[kind], v) for kind, values in self.own().items() for v in values]
+        own = [(_KIND_OF[f], v) for f, values in self.own().items() for v in values]
         pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensor_sigma_rels]
         # A pattern that takes no tensor is a typo that would silently leave its length unused.
         patterns = [p for p, _ in self.tensor_sigma_rels] + (
@@ -234,6 +256,17 @@ class Output:
     def columns(self) -> list[int]:
         """Every column the output reads."""
         return sorted({self.column, *self.routes.values()})
+
+
+#: The target kind of every field of `Targets` holding outputs' own targets, in output order:
+#: the EMA lengths, then the kernels of docs/kernels.md.
+_KIND_OF = {plural: kind for kind, plural in KINDS.items()} | {
+    "windows": "window",
+    "last": "last",
+    "merges": "merge",
+    "bema": "bema",
+    "mixes": "mix",
+}
 
 
 def _renamed_tensors(new: Any, old: Any) -> Any:

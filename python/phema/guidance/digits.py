@@ -1,6 +1,7 @@
 """EMAG on a real data set: a small class-conditional diffusion transformer on scikit-learn's 8x8
-digits, sampled with CFG, CFG+EMAG and CFG+EMAG-Q, judged by a digits classifier trained on the
-real data (accuracy on the intended class, Fréchet distance in its feature space).
+digits, sampled without guidance, with EMAG alone, CFG, CFG+EMAG, CFG+EMAG-Q, EMAG+APG and
+CADS+EMAG (:data:`METHODS`), judged by a digits classifier trained on the real data (accuracy on
+the intended class, Fréchet distance in its feature space).
 
 ``phema demo --emag`` runs :func:`run_demo`; ``benches/bench_emag.py`` uses the same pieces with
 more samples. The model calls :meth:`phema.guidance.EMAG.attention` from its own attention code

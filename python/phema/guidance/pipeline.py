@@ -66,4 +66,6 @@ class EMAGPipeline:
             return self.pipe(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "pipe":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.pipe, name)

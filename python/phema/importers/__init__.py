@@ -246,6 +246,9 @@ def _arrays(
 
     out: dict[str, np.ndarray] = {}
     floats: list[str] = []
+    # What a source may declare is bounded by its own size: a view with stride 0 (or tensors
+    # overlapping in one storage) would expand a small file into any size of store.
+    budget = _MAX_EXPANSION * os.path.getsize(path) + (1 << 20)
     for name, x in source.items():
         if not isinstance(name, str) or not name:
             raise SourceError(f"{path}: a tensor name is {name!r}, not a string")
@@ -258,6 +261,14 @@ def _arrays(
         try:
             if x.is_complex():
                 raise InvalidTypeError("complex")
+            nbytes = x.numel() * x.element_size()
+            budget -= nbytes
+            if nbytes > x.untyped_storage().nbytes() or budget < 0:
+                raise SourceError(
+                    f"{path}: `{name}` declares {x.numel()} elements {tuple(x.shape)} over "
+                    f"{x.untyped_storage().nbytes()} bytes of data (a stride-0 or overlapping "
+                    "view, or more than the file can hold): refusing to expand it"
+                )
             x = x.detach().to("cpu")
             if x.is_floating_point():
                 floats.append(_FLOAT_NAMES.get(str(x.dtype), "F32"))
@@ -272,6 +283,8 @@ def _arrays(
 
 
 _FLOAT_NAMES = {"torch.float16": "F16", "torch.bfloat16": "BF16"}
+# Most tensor bytes a source may declare per byte of its own (tied tensors share one storage).
+_MAX_EXPANSION = 8
 
 
 # ---------------------------------------------------------------------------------------------

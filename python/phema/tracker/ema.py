@@ -95,9 +95,14 @@ class PostHocEMA:
         max_pending: int = 2,
         mesh: DeviceMesh | None = None,
         final_snapshot: bool = True,
+        cumulative: bool = False,
     ) -> None:
-        """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`."""
-        self._profiles = Profiles.of(sigma_rels, gammas)
+        """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`;
+        with `cumulative` also the running mean (`gamma = 0`, written in fp32), from which windows
+        are exact (docs/kernels.md)."""
+        if not isinstance(cumulative, bool):
+            raise InvalidTypeError(f"cumulative={cumulative!r}: expected True or False")
+        self._profiles = Profiles.of(sigma_rels, gammas, cumulative)
         self.sigma_rels = self._profiles.sigma_rels
         self.gammas = self._profiles.gammas
         if snapshot_every is not None and not snapshot_every > 0:

@@ -24,9 +24,13 @@ class Profiles:
 
     @classmethod
     def of(
-        cls, sigma_rels: float | Sequence[float] | None, gammas: float | Sequence[float] | None
+        cls,
+        sigma_rels: float | Sequence[float] | None,
+        gammas: float | Sequence[float] | None,
+        cumulative: bool = False,
     ) -> Profiles:
-        """From `sigma_rels` (default 0.05 and 0.10) or `gammas`: ValueError on a bad set."""
+        """From `sigma_rels` (default 0.05 and 0.10) or `gammas`, and with `cumulative` the
+        running mean (`gamma = 0`, docs/kernels.md) after them: ValueError on a bad set."""
         if gammas is not None:
             if sigma_rels is not None:
                 raise InvalidValueError("give sigma_rels or gammas, not both")
@@ -37,6 +41,8 @@ class Profiles:
                 float(s) for s in as_tuple((0.05, 0.10) if sigma_rels is None else sigma_rels)
             )
             profiles = cls(srs, tuple(float(sigma_rel_to_gamma(s)) for s in srs))
+        if cumulative:
+            profiles = cls((*profiles.sigma_rels, gamma_to_sigma_rel(0.0)), (*profiles.gammas, 0.0))
         if not profiles.gammas:
             raise InvalidValueError("track at least one profile (sigma_rels or gammas is empty)")
         if len(profiles.gammas) > MAX_PROFILES:

@@ -188,8 +188,11 @@ class SnapshotWriter:
                 "phema.step": str(job.step),
             }
             tensors = {n: a.numpy() for n, a in zip(self.names, accs, strict=True)} | extra
+            # The running mean feeds windows as differences of two snapshots, which multiply its
+            # rounding (docs/kernels.md): it is kept in fp32.
+            dtype = "float32" if gamma == 0 else self.dtype
             try:
-                kept_fp32 = write_snapshot(path, tensors, self.dtype, metadata)
+                kept_fp32 = write_snapshot(path, tensors, dtype, metadata)
             except BaseException as err:
                 self._failures.append(Failure(path, job.t, err))
                 continue
