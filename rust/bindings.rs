@@ -305,38 +305,63 @@ fn solve_kernels<'py>(
     let fits = py
         .detach(|| solver::solve_kernels(&snaps, &kernels, &options))
         .map_err(err)?;
+    fits_dict(
+        py,
+        &fits,
+        snaps.len(),
+        |f| &f.weights,
+        &[
+            ("fit_error", |f| f.fit_error),
+            ("cdf_error", |f| f.cdf_error),
+            ("noise_error", |f| f.noise_error),
+            ("gain", |f| f.gain),
+            ("norm", |f| f.norm),
+            ("mass", |f| f.mass),
+            ("initial_mass", |f| f.initial_mass),
+            ("sigma_rel", |f| f.sigma_rel),
+            ("lstsq_fit_error", |f| f.lstsq_fit_error),
+            ("lstsq_gain", |f| f.lstsq_gain),
+            ("resolution", |f| f.resolution),
+            ("extrapolated_mass", |f| f.extrapolated_mass),
+            ("interpolated_mass", |f| f.interpolated_mass),
+            ("point_mass", |f| f.point_mass),
+        ],
+        &[
+            ("regularized", |f| f.regularized),
+            ("poor", |f| f.poor),
+            ("rank_deficient", |f| f.rank_deficient),
+        ],
+    )
+}
+
+/// A named figure of every target's fit.
+type Column<'a, F, T> = (&'a str, fn(&F) -> T);
+
+/// A solve's figures per target as a dict of numpy arrays: `weights` (snapshots x targets), a
+/// float array for each of `floats`, a bool array for each of `flags`.
+fn fits_dict<'py, F>(
+    py: Python<'py>,
+    fits: &[F],
+    snapshots: usize,
+    weights: fn(&F) -> &Vec<f64>,
+    floats: &[Column<F, f64>],
+    flags: &[Column<F, bool>],
+) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
-    let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
-    out.set_item("weights", weight_matrix(py, snaps.len(), &columns)?)?;
-    let col = |f: fn(&solver::KernelFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
-    for (name, f) in [
-        (
-            "fit_error",
-            (|f| f.fit_error) as fn(&solver::KernelFit) -> f64,
-        ),
-        ("cdf_error", |f| f.cdf_error),
-        ("noise_error", |f| f.noise_error),
-        ("gain", |f| f.gain),
-        ("norm", |f| f.norm),
-        ("mass", |f| f.mass),
-        ("initial_mass", |f| f.initial_mass),
-        ("sigma_rel", |f| f.sigma_rel),
-        ("lstsq_fit_error", |f| f.lstsq_fit_error),
-        ("lstsq_gain", |f| f.lstsq_gain),
-        ("resolution", |f| f.resolution),
-        ("extrapolated_mass", |f| f.extrapolated_mass),
-        ("interpolated_mass", |f| f.interpolated_mass),
-        ("point_mass", |f| f.point_mass),
-    ] {
-        out.set_item(name, col(f).into_pyarray(py))?;
+    let columns: Vec<&[f64]> = fits.iter().map(|f| weights(f).as_slice()).collect();
+    out.set_item("weights", weight_matrix(py, snapshots, &columns)?)?;
+    for (name, f) in floats {
+        out.set_item(
+            *name,
+            fits.iter().map(f).collect::<Vec<f64>>().into_pyarray(py),
+        )?;
     }
-    let flags = |f: fn(&solver::KernelFit) -> bool| fits.iter().map(f).collect::<Vec<bool>>();
-    out.set_item("regularized", flags(|f| f.regularized).into_pyarray(py))?;
-    out.set_item("poor", flags(|f| f.poor).into_pyarray(py))?;
-    out.set_item(
-        "rank_deficient",
-        flags(|f| f.rank_deficient).into_pyarray(py),
-    )?;
+    for (name, f) in flags {
+        out.set_item(
+            *name,
+            fits.iter().map(f).collect::<Vec<bool>>().into_pyarray(py),
+        )?;
+    }
     Ok(out)
 }
 
@@ -366,31 +391,29 @@ fn solve<'py>(
     let fits = py
         .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise, causal }))
         .map_err(err)?;
-    let out = PyDict::new(py);
-    let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
-    out.set_item("weights", weight_matrix(py, snaps.len(), &columns)?)?;
-    let col = |f: fn(&solver::TargetFit) -> f64| fits.iter().map(f).collect::<Vec<f64>>();
-    out.set_item("fit_error", col(|f| f.fit_error).into_pyarray(py))?;
-    out.set_item("gain", col(|f| f.gain).into_pyarray(py))?;
-    out.set_item("norm", col(|f| f.norm).into_pyarray(py))?;
-    out.set_item("mass", col(|f| f.mass).into_pyarray(py))?;
-    out.set_item("initial_mass", col(|f| f.initial_mass).into_pyarray(py))?;
-    out.set_item("sigma_rel", col(|f| f.target.sigma_rel()).into_pyarray(py))?;
-    out.set_item(
-        "lstsq_fit_error",
-        col(|f| f.lstsq_fit_error).into_pyarray(py),
-    )?;
-    out.set_item("lstsq_gain", col(|f| f.lstsq_gain).into_pyarray(py))?;
-    out.set_item("noise_error", col(|f| f.noise_error).into_pyarray(py))?;
-    out.set_item("cdf_error", col(|f| f.cdf_error).into_pyarray(py))?;
-    let flags = |f: fn(&solver::TargetFit) -> bool| fits.iter().map(f).collect::<Vec<bool>>();
-    out.set_item("regularized", flags(|f| f.regularized).into_pyarray(py))?;
-    out.set_item("poor", flags(|f| f.poor).into_pyarray(py))?;
-    out.set_item(
-        "rank_deficient",
-        flags(|f| f.rank_deficient).into_pyarray(py),
-    )?;
-    Ok(out)
+    fits_dict(
+        py,
+        &fits,
+        snaps.len(),
+        |f| &f.weights,
+        &[
+            ("fit_error", |f| f.fit_error),
+            ("gain", |f| f.gain),
+            ("norm", |f| f.norm),
+            ("mass", |f| f.mass),
+            ("initial_mass", |f| f.initial_mass),
+            ("sigma_rel", |f| f.target.sigma_rel()),
+            ("lstsq_fit_error", |f| f.lstsq_fit_error),
+            ("lstsq_gain", |f| f.lstsq_gain),
+            ("noise_error", |f| f.noise_error),
+            ("cdf_error", |f| f.cdf_error),
+        ],
+        &[
+            ("regularized", |f| f.regularized),
+            ("poor", |f| f.poor),
+            ("rank_deficient", |f| f.rank_deficient),
+        ],
+    )
 }
 
 /// Weights on plain checkpoints at `times` for every target (linear interpolation in time).

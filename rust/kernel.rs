@@ -794,6 +794,7 @@ pub fn point_mass(raw: &[f64], time: f64, weight: f64, out: &mut [f64]) -> Resul
 #[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
+    use crate::profile::tests::simpson;
 
     fn close(a: f64, b: f64, rel: f64) -> bool {
         (a - b).abs() <= rel * b.abs().max(1e-300)
@@ -955,16 +956,6 @@ mod tests {
         let e = Kernel::bema(500.0, Bema { tau: 600.0, ..ok }).unwrap_err();
         assert!(e.to_string().contains("tau=600"), "{e}");
         assert!(Kernel::bema(500.0, Bema { tau: 200.0, ..ok }).is_err());
-    }
-
-    /// Composite Simpson, independent of the rules under test.
-    fn simpson(f: impl Fn(f64) -> f64, a: f64, b: f64, n: usize) -> f64 {
-        let h = (b - a) / n as f64;
-        let mut s = f(a) + f(b);
-        for i in 1..n {
-            s += f(a + i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
-        }
-        s * h / 3.0
     }
 
     #[test]

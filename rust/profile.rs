@@ -367,7 +367,7 @@ fn gauss_legendre<const N: usize>() -> ([f64; N], [f64; N]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -418,7 +418,7 @@ mod tests {
     }
 
     /// Composite Simpson on a fine grid, independent of the quadrature under test.
-    fn simpson(f: impl Fn(f64) -> f64, a: f64, b: f64, n: usize) -> f64 {
+    pub(crate) fn simpson(f: impl Fn(f64) -> f64, a: f64, b: f64, n: usize) -> f64 {
         let h = (b - a) / n as f64;
         let mut s = f(a) + f(b);
         for i in 1..n {
