@@ -81,7 +81,7 @@ def test_rank_file_stores_and_per_tensor_targets_distribute_alike(client, tmp_pa
                 }
                 name = f"{t:012d}-{s:.3f}.rank{r:05d}-of-00002.safetensors"
                 write_snapshot(store / name, local, metadata=meta)
-    kw = {"sigma_rels": [0.08, 0.12], "tensors": {"bias": 0.06}, "shard_size": 15_000}
+    kw = {"sigma_rels": [0.08, 0.12], "tensor_sigma_rels": {"bias": 0.06}, "shard_size": 15_000}
     here = phema.reconstruct(store, out=tmp_path / "here", **kw)
     phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
     assert len(here) > 4

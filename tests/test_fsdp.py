@@ -651,7 +651,7 @@ def test_a_missing_rank_file_makes_the_snapshot_incomplete(run, tmp_path, capsys
     )
     assert cli.returncode == 1 and "problem: incomplete snapshot" in cli.stdout, cli.stdout
     # Every other command says what it left out.
-    assert main(["solve", str(directory), "--sigma-rel", str(kept[0])]) == 0
+    assert main(["solve", str(directory), "--sigma-rel", str(kept)]) == 0
     assert f"note: left out {why}" in capsys.readouterr().err
 
 

@@ -343,7 +343,7 @@ def test_save_best_writes_the_best_weights(run, tmp_path):
 def test_varying_one_group_keeps_the_others_fixed(run):
     store, model = run
     result = phema.sweep(
-        store, model, evaluate, sigma_rels=[0.04, 0.2], tensors={"*": 0.1}, vary="2.*"
+        store, model, evaluate, sigma_rels=[0.04, 0.2], tensor_sigma_rels={"*": 0.1}, vary="2.*"
     )
     fixed = phema.reconstruct_state_dict(store, sigma_rel=0.1)
     for row in result.rows:
