@@ -8,6 +8,7 @@ or turns its keywords into one, once (`Targets.given`); `Targets.solve` solves o
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,13 +122,8 @@ class Targets:
             return cls.of(**keywords)
         if not isinstance(targets, Targets):
             raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
-        defaults = {
-            "dt": 1.0,
-            "at": None,
-            "causal": False,
-            "noise": "auto",
-            "allow_extrapolation": False,
-        }
+        # A keyword left at `of`'s default was not given; read from `of` so the two never drift.
+        defaults = {n: p.default for n, p in inspect.signature(cls.of).parameters.items()}
         clash = [
             k
             for k, v in keywords.items()
