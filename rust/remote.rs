@@ -343,7 +343,7 @@ impl Object {
     /// before it starts (object storage has no create-only multipart completion; the store's
     /// claim keeps a second writer out, docs/storage.md).
     pub fn upload(&self, from: &FsPath, create: bool) -> Result<()> {
-        crate::writer::failpoint("file");
+        crate::writer::failpoint("upload");
         let mut file = File::open(from).map_err(|e| PhemaError::io(from, e))?;
         let size = file.metadata().map_err(|e| PhemaError::io(from, e))?.len();
         if size <= SINGLE_PUT {

@@ -759,7 +759,8 @@ impl Commit {
 /// The crash tests' kill -9 at a chosen step (`tests/test_crash.py`): with
 /// `PHEMA_FAILPOINT=NAME:N` in the environment the process aborts, as if killed, when it reaches
 /// step `NAME` for the `N`th time (`commit`: before a file takes its final name in a commit;
-/// `file`: a small file or copy written but not yet renamed). Read once; unset, it costs one
+/// `file`: a small file or copy written but not yet renamed; `upload`: before an object is
+/// uploaded). Read once; unset, it costs one
 /// atomic load per step.
 pub(crate) fn failpoint(name: &str) {
     static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
