@@ -185,6 +185,48 @@ def _checkpoint(values: dict[str, np.ndarray], step: int) -> bytes:
     return save(values, metadata={"step": str(step)})
 
 
+def test_checkpoints_in_a_bucket_through_every_entry_point(
+    s3: S3, bucket: str, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(1)
+    local = tmp_path / "ck"
+    for step in (100, 200, 300, 400):
+        data = _checkpoint({"w": rng.standard_normal((8, 8), np.float32)}, step)
+        # Directories as a Trainer writes them, and beside them what is not a checkpoint.
+        s3.put(bucket, f"ck/checkpoint-{step}/model.safetensors", data)
+        (local / f"checkpoint-{step}").mkdir(parents=True)
+        (local / f"checkpoint-{step}" / "model.safetensors").write_bytes(data)
+    s3.put(bucket, "ck/logs/events.txt", b"not weights")
+    (local / "logs").mkdir()
+    (local / "logs" / "events.txt").write_bytes(b"not weights")
+    url = f"s3://{bucket}/ck"
+    remote, here = phema.open_checkpoints(url), phema.open_checkpoints(str(local))
+    assert [s.t for s in remote.snapshots] == [s.t for s in here.snapshots] == [100, 200, 300, 400]
+    a = phema.reconstruct_state_dict(remote, last=2)
+    b = phema.reconstruct_state_dict(here, last=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    env = os.environ | {"PYTHONPATH": str(Path(phema.__file__).parents[1])}
+    cli = [sys.executable, "-m", "phema"]
+    shown = subprocess.run(
+        [*cli, "inspect", "--checkpoints", url], capture_output=True, text=True, env=env
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"store {url}: 4 snapshots" in shown.stdout
+    assert f"ignored {url}/logs: no .safetensors file" in shown.stdout
+    done = subprocess.run(
+        [*cli, "average", f"{url}/checkpoint-300", f"{url}/checkpoint-400", "--out",
+         f"s3://{bucket}/avg"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [key] = s3.keys(bucket, "avg/")
+    got = load(s3.get(bucket, key))["w"]
+    w3 = load((local / "checkpoint-300" / "model.safetensors").read_bytes())["w"]
+    w4 = load((local / "checkpoint-400" / "model.safetensors").read_bytes())["w"]
+    np.testing.assert_allclose(got, (w3.astype(np.float64) + w4) / 2, rtol=1e-6)
+
+
 def test_only_the_bytes_of_what_is_used_are_fetched(s3: S3, bucket: str) -> None:
     rng = np.random.default_rng(0)
     ckpts = {
