@@ -16,7 +16,7 @@ use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, open_regular, read_header, read_open, Header, TensorEntry};
 use crate::meta::{shard_id, CHECKSUM};
-use crate::remote::{is_url, Object};
+use crate::remote::{is_url, Object, ReadAhead};
 use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
 
 /// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
@@ -307,6 +307,8 @@ struct Opened {
 /// whole.
 struct OpenFile {
     backing: Backing,
+    /// For an object: the work items' reads of it, fetched in large pieces.
+    ahead: Option<ReadAhead>,
     path: PathBuf,
     /// Its header JSON as stored.
     json: Vec<u8>,
@@ -338,20 +340,25 @@ impl Opened {
     /// Reads elements `start..start + len` of tensor `tensor`, which must lie in one segment,
     /// into `buf`; returns their dtype.
     fn read(&self, tensor: usize, start: usize, len: usize, buf: &mut Vec<u8>) -> Result<Dtype> {
-        let segments = &self.segments[tensor];
-        let i = segments
-            .partition_point(|s| s.start <= start)
-            .saturating_sub(1);
-        let s = &segments[i];
-        let size = s.dtype.bitsize() / 8;
-        buf.resize(len * size, 0);
-        let f = &self.files[s.file];
-        let at = s.byte_offset + ((start - s.start) * size) as u64;
+        let (file, at, s) = self.locate(tensor, start);
+        buf.resize(len * (s.dtype.bitsize() / 8), 0);
+        let f = &self.files[file];
         read_at(f, at, buf)?;
         if let Some(check) = &f.check {
             check.take(f, at, buf)?;
         }
         Ok(s.dtype)
+    }
+
+    /// Where element `start` of tensor `tensor` is: its file, byte offset and segment.
+    fn locate(&self, tensor: usize, start: usize) -> (usize, u64, &Segment) {
+        let segments = &self.segments[tensor];
+        let i = segments
+            .partition_point(|s| s.start <= start)
+            .saturating_sub(1);
+        let s = &segments[i];
+        let at = s.byte_offset + ((start - s.start) * (s.dtype.bitsize() / 8)) as u64;
+        (s.file, at, s)
     }
 
     /// The whole of (non-float) tensor `tensor`, gathered from its segments.
@@ -373,7 +380,44 @@ fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
             std::io::ErrorKind::UnexpectedEof => changed(&f.path),
             _ => PhemaError::io(&f.path, e),
         }),
-        Backing::Remote(object, version, _) => object.read_at(at, buf, version.as_deref()),
+        Backing::Remote(object, version, _) => match &f.ahead {
+            Some(ahead) => ahead.read(at, buf),
+            None => object.read_at(at, buf, version.as_deref()),
+        },
+    }
+}
+
+/// Bytes of read-ahead the objects of one run may hold at once (two pieces each).
+const READ_AHEAD: u64 = 64 << 20;
+
+/// Plans the read-ahead of every object among the inputs from the work items' reads: object
+/// storage wants few large requests, the items make many small reads.
+fn plan_read_ahead(opened: &mut [Opened], items: &[(usize, usize, usize)]) {
+    let remote: usize = opened
+        .iter()
+        .flat_map(|o| &o.files)
+        .filter(|f| matches!(f.backing, Backing::Remote(..)))
+        .count();
+    if remote == 0 {
+        return;
+    }
+    let piece = (READ_AHEAD / (2 * remote as u64)).clamp(256 << 10, 8 << 20);
+    for o in opened.iter_mut() {
+        let mut reads: Vec<Vec<(u64, u64)>> = vec![Vec::new(); o.files.len()];
+        for &(ti, start, len) in items.iter().filter(|i| i.2 > 0) {
+            let (file, at, s) = o.locate(ti, start);
+            reads[file].push((at, (len * (s.dtype.bitsize() / 8)) as u64));
+        }
+        for (f, reads) in o.files.iter_mut().zip(reads) {
+            if let Backing::Remote(object, version, _) = &f.backing {
+                f.ahead = Some(ReadAhead::new(
+                    object.clone(),
+                    version.clone(),
+                    reads,
+                    piece,
+                ));
+            }
+        }
     }
 }
 
@@ -565,6 +609,7 @@ fn open(header: &Header) -> Result<OpenFile> {
         object.read_at(8, &mut json, header.version.as_deref())?;
         return Ok(OpenFile {
             backing: Backing::Remote(object, header.version.clone(), header.file_size),
+            ahead: None,
             path: path.clone(),
             json,
             check: None,
@@ -580,6 +625,7 @@ fn open(header: &Header) -> Result<OpenFile> {
     }
     Ok(OpenFile {
         backing: Backing::Local(file),
+        ahead: None,
         path: path.clone(),
         json,
         check: None,
@@ -699,6 +745,8 @@ pub fn combine(
             segments: inputs[copy_from].align(&layout)?,
         })
     };
+    let items = work_items(&layout, &opened, sink, &wanted);
+    plan_read_ahead(&mut opened, &items);
     let raw_source = match &raw_only {
         Some(o) => o,
         None => &opened[used.iter().position(|&u| u == copy_from).unwrap_or(0)],
@@ -710,7 +758,6 @@ pub fn combine(
         .collect();
     let isa = Isa::detect();
     let kernel = Kernel::new(isa, &w, opened.len(), n_columns);
-    let items = work_items(&layout, &opened, sink, &wanted);
     let mismatched = std::sync::Mutex::new(Vec::new());
     let flagged: Vec<AtomicBool> = layout.iter().map(|_| AtomicBool::new(false)).collect();
     // Scratch buffers outlive rayon's splits: one per concurrently running item, reused.

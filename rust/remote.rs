@@ -406,6 +406,169 @@ impl Object {
     }
 }
 
+/// Read-ahead for one object: the byte ranges a job will read of it (many small reads, one per
+/// work item), fetched in pieces of at most `piece` bytes (few large requests, as object storage
+/// wants them) by whichever reader needs a piece first while the others wait for it, and dropped
+/// once all the bytes planned in them were read. Reads outside the plan are fetched directly.
+#[derive(Debug)]
+pub struct ReadAhead {
+    object: Object,
+    version: Option<String>,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug)]
+struct Piece {
+    start: u64,
+    len: u64,
+    /// Planned bytes not read yet; at zero the data is dropped.
+    left: std::sync::atomic::AtomicU64,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Ready(Arc<Vec<u8>>),
+    Done,
+}
+
+impl ReadAhead {
+    /// The plan for reads `(at, len)` of `object` (its version `version`).
+    pub fn new(
+        object: Object,
+        version: Option<String>,
+        mut reads: Vec<(u64, u64)>,
+        piece: u64,
+    ) -> ReadAhead {
+        reads.retain(|&(_, n)| n > 0);
+        reads.sort_unstable();
+        let piece = piece.max(1);
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut run: Option<(u64, u64)> = None;
+        let cut = |a: u64, b: u64, pieces: &mut Vec<Piece>| {
+            let mut s = a;
+            while s < b {
+                let len = piece.min(b - s);
+                pieces.push(Piece {
+                    start: s,
+                    len,
+                    left: Default::default(),
+                    slot: Mutex::new(Slot::Empty),
+                });
+                s += len;
+            }
+        };
+        for &(at, n) in &reads {
+            let end = at.saturating_add(n);
+            run = match run {
+                Some((a, b)) if at <= b => Some((a, b.max(end))),
+                Some((a, b)) => {
+                    cut(a, b, &mut pieces);
+                    Some((at, end))
+                }
+                None => Some((at, end)),
+            };
+        }
+        if let Some((a, b)) = run {
+            cut(a, b, &mut pieces);
+        }
+        let ahead = ReadAhead {
+            object,
+            version,
+            pieces,
+        };
+        for &(at, n) in &reads {
+            ahead.each_piece(at, n, |p, lo, hi| {
+                p.left
+                    .fetch_add(hi - lo, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        ahead
+    }
+
+    /// Calls `f(piece, from, to)` for the part `from..to` of `at..at + n` in each piece.
+    fn each_piece(&self, at: u64, n: u64, mut f: impl FnMut(&Piece, u64, u64)) {
+        let end = at.saturating_add(n);
+        let first = self.pieces.partition_point(|p| p.start + p.len <= at);
+        for p in self.pieces[first..].iter().take_while(|p| p.start < end) {
+            f(p, at.max(p.start), end.min(p.start + p.len));
+        }
+    }
+
+    /// The data of `p`: fetched now if no reader did yet; None once it was dropped.
+    fn data(&self, p: &Piece) -> Result<Option<Arc<Vec<u8>>>> {
+        let mut slot = p.slot.lock().map_err(|_| poisoned(&self.object))?;
+        match &*slot {
+            Slot::Ready(d) => Ok(Some(d.clone())),
+            Slot::Done => Ok(None),
+            Slot::Empty => {
+                let mut data = vec![0u8; p.len as usize];
+                self.object
+                    .read_at(p.start, &mut data, self.version.as_deref())?;
+                let data = Arc::new(data);
+                *slot = Slot::Ready(data.clone());
+                Ok(Some(data))
+            }
+        }
+    }
+
+    /// Fills `buf` from byte `at`, from the pieces where planned.
+    pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        let mut covered = 0u64;
+        let mut failed = None;
+        self.each_piece(at, buf.len() as u64, |p, lo, hi| {
+            if failed.is_some() {
+                return;
+            }
+            let dst = &mut buf[(lo - at) as usize..(hi - at) as usize];
+            let filled = match self.data(p) {
+                Ok(Some(d)) => {
+                    dst.copy_from_slice(&d[(lo - p.start) as usize..(hi - p.start) as usize]);
+                    Ok(())
+                }
+                Ok(None) => self.object.read_at(lo, dst, self.version.as_deref()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = filled {
+                failed = Some(e);
+                return;
+            }
+            covered += hi - lo;
+            let n = hi - lo;
+            let before = p
+                .left
+                .fetch_update(
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                    |l| Some(l.saturating_sub(n)),
+                )
+                .unwrap_or(0);
+            if before <= n {
+                if let Ok(mut slot) = p.slot.lock() {
+                    *slot = Slot::Done;
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if covered == buf.len() as u64 {
+            return Ok(());
+        }
+        // Not (all) planned: read directly. Planned parts were copied already; a read is either
+        // inside the plan or outside it, so this rereads at most the pieces' few bytes.
+        self.object.read_at(at, buf, self.version.as_deref())
+    }
+}
+
+fn poisoned(o: &Object) -> PhemaError {
+    PhemaError::Remote {
+        url: o.url.clone(),
+        reason: "a reader failed while holding its read-ahead".into(),
+    }
+}
+
 fn corrupt_short(o: &Object, size: u64) -> PhemaError {
     PhemaError::Corrupt {
         path: o.url.clone().into(),
