@@ -387,8 +387,9 @@ fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
     }
 }
 
-/// Bytes of read-ahead the objects of one run may hold at once (two pieces each).
-const READ_AHEAD: u64 = 64 << 20;
+/// Bytes of read-ahead the objects of one run may hold at once (about three pieces each: the
+/// one being read, the next one coming, the last one's rest).
+const READ_AHEAD: u64 = 128 << 20;
 
 /// Plans the read-ahead of every object among the inputs from the work items' reads: object
 /// storage wants few large requests, the items make many small reads.
@@ -401,7 +402,7 @@ fn plan_read_ahead(opened: &mut [Opened], items: &[(usize, usize, usize)]) {
     if remote == 0 {
         return;
     }
-    let piece = (READ_AHEAD / (2 * remote as u64)).clamp(256 << 10, 8 << 20);
+    let piece = (READ_AHEAD / (3 * remote as u64)).clamp(1 << 20, 8 << 20);
     for o in opened.iter_mut() {
         let mut reads: Vec<Vec<(u64, u64)>> = vec![Vec::new(); o.files.len()];
         for &(ti, start, len) in items.iter().filter(|i| i.2 > 0) {

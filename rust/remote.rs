@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
 use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -210,7 +211,7 @@ impl Object {
         &self,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> Result<(Vec<u8>, u64, Option<String>)> {
+    ) -> Result<(bytes::Bytes, u64, Option<String>)> {
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
             if_match: etag.map(str::to_string),
@@ -224,7 +225,7 @@ impl Object {
         let size = got.meta.size;
         let tag = got.meta.e_tag.clone();
         let bytes = got.bytes().await.map_err(|e| remote(&self.url, &e))?;
-        Ok((bytes.to_vec(), size, tag))
+        Ok((bytes, size, tag))
     }
 
     /// Fills `buf` from byte `at`, from the version `etag` names.
@@ -257,7 +258,9 @@ impl Object {
                 }
                 e => e,
             })?;
-            let prefix: [u8; 8] = prefix.try_into().map_err(|_| corrupt_short(self, size))?;
+            let prefix: [u8; 8] = prefix[..]
+                .try_into()
+                .map_err(|_| corrupt_short(self, size))?;
             let n = header_len(FsPath::new(&self.url), prefix, size)?;
             debug_assert!(n <= MAX_HEADER);
             let (json, _, _) = self.get(8..8 + n, tag.as_deref()).await?;
@@ -408,8 +411,9 @@ impl Object {
 
 /// Read-ahead for one object: the byte ranges a job will read of it (many small reads, one per
 /// work item), fetched in pieces of at most `piece` bytes (few large requests, as object storage
-/// wants them) by whichever reader needs a piece first while the others wait for it, and dropped
-/// once all the bytes planned in them were read. Reads outside the plan are fetched directly.
+/// wants them). The first reader of a piece fetches it (others wait for the same request) and
+/// starts fetching the next one in the background; a piece is dropped once all the bytes planned
+/// in it were read. Reads outside the plan are fetched directly.
 #[derive(Debug)]
 pub struct ReadAhead {
     object: Object,
@@ -417,20 +421,17 @@ pub struct ReadAhead {
     pieces: Vec<Piece>,
 }
 
+/// One piece's data, fetched once.
+type Cell = Arc<tokio::sync::OnceCell<bytes::Bytes>>;
+
 #[derive(Debug)]
 struct Piece {
     start: u64,
     len: u64,
     /// Planned bytes not read yet; at zero the data is dropped.
-    left: std::sync::atomic::AtomicU64,
-    slot: Mutex<Slot>,
-}
-
-#[derive(Debug)]
-enum Slot {
-    Empty,
-    Ready(Arc<Vec<u8>>),
-    Done,
+    left: AtomicU64,
+    /// None once dropped.
+    cell: Mutex<Option<Cell>>,
 }
 
 impl ReadAhead {
@@ -453,8 +454,8 @@ impl ReadAhead {
                 pieces.push(Piece {
                     start: s,
                     len,
-                    left: Default::default(),
-                    slot: Mutex::new(Slot::Empty),
+                    left: AtomicU64::new(0),
+                    cell: Mutex::new(Some(Cell::default())),
                 });
                 s += len;
             }
@@ -479,50 +480,80 @@ impl ReadAhead {
             pieces,
         };
         for &(at, n) in &reads {
-            ahead.each_piece(at, n, |p, lo, hi| {
-                p.left
-                    .fetch_add(hi - lo, std::sync::atomic::Ordering::Relaxed);
+            ahead.each_piece(at, n, |_, p, lo, hi| {
+                p.left.fetch_add(hi - lo, Ordering::Relaxed);
             });
         }
         ahead
     }
 
-    /// Calls `f(piece, from, to)` for the part `from..to` of `at..at + n` in each piece.
-    fn each_piece(&self, at: u64, n: u64, mut f: impl FnMut(&Piece, u64, u64)) {
+    /// Calls `f(index, piece, from, to)` for the part `from..to` of `at..at + n` in each piece.
+    fn each_piece(&self, at: u64, n: u64, mut f: impl FnMut(usize, &Piece, u64, u64)) {
         let end = at.saturating_add(n);
         let first = self.pieces.partition_point(|p| p.start + p.len <= at);
-        for p in self.pieces[first..].iter().take_while(|p| p.start < end) {
-            f(p, at.max(p.start), end.min(p.start + p.len));
+        for (i, p) in self.pieces[first..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, p)| p.start < end)
+        {
+            f(first + i, p, at.max(p.start), end.min(p.start + p.len));
         }
     }
 
-    /// The data of `p`: fetched now if no reader did yet; None once it was dropped.
-    fn data(&self, p: &Piece) -> Result<Option<Arc<Vec<u8>>>> {
-        let mut slot = p.slot.lock().map_err(|_| poisoned(&self.object))?;
-        match &*slot {
-            Slot::Ready(d) => Ok(Some(d.clone())),
-            Slot::Done => Ok(None),
-            Slot::Empty => {
-                let mut data = vec![0u8; p.len as usize];
-                self.object
-                    .read_at(p.start, &mut data, self.version.as_deref())?;
-                let data = Arc::new(data);
-                *slot = Slot::Ready(data.clone());
-                Ok(Some(data))
+    fn cell(&self, p: &Piece) -> Result<Option<Cell>> {
+        Ok(p.cell.lock().map_err(|_| poisoned(&self.object))?.clone())
+    }
+
+    /// The request fetching piece `p`.
+    fn fetch(&self, p: &Piece) -> impl std::future::Future<Output = Result<bytes::Bytes>> {
+        let object = self.object.clone();
+        let version = self.version.clone();
+        let range = p.start..p.start + p.len;
+        async move {
+            let (bytes, _, _) = object.get(range.clone(), version.as_deref()).await?;
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(PhemaError::Remote {
+                    url: object.url.clone(),
+                    reason: "shorter than listed: it changed since it was listed".into(),
+                });
+            }
+            Ok(bytes)
+        }
+    }
+
+    /// The data of piece `i`, fetched now unless a request for it is done or under way (then
+    /// waited for); the next piece is requested in the background. None once it was dropped.
+    fn data(&self, i: usize) -> Result<Option<bytes::Bytes>> {
+        let p = &self.pieces[i];
+        let Some(cell) = self.cell(p)? else {
+            return Ok(None);
+        };
+        if !cell.initialized() {
+            if let Some(next) = self.pieces.get(i + 1) {
+                if let Some(c) = self.cell(next)?.filter(|c| !c.initialized()) {
+                    let fetch = self.fetch(next);
+                    // A failed read-ahead leaves the piece empty: its reader fetches it again
+                    // and reports the error.
+                    runtime()?.spawn(async move {
+                        let _ = c.get_or_try_init(|| fetch).await;
+                    });
+                }
             }
         }
+        let fetch = self.fetch(p);
+        Ok(Some(block_on(cell.get_or_try_init(|| fetch))??.clone()))
     }
 
     /// Fills `buf` from byte `at`, from the pieces where planned.
     pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<()> {
         let mut covered = 0u64;
         let mut failed = None;
-        self.each_piece(at, buf.len() as u64, |p, lo, hi| {
+        self.each_piece(at, buf.len() as u64, |i, p, lo, hi| {
             if failed.is_some() {
                 return;
             }
             let dst = &mut buf[(lo - at) as usize..(hi - at) as usize];
-            let filled = match self.data(p) {
+            let filled = match self.data(i) {
                 Ok(Some(d)) => {
                     dst.copy_from_slice(&d[(lo - p.start) as usize..(hi - p.start) as usize]);
                     Ok(())
@@ -534,19 +565,17 @@ impl ReadAhead {
                 failed = Some(e);
                 return;
             }
-            covered += hi - lo;
             let n = hi - lo;
+            covered += n;
             let before = p
                 .left
-                .fetch_update(
-                    std::sync::atomic::Ordering::AcqRel,
-                    std::sync::atomic::Ordering::Acquire,
-                    |l| Some(l.saturating_sub(n)),
-                )
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(n))
+                })
                 .unwrap_or(0);
             if before <= n {
-                if let Ok(mut slot) = p.slot.lock() {
-                    *slot = Slot::Done;
+                if let Ok(mut cell) = p.cell.lock() {
+                    *cell = None;
                 }
             }
         });
@@ -556,8 +585,8 @@ impl ReadAhead {
         if covered == buf.len() as u64 {
             return Ok(());
         }
-        // Not (all) planned: read directly. Planned parts were copied already; a read is either
-        // inside the plan or outside it, so this rereads at most the pieces' few bytes.
+        // Not (all) planned: read directly. A read is either inside the plan or outside it, so
+        // this rereads at most a few planned bytes.
         self.object.read_at(at, buf, self.version.as_deref())
     }
 }
