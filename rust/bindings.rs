@@ -260,6 +260,11 @@ fn make_kernel(spec: KernelSpec) -> PyResult<Kernel> {
             }
             Kernel::last(t, p[0] as usize).map_err(err)
         }
+        // A user-defined shape: the window, then the samples of `f` (`kernel::Shape::table`).
+        "merge" if shape == "table" && !p.is_empty() => {
+            let table = kernel::Shape::table(p[1..].to_vec()).map_err(err)?;
+            Kernel::merge(t, p[0], table).map_err(err)
+        }
         "merge" => {
             want(1)?;
             let shape = kernel::Shape::parse(&shape).map_err(err)?;
@@ -827,6 +832,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
             store::Kind::Raw => {
                 d.set_item("kind", "raw")?;
                 d.set_item("gamma", py.None())?;
+            }
+            store::Kind::Steps { sigma_rel } => {
+                let steps = crate::meta::steps(s.header()).map_err(err)?;
+                d.set_item("kind", "steps")?;
+                d.set_item("gamma", py.None())?;
+                d.set_item("sigma_rel", sigma_rel)?;
+                d.set_item("steps", (steps.edges().to_vec(), steps.mass().to_vec()))?;
             }
         }
         records.push(d);

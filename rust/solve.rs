@@ -1294,9 +1294,9 @@ mod tests {
     fn merges_from_equally_spaced_checkpoints_are_megatrons_coefficients() {
         let times: Vec<f64> = (1..=100).map(|i| 1000.0 * i as f64).collect();
         for shape in [Shape::Linear, Shape::Cosine, Shape::OneMinusSqrt] {
-            let k = Kernel::merge(100_000.0, 20_000.0, shape).unwrap();
+            let k = Kernel::merge(100_000.0, 20_000.0, shape.clone()).unwrap();
             let fit = &solve_kernels(&raw_store(&times), &[k], &EXACT).unwrap()[0];
-            let c = kernel::merge_coefficients(shape, 21);
+            let c = kernel::merge_coefficients(&shape, 21);
             for (w, c) in fit.weights[79..].iter().zip(&c) {
                 assert!((w - c).abs() < 1e-12, "{shape:?}");
             }
