@@ -3,6 +3,7 @@ checkpoints and from running means, against averages of the recorded trajectory 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -285,3 +286,84 @@ def test_sweep_over_kinds_evaluates_each_kernel(tmp_path: Path) -> None:
     window = (grid[-9:-1] + grid[-8:]).sum(axis=0) / 16  # trapezoid over steps 80..120
     assert rows["window-40"].metrics["metric"] == pytest.approx(window.sum(), rel=1e-6)
     assert rows["last-3"].metrics["metric"] == pytest.approx(grid[-3:].mean(axis=0).sum(), rel=1e-6)
+
+
+def test_raw_weights_tracked_beside_averages_make_point_masses_exact_through_a_resume(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from phema import naming
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [torch.randn(8, 6) for _ in range(80)]
+
+    def vector() -> np.ndarray:
+        return torch.cat([p.detach().double().ravel() for p in model.parameters()]).numpy()
+
+    def train(ema: phema.PostHocEMA, steps: range) -> None:
+        for k in steps:
+            model(batches[k - 1]).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+            theta[k] = vector()
+
+    theta = np.zeros((81, 28))
+    theta[0] = vector()
+    store = tmp_path / "store"
+    kw = {"snapshot_every": 10, "cumulative": True, "raw": True}
+    first = phema.PostHocEMA(model, store, **kw)
+    train(first, range(1, 41))
+    # Saved as a checkpoint would save them: the state holds the live accumulators.
+    state, weights = copy.deepcopy(first.state_dict()), copy.deepcopy(model.state_dict())
+    train(first, range(41, 51))  # an attempt interrupted after its snapshot at 50
+    first.close(snapshot=False)
+    model.load_state_dict(weights)
+    resumed = phema.PostHocEMA(model, store, **kw)
+    resumed.load_state_dict(state)
+    train(resumed, range(41, 81))
+    resumed.close()
+
+    listed = phema.open_store(store)
+    raw = [s for s in listed.snapshots if s.kind == "raw"]
+    assert [s.t for s in raw] == list(range(10, 81, 10)) and {s.dtype for s in raw} == {"F32"}
+    assert {s.kind for s in listed.snapshots} == {"power", "raw"} and len(listed) == 32
+    assert (store / "superseded" / naming.snapshot_name(50, "raw")).exists()
+
+    bema = {"tau": 10, "phi": 10}
+    mix = {naming.snapshot_name(80, "raw"): 0.5, naming.snapshot_name(60, "raw"): 0.5}
+    targets = phema.Targets.of(
+        sigma_rels=[0.1],
+        windows=[40],
+        last=[3],
+        merges=[("cosine", 40), ("1-sqrt", 40)],
+        bema=[bema],
+        mixes=[mix],
+    )
+    sol = targets.solve(listed)
+    is_raw = np.array([s.kind == "raw" for s in listed.snapshots])
+    # The EMA length and the window from the averages, the point masses from the raw weights.
+    assert not sol.weights[is_raw, :2].any() and not sol.weights[~is_raw, 2:].any()
+    got = {
+        t.label: flat_model(sd)
+        for t, sd in zip(sol.targets, phema.reconstruct_state_dicts(listed, targets=targets))
+    }
+    scale = np.abs(theta).max()
+    ends = theta[[40, 50, 60, 70, 80]]
+    want = {
+        "window-40": theta[41:].mean(axis=0),
+        "last-3": theta[[60, 70, 80]].mean(axis=0),
+        "merge-cosine-40": megatron(lambda u: (1 + math.cos(math.pi * u)) / 2, 5) @ ends,
+        "merge-1-sqrt-40": megatron(lambda u: 1 - math.sqrt(u), 5) @ ends,
+        sol.targets[5].label: bema_trl(theta, 80, **bema),
+        sol.targets[6].label: 0.5 * (theta[80] + theta[60]),
+    }
+    for label, w in want.items():
+        assert np.abs(got[label] - w).max() / scale < 1e-6, label
+
+
+def flat_model(sd: dict) -> np.ndarray:
+    return np.concatenate([sd[n].double().ravel().numpy() for n in ("weight", "bias")])

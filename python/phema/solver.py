@@ -519,7 +519,7 @@ def solve(
         raise InvalidValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
     kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
-    if kernels or len(kinds) > 1:
+    if kernels or len(kinds) > 1 or "steps" in kinds:
         ts = [float(_field(r, "t")) for r in records]
         at = _target_time(ts, at)
         targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt, kernels)
@@ -610,11 +610,12 @@ def _solve_kernels(
     for r in records:
         kind = _field(r, "kind") or "power"
         t = float(_field(r, "t"))
-        snaps.append(
-            ("raw", t, 0.0, None)
-            if kind == "raw"
-            else ("power", t, float(_field(r, "gamma")), None)
-        )
+        if kind == "raw":
+            snaps.append(("raw", t, 0.0, None))
+        elif kind == "steps":
+            snaps.append(("steps", t, 0.0, _field(r, "steps")))
+        else:
+            snaps.append(("power", t, float(_field(r, "gamma")), None))
     solved = [k for k, tg in enumerate(targets) if tg.kind != "mix"]
     raw = (
         _core.solve_kernels(snaps, [targets[k].kernel_spec() for k in solved], noise, causal)
