@@ -988,6 +988,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CHUNK", engine::CHUNK)?;
     m.add("POOR_CDF_ERROR", solver::POOR_CDF_ERROR)?;
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
+    m.add("MAX_STORED_STEPS", crate::meta::MAX_STORED_STEPS)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
