@@ -367,3 +367,63 @@ def test_raw_weights_tracked_beside_averages_make_point_masses_exact_through_a_r
 
 def flat_model(sd: dict) -> np.ndarray:
     return np.concatenate([sd[n].double().ravel().numpy() for n in ("weight", "bias")])
+
+
+def test_a_user_shape_merges_as_megatron_would_with_it_and_bad_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    from safetensors import safe_open
+
+    theta = raw_store(tmp_path / "run", trajectory(), every=5)
+
+    def cubic(u: float) -> float:
+        return (1 - u) ** 3
+
+    def plateau(u: float) -> float:  # f(1) = 1/4: a quarter of the mass on the last checkpoint
+        return 1 - 0.75 * u
+
+    out = tmp_path / "out"
+    paths = phema.reconstruct(
+        tmp_path / "run", out=out, merges=[(cubic, "25%"), (plateau, 40)], dtype="float32"
+    )
+    got = {Path(p).name.split("-")[1].split(".")[0]: p for p in paths}
+    ends = theta[np.arange(STEPS - 30, STEPS + 1, 5)]
+    c = megatron(cubic, 7)  # 7 checkpoints in [90, 120]
+    for name, want in (("cubic", c @ ends), ("plateau", megatron(plateau, 9) @ theta[80::5])):
+        with safe_open(str(got[name]), "np") as f:
+            meta = f.metadata()
+            row = np.concatenate([f.get_tensor("a.weight").ravel(), f.get_tensor("b.bias")])
+        # Linear between 4097 samples: within max|f''| / (8 * 4096^2) of f at i/N.
+        assert rel(row.astype(np.float64), want) < 1e-6, name
+        assert (
+            f'"shape": "{name}"' in meta["phema.target"] and "user_defined" in meta["phema.target"]
+        )
+
+    def rising(u: float) -> float:
+        return 1 + u * (u - 0.5)
+
+    def hole(u: float) -> float:
+        return math.nan if u > 0.9 else 1 - u
+
+    for f, why in ((rising, "rising increases at u=0.25"), (hole, "hole is not finite at u=0.9")):
+        with pytest.raises(InvalidValueError, match=why):
+            phema.reconstruct(tmp_path / "run", out=tmp_path / "bad", merges=[(f, 40)])
+        assert not (tmp_path / "bad").exists()
+    # Over averages: a density of mass 1 - f(1), and f(1) on the weights at t, which only raw
+    # weights give.
+    store = tmp_path / "means"
+    store.mkdir()
+    for t in range(10, STEPS + 1, 10):
+        meta = {"phema.kind": "power", "phema.t": str(t), "phema.gamma": "0.0"}
+        write_snapshot(
+            store / f"c-{t:06d}.safetensors", tensors(theta[1 : t + 1].mean(0)), "float32", meta
+        )
+    sd = phema.reconstruct_state_dict(store, merge=(cubic, 40))
+    # Running means every 10 steps span the densities constant on each 10 steps: the fit is
+    # the mass f(u_j) - f(u_j+1) of the cubic on each of (80, 90], ..., (110, 120], spread evenly.
+    edges = np.arange(0, 41, 10) / 40
+    mass = np.array([cubic(a) - cubic(b) for a, b in zip(edges[:-1], edges[1:])])
+    blocks = theta[81:].reshape(4, 10, -1).mean(axis=1)
+    assert rel(flat(sd), mass @ blocks) < 1e-6
+    with pytest.raises(InvalidValueError, match="t=120"):
+        phema.solve(store, merges=[(plateau, 40)])
