@@ -419,7 +419,6 @@ def _plan_ema_pytorch(
         raise InvalidValueError(f"update_every={update_every!r}: expected a whole number 1 to 1e6")
     pattern = re.compile(r"(\d+)\.(\d+)\.pt")
     files = _files(src, lambda n: bool(pattern.fullmatch(n)), "ema-pytorch files ({ind}.{step}.pt)")
-    profiles = {}
     items = []
     for path in files:
         m = pattern.fullmatch(os.path.basename(path))
@@ -481,9 +480,7 @@ def ema_pytorch_weights(gamma: float, update_every: int, steps: int) -> np.ndarr
     return -np.expm1(log_beta) * np.exp(after)
 
 
-def ema_pytorch_steps(
-    gamma: float, update_every: int, steps: int
-) -> tuple[np.ndarray, np.ndarray]:
+def ema_pytorch_steps(gamma: float, update_every: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The profile of an ema-pytorch average after `steps` calls, as `(edges, weights)`: each
     call's weight (`ema_pytorch_weights`) over the `update_every` steps up to the next call,
     counted back from the snapshot (the first call takes what is left, from 0). Runs of more
