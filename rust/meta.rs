@@ -405,7 +405,7 @@ mod tests {
             ),
             (
                 "300",
-                r#"{"edges": [0, 300, 100], "weights": [0.5, 0.5]}"#,
+                r#"{"edges": [0, 200, 100, 300], "weights": [0.3, 0.3, 0.4]}"#,
                 "increasing",
             ),
             (
@@ -424,7 +424,7 @@ mod tests {
                 r#"{"edges": [0, 100, 300], "weights": [1]}"#,
                 "one more edge",
             ),
-            ("300", &long, "bytes"),
+            ("300", &long, "at most 100000"),
         ] {
             let e = snapshot(&steps(t, json)).unwrap_err().to_string();
             assert!(
