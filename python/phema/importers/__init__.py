@@ -438,8 +438,11 @@ def _plan_ema_pytorch(
             "phema.import_update_every": str(update_every),
         }
         read = lambda p=path, s=step: _ema_pytorch_tensors(p, s)  # noqa: E731
-        if (run_gamma + 1.0) / update_every - 1.0 > 0:
-            gamma = ema_pytorch_gamma(run_gamma, update_every)
+        try:
+            gamma: float | None = ema_pytorch_gamma(run_gamma, update_every)
+        except InvalidValueError:
+            gamma = None
+        if gamma is not None:
             error = ema_pytorch_profile_error(run_gamma, update_every, step)
             metadata["phema.import_profile_error"] = f"{error:.3e}"
             items.append(_Item(path, float(step), gamma, gamma_to_sigma_rel(gamma), read, metadata))
@@ -460,9 +463,8 @@ def ema_pytorch_gamma(gamma: float, update_every: int) -> float:
     if not effective > 0:
         raise InvalidValueError(
             f"gamma {gamma:.4g} updated every {update_every} steps tracks the profile "
-            f"tau^{effective:.3g}, which is not a power profile phema stores (its exponent must "
-            f"be > 0): this run's averages cannot be imported (a smaller update_every, or a "
-            f"narrower sigma_rel in the run, would give one)"
+            f"tau^{effective:.3g}, which is not a power profile (its exponent must be > 0); "
+            "import_store keeps such averages as their weights per step (ema_pytorch_steps)"
         )
     return effective
 
