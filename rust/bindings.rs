@@ -260,6 +260,11 @@ fn make_kernel(spec: KernelSpec) -> PyResult<Kernel> {
             }
             Kernel::last(t, p[0] as usize).map_err(err)
         }
+        // A user-defined shape: the window, then the samples of `f` (`kernel::Shape::table`).
+        "merge" if shape == "table" && !p.is_empty() => {
+            let table = kernel::Shape::table(p[1..].to_vec()).map_err(err)?;
+            Kernel::merge(t, p[0], table).map_err(err)
+        }
         "merge" => {
             want(1)?;
             let shape = kernel::Shape::parse(&shape).map_err(err)?;
@@ -828,6 +833,13 @@ fn scan_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ScanResult<'py>> 
                 d.set_item("kind", "raw")?;
                 d.set_item("gamma", py.None())?;
             }
+            store::Kind::Steps { sigma_rel } => {
+                let steps = crate::meta::steps(s.header()).map_err(err)?;
+                d.set_item("kind", "steps")?;
+                d.set_item("gamma", py.None())?;
+                d.set_item("sigma_rel", sigma_rel)?;
+                d.set_item("steps", (steps.edges().to_vec(), steps.mass().to_vec()))?;
+            }
         }
         records.push(d);
     }
@@ -1044,6 +1056,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CHUNK", engine::CHUNK)?;
     m.add("POOR_CDF_ERROR", solver::POOR_CDF_ERROR)?;
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
+    m.add("MAX_STORED_STEPS", crate::meta::MAX_STORED_STEPS)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;

@@ -22,8 +22,11 @@ pub const QUADRATURE_TOL: f64 = 1e-12;
 /// Relative slack under which two times are the same time.
 const SAME_TIME: f64 = 1e-9;
 
+/// Most samples a user-defined merge shape may have.
+pub const MAX_TABLE: usize = 1 << 20;
+
 /// The learning-rate decay a merge stands in for: `f(u)` on `[0, 1]` from 1 down to 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Shape {
     /// `f(u) = 1 - u`: the merge is the uniform average.
     Linear,
@@ -31,6 +34,9 @@ pub enum Shape {
     Cosine,
     /// `f(u) = 1 - sqrt(u)` (Megatron's `minus-sqrt`).
     OneMinusSqrt,
+    /// A user's `f`, sampled at `u = j / (n - 1)`, `j = 0 … n-1`, linear between the samples
+    /// (docs/kernels.md); `f(1)` may be above 0, a point mass at the merge's end.
+    Table(Arc<[f64]>),
 }
 
 impl Shape {
@@ -46,13 +52,50 @@ impl Shape {
         }
     }
 
-    /// The name `parse` takes.
+    /// A user-defined shape from its samples at `u = j / (n - 1)`: `2 <= n <=` [`MAX_TABLE`],
+    /// finite, `f(0) = 1`, non-increasing, `>= 0`.
+    pub fn table(samples: Vec<f64>) -> Result<Shape> {
+        let n = samples.len();
+        if !(2..=MAX_TABLE).contains(&n) {
+            return Err(PhemaError::Invalid(format!(
+                "a user-defined merge shape needs 2..={MAX_TABLE} samples, not {n}"
+            )));
+        }
+        let why = if !samples.iter().all(|v| v.is_finite()) {
+            Some("is not finite everywhere")
+        } else if (samples[0] - 1.0).abs() > 1e-12 {
+            Some("has f(0) != 1")
+        } else if samples.windows(2).any(|w| w[1] > w[0]) {
+            Some("increases somewhere")
+        } else if samples[n - 1] < 0.0 {
+            Some("falls below 0")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(PhemaError::Invalid(format!(
+                "a user-defined merge shape {why} on [0, 1]"
+            ))),
+            None => Ok(Shape::Table(samples.into())),
+        }
+    }
+
+    /// The name `parse` takes (`user-defined` for a table).
     pub fn name(&self) -> &'static str {
         match self {
             Shape::Linear => "linear",
             Shape::Cosine => "cosine",
             Shape::OneMinusSqrt => "1-sqrt",
+            Shape::Table(_) => "user-defined",
         }
+    }
+
+    /// The sample interval of a table holding `u`, and where in it `u` lies (0..=1).
+    fn piece(table: &[f64], u: f64) -> (usize, f64) {
+        let steps = (table.len() - 1) as f64;
+        let x = (u.clamp(0.0, 1.0) * steps).min(steps);
+        let j = (x.floor() as usize).min(table.len() - 2);
+        (j, x - j as f64)
     }
 
     /// `f(u)`.
@@ -61,6 +104,10 @@ impl Shape {
             Shape::Linear => 1.0 - u,
             Shape::Cosine => 0.5 * (1.0 + (PI * u).cos()),
             Shape::OneMinusSqrt => 1.0 - u.sqrt(),
+            Shape::Table(v) => {
+                let (j, frac) = Shape::piece(v, u);
+                v[j] + frac * (v[j + 1] - v[j])
+            }
         }
     }
 
@@ -70,14 +117,39 @@ impl Shape {
             Shape::Linear => 1.0,
             Shape::Cosine => 0.5 * PI * (PI * u).sin(),
             Shape::OneMinusSqrt => 0.5 / u.sqrt(),
+            Shape::Table(v) => {
+                let (j, _) = Shape::piece(v, u);
+                (v[j] - v[j + 1]) * (v.len() - 1) as f64
+            }
         }
+    }
+
+    /// A table's merge over `(t - width, t]` as averages see it: its density, a step per
+    /// sample interval (None when `f(1) = 1`), and the mass `f(1)` at `t`.
+    fn table_density(v: &[f64], t: f64, width: f64) -> Result<(Option<Density>, f64)> {
+        let end = v[v.len() - 1];
+        let rest = 1.0 - end;
+        if rest <= 1e-12 {
+            return Ok((None, end));
+        }
+        let steps = (v.len() - 1) as f64;
+        let lo = t - width;
+        let mut edges: Vec<f64> = (0..v.len())
+            .map(|j| lo + width * j as f64 / steps)
+            .collect();
+        edges[v.len() - 1] = t;
+        let mass = v.windows(2).map(|w| (w[0] - w[1]) / rest).collect();
+        Ok((
+            Some(Density::Steps(Arc::new(Steps::new(edges, mass)?))),
+            end,
+        ))
     }
 }
 
 /// Megatron-LM's merge coefficients (`tools/checkpoint/weighted_merge.py`, docs/kernels.md) for
 /// `n` checkpoints, oldest first: `w_i = f(i/n)`, `c_{n-1} = w_{n-1}`, `c_i = w_i - w_{i+1}`,
 /// `c_0 = 1 - sum of the others`.
-pub fn merge_coefficients(shape: Shape, n: usize) -> Vec<f64> {
+pub fn merge_coefficients(shape: &Shape, n: usize) -> Vec<f64> {
     if n <= 1 {
         return vec![1.0; n];
     }
@@ -223,9 +295,9 @@ impl Steps {
                 "a stepwise profile's edges must be finite, >= 0 and strictly increasing".into(),
             ));
         }
-        if let Some(m) = mass.iter().find(|m| !m.is_finite()) {
+        if let Some(m) = mass.iter().find(|m| !(m.is_finite() && **m >= 0.0)) {
             return Err(PhemaError::Invalid(format!(
-                "a stepwise profile's weight {m} is not finite"
+                "a stepwise profile's weight {m} is not a finite number >= 0"
             )));
         }
         let mut cum = Vec::with_capacity(edges.len());
@@ -243,7 +315,18 @@ impl Steps {
         Ok(Steps { edges, mass, cum })
     }
 
-    fn t(&self) -> f64 {
+    /// The step boundaries, ascending.
+    pub fn edges(&self) -> &[f64] {
+        &self.edges
+    }
+
+    /// The mass of each step.
+    pub fn mass(&self) -> &[f64] {
+        &self.mass
+    }
+
+    /// The time the profile ends at.
+    pub fn t(&self) -> f64 {
         self.edges[self.edges.len() - 1]
     }
 
@@ -704,6 +787,11 @@ impl Kernel {
                 ))
             }
             Kernel::Merge { t, width, shape } => {
+                if let (true, Shape::Table(v)) = (raw.is_empty(), shape) {
+                    let (d, end) = Shape::table_density(v, *t, *width)?;
+                    let masses = if end > 0.0 { vec![(*t, end)] } else { vec![] };
+                    return Ok((d, masses));
+                }
                 if raw.is_empty() {
                     let d = match shape {
                         Shape::Linear => Density::Window {
@@ -713,7 +801,7 @@ impl Kernel {
                         _ => Density::Merge {
                             t: *t,
                             width: *width,
-                            shape: *shape,
+                            shape: shape.clone(),
                         },
                     };
                     if !d.square_integrable() {
@@ -744,7 +832,7 @@ impl Kernel {
                         shape.name()
                     )));
                 }
-                let c = merge_coefficients(*shape, n);
+                let c = merge_coefficients(shape, n);
                 Ok((None, raw[start..end].iter().copied().zip(c).collect()))
             }
             Kernel::Bema { t, bema } => Ok((None, bema.masses(*t)?)),
@@ -835,13 +923,13 @@ mod tests {
     #[test]
     fn merge_coefficients_follow_the_convention() {
         for n in [2, 3, 5, 21] {
-            let lin = merge_coefficients(Shape::Linear, n);
+            let lin = merge_coefficients(&Shape::Linear, n);
             assert!(
                 lin.iter().all(|c| close(*c, 1.0 / n as f64, 1e-12)),
                 "{lin:?}"
             );
             for shape in [Shape::Linear, Shape::Cosine, Shape::OneMinusSqrt] {
-                let c = merge_coefficients(shape, n);
+                let c = merge_coefficients(&shape, n);
                 assert!(close(c.iter().sum(), 1.0, 1e-14));
                 // c_i = f(i/n) - f((i+1)/n) for the inner ones, f((n-1)/n) for the last.
                 for i in 1..n - 1 {
@@ -851,7 +939,7 @@ mod tests {
                 assert!((c[n - 1] - shape.f((n - 1) as f64 / n as f64)).abs() < 1e-12);
             }
             let ms = megatron(|x| 1.0 - x.sqrt(), n);
-            let ours = merge_coefficients(Shape::OneMinusSqrt, n);
+            let ours = merge_coefficients(&Shape::OneMinusSqrt, n);
             for (a, b) in ms.iter().zip(&ours) {
                 assert!((a - b).abs() < 1e-12, "{ms:?} {ours:?}");
             }
@@ -862,10 +950,10 @@ mod tests {
         }
         // Five checkpoints of minus-sqrt by hand: w = 1 - sqrt(i/5).
         let w: Vec<f64> = (0..5).map(|i| 1.0 - (i as f64 / 5.0).sqrt()).collect();
-        let c = merge_coefficients(Shape::OneMinusSqrt, 5);
+        let c = merge_coefficients(&Shape::OneMinusSqrt, 5);
         assert!((c[4] - w[4]).abs() < 1e-15 && (c[2] - (w[2] - w[3])).abs() < 1e-15);
         assert!((c[0] - (1.0 - w[1])).abs() < 1e-15);
-        assert_eq!(merge_coefficients(Shape::Cosine, 1), vec![1.0]);
+        assert_eq!(merge_coefficients(&Shape::Cosine, 1), vec![1.0]);
     }
 
     /// BEMA step by step on one-hot trajectories: `theta_s = e_s`, so every buffer is the vector
@@ -1037,7 +1125,7 @@ mod tests {
         assert!(d.is_none());
         assert_eq!(masses.len(), 11); // 4000, 4100, ..., 5000
         assert_eq!(masses[0].0, 4000.0);
-        let c = merge_coefficients(Shape::OneMinusSqrt, 11);
+        let c = merge_coefficients(&Shape::OneMinusSqrt, 11);
         for ((_, w), c) in masses.iter().zip(&c) {
             assert!((w - c).abs() < 1e-15);
         }
@@ -1084,11 +1172,53 @@ mod tests {
     }
 
     #[test]
+    fn a_user_defined_shape_is_its_samples_interpolated() {
+        let n = 4097;
+        let samples = |f: &dyn Fn(f64) -> f64| -> Vec<f64> {
+            (0..n).map(|j| f(j as f64 / (n - 1) as f64)).collect()
+        };
+        // Sampled cosine: within the linear interpolation error h^2 max|f''| / 8 of the cosine.
+        let table = Shape::table(samples(&|u| Shape::Cosine.f(u))).unwrap();
+        let h2 = (1.0 / (n - 1) as f64).powi(2);
+        for m in [2, 7, 21, 100] {
+            let (a, b) = (
+                merge_coefficients(&table, m),
+                merge_coefficients(&Shape::Cosine, m),
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= h2 * PI * PI / 8.0 + 1e-15,
+                    "{m}: {x} vs {y}"
+                );
+            }
+        }
+        // Over a span: a step density of mass 1 - f(1) and the point mass f(1) at the end.
+        let half = Shape::table(samples(&|u| 1.0 - 0.5 * u)).unwrap();
+        let k = Kernel::merge(1000.0, 400.0, half).unwrap();
+        let (d, masses) = k.resolve(&[]).unwrap();
+        assert_eq!(masses, vec![(1000.0, 0.5)]);
+        let d = d.unwrap();
+        assert!(close(d.cdf(800.0), 0.5, 1e-12) && d.cdf(600.0) == 0.0);
+        assert!(close(d.density(700.0), 1.0 / 400.0, 1e-9));
+        for (bad, why) in [
+            (vec![1.0, 1.1], "increases"),
+            (vec![1.0, f64::NAN], "finite"),
+            (vec![0.9, 0.5], "f(0)"),
+            (vec![1.0, -0.1], "below 0"),
+            (vec![1.0], "samples"),
+        ] {
+            let e = Shape::table(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_step_profiles_are_refused() {
         assert!(Steps::new(vec![0.0, 1.0], vec![1.0]).is_ok());
         assert!(Steps::new(vec![0.0, 1.0], vec![0.5]).is_err());
         assert!(Steps::new(vec![1.0, 0.0], vec![1.0]).is_err());
         assert!(Steps::new(vec![0.0, 1.0, 2.0], vec![f64::NAN, 1.0]).is_err());
         assert!(Steps::new(vec![0.0], vec![]).is_err());
+        assert!(Steps::new(vec![0.0, 1.0, 2.0], vec![1.5, -0.5]).is_err());
     }
 }

@@ -3,11 +3,13 @@
 //! it is not.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::error::{PhemaError, Result};
 use crate::header::Header;
+use crate::kernel::{Density, Steps};
 use crate::profile::SIGMA_REL_MAX;
 
 /// Most ranks a sharded snapshot may have (docs/store-format.md).
@@ -22,6 +24,10 @@ pub const MAX_T: f64 = 1e15;
 pub const MAX_GAMMA: f64 = 1e6;
 /// Most dimensions a tensor of `phema.shards` may have.
 pub const MAX_DIMS: usize = 64;
+/// Most steps `phema.steps` may hold: every snapshot's header is read to list a store.
+pub const MAX_STORED_STEPS: usize = 100_000;
+/// How far the weights of `phema.steps` may sum from 1 (they are written as decimals).
+pub const STEPS_SUM_TOL: f64 = 1e-9;
 
 /// What a snapshot holds over training time.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,6 +39,12 @@ pub enum Kind {
     },
     /// The plain weights at time `t`.
     Raw,
+    /// An average of known weights per step (`phema.steps`, read by [`steps`]), e.g. an
+    /// ema-pytorch average updated every `k` steps; its width tells two apart.
+    Steps {
+        /// Its standard deviation over `t`.
+        sigma_rel: f64,
+    },
 }
 
 /// Which part of a sharded snapshot a file is.
@@ -124,12 +136,15 @@ pub fn snapshot(header: &Header) -> Result<Option<SnapshotMeta>> {
             gamma: number(header, "phema.gamma", MAX_GAMMA, true)?,
         },
         "raw" => Kind::Raw,
+        "steps" => Kind::Steps {
+            sigma_rel: Density::Steps(Arc::new(steps(header)?)).sigma_rel(),
+        },
         other => {
             return Err(bad(
                 header,
                 "phema.kind",
                 other,
-                "is unknown (expected power or raw)",
+                "is unknown (expected power, raw or steps)",
             ))
         }
     };
@@ -154,6 +169,63 @@ pub fn snapshot(header: &Header) -> Result<Option<SnapshotMeta>> {
         kind,
         shard: shard_id(header)?,
     }))
+}
+
+/// `phema.steps` as written (docs/store-format.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepsJson {
+    edges: Vec<f64>,
+    weights: Vec<f64>,
+}
+
+/// The weights per step of a snapshot of kind `steps`: `phema.steps`, a JSON object
+/// `{"edges": [...], "weights": [...]}` of at most [`MAX_STORED_STEPS`] steps, its edges
+/// strictly increasing from `>= 0` to `phema.t`, its weights finite, `>= 0`, summing to 1.
+pub fn steps(header: &Header) -> Result<Steps> {
+    const KEY: &str = "phema.steps";
+    let fail = |reason: String| PhemaError::Metadata {
+        path: header.path.clone(),
+        key: KEY.into(),
+        reason,
+    };
+    let raw = header
+        .metadata
+        .get(KEY)
+        .ok_or_else(|| fail("is missing (a snapshot of kind steps needs it)".into()))?;
+    // Bounded before parsing: the header itself may hold 100 MB.
+    if raw.len() > 64 * MAX_STORED_STEPS {
+        return Err(fail(format!(
+            "is {} bytes: at most {MAX_STORED_STEPS} steps are stored",
+            raw.len()
+        )));
+    }
+    let json: StepsJson = serde_json::from_str(raw).map_err(|e| {
+        fail(format!(
+            "is not {{\"edges\": [...], \"weights\": [...]}} ({})",
+            clip(&e.to_string())
+        ))
+    })?;
+    if json.weights.len() > MAX_STORED_STEPS {
+        return Err(fail(format!(
+            "holds {} steps: at most {MAX_STORED_STEPS}",
+            json.weights.len()
+        )));
+    }
+    let sum: f64 = json.weights.iter().sum();
+    if (sum - 1.0).abs() > STEPS_SUM_TOL {
+        return Err(fail(format!(
+            "has weights summing to {sum}, not 1 (within {STEPS_SUM_TOL:e})"
+        )));
+    }
+    let t = number(header, "phema.t", MAX_T, false)?;
+    if json.edges.last().is_some_and(|&e| (e - t).abs() > 1e-9 * t) {
+        return Err(fail(format!(
+            "ends at {}, not at phema.t = {t}",
+            json.edges[json.edges.len() - 1]
+        )));
+    }
+    Steps::new(json.edges, json.weights).map_err(|e| fail(e.to_string()))
 }
 
 /// The rank and world size of a rank file; `Ok(None)` for an ordinary (whole) file.
@@ -288,6 +360,84 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("phema.sigma_rel"));
+    }
+
+    #[test]
+    fn stepwise_profiles_are_read_checked_and_told_apart_by_width() {
+        let steps = |t: &str, json: &str| {
+            header(&[
+                ("phema.kind", "steps"),
+                ("phema.t", t),
+                ("phema.steps", json),
+            ])
+        };
+        let ok = snapshot(&steps(
+            "300",
+            r#"{"edges": [0, 100, 300], "weights": [0.25, 0.75]}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        // Mass 1/4 uniform on (0, 100], 3/4 on (100, 300]: moments by hand.
+        let m1 = 0.25 * 50.0 + 0.75 * 200.0;
+        let m2 = 0.25 * 100.0f64.powi(2) / 3.0
+            + 0.75 * (100.0 * 100.0 + 100.0 * 300.0 + 300.0 * 300.0) / 3.0;
+        let Kind::Steps { sigma_rel } = ok.kind else {
+            panic!("{:?}", ok.kind)
+        };
+        assert!((sigma_rel - (m2 - m1 * m1).sqrt() / 300.0).abs() < 1e-14);
+        let long = format!(
+            r#"{{"edges": [{}], "weights": [{}]}}"#,
+            (0..=MAX_STORED_STEPS + 1)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            vec!["0"; MAX_STORED_STEPS + 1].join(",")
+        );
+        for (t, json, why) in [
+            (
+                "300",
+                r#"{"edges": [0, 100, 300], "weights": [0.5, 0.6]}"#,
+                "summing to 1.1",
+            ),
+            (
+                "300",
+                r#"{"edges": [0, 100, 300], "weights": [1.5, -0.5]}"#,
+                "-0.5",
+            ),
+            (
+                "300",
+                r#"{"edges": [0, 200, 100, 300], "weights": [0.3, 0.3, 0.4]}"#,
+                "increasing",
+            ),
+            (
+                "300",
+                r#"{"edges": [0, 100, 200], "weights": [0.5, 0.5]}"#,
+                "ends at 200",
+            ),
+            (
+                "300",
+                r#"{"edges": [0, 300], "weights": [1], "x": 1}"#,
+                "unknown field",
+            ),
+            ("300", r#"{"edges": [0, 300], "weights": [NaN]}"#, "is not"),
+            (
+                "300",
+                r#"{"edges": [0, 100, 300], "weights": [1]}"#,
+                "one more edge",
+            ),
+            ("300", &long, "at most 100000"),
+        ] {
+            let e = snapshot(&steps(t, json)).unwrap_err().to_string();
+            assert!(
+                e.contains("x.safetensors") && e.contains("phema.steps") && e.contains(why),
+                "{json:.80}: {e}"
+            );
+        }
+        let missing = header(&[("phema.kind", "steps"), ("phema.t", "3")]);
+        assert!(snapshot(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("is missing"));
     }
 
     #[test]

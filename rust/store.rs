@@ -37,7 +37,7 @@ impl Snapshot {
     pub fn profile(&self) -> Option<Profile> {
         match self.kind {
             Kind::Power { gamma } => Some(Profile::Power { t: self.t, gamma }),
-            Kind::Raw => None,
+            Kind::Raw | Kind::Steps { .. } => None,
         }
     }
 }
@@ -264,6 +264,7 @@ fn describe_kind(kind: Kind) -> String {
     match kind {
         Kind::Power { gamma } => format!("gamma={gamma}"),
         Kind::Raw => "kind raw".into(),
+        Kind::Steps { sigma_rel } => format!("a stepwise profile of sigma_rel={sigma_rel}"),
     }
 }
 
@@ -271,6 +272,8 @@ fn gamma_key(s: &Snapshot) -> f64 {
     match s.kind {
         Kind::Power { gamma } => gamma,
         Kind::Raw => f64::INFINITY,
+        // Before the power profiles (gamma >= 0), widest first as theirs are.
+        Kind::Steps { sigma_rel } => -sigma_rel,
     }
 }
 

@@ -41,10 +41,12 @@ def record_run(
     times: tuple[int, ...],
     sigmas: tuple[float, ...],
     update_every: int = 1,
+    kernels: dict | None = None,
 ):
     """Trains the MLP for `steps`, the tracker updated every `update_every` steps (t = step) and
     snapshots every `every` time units into `root/store`; returns (store, exact averages
-    {(t, sigma_rel): {name: float64 array}}) for every time and length."""
+    {(t, sigma_rel): {name: float64 array}}) for every time and length, and for every key of
+    `kernels` ({key: {step: weight}})."""
     torch.manual_seed(0)
     x = torch.randn(2048, 16)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
@@ -59,7 +61,7 @@ def record_run(
         (t, s): _weights(t, phema.sigma_rel_to_gamma(s), update_every)
         for t in times
         for s in sigmas
-    }
+    } | (kernels or {})
     exact = {key: {n: 0.0 for n, _ in model.named_parameters()} for key in targets}
     ema = phema.PostHocEMA(model, os.path.join(root, "store"), snapshot_every=every)
     gen = torch.Generator().manual_seed(1)
@@ -82,9 +84,37 @@ def record_run(
     return phema.open_store(os.path.join(root, "store")), exact
 
 
+def _cosine(u: np.ndarray) -> np.ndarray:
+    return (1 + np.cos(np.pi * u)) / 2
+
+
+#: Kernels of docs/kernels.md a power store answers by least squares: (kind, parameter), at both
+#: times. Point masses (last, BEMA, mixes) and the 1-sqrt merge are refused there.
+KERNELS = [("window", 0.2), ("window", 0.05), ("merge", 0.2)]
+
+
+def _kernel_steps(kind: str, fraction: float, t: int) -> dict[int, float]:
+    """The exact weight of every step k (the weights after it stand for (k-1, k]) in a window or
+    a cosine merge over the last `fraction` of t."""
+    width = fraction * t
+    k = np.arange(int(t - width) + 1, t + 1)
+    if kind == "window":
+        w = np.full(len(k), 1 / width)
+    else:  # the density -f'(u) / width integrated over each step: f(u_k-1) - f(u_k)
+        u = (k - (t - width)) / width
+        w = _cosine(u - 1 / width) - _cosine(u)
+    return dict(zip(k.tolist(), w.tolist()))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return record_run(tmp_path_factory.mktemp("accuracy"), STEPS, EVERY, (T_END, T_BETWEEN), SIGMAS)
+    kernels = {
+        (t, kind, f): _kernel_steps(kind, f, t) for t in (T_END, T_BETWEEN) for kind, f in KERNELS
+    }
+    return record_run(
+        tmp_path_factory.mktemp("accuracy"), STEPS, EVERY, (T_END, T_BETWEEN), SIGMAS,
+        kernels=kernels,
+    )  # fmt: skip
 
 
 def errors(store, exact, t: float, s: float, **kw) -> dict[str, float]:
@@ -234,3 +264,53 @@ def test_feasible_range_agrees_with_the_poor_flag(run):
     lo, hi = phema.feasible_sigma_rels(store, T_BETWEEN)
     sol = phema.solve(store, sigma_rels=[lo, hi, lo * 0.5], at=T_BETWEEN)
     assert list(sol.poor) == [False, False, True]
+
+
+def _kernel_inner(ts: np.ndarray, gs: np.ndarray, kind: str, fraction: float, t: float):
+    """<p_i, kernel> for power profiles (t_i, gamma_i): a window by the profiles' distribution
+    function, the cosine merge by 64-point Gauss-Legendre on the window (split where a profile
+    ends)."""
+    lo = t - fraction * t
+    if kind == "window":
+        cdf = lambda x: np.clip(x / ts, 0, 1) ** (gs + 1)  # noqa: E731
+        return (cdf(t) - cdf(lo)) / (t - lo)
+    x, w = np.polynomial.legendre.leggauss(64)
+    out = np.zeros(len(ts))
+    for i, (ti, gi) in enumerate(zip(ts, gs)):
+        hi = min(t, ti)
+        if hi <= lo:
+            continue
+        tau = lo + (hi - lo) * (x + 1) / 2
+        rate = np.pi / 2 * np.sin(np.pi * (tau - lo) / (t - lo)) / (t - lo)
+        out[i] = (hi - lo) / 2 * np.sum(w * (gi + 1) * tau**gi / ti ** (gi + 1) * rate)
+    return out
+
+
+@pytest.mark.parametrize("t", [T_END, T_BETWEEN])
+@pytest.mark.parametrize(("kind", "fraction"), KERNELS)
+def test_kernels_from_power_snapshots_are_within_the_all_snapshot_reference(run, t, kind, fraction):
+    """docs/kernels.md: windows and the cosine merge from power snapshots are least squares, no
+    worse than 1.5x equality-constrained least squares over every snapshot (written out here in
+    numpy), or refused as poor."""
+    store, exact = run
+    arg = {
+        "window": {"window": f"{fraction:.0%}"},
+        "merge": {"merge": ("cosine", f"{fraction:.0%}")},
+    }
+    sol = phema.solve(store, at=t, **{k + "s": [v] for k, v in arg[kind].items()})
+    want = exact[(t, kind, fraction)]
+    ts = np.array([r.t for r in store.snapshots])
+    gs = np.array([r.gamma for r in store.snapshots])
+    a, _ = _gram(ts, gs, t, 1.0)
+    b = _kernel_inner(ts, gs, kind, fraction, t)
+    m = len(ts)
+    kkt = np.block([[a, np.ones((m, 1))], [np.ones((1, m)), np.zeros((1, 1))]])
+    x = np.linalg.lstsq(kkt, np.append(b, 1.0), rcond=None)[0][:m]
+    reference = _rel_error(_combine(store, x), want)
+    if sol.poor[0]:
+        with pytest.raises(phema.PoorFitError):
+            phema.reconstruct_state_dict(store, at=t, **arg[kind])
+        return
+    ours = phema.reconstruct_state_dict(store, at=t, dtype=torch.float64, **arg[kind])
+    error = _rel_error({n: v.numpy() for n, v in ours.items()}, want)
+    assert error <= 1.5 * reference, (error, reference)

@@ -3,6 +3,7 @@ checkpoints and from running means, against averages of the recorded trajectory 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -285,3 +286,144 @@ def test_sweep_over_kinds_evaluates_each_kernel(tmp_path: Path) -> None:
     window = (grid[-9:-1] + grid[-8:]).sum(axis=0) / 16  # trapezoid over steps 80..120
     assert rows["window-40"].metrics["metric"] == pytest.approx(window.sum(), rel=1e-6)
     assert rows["last-3"].metrics["metric"] == pytest.approx(grid[-3:].mean(axis=0).sum(), rel=1e-6)
+
+
+def test_raw_weights_tracked_beside_averages_make_point_masses_exact_through_a_resume(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from phema import naming
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [torch.randn(8, 6) for _ in range(80)]
+
+    def vector() -> np.ndarray:
+        return torch.cat([p.detach().double().ravel() for p in model.parameters()]).numpy()
+
+    def train(ema: phema.PostHocEMA, steps: range) -> None:
+        for k in steps:
+            model(batches[k - 1]).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+            theta[k] = vector()
+
+    theta = np.zeros((81, 28))
+    theta[0] = vector()
+    store = tmp_path / "store"
+    kw = {"snapshot_every": 10, "cumulative": True, "raw": True}
+    first = phema.PostHocEMA(model, store, **kw)
+    train(first, range(1, 41))
+    # Saved as a checkpoint would save them: the state holds the live accumulators.
+    state, weights = copy.deepcopy(first.state_dict()), copy.deepcopy(model.state_dict())
+    train(first, range(41, 51))  # an attempt interrupted after its snapshot at 50
+    first.close(snapshot=False)
+    model.load_state_dict(weights)
+    resumed = phema.PostHocEMA(model, store, **kw)
+    resumed.load_state_dict(state)
+    train(resumed, range(41, 81))
+    resumed.close()
+
+    listed = phema.open_store(store)
+    raw = [s for s in listed.snapshots if s.kind == "raw"]
+    assert [s.t for s in raw] == list(range(10, 81, 10)) and {s.dtype for s in raw} == {"F32"}
+    assert {s.kind for s in listed.snapshots} == {"power", "raw"} and len(listed) == 32
+    assert (store / "superseded" / naming.snapshot_name(50, "raw")).exists()
+
+    bema = {"tau": 10, "phi": 10}
+    mix = {naming.snapshot_name(80, "raw"): 0.5, naming.snapshot_name(60, "raw"): 0.5}
+    targets = phema.Targets.of(
+        sigma_rels=[0.1],
+        windows=[40],
+        last=[3],
+        merges=[("cosine", 40), ("1-sqrt", 40)],
+        bema=[bema],
+        mixes=[mix],
+    )
+    sol = targets.solve(listed)
+    is_raw = np.array([s.kind == "raw" for s in listed.snapshots])
+    # The EMA length and the window from the averages, the point masses from the raw weights.
+    assert not sol.weights[is_raw, :2].any() and not sol.weights[~is_raw, 2:].any()
+    got = {
+        t.label: flat_model(sd)
+        for t, sd in zip(sol.targets, phema.reconstruct_state_dicts(listed, targets=targets))
+    }
+    scale = np.abs(theta).max()
+    ends = theta[[40, 50, 60, 70, 80]]
+    want = {
+        "window-40": theta[41:].mean(axis=0),
+        "last-3": theta[[60, 70, 80]].mean(axis=0),
+        "merge-cosine-40": megatron(lambda u: (1 + math.cos(math.pi * u)) / 2, 5) @ ends,
+        "merge-1-sqrt-40": megatron(lambda u: 1 - math.sqrt(u), 5) @ ends,
+        sol.targets[5].label: bema_trl(theta, 80, **bema),
+        sol.targets[6].label: 0.5 * (theta[80] + theta[60]),
+    }
+    for label, w in want.items():
+        assert np.abs(got[label] - w).max() / scale < 1e-6, label
+
+
+def flat_model(sd: dict) -> np.ndarray:
+    return np.concatenate([sd[n].double().ravel().numpy() for n in ("weight", "bias")])
+
+
+def test_a_user_shape_merges_as_megatron_would_with_it_and_bad_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    from safetensors import safe_open
+
+    theta = raw_store(tmp_path / "run", trajectory(), every=5)
+
+    def cubic(u: float) -> float:
+        return (1 - u) ** 3
+
+    def plateau(u: float) -> float:  # f(1) = 1/4: a quarter of the mass on the last checkpoint
+        return 1 - 0.75 * u
+
+    out = tmp_path / "out"
+    paths = phema.reconstruct(
+        tmp_path / "run", out=out, merges=[(cubic, "25%"), (plateau, 40)], dtype="float32"
+    )
+    got = {Path(p).name.split("-")[1].split(".")[0]: p for p in paths}
+    ends = theta[np.arange(STEPS - 30, STEPS + 1, 5)]
+    c = megatron(cubic, 7)  # 7 checkpoints in [90, 120]
+    for name, want in (("cubic", c @ ends), ("plateau", megatron(plateau, 9) @ theta[80::5])):
+        with safe_open(str(got[name]), "np") as f:
+            meta = f.metadata()
+            row = np.concatenate([f.get_tensor("a.weight").ravel(), f.get_tensor("b.bias")])
+        # Linear between 4097 samples: within max|f''| / (8 * 4096^2) of f at i/N.
+        assert rel(row.astype(np.float64), want) < 1e-6, name
+        assert (
+            f'"shape": "{name}"' in meta["phema.target"] and "user_defined" in meta["phema.target"]
+        )
+
+    def rising(u: float) -> float:
+        return 1 + u * (u - 0.5)
+
+    def hole(u: float) -> float:
+        return math.nan if u > 0.9 else 1 - u
+
+    for f, why in ((rising, "rising increases at u=0.25"), (hole, "hole is not finite at u=0.9")):
+        with pytest.raises(InvalidValueError, match=why):
+            phema.reconstruct(tmp_path / "run", out=tmp_path / "bad", merges=[(f, 40)])
+        assert not (tmp_path / "bad").exists()
+    # Over averages: a density of mass 1 - f(1), and f(1) on the weights at t, which only raw
+    # weights give.
+    store = tmp_path / "means"
+    store.mkdir()
+    for t in range(10, STEPS + 1, 10):
+        meta = {"phema.kind": "power", "phema.t": str(t), "phema.gamma": "0.0"}
+        write_snapshot(
+            store / f"c-{t:06d}.safetensors", tensors(theta[1 : t + 1].mean(0)), "float32", meta
+        )
+    sd = phema.reconstruct_state_dict(store, merge=(cubic, 40))
+    # Running means every 10 steps span the densities constant on each 10 steps: the fit is
+    # the mass f(u_j) - f(u_j+1) of the cubic on each of (80, 90], ..., (110, 120], spread evenly.
+    edges = np.arange(0, 41, 10) / 40
+    mass = np.array([cubic(a) - cubic(b) for a, b in zip(edges[:-1], edges[1:])])
+    blocks = theta[81:].reshape(4, 10, -1).mean(axis=1)
+    assert rel(flat(sd), mass @ blocks) < 1e-6
+    with pytest.raises(InvalidValueError, match="t=120"):
+        phema.solve(store, merges=[(plateau, 40)])

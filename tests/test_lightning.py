@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -94,7 +95,7 @@ def averages(cb: PostHocEMACallback) -> list[dict[str, torch.Tensor]]:
 
 
 def test_updates_per_optimizer_step_validates_the_average_and_ends_with_a_snapshot(tmp_path):
-    cb = PostHocEMACallback(snapshot_every=5)
+    cb = PostHocEMACallback(snapshot_every=5, raw=True)
     model = Net(cb)
     trainer(tmp_path, [cb], enable_checkpointing=False, check_val_every_n_epoch=1).fit(
         model, loader(), loader(8, 2)
@@ -104,6 +105,11 @@ def test_updates_per_optimizer_step_validates_the_average_and_ends_with_a_snapsh
     assert model.validated == 3 * 2  # after each of 3 epochs, 2 validation batches each
     store = phema.open_store(tmp_path / "phema")
     assert sorted({s.t for s in store.snapshots}) == [5, 10, 12]  # every 5 steps and the end
+    # raw=True goes to the tracker: the trained weights beside the averages at every snapshot.
+    raw = [s for s in store.snapshots if s.kind == "raw"]
+    assert [s.t for s in raw] == [5, 10, 12]
+    with safe_open(raw[-1].path, "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in model.raw.items())
 
 
 def test_resume_from_ckpt_continues_the_averages_exactly(tmp_path):

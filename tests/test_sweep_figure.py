@@ -74,3 +74,44 @@ def test_a_winner_chosen_elsewhere_is_the_star_of_the_heatmap(tmp_path, monkeypa
     result.plot(tmp_path / "heatmap.png", "mse", mode, best=winner)
     [star] = [x for x in drawn[0].axes[0].get_lines() if x.get_label() == "best of all"]
     assert (star.get_xdata()[0], star.get_ydata()[0]) == (winner.sigma_rel, winner.t)
+
+
+def test_a_sweep_over_kinds_draws_each_kind_in_its_own_panel(tmp_path):
+    from phema.sweeps.plot import sweep_figure
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    kw = {"snapshot_every": 10, "cumulative": True, "raw": True}
+    with phema.PostHocEMA(model, tmp_path / "store", (0.05, 0.15), **kw) as ema:
+        for _ in range(40):
+            with torch.no_grad():
+                model.weight += 0.1 * torch.randn(model.weight.shape)
+            ema.update()
+
+    def two(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate(m) | {"bias": float(m.bias.detach())}
+
+    result = phema.sweep(
+        tmp_path / "store", model, two, sigma_rels=[0.05, 0.1], betas=[0.9],
+        windows=[10, 20], merges=[("cosine", 20), ("linear", 30)], last=[2],
+    )  # fmt: skip
+    path = result.plot(tmp_path / "sweep.png", metric=["mse", "bias"])
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    best = result.best("mse")
+    fig = sweep_figure(result.rows, ["mse", "bias"], "min", best=best)
+    # Two metrics x four kinds (EMA lengths, window, merge, last), each drawing only its rows.
+    assert len(fig.axes) == 8
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == ["EMA lengths: mse", "last: mse", "merge: mse", "window: mse"]
+    merge = fig.axes[titles.index("merge: bias")]
+    ticks = [t.get_text() for t in merge.get_xticklabels()]
+    assert sorted(ticks) == ["cosine-20", "linear-30"]
+    [line] = [x for x in merge.get_lines() if x.get_label() == "_child0"]
+    rows = {r.label: r for r in result.rows}
+    want = [rows[f"merge-{t}"].metrics["bias"] for t in ticks]
+    assert list(line.get_ydata()) == want
+    # The best row is starred once per metric, in its own kind's panel.
+    stars = [ax.get_title() for ax in fig.axes for x in ax.get_lines() if x.get_marker() == "*"]
+    kind = "EMA lengths" if best.kind in ("sigma_rel", "beta") else best.kind
+    assert stars == [f"{kind}: mse", f"{kind}: bias"]
+    plt.close(fig)

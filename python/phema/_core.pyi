@@ -14,6 +14,7 @@ NOISE_FLOAT32: float
 CHUNK: int
 POOR_CDF_ERROR: float
 POOR_NOISE: float
+MAX_STORED_STEPS: int
 
 ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value, dt)
 
@@ -57,7 +58,9 @@ class SnapshotListing(Described):
 
     t: float
     gamma: float | None
-    kind: str
+    kind: str  # power, raw or steps
+    sigma_rel: NotRequired[float]  # kind steps: its width
+    steps: NotRequired[tuple[list[float], list[float]]]  # kind steps: (edges, weights)
 
 class EngineStats(TypedDict):
     """What one engine run read and found."""
@@ -87,7 +90,8 @@ def solve_kernels(
 ) -> dict[str, np.ndarray]:
     """Snapshots `(power|raw|steps, t, gamma, (edges, weights) | None)`; kernels
     `(kind, t, params, shape)`: power [gamma], beta [beta, dt], halflife [halflife],
-    window [width], last [count], merge [width] + shape, bema [tau, phi, kappa, eta, rho, gamma]."""
+    window [width], last [count], merge [width] + shape (shape `table`: [width, f(0), ...,
+    f(1)], f sampled evenly), bema [tau, phi, kappa, eta, rho, gamma]."""
 
 def solve_raw(
     times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False

@@ -126,11 +126,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"store {store.path}: {len(store)} snapshots, {_size(sum(s.size for s in store.snapshots))}"
     )
     if store.snapshots:
-        by_profile: dict[float, list] = {}
+        by_profile: dict[tuple[float, str], list] = {}
         for s in store.snapshots:
-            by_profile.setdefault(s.gamma if s.gamma is not None else math.inf, []).append(s)
+            key = (s.gamma if s.gamma is not None else math.inf, s.kind)
+            by_profile.setdefault(key, []).append(s)
         rows = []
-        for gamma, snaps in sorted(by_profile.items()):
+        for (gamma, _), snaps in sorted(by_profile.items()):
             ts = [s.t for s in snaps]
             rows.append(
                 [

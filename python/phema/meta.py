@@ -6,10 +6,11 @@ one-run-per-store rule from `runs`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from phema import _core, naming
 
@@ -59,15 +60,25 @@ def mixed_runs(where: str, found: Mapping[str, str]) -> str | None:
 
 
 def snapshot_metadata(
-    t: float, gamma: float | None, sigma_rel: float | None = None
+    t: float,
+    gamma: float | None,
+    sigma_rel: float | None = None,
+    steps: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, str]:
-    """The per-snapshot `phema.*` keys of docs/store-format.md: `phema.t`, and for a power
-    average `phema.gamma` and `phema.sigma_rel` (from gamma unless given)."""
+    """The per-snapshot `phema.*` keys of docs/store-format.md: `phema.t`, for a power average
+    `phema.gamma` and `phema.sigma_rel` (from gamma unless given), for an average of known
+    weights per step `phema.steps` (`(edges, weights)`)."""
     meta = {"phema.t": naming.format_t(t)}
     if gamma is not None:
         sigma_rel = _core.gamma_to_sigma_rel(gamma) if sigma_rel is None else sigma_rel
         meta["phema.gamma"] = repr(float(gamma))
         meta["phema.sigma_rel"] = repr(float(sigma_rel))
+    if steps is not None:
+        edges, weights = steps
+        meta["phema.steps"] = json.dumps(
+            {"edges": [float(e) for e in edges], "weights": [float(w) for w in weights]},
+            separators=(",", ":"),
+        )
     return meta
 
 

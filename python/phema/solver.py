@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -80,7 +81,10 @@ class Target:
         if self.kind == "last":
             return ("last", self.t, [float(self.value)], "")
         if self.kind == "merge":
-            return ("merge", self.t, [_length(self.value[1], self.t)], self.value[0])
+            shape, width = self.value[0], _length(self.value[1], self.t)
+            if isinstance(shape, UserShape):
+                return ("merge", self.t, [width, *shape.samples], "table")
+            return ("merge", self.t, [width], shape)
         return ("bema", self.t, list(self.value), "")
 
     @property
@@ -91,7 +95,9 @@ class Target:
         Values the short form does not give exactly are written in full (`sigma_rel-0.0801`), so
         distinct targets never share a name."""
         if self.kind == "merge":
-            return f"merge-{self.value[0]}-{_text(self.value[1])}"
+            shape = self.value[0]
+            name = shape.label if isinstance(shape, UserShape) else shape
+            return f"merge-{name}-{_text(self.value[1])}"
         if self.kind == "bema":
             changed = [
                 f"{name}{value_text(v, 'g')}"
@@ -110,7 +116,15 @@ class Target:
     def describe(self) -> dict[str, Any]:
         """The kind and its parameters, as `phema.target` records them (docs/kernels.md)."""
         if self.kind == "merge":
-            return {"kind": "merge", "shape": self.value[0], "window": self.value[1]}
+            shape = self.value[0]
+            if isinstance(shape, UserShape):
+                return {
+                    "kind": "merge",
+                    "shape": shape.name,
+                    "user_defined": f"a callable, sampled at {USER_SHAPE_SAMPLES} points",
+                    "window": self.value[1],
+                }
+            return {"kind": "merge", "shape": shape, "window": self.value[1]}
         if self.kind == "bema":
             return {"kind": "bema", **dict(zip(BEMA_PARAMS, self.value))}
         if self.kind == "mix":
@@ -183,8 +197,56 @@ def window_value(value: Any, what: str) -> float | str:
     return x
 
 
-def merge_value(value: Any) -> tuple[str, float | str]:
-    """A `(shape, window)` pair, or its text "shape:window"."""
+@dataclass(frozen=True)
+class UserShape:
+    """A merge shape given as a callable `f` on [0, 1] (docs/kernels.md): its name and its
+    values at `u = j / (USER_SHAPE_SAMPLES - 1)`, between which the merge takes it linear."""
+
+    name: str
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, f: Callable[[float], float]) -> UserShape:
+        """`f` sampled and checked: finite, `f(0) = 1`, non-increasing, `>= 0`; one error
+        naming `f` otherwise."""
+        name = getattr(f, "__name__", type(f).__name__)
+        u = np.linspace(0.0, 1.0, USER_SHAPE_SAMPLES)
+        try:
+            v = np.array([float(f(float(x))) for x in u])
+        except Exception as e:  # a user's function: whatever it raises is about its values
+            raise InvalidValueError(f"merge shape {name}: f(u) failed on [0, 1] ({e})") from None
+        where = ""
+        if not np.isfinite(v).all():
+            where = f"is not finite at u={u[~np.isfinite(v)][0]:g}"
+        elif abs(v[0] - 1.0) > 1e-12:
+            where = f"has f(0) = {v[0]:g}, not 1"
+        elif (np.diff(v) > 0).any():
+            where = f"increases at u={u[1:][np.diff(v) > 0][0]:g}"
+        elif v[-1] < 0:
+            where = f"falls below 0 (f(1) = {v[-1]:g})"
+        if where:
+            raise InvalidValueError(
+                f"merge shape {name} {where}: a shape is finite, starts at f(0) = 1 and never "
+                "increases on [0, 1]"
+            )
+        return cls(name, tuple(v.tolist()))
+
+    @property
+    def label(self) -> str:
+        """The name in file names: its characters outside [A-Za-z0-9_.] replaced, with a digest
+        of its samples (two lambdas share a name)."""
+        digest = hashlib.sha1(np.array(self.samples).tobytes()).hexdigest()[:6]
+        return f"{re.sub(r'[^A-Za-z0-9_.]', '_', self.name)}.{digest}"
+
+
+#: Samples of a user's merge shape (the linear interpolation between them is within
+#: max|f''| / (8 * 4096^2) of `f`).
+USER_SHAPE_SAMPLES = 4097
+
+
+def merge_value(value: Any) -> tuple[str | UserShape, float | str]:
+    """A `(shape, window)` pair (a shape's name, or a callable `f` with `f(0) = 1`,
+    non-increasing on [0, 1]), or its text "shape:window"."""
     if isinstance(value, str):
         shape, sep, window = value.partition(":")
         if not sep:
@@ -192,9 +254,16 @@ def merge_value(value: Any) -> tuple[str, float | str]:
         value = (shape, window)
     if not (isinstance(value, tuple | list) and len(value) == 2):
         raise InvalidValueError(f"merges=: {value!r} is not a (shape, window) pair")
+    if isinstance(value[0], UserShape):
+        return (value[0], window_value(value[1], f"merge {value[0].name} window"))
+    if callable(value[0]):
+        user = UserShape.of(value[0])
+        return (user, window_value(value[1], f"merge {user.name} window"))
     shape = value[0] if value[0] != "minus-sqrt" else "1-sqrt"
     if shape not in MERGE_SHAPES:
-        raise InvalidValueError(f"merge shape {value[0]!r} is unknown ({', '.join(MERGE_SHAPES)})")
+        raise InvalidValueError(
+            f"merge shape {value[0]!r} is unknown ({', '.join(MERGE_SHAPES)}, or a callable)"
+        )
     return (shape, window_value(value[1], f"merge {shape} window"))
 
 
@@ -519,7 +588,7 @@ def solve(
         raise InvalidValueError("no snapshots to solve with")
     kinds = {_field(r, "kind") or "power" for r in records}
     kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
-    if kernels or len(kinds) > 1:
+    if kernels or len(kinds) > 1 or "steps" in kinds:
         ts = [float(_field(r, "t")) for r in records]
         at = _target_time(ts, at)
         targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt, kernels)
@@ -593,7 +662,12 @@ def _many(values: Any, pair: bool = False, mapping: bool = False) -> list[Any]:
     one = (
         isinstance(values, str | int | float)
         or (mapping and isinstance(values, Mapping))
-        or (pair and isinstance(values, tuple) and len(values) == 2 and isinstance(values[0], str))
+        or (
+            pair
+            and isinstance(values, tuple)
+            and len(values) == 2
+            and (isinstance(values[0], str | UserShape) or callable(values[0]))
+        )
     )
     items = [values] if one else list(values)
     if len(items) > MAX_TARGETS:
@@ -610,11 +684,12 @@ def _solve_kernels(
     for r in records:
         kind = _field(r, "kind") or "power"
         t = float(_field(r, "t"))
-        snaps.append(
-            ("raw", t, 0.0, None)
-            if kind == "raw"
-            else ("power", t, float(_field(r, "gamma")), None)
-        )
+        if kind == "raw":
+            snaps.append(("raw", t, 0.0, None))
+        elif kind == "steps":
+            snaps.append(("steps", t, 0.0, _field(r, "steps")))
+        else:
+            snaps.append(("power", t, float(_field(r, "gamma")), None))
     solved = [k for k, tg in enumerate(targets) if tg.kind != "mix"]
     raw = (
         _core.solve_kernels(snaps, [targets[k].kernel_spec() for k in solved], noise, causal)

@@ -63,6 +63,8 @@ class SnapshotRecord:
     n_tensors: int
     metadata: Mapping[str, str] = field(repr=False)
     paths: tuple[str, ...] = ()  # every file: the ranks' files in rank order, or just `path`
+    # Kind `steps`: (edges, weights), the weight of each step (docs/store-format.md).
+    steps: tuple[list[float], list[float]] | None = field(default=None, repr=False)
     name: str = field(init=False)  # the file name
 
     def __post_init__(self) -> None:
@@ -124,7 +126,7 @@ def _record(r: dict[str, Any]) -> SnapshotRecord:
     return SnapshotRecord(
         t=r["t"],
         gamma=gamma,
-        sigma_rel=_core.gamma_to_sigma_rel(gamma) if gamma is not None else None,
+        sigma_rel=_core.gamma_to_sigma_rel(gamma) if gamma is not None else r.get("sigma_rel"),
         kind=r["kind"],
         path=r["path"],
         dtype=dtype,
@@ -132,6 +134,7 @@ def _record(r: dict[str, Any]) -> SnapshotRecord:
         n_tensors=len(r["tensors"]),
         metadata=r["metadata"],
         paths=tuple(r["files"]),
+        steps=r.get("steps"),
     )
 
 

@@ -54,10 +54,19 @@ class _Item:
 
     path: str
     t: float
-    gamma: float | None  # None: plain weights (kind raw)
+    gamma: float | None  # None: plain weights (kind raw), or the weights per step of `steps`
     sigma_rel: float | None
     read: Callable[[], Mapping[str, Any]] | None  # None: a DCP checkpoint (`_write_dcp`)
     metadata: dict[str, str] = field(default_factory=dict)
+    # Kind steps: (edges, weights) of its profile (docs/store-format.md).
+    steps: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def kind(self) -> str:
+        """The store's `phema.kind` of the snapshot written."""
+        if self.steps is not None:
+            return "steps"
+        return "raw" if self.gamma is None else "power"
 
 
 def import_store(
@@ -147,12 +156,12 @@ def import_store(
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
             metadata = {
-                **meta.header("raw" if item.gamma is None else "power"),
+                **meta.header(item.kind),
                 meta.RUN_ID: run_id,
                 "phema.imported_from": kind,
                 "phema.source": os.path.basename(item.path),
                 **item.metadata,
-                **snapshot_metadata(item.t, item.gamma, item.sigma_rel),
+                **snapshot_metadata(item.t, item.gamma, item.sigma_rel, item.steps),
             }
             if item.read is None:
                 _write_dcp(item.path, path, out_dtype, metadata, strip_prefix)
@@ -231,9 +240,9 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
             "(--append) to add these snapshots to the run stored there"
         )
     existing = open_store(store)
-    have = {(s.t, s.gamma) for s in existing.snapshots}
+    have = {(s.t, s.gamma, s.kind) for s in existing.snapshots}
     for it in items:
-        if (it.t, it.gamma) in have:
+        if (it.t, it.gamma, it.kind) in have:
             raise InvalidValueError(
                 f"{store} already holds the snapshot at t={naming.format_t(it.t)}"
                 + ("" if it.sigma_rel is None else f", sigma_rel={it.sigma_rel:g}")
@@ -416,7 +425,6 @@ def _plan_ema_pytorch(
         raise InvalidValueError(f"update_every={update_every!r}: expected a whole number 1 to 1e6")
     pattern = re.compile(r"(\d+)\.(\d+)\.pt")
     files = _files(src, lambda n: bool(pattern.fullmatch(n)), "ema-pytorch files ({ind}.{step}.pt)")
-    profiles = {}
     items = []
     for path in files:
         m = pattern.fullmatch(os.path.basename(path))
@@ -429,25 +437,27 @@ def _plan_ema_pytorch(
             )
         if not 1 <= step <= MAX_T:
             raise SourceError(f"{path}: step {step} is not a time from 1 to 1e15")
-        if ind not in profiles:
-            profiles[ind] = ema_pytorch_gamma(sigma_rel_to_gamma(sigma_rels[ind]), update_every)
-        gamma = profiles[ind]
-        error = ema_pytorch_profile_error(sigma_rel_to_gamma(sigma_rels[ind]), update_every, step)
-        items.append(
-            _Item(
-                path,
-                float(step),
-                gamma,
-                gamma_to_sigma_rel(gamma),
-                lambda p=path, s=step: _ema_pytorch_tensors(p, s),
-                {
-                    "phema.step": str(step),
-                    "phema.import_sigma_rel": repr(sigma_rels[ind]),
-                    "phema.import_update_every": str(update_every),
-                    "phema.import_profile_error": f"{error:.3e}",
-                },
+        run_gamma = sigma_rel_to_gamma(sigma_rels[ind])
+        metadata = {
+            "phema.step": str(step),
+            "phema.import_sigma_rel": repr(sigma_rels[ind]),
+            "phema.import_update_every": str(update_every),
+        }
+        read = lambda p=path, s=step: _ema_pytorch_tensors(p, s)  # noqa: E731
+        try:
+            gamma: float | None = ema_pytorch_gamma(run_gamma, update_every)
+        except InvalidValueError:
+            gamma = None
+        if gamma is not None:
+            error = ema_pytorch_profile_error(run_gamma, update_every, step)
+            metadata["phema.import_profile_error"] = f"{error:.3e}"
+            items.append(_Item(path, float(step), gamma, gamma_to_sigma_rel(gamma), read, metadata))
+        else:
+            # No power profile is close (docs/importers.md): its exact weights per step.
+            steps = ema_pytorch_steps(run_gamma, update_every, step)
+            items.append(
+                _Item(path, float(step), None, sigma_rels[ind], read, metadata, steps=steps)
             )
-        )
     return items
 
 
@@ -459,9 +469,8 @@ def ema_pytorch_gamma(gamma: float, update_every: int) -> float:
     if not effective > 0:
         raise InvalidValueError(
             f"gamma {gamma:.4g} updated every {update_every} steps tracks the profile "
-            f"tau^{effective:.3g}, which is not a power profile phema stores (its exponent must "
-            f"be > 0): this run's averages cannot be imported (a smaller update_every, or a "
-            f"narrower sigma_rel in the run, would give one)"
+            f"tau^{effective:.3g}, which is not a power profile (its exponent must be > 0); "
+            "import_store keeps such averages as their weights per step (ema_pytorch_steps)"
         )
     return effective
 
@@ -477,6 +486,25 @@ def ema_pytorch_weights(gamma: float, update_every: int, steps: int) -> np.ndarr
     # weight_j = (1 - beta_j) * prod_{i > j} beta_i
     after = np.concatenate([np.cumsum(log_beta[:0:-1])[::-1], [0.0]])
     return -np.expm1(log_beta) * np.exp(after)
+
+
+def ema_pytorch_steps(gamma: float, update_every: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The profile of an ema-pytorch average after `steps` calls, as `(edges, weights)`: each
+    call's weight (`ema_pytorch_weights`) over the `update_every` steps up to the next call,
+    counted back from the snapshot (the first call takes what is left, from 0). Runs of more
+    calls than a store keeps (`MAX_STORED_STEPS`) are stored in groups of consecutive calls,
+    each group's weight spread over its steps, the last group ending at `steps`."""
+    w = ema_pytorch_weights(gamma, update_every, steps)
+    edges = steps - update_every * np.arange(len(w), -1, -1, dtype=np.float64)
+    edges[0] = 0.0
+    group = -(-len(w) // _core.MAX_STORED_STEPS)
+    if group > 1:
+        # Group boundaries counted back from the last call; the first group takes what is left.
+        cut = np.arange(len(w), 0, -group)[::-1]
+        cut = np.concatenate([[0], cut])
+        edges = edges[cut]
+        w = np.add.reduceat(w, cut[:-1])
+    return edges, w / w.sum()
 
 
 def ema_pytorch_profile_error(gamma: float, update_every: int, steps: int) -> float:

@@ -32,7 +32,8 @@ class PostHocEMACallback(pl.Callback):
     sees the average of ``eval_sigma_rel`` (default: the first tracked profile; the trained
     weights are restored after it) unless ``swap_for_eval=False``. The tracker's state goes
     into Lightning's checkpoints, so ``fit(ckpt_path=...)`` continues the averages exactly.
-    Other keywords go to `PostHocEMA` (``dtype``, ``include``, ``exclude``, ``offload``, ...).
+    Other keywords go to `PostHocEMA` (``dtype``, ``include``, ``exclude``, ``offload``,
+    ``raw``, ``cumulative``, ...).
     """
 
     def __init__(

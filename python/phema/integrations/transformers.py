@@ -36,7 +36,8 @@ class PostHocEMACallback(TrainerCallback):
     the tracker's state (``phema-ema.pt``), and ``train(resume_from_checkpoint=...)`` continues
     the averages from it exactly; it is looked for in ``args.resume_from_checkpoint`` and in
     ``args.output_dir/checkpoint-N`` (``resume_from=`` names another directory). Other keywords
-    go to `PostHocEMA` (``dtype``, ``include``, ``exclude``, ``offload``, ...).
+    go to `PostHocEMA` (``dtype``, ``include``, ``exclude``, ``offload``, ``raw``, ``cumulative``,
+    ...).
     """
 
     def __init__(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from phema import files
+from phema.solver import KINDS
 from phema.sweeps.rows import SweepRow
 
 _BEST = "crimson"
@@ -28,11 +30,33 @@ def plot_sweep(
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> str:
-    """Draws every metric of `metrics` in a panel of its own: power targets as a line over their
-    sigma_rel, classic decays as markers at their equivalent sigma_rel, the `raw` weights and
-    each of `references` (name -> metric values) as horizontal lines, the `best` row starred in
-    every panel; the fit error and gain of every target below. Rows of several times: a heatmap
-    per metric, `per_time` (the best of each time) circled."""
+    """Draws `sweep_figure` to `path` (PNG) and returns the path."""
+    fig = sweep_figure(
+        rows, metrics, mode, raw=raw, best=best, per_time=per_time, references=references,
+        labels=labels, title=title,
+    )  # fmt: skip
+    return files.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
+
+
+def sweep_figure(
+    rows: list[SweepRow],
+    metrics: Sequence[str],
+    mode: str,
+    *,
+    raw: SweepRow | None = None,
+    best: SweepRow | None = None,
+    per_time: Sequence[SweepRow] = (),
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """The figure: every metric of `metrics` in a panel of its own, power targets as a line over
+    their sigma_rel, classic decays as markers at their equivalent sigma_rel, the `raw` weights
+    and each of `references` (name -> metric values) as horizontal lines, the `best` row starred
+    in every panel; the fit error and gain of every target below. Kernels of docs/kernels.md
+    (windows, merges, ...) among the rows: a panel per kind and metric instead, EMA lengths in
+    one of them. Rows of several times: a heatmap per metric, `per_time` (the best of each time)
+    circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +67,8 @@ def plot_sweep(
     names = dict(labels or {})
     if len(times) > 1:
         fig = _heatmap(plt, rows, per_time, times, metrics, best, names)
+    elif any(_panel(r) != _EMA for r in rows):
+        fig = _kinds(plt, rows, raw, metrics, best, dict(references or {}), names)
     else:
         fig = _curve(plt, rows, raw, metrics, best, dict(references or {}), names)
     head = ""
@@ -52,7 +78,15 @@ def plot_sweep(
             f" ({'lowest' if mode == 'min' else 'highest'})"
         )
     fig.suptitle("\n".join(s for s in (title, head) if s), fontsize=11)
-    return files.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
+    return fig
+
+
+_EMA = "EMA lengths"
+
+
+def _panel(row: SweepRow) -> str:
+    """The panel a row goes to: EMA lengths (power and classic) together, each kernel apart."""
+    return _EMA if row.kind in KINDS else row.kind
 
 
 def _groups(rows: list[SweepRow]) -> dict[str, list[SweepRow]]:
@@ -96,6 +130,62 @@ def _references(ax, references, metric, shown, first_color) -> None:  # noqa: AN
 
 
 # matplotlib objects are untyped here (noqa: ANN001, ANN202).
+def _kinds(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, ANN202
+    """A row of panels per metric, a panel per kind: EMA lengths over their sigma_rel (log x),
+    each kernel over its parameters in order of width (its labels on the x axis)."""
+    panels: dict[str, list[SweepRow]] = {}
+    for r in sorted(rows, key=lambda r: r.sigma_rel):
+        panels.setdefault(_panel(r), []).append(r)
+    kinds = sorted(panels, key=lambda k: (k != _EMA, k))
+    fig, axes = plt.subplots(
+        len(metrics), len(kinds), figsize=(3.6 * len(kinds), 3.2 * len(metrics)),
+        squeeze=False, layout="constrained",
+    )  # fmt: skip
+    for i, metric in enumerate(metrics):
+        shown = [r.metrics[metric] for r in rows if metric in r.metrics]
+        for ax, kind in zip(axes[i], kinds):
+            members = panels[kind]
+            if kind == _EMA:
+                _draw_ema(ax, _groups(members), metric)
+                _log_x(ax)
+                ax.set_xlabel("sigma_rel (equivalent, for classic decays)")
+                x = {id(r): r.sigma_rel for r in members}
+            else:
+                x = {id(r): j for j, r in enumerate(members)}
+                ax.plot(range(len(members)), [r.metrics[metric] for r in members], "o-", ms=4)
+                ax.set_xticks(range(len(members)))
+                ax.set_xticklabels(
+                    [r.label.removeprefix(f"{kind}-") for r in members], rotation=30, fontsize=7
+                )
+                ax.set_xlabel(f"{kind} (by width)")
+            if raw is not None and metric in raw.metrics:
+                ax.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")
+            _references(ax, references, metric, shown, 1)
+            if best is not None and id(best) in x and metric in best.metrics:
+                ax.plot(
+                    [x[id(best)]], [best.metrics[metric]], "*", ms=16, color=_BEST,
+                    label=f"best by {metrics[0]}: {best.label}", linestyle="none",
+                )  # fmt: skip
+            ax.set_title(f"{kind}: {labels.get(metric, metric)}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return fig
+
+
+def _draw_ema(ax, groups, metric) -> None:  # noqa: ANN001
+    """Power targets as a line over their sigma_rel, classic decays as labelled markers."""
+    for c, (name, members) in enumerate(groups.items()):
+        x = [r.sigma_rel for r in members]
+        y = [r.metrics[metric] for r in members]
+        if name.startswith("power"):
+            ax.plot(x, y, "o-", ms=3, color=f"C{c}", label=name)
+        else:
+            ax.plot(x, y, "s", ms=6, color=f"C{c}", label=f"classic EMA ({name}) at its sigma_rel")
+            for r in members:
+                ax.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
+
+
 def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, ANN202
     n = max(len(metrics), 1)
     fig = plt.figure(figsize=(7, 6) if n == 1 else (4.2 * n, 6.4), layout="constrained")
@@ -104,17 +194,7 @@ def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, 
     bottom = fig.add_subplot(grid[1, 0], sharex=tops[0])
     groups = _groups(rows)
     for top, metric in zip(tops, metrics):
-        for c, (name, members) in enumerate(groups.items()):
-            x = [r.sigma_rel for r in members]
-            y = [r.metrics[metric] for r in members]
-            if name.startswith("power"):
-                top.plot(x, y, "o-", ms=3, color=f"C{c}", label=name)
-            else:
-                top.plot(
-                    x, y, "s", ms=6, color=f"C{c}", label=f"classic EMA ({name}) at its sigma_rel"
-                )
-                for r in members:
-                    top.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
+        _draw_ema(top, groups, metric)
         shown = [r.metrics[metric] for r in rows]
         if raw is not None and metric in raw.metrics:
             top.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")

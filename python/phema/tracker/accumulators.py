@@ -13,7 +13,8 @@ from torch import nn
 
 from phema.tracker.distributed import drop_gathered, dtensor_class, local
 
-# Host buffers of one snapshot: ([profile][tensor] averages, the other tracked tensors).
+# Host buffers of one snapshot: ([profile][tensor] averages, then with `raw` the weights
+# themselves; the other tracked tensors).
 HostBuffers = tuple[list[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -45,11 +46,14 @@ class Accumulators:
         n_profiles: int,
         device: str | torch.device | None,
         offload: bool,
+        raw: bool = False,
     ) -> None:
-        """Zero accumulators for every tensor of `floats`, one set per profile."""
+        """Zero accumulators for every tensor of `floats`, one set per profile; with `raw`,
+        snapshots also copy out the weights themselves (in fp32)."""
         self.floats = floats
         self.ints = ints
         self.offload = offload
+        self.raw = raw
         self.groups, self.averages = _make_groups(
             floats, n_profiles, torch.device("cpu") if offload else device, offload
         )
@@ -57,9 +61,8 @@ class Accumulators:
         self._offload_devices = sorted(
             {x.device for x in local(floats) if offload and x.is_cuda}, key=str
         )
-        self._snapshot_devices = sorted(
-            {x.device for x in self.averages[0] + local(ints) if x.is_cuda}, key=str
-        )
+        copied = self.averages[0] + local(ints) + (local(floats) if raw else [])
+        self._snapshot_devices = sorted({x.device for x in copied if x.is_cuda}, key=str)
 
     def update(self, weights: list[float]) -> None:
         """ema += w * (theta - ema) with the model's current tensors, w per profile."""
@@ -105,9 +108,8 @@ class Accumulators:
         def like(x: torch.Tensor) -> torch.Tensor:
             return torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
 
-        return [[like(a) for a in accs] for accs in self.averages], [
-            like(x) for x in local(self.ints)
-        ]
+        sets = self.averages + self.averages[:1] if self.raw else self.averages
+        return [[like(a) for a in accs] for accs in sets], [like(x) for x in local(self.ints)]
 
     def copy_out(self, buffers: HostBuffers) -> list[Any]:
         """Start copying the averages and the other tensors into `buffers`; returns the CUDA
@@ -116,7 +118,8 @@ class Accumulators:
         averages, ints = buffers
         non_blocking = bool(self._snapshot_devices)
         with torch.no_grad():
-            for host, accs in zip(averages, self.averages, strict=True):
+            sources = self.averages + [local(self.floats)] if self.raw else self.averages
+            for host, accs in zip(averages, sources, strict=True):
                 torch._foreach_copy_(host, accs, non_blocking=non_blocking)
             if ints:
                 torch._foreach_copy_(ints, local(self.ints), non_blocking=non_blocking)

@@ -47,7 +47,8 @@ class PostHocEMA:
     Time ``t`` is any increasing number: ``update()`` adds 1, ``update(t=images_seen)`` sets it.
     Automatic snapshots are written whenever an update crosses a multiple of ``snapshot_every``
     (never when it is None); ``snapshot()`` writes one now. Each snapshot is one safetensors file
-    per profile in ``store``, written by a background thread; at most ``max_pending`` snapshots
+    per profile in ``store`` (and with ``raw=True`` one of the weights themselves), written by a
+    background thread; at most ``max_pending`` snapshots
     wait for it, each in a host copy of the averages (the training thread blocks beyond that).
     Call ``close()`` (or use ``with``) at the end of training: it writes a last snapshot at the
     last ``t`` (unless one is there already, ``final_snapshot=False`` or ``close(snapshot=False)``;
@@ -96,12 +97,15 @@ class PostHocEMA:
         mesh: DeviceMesh | None = None,
         final_snapshot: bool = True,
         cumulative: bool = False,
+        raw: bool = False,
     ) -> None:
         """Track `sigma_rels` (default 0.05 and 0.10) or `gammas` of `model`, writing to `store`;
         with `cumulative` also the running mean (`gamma = 0`, written in fp32), from which windows
-        are exact (docs/kernels.md)."""
-        if not isinstance(cumulative, bool):
-            raise InvalidTypeError(f"cumulative={cumulative!r}: expected True or False")
+        are exact; with `raw` every snapshot also writes the weights themselves (kind raw, fp32),
+        from which point masses, merges, `last=` and mixes are exact (docs/kernels.md)."""
+        for name, flag in (("cumulative", cumulative), ("raw", raw)):
+            if not isinstance(flag, bool):
+                raise InvalidTypeError(f"{name}={flag!r}: expected True or False")
         self._profiles = Profiles.of(sigma_rels, gammas, cumulative)
         self.sigma_rels = self._profiles.sigma_rels
         self.gammas = self._profiles.gammas
@@ -126,8 +130,9 @@ class PostHocEMA:
         self._swapped = 0  # depth of swapped() blocks: the model holds an average meanwhile
         self._tracked = Tracked(module, include, exclude)
         self._sharding = sharding(self._tracked.all_names, self._tracked.all_tensors, mesh)
+        self._raw = raw
         self._accs = Accumulators(
-            self._tracked.floats, self._tracked.ints, len(self._profiles), device, offload
+            self._tracked.floats, self._tracked.ints, len(self._profiles), device, offload, raw
         )
         # One id per run (docs/runs.md), the same on every rank: kept by load_state_dict(),
         # written into every snapshot.
@@ -170,7 +175,11 @@ class PostHocEMA:
             )
         if not locations.is_remote(store):
             os.makedirs(store, exist_ok=True)
-        profiles = list(zip(self.gammas, self.sigma_rels, self._profiles.labels(), strict=True))
+        profiles: list[tuple[float | None, float | None, str]] = list(
+            zip(self.gammas, self.sigma_rels, self._profiles.labels(), strict=True)
+        )
+        if self._raw:
+            profiles.append((None, None, "raw"))
         return SnapshotWriter(
             store,
             profiles,

@@ -66,7 +66,7 @@ class SnapshotWriter:
     def __init__(
         self,
         directory: str,
-        profiles: list[tuple[float, float, str]],
+        profiles: list[tuple[float | None, float | None, str]],
         names: list[str],
         int_names: list[str],
         dtype: str,
@@ -74,7 +74,8 @@ class SnapshotWriter:
         suffix: str,
         max_pending: int,
     ) -> None:
-        """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples.
+        """Start the thread; `profiles` holds (gamma, sigma_rel, file-name label) triples, gamma
+        None for the raw weights.
 
         `suffix` goes between the label and `.safetensors` (a sharded run's rank part).
         """
@@ -200,10 +201,13 @@ class SnapshotWriter:
                 **snapshot_metadata(job.t, gamma, sigma_rel),
                 "phema.step": str(job.step),
             }
+            if gamma is None:
+                metadata["phema.kind"] = "raw"
             tensors = {n: a.numpy() for n, a in zip(self.names, accs, strict=True)} | extra
             # The running mean feeds windows as differences of two snapshots, which multiply its
-            # rounding (docs/kernels.md): it is kept in fp32.
-            dtype = "float32" if gamma == 0 else self.dtype
+            # rounding, and raw weights are point masses answered exactly (docs/kernels.md):
+            # both are kept in fp32.
+            dtype = "float32" if gamma is None or gamma == 0 else self.dtype
             try:
                 kept_fp32 = write_snapshot(path, tensors, dtype, metadata)
             except BaseException as err:
