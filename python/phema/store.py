@@ -90,6 +90,22 @@ class Store:
     # `path` is the directory the snapshots were listed from (not the common parent of files
     # given one by one): outputs may not go there either.
     listed: bool = True
+    # Made with it (fields, not properties: a reconstruction reads them without calling back).
+    # The paths a writer must not overwrite or write into: the store directory (when the
+    # snapshots were listed from it) and every snapshot's files.
+    inputs: list[str] = field(init=False, repr=False)
+    # The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    # phema snapshots (their float16 is the snapshot format, not the model's).
+    checkpoints_dtype: str | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = [self.path] if self.listed else []
+        for s in self.snapshots:
+            self.inputs += [s.path, *s.paths]
+        phema = not self.snapshots or any("phema.kind" in s.metadata for s in self.snapshots)
+        self.checkpoints_dtype = (
+            None if phema else dominant_dtype(s.dtype for s in self.snapshots if s.dtype != "F64")
+        )
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -100,15 +116,6 @@ class Store:
         if not self.snapshots:
             return []
         return self.headers.select([0]).describe()[0]["tensors"]
-
-    @property
-    def inputs(self) -> list[str]:
-        """The paths a writer must not overwrite or write into: the store directory (when the
-        snapshots were listed from it) and every snapshot's files."""
-        paths = [self.path] if self.listed else []
-        for s in self.snapshots:
-            paths += [s.path, *s.paths]
-        return paths
 
     @property
     def gammas(self) -> list[float]:
@@ -155,9 +162,7 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
 def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     """`open_store` without the check of an unfinished import (for the import itself)."""
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
-    mixed = meta.mixed_runs(
-        os.fspath(path), meta.runs([(r["path"], r["metadata"]) for r in records])
-    )
+    mixed = meta.mixed_runs(os.fspath(path), [(r["path"], r["metadata"]) for r in records])
     problems = problems + ([mixed] if mixed else [])
     if strict and problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
