@@ -107,10 +107,19 @@ def make_plan(
     tied = tied_aliases(store, used)
     if tied:
         common[meta.TIED] = tied
-    outputs = []
-    for column, r in routes:
-        metadata = _metadata(store, targets, sol, r, column) | common
-        outputs.append(Output(column, r, _label(targets, sol, column), metadata))
+    labels = [_label(targets, sol, column) for column, _ in routes]
+    # Stems are labels with one suffix: distinct labels, distinct files.
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise InvalidValueError(
+                f"two targets would both be written to {label}: give each target once"
+            )
+        seen.add(label)
+    outputs = [
+        Output(column, r, label, _metadata(store, targets, sol, r, column) | common)
+        for (column, r), label in zip(routes, labels, strict=True)
+    ]
     plan = Plan(sol, weights, outputs, before[-1] if before else 0, targets)
     if out is None:
         return plan
@@ -264,18 +273,11 @@ def name_files(
 ) -> Plan:
     """The plan with every output's file stem (its label, `-t<time>` when a time was asked
     for), the checked shard size and, with a `like=` layout, each output's model card; raises
-    before any work if an output would collide with another or with an input."""
+    before any work if an output would replace an input."""
     if shard_size is not None:
         shard_size = naming.check_shard_size(shard_size)
     suffix = "" if plan.targets.at is None else "-t" + plan.outputs[0].metadata["phema.t"]
-    stems = [o.label + suffix for o in plan.outputs]
-    seen: set[str] = set()
-    for stem in stems:
-        if stem in seen:
-            raise InvalidValueError(
-                f"two targets would both be written to {stem}: give each target once"
-            )
-        seen.add(stem)
+    stems = [o.label + suffix for o in plan.outputs]  # distinct: make_plan checked the labels
     inputs = store.inputs
     if per_rank:
         written = [f"{stem}.rank*-of-*.safetensors" for stem in stems]

@@ -14,6 +14,7 @@ import numpy as np
 
 from phema import _core
 from phema.errors import InvalidValueError, PhemaError
+from phema.naming import format_t
 from phema.store import open_store
 
 NOISE_BY_DTYPE = {
@@ -98,6 +99,11 @@ class Target:
         if self.kind == "merge":
             return ("merge", self.t, [_length(self.value[1], self.t)], self.value[0])
         return ("bema", self.t, list(self.value), "")
+
+    def metadata(self) -> dict[str, str]:
+        """Metadata keys describing this target, `phema.t` included, as its outputs carry them
+        (docs/store-format.md, docs/kernels.md)."""
+        return {**self.keys, "phema.t": format_t(self.t)}
 
     def _label(self, description: dict[str, Any]) -> str:
         if self.kind == "merge":
