@@ -595,8 +595,7 @@ pub fn raw_fit(times: &[f64], target: &Density, causal: bool) -> Result<RawFit> 
         resolution,
         extrapolated_mass: extrapolated,
         initial_mass: target.initial_mass(),
-        // NaN (no spacing to measure) is poor too.
-        poor: !(resolution >= RAW_MIN_RESOLUTION),
+        poor: resolution.is_nan() || resolution < RAW_MIN_RESOLUTION,
     })
 }
 
