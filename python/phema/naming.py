@@ -80,6 +80,12 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def match_table(names: Sequence[str], patterns: Sequence[str]) -> list[list[bool]]:
+    """Per name, whether it matches each pattern (`matches`): a whole model's names against a
+    few patterns in one call."""
+    return [[matches(n, p) for p in patterns] for n in names]
+
+
 def format_t(t: float) -> str:
     """A time as a decimal string: an integer string when integral."""
     return str(int(t)) if float(t).is_integer() else repr(float(t))

@@ -144,12 +144,12 @@ def _routes(targets: Targets, sol: Solution, store: Store) -> list[tuple[int, di
     if not targets.tensor_sigma_rels and targets.vary is None:
         return [(c, {}) for c in own]
     names = [name for name, _, _ in store.tensors]
-    pattern_cols = [(p, col("sigma_rel", s)) for p, s in targets.tensor_sigma_rels]
+    cols = [col("sigma_rel", s) for _, s in targets.tensor_sigma_rels]
     # A pattern that takes no tensor is a typo that would silently leave its length unused.
-    patterns = [p for p, _ in targets.tensor_sigma_rels] + (
-        [] if targets.vary is None else [targets.vary]
-    )
-    idle = [p for p in patterns if not any(naming.matches(n, p) for n in names)]
+    patterns = [p for p, _ in targets.tensor_sigma_rels]
+    patterns += [] if targets.vary is None else [targets.vary]
+    table = naming.match_table(names, patterns)
+    idle = [p for j, p in enumerate(patterns) if not any(row[j] for row in table)]
     if idle:
         raise InvalidValueError(
             f"pattern(s) {', '.join(map(repr, idle))} match no tensor (tensors are named "
@@ -159,11 +159,11 @@ def _routes(targets: Targets, sol: Solution, store: Store) -> list[tuple[int, di
     for default in own or [None]:
         routes: dict[str, int] = {}
         unmatched = []
-        for name in names:
-            if targets.vary is not None and naming.matches(name, targets.vary):
+        for name, row in zip(names, table, strict=True):
+            if targets.vary is not None and row[-1]:
                 c = default
             else:
-                c = next((c for p, c in pattern_cols if naming.matches(name, p)), None)
+                c = next((c for c, hit in zip(cols, row) if hit), None)
                 if c is None and targets.vary is None:
                     c = default
             if c is None:
