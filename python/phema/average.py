@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core, meta, naming
+from phema import _core, locations, meta, naming
 from phema.dcp import Staging, is_dcp, stored_files
 from phema.engine import combine_to_files
 from phema.errors import InvalidTypeError, InvalidValueError
@@ -129,14 +129,14 @@ def average(
             out_dtype = normalize_dtype(dtype)
         if shard_size is None and any(len(f) > 1 and not d for f, d in zip(inputs, dcps)):
             shard_size = max(
-                os.path.getsize(p) for f, d in zip(inputs, dcps) if len(f) > 1 and not d for p in f
+                locations.size(p) for f, d in zip(inputs, dcps) if len(f) > 1 and not d for p in f
             )
         first_read = int(np.flatnonzero(w)[0]) if np.any(w) else 0
         provenance = {
             "phema_version": _core.__version__,
             "target": {"kind": "average"},
             "snapshots": [
-                {"file": os.path.abspath(p), "weight": float(x)} for p, x in zip(paths, w)
+                {"file": locations.absolute(p), "weight": float(x)} for p, x in zip(paths, w)
             ],
         }
         output = {
@@ -151,17 +151,29 @@ def average(
             "shard_size": shard_size or 2**63,
         }
         matrix = np.ascontiguousarray(w[:, None])
-        paths_out, run_stats = combine_to_files(
-            sources,
-            matrix,
-            [output],
-            first_read,
-            None,
-            total_bytes=int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
-            progress=progress,
-            desc="average",
-            client=client,
-        )
+        if client is not None and locations.is_remote(out):
+            raise InvalidValueError(
+                f"out={out}: a cluster's workers write to a shared directory; with client= "
+                "give a local or shared output directory"
+            )
+        with locations.staged_output(out) as (local, final):
+            paths_out, run_stats = combine_to_files(
+                sources,
+                matrix,
+                [output | {"path": local}],
+                first_read,
+                None,
+                total_bytes=int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
+                progress=progress,
+                desc="average",
+                client=client,
+            )
+            written = paths_out[0] + (copy_like_files(layout, local) if layout else [])
+            if layout is not None:
+                card = os.path.join(local, naming.MODEL_CARD)
+                title = os.fspath(out).rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]
+                write_atomically(card, model_card(title, provenance, layout).encode())
+                written.append(card)
     finally:
         if staging is not None:
             staging.close()
@@ -173,10 +185,4 @@ def average(
         )
     if stats is not None:
         stats.update(run_stats)
-    if layout is None:
-        return paths_out[0]
-    card = os.path.join(out, naming.MODEL_CARD)
-    write_atomically(
-        card, model_card(os.path.basename(os.fspath(out)), provenance, layout).encode()
-    )
-    return [*paths_out[0], *copy_like_files(layout, os.fspath(out)), card]
+    return [final(p) for p in written]

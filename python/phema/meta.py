@@ -16,6 +16,8 @@ from phema import _core, naming
 #: The store format's version, written into every file phema makes.
 VERSION = "1"
 RUN_ID = "phema.run_id"
+# On object storage, the object a store's one run creates first (docs/storage.md).
+RUN_CLAIM = "phema-run-claim.txt"
 TIED = "phema.tied"
 #: An output's recipe as JSON: its target, the snapshots with their weights, the fit, phema's
 #: version (docs/store-format.md).

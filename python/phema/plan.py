@@ -206,7 +206,7 @@ def _metadata(
         "phema.fit_error": repr(float(sol.fit_error[k])),
         "phema.gain": repr(float(sol.gain[k])),
         "phema.mass": repr(float(sol.mass[k])),
-        "phema.store": os.path.abspath(store.path),
+        "phema.store": store.location,
         "phema.snapshots": json.dumps(
             {store.snapshots[i].name: float(sol.weights[i, k]) for i in used}
         ),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phema import _core, files, naming
+from phema import _core, files, locations, naming
 from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
 from phema.plan import Plan, check_like, make_plan, name_files, tied_aliases
@@ -62,6 +62,12 @@ class Reconstruction(list[str]):
         self.outputs = outputs
         self.solution = solution
         self.stats = stats
+        self._extra = extra
+
+    def relocated(self, final: Callable[[str], str]) -> Reconstruction:
+        """The same outputs with every path mapped by `final` (staged files to their URLs)."""
+        outputs = [Output(o.label, o.column, tuple(map(final, o.paths))) for o in self.outputs]
+        return Reconstruction(outputs, self.solution, self.stats, list(map(final, self._extra)))
 
 
 def reconstruct(
@@ -217,6 +223,36 @@ def _write(
     if layout is not None:
         dtype = dtype or check_like(store, layout)
     dtype = normalize_dtype(dtype) if dtype is not None else store.checkpoints_dtype or "F16"
+    if not locations.is_remote(out):
+        return _write_files(
+            store, plan, out, dtype, layout, per_rank, progress, stats, client, verify
+        )
+    if client is not None:
+        raise InvalidValueError(
+            f"out={out}: a cluster's workers write to a shared directory; with client= give a "
+            "local or shared output directory (reading a store on object storage works)"
+        )
+    # On object storage: written whole into a staging directory, then published.
+    with locations.staged_output(out) as (local, final):
+        result = _write_files(
+            store, plan, local, dtype, layout, per_rank, progress, stats, client, verify
+        )
+    return result.relocated(final)
+
+
+def _write_files(
+    store: Store,
+    plan: Plan,
+    out: str,
+    dtype: str,
+    layout: files.LikeLayout | None,
+    per_rank: bool,
+    progress: bool | None,
+    stats: dict[str, Any] | None,
+    client: Any,
+    verify: bool,
+) -> Reconstruction:
+    """Writes the outputs of a plan into the local directory `out`."""
     if per_rank:
         return _reconstruct_per_rank(store, plan, out, dtype, progress, stats)
     made: list[str] = []  # directories made here, removed again if the engine fails
