@@ -140,20 +140,9 @@ fn gamma_to_sigma_rel(gamma: f64) -> PyResult<f64> {
     profile::gamma_to_sigma_rel(gamma).map_err(err)
 }
 
-/// A profile from `(kind, t, value, dt)`: kind `power` (value = gamma), `beta` (value = beta per
-/// `dt`) or `halflife` (value = half-life).
-fn make_profile(kind: &str, t: f64, value: f64, dt: f64) -> PyResult<Profile> {
-    match kind {
-        "power" => Profile::power(t, value),
-        "beta" => Profile::from_beta(t, value, dt),
-        "halflife" => Profile::from_halflife(t, value),
-        other => {
-            return Err(invalid(format!(
-                "unknown profile kind {other:?} (power, beta, halflife)"
-            )))
-        }
-    }
-    .map_err(err)
+/// The profile a spec names (`Profile::from_spec`).
+fn make_profile(spec: &ProfileSpec) -> PyResult<Profile> {
+    Profile::from_spec(&spec.0, spec.1, spec.2, spec.3).map_err(err)
 }
 
 type ProfileSpec = (String, f64, f64, f64);
@@ -165,7 +154,7 @@ fn profile_density<'py>(
     spec: ProfileSpec,
     tau: PyReadonlyArray1<'py, f64>,
 ) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
-    let p = make_profile(&spec.0, spec.1, spec.2, spec.3)?;
+    let p = make_profile(&spec)?;
     let v: Vec<f64> = tau.as_slice()?.iter().map(|&x| p.density(x)).collect();
     Ok(v.into_pyarray(py))
 }
@@ -190,15 +179,15 @@ fn weight_matrix<'py>(
 /// Equivalent `sigma_rel` and initial-weight mass of a profile.
 #[pyfunction]
 fn profile_info(spec: ProfileSpec) -> PyResult<(f64, f64)> {
-    let p = make_profile(&spec.0, spec.1, spec.2, spec.3)?;
+    let p = make_profile(&spec)?;
     Ok((p.sigma_rel(), p.initial_mass()))
 }
 
 /// `<p, q>`: the integral of the product of two profiles.
 #[pyfunction]
 fn inner(p: ProfileSpec, q: ProfileSpec) -> PyResult<f64> {
-    let p = make_profile(&p.0, p.1, p.2, p.3)?;
-    let q = make_profile(&q.0, q.1, q.2, q.3)?;
+    let p = make_profile(&p)?;
+    let q = make_profile(&q)?;
     Ok(profile::inner(&p, &q))
 }
 
@@ -240,11 +229,15 @@ fn make_kernel(spec: KernelSpec) -> PyResult<Kernel> {
     match kind.as_str() {
         "power" | "halflife" => {
             want(1)?;
-            make_profile(&kind, t, p[0], 1.0).map(Kernel::Profile)
+            Profile::from_spec(&kind, t, p[0], 1.0)
+                .map(Kernel::Profile)
+                .map_err(err)
         }
         "beta" => {
             want(2)?;
-            make_profile(&kind, t, p[0], p[1]).map(Kernel::Profile)
+            Profile::from_spec(&kind, t, p[0], p[1])
+                .map(Kernel::Profile)
+                .map_err(err)
         }
         "window" => {
             want(1)?;
@@ -391,7 +384,7 @@ fn solve<'py>(
         .collect::<PyResult<Vec<_>>>()?;
     let targets = targets
         .iter()
-        .map(|s| make_profile(&s.0, s.1, s.2, s.3))
+        .map(make_profile)
         .collect::<PyResult<Vec<_>>>()?;
     let fits = py
         .detach(|| solver::solve(&snaps, &targets, &SolveOptions { noise, causal }))
@@ -432,15 +425,10 @@ fn solve_raw<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let targets = targets
         .iter()
-        .map(|s| make_profile(&s.0, s.1, s.2, s.3))
+        .map(make_profile)
         .collect::<PyResult<Vec<_>>>()?;
     let fits = py
-        .detach(|| {
-            targets
-                .iter()
-                .map(|t| solver::solve_raw(&times, t, causal))
-                .collect::<crate::Result<Vec<_>>>()
-        })
+        .detach(|| solver::solve_raw_targets(&times, &targets, causal))
         .map_err(err)?;
     let out = PyDict::new(py);
     let columns: Vec<&[f64]> = fits.iter().map(|f| f.weights.as_slice()).collect();
@@ -454,6 +442,8 @@ fn solve_raw<'py>(
     )?;
     out.set_item("initial_mass", col(|f| f.initial_mass).into_pyarray(py))?;
     out.set_item("sigma_rel", col(|f| f.target.sigma_rel()).into_pyarray(py))?;
+    let poor: Vec<bool> = fits.iter().map(|f| f.poor).collect();
+    out.set_item("poor", poor.into_pyarray(py))?;
     Ok(out)
 }
 
@@ -950,10 +940,13 @@ fn copy_file(py: Python<'_>, source: PathBuf, path: PathBuf) -> PyResult<()> {
     py.detach(|| writer::copy_file(&source, &path)).map_err(err)
 }
 
-/// Whether `location` is an object-storage URL (`remote::is_url`).
+/// Whether `location` is an object-storage URL (`remote::is_url`); anything but a string (a
+/// `PathLike`, None) is not.
 #[pyfunction]
-fn is_url(location: &str) -> bool {
-    crate::remote::is_url(location)
+fn is_url(location: &Bound<'_, PyAny>) -> bool {
+    location
+        .extract::<String>()
+        .is_ok_and(|s| crate::remote::is_url(&s))
 }
 
 /// The scheme of a URL phema does not read (`http`, `az`, ...), or None.
@@ -1057,6 +1050,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POOR_CDF_ERROR", solver::POOR_CDF_ERROR)?;
     m.add("POOR_NOISE", solver::POOR_NOISE)?;
     m.add("MAX_STORED_STEPS", crate::meta::MAX_STORED_STEPS)?;
+    m.add("RAW_MIN_RESOLUTION", solver::RAW_MIN_RESOLUTION)?;
     m.add_function(wrap_pyfunction!(sigma_rel_to_gamma, m)?)?;
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;

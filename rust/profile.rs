@@ -116,6 +116,20 @@ impl Profile {
         exponential(t, std::f64::consts::LN_2 / halflife)
     }
 
+    /// A profile from its spec `(kind, t, value, dt)` as the binding receives it: kind `power`
+    /// (value = gamma), `beta` (value = beta per `dt` time units) or `halflife` (value = the
+    /// half-life; `dt` unused).
+    pub fn from_spec(kind: &str, t: f64, value: f64, dt: f64) -> Result<Self> {
+        match kind {
+            "power" => Profile::power(t, value),
+            "beta" => Profile::from_beta(t, value, dt),
+            "halflife" => Profile::from_halflife(t, value),
+            other => Err(PhemaError::Invalid(format!(
+                "unknown profile kind {other:?} (power, beta, halflife)"
+            ))),
+        }
+    }
+
     /// The time the profile ends at.
     pub fn t(&self) -> f64 {
         match *self {
@@ -376,6 +390,20 @@ pub(crate) mod tests {
         assert!(Profile::from_beta(1000.0, 0.5, 1e-320).is_err());
         assert!(Profile::from_beta(1e307, 1e-300, 1.0).is_err());
         assert!(Profile::from_halflife(1000.0, 10.0).is_ok());
+    }
+
+    #[test]
+    fn a_spec_names_each_kind_of_profile() {
+        let spec = |k: &str, v: f64, dt: f64| Profile::from_spec(k, 1000.0, v, dt);
+        assert_eq!(
+            spec("power", 6.9, 1.0).unwrap(),
+            Profile::power(1000.0, 6.9).unwrap()
+        );
+        let beta = spec("beta", 0.99, 2.0).unwrap();
+        assert_eq!(beta, Profile::from_beta(1000.0, 0.99, 2.0).unwrap());
+        let halflife = spec("halflife", 50.0, 7.0).unwrap();
+        assert_eq!(halflife, Profile::from_halflife(1000.0, 50.0).unwrap());
+        assert!(spec("gamma", 6.9, 1.0).is_err() && spec("beta", 1.5, 1.0).is_err());
     }
 
     fn close(a: f64, b: f64, rel: f64) -> bool {

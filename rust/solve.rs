@@ -624,6 +624,9 @@ pub struct RawFit {
     pub extrapolated_mass: f64,
     /// Mass a classic EMA leaves on the initial weights.
     pub initial_mass: f64,
+    /// Fewer than [`RAW_MIN_RESOLUTION`] checkpoints per target width: a fit phema does not
+    /// stand behind (docs/accuracy.md).
+    pub poor: bool,
 }
 
 /// Panels per interval between checkpoints: enough for 20-point Gauss-Legendre to be exact to
@@ -639,6 +642,14 @@ const RAW_PANELS: usize = 16;
 /// unless `causal`: then only checkpoints at or before it are used, the last one held.
 pub fn solve_raw(times: &[f64], target: &Profile, causal: bool) -> Result<RawFit> {
     raw_fit(times, &Density::Profile(*target), causal)
+}
+
+/// [`solve_raw`] for every target, in order (in parallel: each target integrates alone).
+pub fn solve_raw_targets(times: &[f64], targets: &[Profile], causal: bool) -> Result<Vec<RawFit>> {
+    targets
+        .par_iter()
+        .map(|t| solve_raw(times, t, causal))
+        .collect()
 }
 
 /// [`solve_raw`] for a target of any density. A checkpoint may be at `t = 0` (the initial
@@ -713,13 +724,15 @@ pub fn raw_fit(times: &[f64], target: &Density, causal: bool) -> Result<RawFit> 
         };
         num += integrate(|x| (p(x) - lin(x)).powi(2), a, b, RAW_PANELS);
     }
+    let resolution = target.sigma_rel() * t_r / spacing.max(f64::MIN_POSITIVE);
     Ok(RawFit {
         target: target.clone(),
         weights,
         fit_error: (num / den).sqrt(),
-        resolution: target.sigma_rel() * t_r / spacing.max(f64::MIN_POSITIVE),
+        resolution,
         extrapolated_mass: extrapolated,
         initial_mass: target.initial_mass(),
+        poor: resolution.is_nan() || resolution < RAW_MIN_RESOLUTION,
     })
 }
 
@@ -902,7 +915,7 @@ pub fn solve_kernels(
                 fit.lstsq_fit_error = f.fit_error;
                 fit.resolution = f.resolution;
                 fit.extrapolated_mass = f.extrapolated_mass;
-                fit.poor = f.resolution.is_nan() || f.resolution < RAW_MIN_RESOLUTION;
+                fit.poor = f.poor;
             }
         }
         for ((_, i), w) in raw.iter().zip(&raw_w) {
@@ -1346,6 +1359,16 @@ mod tests {
             s.fit_error
         );
         assert!(solve_raw(&[5.0, 5.0], &target, false).is_err());
+        // The poor-fit rule of plain checkpoints: fewer than RAW_MIN_RESOLUTION per width.
+        assert!(!d.poor && s.poor);
+        let wide = Profile::power(10_000.0, sigma_rel_to_gamma(0.25).unwrap()).unwrap();
+        let both = solve_raw_targets(&sparse, &[target, wide], true).unwrap();
+        for (fit, one) in both.iter().zip([&target, &wide]) {
+            let alone = solve_raw(&sparse, one, true).unwrap();
+            assert_eq!(fit.weights, alone.weights);
+            assert_eq!(fit.poor, alone.resolution < RAW_MIN_RESOLUTION);
+        }
+        assert!(both[0].poor && !both[1].poor, "{}", both[1].resolution);
     }
 
     fn raw_store(times: &[f64]) -> Vec<Snapshot> {

@@ -8,8 +8,6 @@ import fnmatch
 import re
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "python" / "phema"
 
 # Each module's floor (docs/design.md): a module imports only modules on its floor or below.
@@ -186,7 +184,6 @@ def _module_trail(argv: list[str]) -> list[str]:
     return trail
 
 
-@pytest.mark.xfail(strict=True, reason="71 returns today: targets/solver/plan route pending")
 def test_reconstruct_goes_one_way(tmp_path, capsys):
     """`phema reconstruct` on a 20-snapshot store: listing, labels and metadata come from the
     core in one call, so the path has no Python call per snapshot or tensor and returns to a

@@ -108,7 +108,7 @@ def test_every_kind_is_exact_from_checkpoints_of_every_step(tmp_path: Path) -> N
         c = megatron(shapes[shape], width + 1)
         assert rel(got[label], c @ theta[STEPS - width :]) < 1e-6, label
     for bema in settings:
-        label = phema.solver.Target("bema", phema.solver.bema_value(bema), STEPS).label
+        label = phema.solver.Target("bema", phema.targets.bema_value(bema), STEPS).label
         assert rel(got[label], bema_trl(theta, STEPS, **bema)) < 1e-6, label
 
 

@@ -69,7 +69,8 @@ def test_gpt2_like_output_loads_with_from_pretrained_and_gives_load_into_logits(
 
     paths = phema.reconstruct(store, sigma_rels=[0.08], out=tmp_path / "recon", like=ckpt)
     target = tmp_path / "recon" / "sigma_rel-0.080"
-    expected = {"model.safetensors", "config.json", "generation_config.json", *tokenizer}
+    expected = {"model.safetensors", "config.json", "generation_config.json", "README.md"}
+    expected |= set(tokenizer)
     assert set(os.listdir(target)) == expected
     assert sorted(paths) == sorted(str(target / n) for n in expected)
 
@@ -152,7 +153,11 @@ def test_diffusers_unet_like_output_loads_with_from_pretrained(tmp_path):
         == 0
     )
     target = tmp_path / "r" / "sigma_rel-0.080"
-    assert set(os.listdir(target)) == {"diffusion_pytorch_model.safetensors", "config.json"}
+    assert set(os.listdir(target)) == {
+        "diffusion_pytorch_model.safetensors",
+        "config.json",
+        "README.md",
+    }
     loaded = diffusers.UNet2DModel.from_pretrained(target)
     sd = phema.reconstruct_state_dict(store, sigma_rel=0.08, allow_poor_fit=True)
     assert set(loaded.state_dict()) == set(sd)

@@ -158,3 +158,13 @@ def test_solution_rows_and_json_are_consistent():
     import json
 
     assert json.loads(sol.to_json())["targets"][2]["kind"] == "beta"
+
+
+def test_plain_checkpoints_are_poor_below_the_cores_resolution():
+    # Checkpoints every 1000 steps: a sigma_rel s at t=10000 spans about 10 s of them, so the
+    # narrow targets fall below the core's RAW_MIN_RESOLUTION and the wide ones do not.
+    records = [{"t": float(t), "kind": "raw"} for t in range(1000, 10001, 1000)]
+    sol = phema.solve(records, sigma_rels=[0.03, 0.05, 0.08, 0.15, 0.25])
+    np.testing.assert_array_equal(sol.poor, sol.resolution < _core.RAW_MIN_RESOLUTION)
+    assert sol.poor[0] and not sol.poor[-1]
+    assert f"at least {_core.RAW_MIN_RESOLUTION:g} checkpoint" in sol.limits()

@@ -106,7 +106,7 @@ def test_each_batch_is_one_pass_and_a_stored_profile_reads_its_one_file(run, mon
     real = phema.sweeps.run.state_dicts
 
     def recording(store_, plan, *args, **kwargs):
-        passes.append((len(plan.outputs), len(plan.used())))
+        passes.append((len(plan.outputs), len(plan.used)))
         # A pass computes its own targets only: one weight column per output, its own.
         assert plan.weights.shape[1] == len(plan.outputs)
         assert [o.column for o in plan.outputs] == list(range(len(plan.outputs)))

@@ -33,10 +33,9 @@ from phema.solver import (
     feasible_sigma_rels,
     gamma_to_sigma_rel,
     sigma_rel_to_gamma,
-    solve,
 )
 from phema.store import SnapshotRecord, Store, open_checkpoints, open_store
-from phema.targets import Targets
+from phema.targets import Targets, solve
 
 if typing.TYPE_CHECKING:
     from phema.load import load_into

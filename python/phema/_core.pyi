@@ -15,6 +15,7 @@ CHUNK: int
 POOR_CDF_ERROR: float
 POOR_NOISE: float
 MAX_STORED_STEPS: int
+RAW_MIN_RESOLUTION: float
 
 ProfileSpec = tuple[str, float, float, float]  # (power|beta|halflife, t, value, dt)
 
@@ -95,7 +96,11 @@ def solve_kernels(
 
 def solve_raw(
     times: Sequence[float], targets: Sequence[ProfileSpec], causal: bool = False
-) -> dict[str, np.ndarray]: ...
+) -> dict[str, np.ndarray]:
+    """Weights on plain checkpoints at `times` for every target: `weights`, `fit_error`,
+    `resolution`, `extrapolated_mass`, `initial_mass`, `sigma_rel`, and `poor` (fewer than
+    `RAW_MIN_RESOLUTION` checkpoints per target width)."""
+
 def shard_layout(
     path: str | PathLike[str],
 ) -> tuple[int, int, dict[str, tuple[list[int], list[int]]]] | None: ...

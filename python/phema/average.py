@@ -15,7 +15,14 @@ from phema import _core, locations, meta, naming
 from phema.dcp import Staging, is_dcp, stored_files
 from phema.engine import combine_to_files
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.files import check_outputs, checkpoint_files, copy_like_files, like_layout
+from phema.files import (
+    check_outputs,
+    checkpoint_files,
+    copy_like_files,
+    like_layout,
+    model_card,
+    write_atomically,
+)
 from phema.store import _check_count, _check_dtypes, dominant_dtype, normalize_dtype
 
 
@@ -82,7 +89,7 @@ def average(
         shard_size = shard_size or layout.shard_size
     check_outputs(
         out,
-        [*naming.AVERAGE_OUTPUTS, *(layout.copied if layout else ())],
+        [*naming.AVERAGE_OUTPUTS, *((*layout.copied, naming.MODEL_CARD) if layout else ())],
         [
             *map(os.fspath, paths),
             *(f for fs in inputs for f in fs),
@@ -125,12 +132,20 @@ def average(
                 locations.size(p) for f, d in zip(inputs, dcps) if len(f) > 1 and not d for p in f
             )
         first_read = int(np.flatnonzero(w)[0]) if np.any(w) else 0
+        provenance = {
+            "phema_version": _core.__version__,
+            "target": {"kind": "average"},
+            "snapshots": [
+                {"file": locations.absolute(p), "weight": float(x)} for p, x in zip(paths, w)
+            ],
+        }
         output = {
             "path": os.fspath(out),
             "dtype": out_dtype,
             "metadata": {
                 **meta.header("average"),
                 "phema.inputs": json.dumps({os.fspath(p): float(x) for p, x in zip(paths, w)}),
+                meta.PROVENANCE: json.dumps(provenance),
             },
             # One unlimited shard gives a single `model.safetensors` in `out`.
             "shard_size": shard_size or 2**63,
@@ -154,6 +169,11 @@ def average(
                 client=client,
             )
             written = paths_out[0] + (copy_like_files(layout, local) if layout else [])
+            if layout is not None:
+                card = os.path.join(local, naming.MODEL_CARD)
+                title = os.fspath(out).rstrip("/").replace(os.sep, "/").rsplit("/", 1)[-1]
+                write_atomically(card, model_card(title, provenance, layout).encode())
+                written.append(card)
     finally:
         if staging is not None:
             staging.close()

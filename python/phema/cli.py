@@ -245,19 +245,21 @@ def _targets(args: argparse.Namespace) -> dict:
 
 
 def _report_rows(sol: Solution, extra: list[list[str]] | None = None) -> list[list[str]]:
+    # From the solution's fields (not `Solution.rows`): the command prints what it was handed.
     rows = []
-    for k, r in enumerate(sol.rows()):
+    for k, target in enumerate(sol.targets):
+        cdf = float(sol.cdf_error[k])
         row = [
-            r["target"] + (" POOR" if r["poor"] else ""),
-            f"{r['sigma_rel']:.4f}",
-            f"{r['fit_error']:.2e}",
-            "-" if math.isnan(r["cdf_error"]) else f"{r['cdf_error']:.2e}",
-            f"{r['gain']:.2f}",
-            f"{r['mass']:.6f}",
-            str(r["snapshots_used"]),
+            target.label + (" POOR" if sol.poor[k] else ""),
+            f"{sol.sigma_rel[k]:.4f}",
+            f"{sol.fit_error[k]:.2e}",
+            "-" if math.isnan(cdf) else f"{cdf:.2e}",
+            f"{sol.gain[k]:.2f}",
+            f"{sol.mass[k]:.6f}",
+            str(int((sol.weights[:, k] != 0).sum())),
         ]
-        if r["regularized"]:
-            row[2] += f" (lstsq {r['lstsq_fit_error']:.1e}, gain {r['lstsq_gain']:.1f})"
+        if sol.regularized[k]:
+            row[2] += f" (lstsq {sol.lstsq_fit_error[k]:.1e}, gain {sol.lstsq_gain[k]:.1f})"
         rows.append(row + (extra[k] if extra else []))
     return rows
 
@@ -296,7 +298,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     with _cluster(args) as client:
         written = reconstruct(
             store,
-            targets=Targets.of(**_targets(args)),
+            **_targets(args),
             out=args.out,
             dtype=args.dtype,
             shard_size=parse_size(args.shard_size) if args.shard_size else None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phema import _core, locations, naming
-from phema.errors import InvalidValueError
+from phema.errors import InvalidValueError, PhemaError
 from phema.naming import _NEVER_COPIED, LIKE_COPIED, LIKE_WEIGHTS
 
 
@@ -25,13 +25,17 @@ class LikeLayout:
     target's directory) or, when `shard_size` is set, as `STEM-NNNNN-of-NNNNN.safetensors`
     shards with `STEM.safetensors.index.json` (`STEM` is `weights` without `.safetensors`:
     `model` for transformers, `diffusion_pytorch_model` for diffusers); `copied` are the files
-    taken over from `source`; `inputs` the checkpoint's files (outputs may not replace them)."""
+    taken over from `source`; `inputs` the checkpoint's files (outputs may not replace them);
+    `base_model` the model its configuration names (`_name_or_path`, not a local path) and
+    `library` the library its weights file is named for, where known (for the model card)."""
 
     source: str
     weights: str
     shard_size: int | None
     copied: tuple[str, ...]
     inputs: tuple[str, ...]
+    base_model: str | None = None
+    library: str | None = None
 
 
 def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
@@ -72,7 +76,66 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
         shard_size=shard_size,
         copied=copied,
         inputs=(like, *(locations.join(like, n) for n in names)),
+        base_model=_base_model(locations.join(like, "config.json"))
+        if "config.json" in names
+        else None,
+        library=_LIBRARIES.get(weights[0]),
     )
+
+
+# The library each weights file name is written by.
+_LIBRARIES = dict(zip(LIKE_WEIGHTS, ("transformers", "diffusers"), strict=True))
+
+
+def _base_model(config: str) -> str | None:
+    """The model a checkpoint's configuration says it was made from (`_name_or_path`), unless
+    it names a local directory or the file is unreadable: a model card names only public ids."""
+    try:
+        name = json.loads(locations.read_bytes(config)).get("_name_or_path")
+    except (OSError, ValueError, AttributeError, PhemaError):
+        return None
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.exists(name):
+        return None
+    return name
+
+
+def model_card(title: str, provenance: dict[str, Any], layout: LikeLayout) -> str:
+    """The README.md of a `like=` output, as model merging tools write them (docs/outputs.md):
+    Hugging Face model-card YAML front matter (base model and library where `layout` knows
+    them, tags) and the recipe (target, snapshots and weights, fit) from its provenance record
+    (`phema.provenance`, docs/store-format.md)."""
+    target = provenance["target"]
+    front = ["---"]
+    if layout.base_model:
+        front.append(f"base_model: {json.dumps(layout.base_model)}")
+    if layout.library:
+        front.append(f"library_name: {layout.library}")
+    front += ["tags:", "- phema", "- ema", f"- {target['kind']}", "---", ""]
+    made = f"Made by phema {provenance['phema_version']}"
+    if target["kind"] == "average":
+        made += f" as a weighted average of {len(provenance['snapshots'])} checkpoints"
+    else:
+        made += (
+            f" after training: the `{target['kind']}` average `{json.dumps(target)}` of the run "
+            f"in `{provenance['store']}` at t={provenance['t']:g}"
+        )
+    lines = [f"# {title}", "", f"{made}, laid out like `{layout.source}`.", ""]
+    lines += ["## Recipe", "", "| snapshot | t | profile | weight |", "| --- | --- | --- | --- |"]
+    for s in provenance["snapshots"]:
+        t = f"{s['t']:g}" if "t" in s else "-"
+        profile = f"sigma_rel {s['sigma_rel']:.4g}" if s.get("sigma_rel") else s.get("kind", "-")
+        lines.append(f"| {s['file']} | {t} | {profile} | {s['weight']:.6g} |")
+    fit = provenance.get("fit")
+    if fit is not None:
+        lines += [
+            "",
+            f"Fit: error {fit['fit_error']:.3g}, gain {fit['gain']:.4g}, sum of weights "
+            f"{fit['mass']:.6g}" + (" (a poor fit, written as asked)" if fit["poor"] else "") + ".",
+        ]
+    if "per_tensor" in provenance:
+        lines.append("Some tensors take other averages: see `per_tensor` below.")
+    lines += ["", "### Configuration", "", "```json", json.dumps(provenance, indent=2), "```", ""]
+    return "\n".join(front + lines)
 
 
 def check_outputs(

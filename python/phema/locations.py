@@ -14,16 +14,15 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from phema import _core, naming
 from phema.errors import InvalidValueError
 
-
-def is_remote(location: Any) -> bool:
-    """Whether `location` is an object-storage URL."""
-    return isinstance(location, str) and _core.is_url(location)
+#: Whether `location` is an object-storage URL (anything but a string is not): the core's own
+#: parse, so that asking costs no Python call on a reconstruction's path (docs/design.md).
+is_remote: Callable[[Any], bool] = _core.is_url
 
 
 def check(location: str) -> None:
@@ -40,6 +39,14 @@ def join(base: str, *names: str) -> str:
     if is_remote(base):
         return posixpath.join(base.rstrip("/"), *names)
     return os.path.join(base, *names)
+
+
+def look_in(directory: str, name: str) -> tuple[str, str | None]:
+    """The directory as outputs record it (`absolute`), and the location of the file `name` in
+    it when there is one; a URL of a scheme phema does not read is refused (`check`)."""
+    check(directory)
+    found = join(directory, name)
+    return absolute(directory), found if isfile(found) else None
 
 
 def absolute(location: str | os.PathLike[str]) -> str:

@@ -20,6 +20,9 @@ RUN_ID = "phema.run_id"
 # On object storage, the object a store's one run creates first (docs/storage.md).
 RUN_CLAIM = "phema-run-claim.txt"
 TIED = "phema.tied"
+#: An output's recipe as JSON: its target, the snapshots with their weights, the fit, phema's
+#: version (docs/store-format.md).
+PROVENANCE = "phema.provenance"
 
 
 def header(kind: str) -> dict[str, str]:
@@ -48,8 +51,9 @@ def runs(files: Iterable[tuple[str, Mapping[str, str]]]) -> dict[str, str]:
     return found
 
 
-def mixed_runs(where: str, found: Mapping[str, str]) -> str | None:
-    """The problem of a store holding several runs (`found` as `runs` gives it), or None."""
+def mixed_runs(where: str, files: Iterable[tuple[str, Mapping[str, str]]]) -> str | None:
+    """The problem of a store whose (path, metadata) files hold several runs, or None."""
+    found = runs(files)
     if len(found) < 2:
         return None
     shown = ", ".join(f"{k} (e.g. {v})" for k, v in list(found.items())[:3])

@@ -1,7 +1,7 @@
 """The file names phema writes, and the one rule for where it may write them.
 
 Snapshots (the tracker) are `{time_stem}-{label}{rank_suffix}.safetensors`; reconstructions are
-`{label}[-t{at}]` plus `.safetensors`, `{rank_suffix}.safetensors` per rank, or a directory of
+`{label}[-t{at}]` (their stems are the plan's, `phema.plan`) plus `.safetensors`, `{rank_suffix}.safetensors` per rank, or a directory of
 shards; averages are `model.safetensors` or `model-NNNNN-of-NNNNN.safetensors` shards with a
 `model.safetensors.index.json` (see docs/outputs.md).
 
@@ -48,6 +48,8 @@ LIKE_COPIED = (
     "*.tiktoken",
 )
 _NEVER_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.index.json")
+# The model card phema writes into a `like=` output (never copied from the checkpoint).
+MODEL_CARD = "README.md"
 
 _RANK_SUFFIX = re.compile(r"\.rank\d+-of-\d+$")
 
@@ -78,6 +80,12 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def match_table(names: Sequence[str], patterns: Sequence[str]) -> list[list[bool]]:
+    """Per name, whether it matches each pattern (`matches`): a whole model's names against a
+    few patterns in one call."""
+    return [[matches(n, p) for p in patterns] for n in names]
+
+
 def format_t(t: float) -> str:
     """A time as a decimal string: an integer string when integral."""
     return str(int(t)) if float(t).is_integer() else repr(float(t))
@@ -101,34 +109,6 @@ def profile_labels(sigma_rels: Sequence[float]) -> list[str]:
         if len(set(labels)) == len(labels):
             break
     return labels
-
-
-def value_text(value: float, fmt: str) -> str:
-    """`value` in the short format `fmt` when that reads back as the same number, else in the
-    fewest digits that do, to 12 significant digits (a grid from `np.geomspace` reads `0.05`,
-    not `0.049999999999999996`).
-
-    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), the usual
-    ones keep their short names (`0.100`, `0.999`), and float arithmetic's last-digit noise
-    stays out of file names. Values equal to 12 significant digits share a label, and
-    `reconstruction_stems` refuses them as one target given twice."""
-    rounded = f"{value:.12g}"
-    short = format(value, fmt)
-    return short if float(short) == float(rounded) else rounded
-
-
-def reconstruction_stems(labels: Sequence[str], at: float | None) -> list[str]:
-    """The output name (without extension) of every target; raises if two would collide."""
-    suffix = "" if at is None else f"-t{format_t(at)}"
-    stems = [label + suffix for label in labels]
-    seen: set[str] = set()
-    for stem in stems:
-        if stem in seen:
-            raise InvalidValueError(
-                f"two targets would both be written to {stem}: give each target once"
-            )
-        seen.add(stem)
-    return stems
 
 
 def output_stem(relpath: str) -> str:

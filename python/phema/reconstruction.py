@@ -11,21 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phema import _core, locations, naming
+from phema import _core, files, locations, naming
 from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
-from phema.files import copy_like_files, like_layout
-from phema.plan import (
-    Plan,
-    check_like,
-    make_plan,
-    output_metadata,
-    output_stems,
-    snapshot_bytes,
-    tied_aliases,
-)
+from phema.plan import Plan, check_like, make_plan, name_files, tied_aliases
 from phema.solver import Solution
-from phema.store import Store, dominant_dtype, normalize_dtype, open_store
+from phema.store import Store, normalize_dtype, open_store
 from phema.targets import Targets
 
 if TYPE_CHECKING:
@@ -159,19 +150,19 @@ def reconstruct(
         tensors=tensors,
         solution=solution,
     )
-    return write_outputs(
+    layout = _layout(like, per_rank, shard_size, client)
+    # One plan: the solve, every output's name, metadata and files, checked before any work.
+    plan = make_plan(
         store,
-        make_plan(store, targets, solution, allow_poor_fit),
+        targets,
+        solution,
+        allow_poor_fit,
         out=out,
-        dtype=dtype,
         shard_size=shard_size,
-        progress=progress,
-        stats=stats,
         per_rank=per_rank,
-        like=like,
-        client=client,
-        verify=verify,
+        layout=layout,
     )
+    return _write(store, plan, out, dtype, layout, per_rank, progress, stats, client, verify)
 
 
 def write_outputs(
@@ -189,42 +180,62 @@ def write_outputs(
     verify: bool = True,
 ) -> Reconstruction:
     """Writes every output of a plan (see `reconstruct`)."""
+    layout = _layout(like, per_rank, shard_size, client)
+    plan = name_files(plan, store, out, shard_size, per_rank, layout)
+    return _write(store, plan, out, dtype, layout, per_rank, progress, stats, client, verify)
+
+
+def _layout(
+    like: str | os.PathLike[str] | None, per_rank: bool, shard_size: object, client: Any
+) -> files.LikeLayout | None:
+    """The layout of a `like=` output (None without `like`), once the options are checked to
+    go together."""
     if client is not None and per_rank:
         raise InvalidValueError(
             "per_rank outputs run on one machine: leave out client= with per_rank"
         )
-    layout = None
-    if like is not None:
-        if per_rank or shard_size is not None:
-            raise InvalidValueError(
-                "like= gives the output layout: per_rank and shard_size do not apply"
-            )
-        layout = like_layout(like)
-        like_dtype = check_like(store, layout)
-        dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
-    labels, shard_size = output_stems(
-        store, plan, out, plan.targets.at, shard_size, per_rank, layout
-    )
-    if client is not None and locations.is_remote(out):
+    if per_rank and shard_size is not None:
+        raise InvalidValueError("per_rank outputs are one file per rank: shard_size does not apply")
+    if like is None:
+        return None
+    if per_rank or shard_size is not None:
+        raise InvalidValueError(
+            "like= gives the output layout: per_rank and shard_size do not apply"
+        )
+    return files.like_layout(like)
+
+
+def _write(
+    store: Store,
+    plan: Plan,
+    out: str | os.PathLike[str],
+    dtype: str | None,
+    layout: files.LikeLayout | None,
+    per_rank: bool,
+    progress: bool | None,
+    stats: dict[str, Any] | None,
+    client: Any,
+    verify: bool,
+) -> Reconstruction:
+    """Writes every output of a plan whose files are named (`plan.name_files`). `dtype`
+    defaults to the model's own where it is recorded (the `like` checkpoint's, or that of a
+    store of ordinary checkpoints); phema snapshots give float16, their format."""
+    if layout is not None:
+        dtype = dtype or check_like(store, layout)
+    dtype = normalize_dtype(dtype) if dtype is not None else store.checkpoints_dtype or "F16"
+    if not locations.is_remote(out):
+        return _write_files(
+            store, plan, out, dtype, layout, per_rank, progress, stats, client, verify
+        )
+    if client is not None:
         raise InvalidValueError(
             f"out={out}: a cluster's workers write to a shared directory; with client= give a "
             "local or shared output directory (reading a store on object storage works)"
         )
+    # On object storage: written whole into a staging directory, then published.
     with locations.staged_output(out) as (local, final):
         result = _write_files(
-            store,
-            plan,
-            labels,
-            local,
-            dtype,
-            shard_size,
-            layout,
-            progress,
-            stats,
-            per_rank,
-            client,
-            verify,
+            store, plan, local, dtype, layout, per_rank, progress, stats, client, verify
         )
     return result.relocated(final)
 
@@ -232,24 +243,18 @@ def write_outputs(
 def _write_files(
     store: Store,
     plan: Plan,
-    labels: list[str],
     out: str,
     dtype: str,
-    shard_size: int | None,
-    layout: Any,
+    layout: files.LikeLayout | None,
+    per_rank: bool,
     progress: bool | None,
     stats: dict[str, Any] | None,
-    per_rank: bool,
     client: Any,
     verify: bool,
 ) -> Reconstruction:
-    """Writes the outputs named `labels` into the local directory `out`."""
+    """Writes the outputs of a plan into the local directory `out`."""
     if per_rank:
-        if shard_size:
-            raise InvalidValueError(
-                "per_rank outputs are one file per rank: shard_size does not apply"
-            )
-        return _reconstruct_per_rank(store, plan, labels, out, dtype, progress, stats)
+        return _reconstruct_per_rank(store, plan, out, dtype, progress, stats)
     made: list[str] = []  # directories made here, removed again if the engine fails
     missing = []  # `out` and its parents that do not exist yet, innermost first
     d = os.path.abspath(out)
@@ -260,19 +265,23 @@ def _write_files(
         os.mkdir(d)
         made.append(d)
     outputs = []
-    copied: list[str] = []
+    written: list[str] = []  # configuration files and model cards, written before the weights
+    shard_size = plan.shard_size
     try:
-        for o, name in enumerate(labels):
+        for o in plan.outputs:
             if layout is None:
-                path = os.path.join(out, name if shard_size else name + ".safetensors")
+                path = os.path.join(out, o.stem if shard_size else o.stem + ".safetensors")
             else:
-                target = os.path.join(out, name)
+                target = os.path.join(out, o.stem)
                 if not os.path.isdir(target):
                     os.mkdir(target)
                     made.append(os.path.abspath(target))
                 # The configuration first, the weights last: an interrupted run leaves a
                 # directory without weights, which no listing takes for a checkpoint.
-                copied += copy_like_files(layout, target)
+                written += files.copy_like_files(layout, target)
+                card = os.path.join(target, naming.MODEL_CARD)
+                files.write_atomically(card, o.card.encode())
+                written.append(card)
                 if layout.shard_size:
                     path, shard_size = target, layout.shard_size
                 else:
@@ -281,7 +290,7 @@ def _write_files(
                 {
                     "path": path,
                     "dtype": dtype,
-                    "metadata": output_metadata(plan, o, store),
+                    "metadata": o.metadata,
                     "shard_size": shard_size,
                     "stem": None if layout is None else layout.weights.removesuffix(".safetensors"),
                 }
@@ -292,39 +301,36 @@ def _write_files(
             outputs,
             plan.copy_from,
             plan.mix,
-            total_bytes=snapshot_bytes(store, plan.used()),
+            total_bytes=_bytes(store, plan.used),
             progress=progress,
             desc="reconstruct",
             client=client,
             verify=verify,
         )
     except BaseException:
-        # What this run made goes again, innermost first; files copied over an earlier
+        # What this run made goes again, innermost first; files written over an earlier
         # output's stay.
-        here = [p for p in copied if os.path.abspath(os.path.dirname(p)) in made]
+        here = [p for p in written if os.path.abspath(os.path.dirname(p)) in made]
         for path in here + made[::-1]:
             with contextlib.suppress(OSError):
                 (os.rmdir if path in made else os.remove)(path)
         raise
     if stats is not None:
         stats.update(run_stats)
-    return _result(plan, labels, paths, run_stats, copied)
+    return _result(plan, paths, run_stats, written)
 
 
-def _checkpoints_dtype(store: Store) -> str | None:
-    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
-    phema snapshots (their float16 is the snapshot format, not the model's)."""
-    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
-        return None
-    return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
+def _bytes(store: Store, used: np.ndarray) -> int:
+    """The size of the snapshots `used`: the bytes a pass reads."""
+    return int(sum(store.snapshots[i].size for i in used))
 
 
 def _result(
-    plan: Plan, labels: list[str], paths: list[list[str]], stats: dict[str, Any], extra: list[str]
+    plan: Plan, paths: list[list[str]], stats: dict[str, Any], extra: list[str]
 ) -> Reconstruction:
     outputs = [
-        Output(label, o.column, tuple(map(os.fspath, files_)))
-        for label, o, files_ in zip(labels, plan.outputs, paths, strict=True)
+        Output(o.stem, o.column, tuple(map(os.fspath, files_)))
+        for o, files_ in zip(plan.outputs, paths, strict=True)
     ]
     return Reconstruction(outputs, plan.sol, stats, extra)
 
@@ -332,14 +338,13 @@ def _result(
 def _reconstruct_per_rank(
     store: Store,
     plan: Plan,
-    labels: list[str],
     out: str | os.PathLike[str],
     dtype: str,
-    progress: bool,
+    progress: bool | None,
     stats: dict[str, Any] | None,
 ) -> Reconstruction:
     """One engine run per rank over that rank's files, all committed together by the core."""
-    used = np.union1d(plan.used(), [plan.copy_from])
+    used = np.union1d(plan.used, [plan.copy_from])
     worlds = {store.snapshots[i].world_size for i in used}
     if len(worlds) != 1 or 1 in worlds:
         raise InvalidValueError(
@@ -352,11 +357,11 @@ def _reconstruct_per_rank(
     outputs = [
         [
             {
-                "path": os.path.join(out, f"{name}{naming.rank_suffix(rank, world)}.safetensors"),
+                "path": os.path.join(out, f"{o.stem}{naming.rank_suffix(rank, world)}.safetensors"),
                 "dtype": dtype,
-                "metadata": output_metadata(plan, o, store),
+                "metadata": o.metadata,
             }
-            for o, name in enumerate(labels)
+            for o in plan.outputs
         ]
         for rank in range(world)
     ]
@@ -364,15 +369,15 @@ def _reconstruct_per_rank(
     raw_from = int(np.searchsorted(used, plan.copy_from))
     paths, run_stats = run_engine(
         lambda handle: _core.per_rank_to_files(inputs, rows, outputs, handle, raw_from, plan.mix),
-        snapshot_bytes(store, plan.used()),
+        _bytes(store, plan.used),
         progress,
         f"reconstruct on {world} ranks",
     )
     run_stats = run_stats | {"read": [int(used[i]) for i in run_stats["read"]]}
     if stats is not None:
         stats.update(run_stats)
-    per_output = [[p for per_rank in paths for p in per_rank[o]] for o in range(len(labels))]
-    return _result(plan, labels, per_output, run_stats, [])
+    per_output = [[p for per_rank in paths for p in per_rank[o]] for o in range(len(plan.outputs))]
+    return _result(plan, per_output, run_stats, [])
 
 
 def reconstruct_state_dict(
@@ -507,7 +512,7 @@ def state_dicts(
         lambda h: store.headers.combine_to_memory(
             plan.weights, buffers, h, plan.copy_from, plan.mix
         ),
-        snapshot_bytes(store, plan.used()),
+        _bytes(store, plan.used),
         False,
         "reconstruct",
         handle,
@@ -532,7 +537,7 @@ def state_dicts(
         )
         warn_nonfinite({"nonfinite": overflow}, f"reconstruct_state_dict(dtype={dtype})")
         results = cast
-    tied = json.loads(tied_aliases(store, plan.used()) or "{}")
+    tied = json.loads(tied_aliases(store, plan.used) or "{}")
     for sd in results:
         for alias, canonical in tied.items():
             if alias not in sd and canonical in sd:

@@ -7,15 +7,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 import numpy as np
 
 from phema import _core
-from phema.errors import InvalidTypeError, InvalidValueError, PhemaError
-from phema.naming import format_t, value_text
+from phema.errors import InvalidValueError, PhemaError
+from phema.naming import format_t
 from phema.store import open_store
 
 NOISE_BY_DTYPE = {
@@ -54,14 +54,31 @@ def _elementwise(f: Callable[[float], float], x: Any) -> Any:
 class Target:
     """One requested average ending at time `t`: a power EMA (`sigma_rel`/`gamma`), a classic
     decay (`beta` per `dt` time units, or a `halflife`), or a kernel of docs/kernels.md
-    (`window`, `last`, `merge`, `bema`)."""
+    (`window`, `last`, `merge`, `bema`, `mix`).
 
-    kind: str  # "sigma_rel" | "gamma" | "beta" | "halflife" | "window" | "last" | "merge" | "bema"
+    Its `label` (the short name of file names and tables, e.g. `sigma_rel-0.080`,
+    `beta-0.9999`, `window-20%`, `merge-cosine-20%` or `bema-tau1000`; values the short form
+    does not give exactly are written in full, `sigma_rel-0.0801`, so distinct targets never
+    share a name), its `description` (the kind and its parameters, as `phema.target` records
+    them) and its metadata `keys` (docs/store-format.md, all but `phema.t`) are made with it."""
+
+    kind: str  # "sigma_rel" | "gamma" | "beta" | "halflife" | kernel kinds (docs/kernels.md)
     # A number; for `window` a length or "20%"; for `merge` (shape, window); for `bema` the
-    # (tau, phi, kappa, eta, rho, gamma) tuple.
+    # (tau, phi, kappa, eta, rho, gamma) tuple; for `mix` ((snapshot, weight), ...) and whether
+    # extrapolation is allowed.
     value: Any
     t: float
     dt: float = 1.0
+    # Fields, not properties: each output's name and metadata are read from them in one pass.
+    label: str = field(init=False, compare=False, repr=False)
+    description: dict[str, Any] = field(init=False, compare=False, repr=False)
+    keys: dict[str, str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        description = self._describe()
+        object.__setattr__(self, "description", description)
+        object.__setattr__(self, "label", self._label(description))
+        object.__setattr__(self, "keys", self._keys(description))
 
     def spec(self) -> tuple[str, float, float, float]:
         """The `(kind, t, value, dt)` tuple the Rust core takes for an EMA."""
@@ -87,13 +104,12 @@ class Target:
             return ("merge", self.t, [width], shape)
         return ("bema", self.t, list(self.value), "")
 
-    @property
-    def label(self) -> str:
-        """Short name used in file names and tables, e.g. `sigma_rel-0.080`, `beta-0.9999`,
-        `window-20%`, `merge-cosine-20%` or `bema-tau1000`.
+    def metadata(self) -> dict[str, str]:
+        """Metadata keys describing this target, `phema.t` included, as its outputs carry them
+        (docs/store-format.md, docs/kernels.md)."""
+        return {**self.keys, "phema.t": format_t(self.t)}
 
-        Values the short form does not give exactly are written in full (`sigma_rel-0.0801`), so
-        distinct targets never share a name."""
+    def _label(self, description: dict[str, Any]) -> str:
         if self.kind == "merge":
             shape = self.value[0]
             name = shape.label if isinstance(shape, UserShape) else shape
@@ -108,13 +124,12 @@ class Target:
         if self.kind in ("window", "last"):
             return f"{self.kind}-{_text(self.value)}"
         if self.kind == "mix":
-            digest = hashlib.sha1(json.dumps(self.describe()).encode()).hexdigest()[:8]
+            digest = hashlib.sha1(json.dumps(description).encode()).hexdigest()[:8]
             return f"mix-{digest}"
         fmt = ".3f" if self.kind in ("sigma_rel", "gamma") else "g"
         return f"{self.kind}-{value_text(self.value, fmt)}"
 
-    def describe(self) -> dict[str, Any]:
-        """The kind and its parameters, as `phema.target` records them (docs/kernels.md)."""
+    def _describe(self) -> dict[str, Any]:
         if self.kind == "merge":
             shape = self.value[0]
             if isinstance(shape, UserShape):
@@ -139,33 +154,40 @@ class Target:
             out["dt"] = self.dt
         return out
 
-    def metadata(self) -> dict[str, str]:
-        """Metadata keys describing this target (docs/store-format.md, docs/kernels.md)."""
-        meta = {
-            "phema.target.kind": self.kind,
-            "phema.target": json.dumps(self.describe()),
-            "phema.t": format_t(self.t),
-        }
+    def _keys(self, description: dict[str, Any]) -> dict[str, str]:
+        keys = {"phema.target.kind": self.kind, "phema.target": json.dumps(description)}
         if self.kind not in KINDS:
-            return meta
+            return keys
         spec = self.spec()
         sigma_rel, initial = _core.profile_info(spec)
-        meta[f"phema.{self.kind}"] = repr(self.value)
-        meta["phema.sigma_rel"] = repr(sigma_rel)
+        keys[f"phema.{self.kind}"] = repr(self.value)
+        keys["phema.sigma_rel"] = repr(sigma_rel)
         if self.kind == "beta":
-            meta["phema.dt"] = repr(self.dt)
+            keys["phema.dt"] = repr(self.dt)
         if initial > 0:
-            meta["phema.initial_mass"] = repr(initial)
+            keys["phema.initial_mass"] = repr(initial)
         if self.kind in ("sigma_rel", "gamma"):
-            meta["phema.gamma"] = repr(spec[2])
-        return meta
+            keys["phema.gamma"] = repr(spec[2])
+        return keys
+
+
+def value_text(value: float, fmt: str) -> str:
+    """`value` in the short format `fmt` when that reads back as the same number, else in the
+    fewest digits that do, to 12 significant digits (a grid from `np.geomspace` reads `0.05`,
+    not `0.049999999999999996`).
+
+    So distinct values never share a label (0.0801 and 0.0804 are not both `0.080`), the usual
+    ones keep their short names (`0.100`, `0.999`), and float arithmetic's last-digit noise
+    stays out of file names. Values equal to 12 significant digits share a label, and the plan
+    refuses them as one target given twice."""
+    rounded = f"{value:.12g}"
+    short = format(value, fmt)
+    return short if float(short) == float(rounded) else rounded
 
 
 #: BEMA's parameters in order, with TRL's `BEMACallback` defaults (docs/kernels.md).
 BEMA_DEFAULTS = {"tau": 0.0, "phi": 400.0, "kappa": 0.5, "eta": 0.2, "rho": 10.0, "gamma": 1.0}
 BEMA_PARAMS = tuple(BEMA_DEFAULTS)
-#: Merge shapes (docs/kernels.md).
-MERGE_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def _text(value: Any) -> str:
@@ -177,24 +199,6 @@ def _length(value: float | str, t: float) -> float:
     if isinstance(value, str):
         return float(value[:-1]) / 100.0 * t
     return float(value)
-
-
-def window_value(value: Any, what: str) -> float | str:
-    """A window length: a finite number > 0, or a string "P%" with 0 < P <= 100."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = float(value.strip()[:-1])
-        except ValueError:
-            pct = float("nan")
-        if not 0 < pct <= 100:
-            raise InvalidValueError(
-                f"{what}: {value!r} is not a length or a percentage in (0, 100]"
-            )
-        return f"{pct:g}%"
-    [x] = _as_list(value, what)
-    if not x > 0:
-        raise InvalidValueError(f"{what}: {x} is not a length > 0")
-    return x
 
 
 @dataclass(frozen=True)
@@ -242,86 +246,6 @@ class UserShape:
 #: Samples of a user's merge shape (the linear interpolation between them is within
 #: max|f''| / (8 * 4096^2) of `f`).
 USER_SHAPE_SAMPLES = 4097
-
-
-def merge_value(value: Any) -> tuple[str | UserShape, float | str]:
-    """A `(shape, window)` pair (a shape's name, or a callable `f` with `f(0) = 1`,
-    non-increasing on [0, 1]), or its text "shape:window"."""
-    if isinstance(value, str):
-        shape, sep, window = value.partition(":")
-        if not sep:
-            raise InvalidValueError(f"merge {value!r}: expected SHAPE:WINDOW, e.g. linear:20%")
-        value = (shape, window)
-    if not (isinstance(value, tuple | list) and len(value) == 2):
-        raise InvalidValueError(f"merges=: {value!r} is not a (shape, window) pair")
-    if isinstance(value[0], UserShape):
-        return (value[0], window_value(value[1], f"merge {value[0].name} window"))
-    if callable(value[0]):
-        user = UserShape.of(value[0])
-        return (user, window_value(value[1], f"merge {user.name} window"))
-    shape = value[0] if value[0] != "minus-sqrt" else "1-sqrt"
-    if shape not in MERGE_SHAPES:
-        raise InvalidValueError(
-            f"merge shape {value[0]!r} is unknown ({', '.join(MERGE_SHAPES)}, or a callable)"
-        )
-    return (shape, window_value(value[1], f"merge {shape} window"))
-
-
-def mix_value(value: Any, allow_extrapolation: bool) -> tuple[tuple[Any, ...], bool]:
-    """A mix `{snapshot: weight}` (a snapshot named by its file name or its time), checked: the
-    weights finite; negative weights or a sum outside [0.99, 1.01] only with
-    `allow_extrapolation` (docs/kernels.md)."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
-        return value  # already checked, as `Targets` keeps it
-    if isinstance(value, str):
-        pairs = [p.rpartition("=") for p in value.split(",") if p.strip()]
-        if not pairs or any(not sep for _, sep, _ in pairs):
-            raise InvalidValueError(f"mix {value!r}: expected SNAPSHOT=WEIGHT,...")
-        value = {k.strip(): w for k, _, w in pairs}
-    if not (isinstance(value, Mapping) and value):
-        raise InvalidValueError(f"mixes=: {value!r} is not a mapping of snapshots to weights")
-    out = []
-    for key, w in value.items():
-        [x] = _as_list(w, f"mix weight of {key!r}")
-        try:
-            key = float(key)  # a time
-        except (TypeError, ValueError):
-            key = str(key)
-        out.append((key, x))
-    total = sum(x for _, x in out)
-    if not allow_extrapolation and (any(x < 0 for _, x in out) or not 0.99 <= total <= 1.01):
-        raise InvalidValueError(
-            f"mix {dict(out)!r}: weights sum to {total:g}"
-            + (" and include negative ones" if any(x < 0 for _, x in out) else "")
-            + "; an extrapolation needs allow_extrapolation=True (--allow-extrapolation)"
-        )
-    return tuple(out), bool(allow_extrapolation)
-
-
-def bema_value(value: Any) -> tuple[float, ...]:
-    """BEMA's parameters from a mapping (missing ones at TRL's defaults), its text
-    "tau=1000,kappa=0.5", or the ordered tuple this returns."""
-    if isinstance(value, str):
-        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
-        if any(not sep for _, sep, _ in pairs):
-            raise InvalidValueError(
-                f"bema {value!r}: expected NAME=VALUE,... ({', '.join(BEMA_PARAMS)})"
-            )
-        value = {k.strip(): v for k, _, v in pairs}
-    if isinstance(value, tuple) and len(value) == len(BEMA_PARAMS):
-        value = dict(zip(BEMA_PARAMS, value))  # already in order, as `Targets` keeps it
-    if not isinstance(value, Mapping):
-        raise InvalidValueError(f"bema=: {value!r} is not a mapping of {', '.join(BEMA_PARAMS)}")
-    unknown = [k for k in value if k not in BEMA_DEFAULTS]
-    if unknown:
-        raise InvalidValueError(
-            f"bema: unknown parameter(s) {', '.join(map(repr, unknown))} ({', '.join(BEMA_PARAMS)})"
-        )
-    out = []
-    for name, default in BEMA_DEFAULTS.items():
-        [x] = _as_list(value.get(name, default), f"bema {name}")
-        out.append(x)
-    return tuple(out)
 
 
 @dataclass
@@ -399,7 +323,7 @@ class Solution:
     def limits(self) -> str:
         """The poor-fit thresholds (docs/accuracy.md)."""
         if self.resolution is not None:
-            return f"at least {_RAW_MIN_RESOLUTION:g} checkpoint per target width"
+            return f"at least {_core.RAW_MIN_RESOLUTION:g} checkpoint per target width"
         return (
             f"misplaced mass {_core.POOR_CDF_ERROR:g} target widths, "
             f"noise {_core.POOR_NOISE:g} of the weights"
@@ -447,10 +371,6 @@ class PoorFitError(PhemaError, ValueError):
         )
 
 
-#: Fewest checkpoints per target width an average of plain checkpoints needs: below it the
-#: target is narrower than the checkpoint spacing and is mostly interpolation.
-_RAW_MIN_RESOLUTION = 1.0
-
 #: sigma_rel values tried when looking for the feasible range.
 _FEASIBLE_GRID = np.geomspace(0.005, 0.28, 60)
 
@@ -460,7 +380,8 @@ def feasible_sigma_rels(
 ) -> tuple[float, float] | None:
     """The smallest and largest `sigma_rel` whose reconstruction at time `t` (default: the last
     snapshot's) phema stands behind, or None when there is none."""
-    sol = solve(snapshots, sigma_rels=_FEASIBLE_GRID, at=t, noise=noise, causal=causal)
+    grid = [("sigma_rel", float(s)) for s in _FEASIBLE_GRID]
+    sol = solve_targets(snapshots, grid, at=t, noise=noise, causal=causal)
     ok = _FEASIBLE_GRID[~sol.poor]
     return (float(ok.min()), float(ok.max())) if len(ok) else None
 
@@ -475,146 +396,55 @@ def _field(record: Any, name: str) -> Any:
 KINDS = {"sigma_rel": "sigma_rels", "gamma": "gammas", "beta": "betas", "halflife": "halflives"}
 
 
-def make_targets(
-    t: float,
-    sigma_rels: Iterable[float] | None = None,
-    gammas: Iterable[float] | None = None,
-    betas: Iterable[float] | None = None,
-    halflives: Iterable[float] | None = None,
-    dt: float = 1.0,
-    kernels: Sequence[tuple[str, Any]] = (),
-) -> list[Target]:
-    """Targets ending at time `t`, in the order sigma_rels, gammas, betas, halflives, then the
-    `(kind, value)` kernels (checked values); a target given twice is kept once, and at most
-    MAX_TARGETS are taken."""
-    [dt] = _as_list(dt, "dt")
-    if not dt > 0:
-        raise InvalidValueError(f"dt={dt!r}: expected a finite number > 0")
-    out: dict[tuple[str, Any], Target] = {}
-    for (kind, plural), values in zip(
-        KINDS.items(), (sigma_rels, gammas, betas, halflives), strict=True
-    ):
-        for v in _as_list(values, plural):
-            _check_decay(kind, v, dt)
-            out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
-    for kind, v in kernels:
-        out.setdefault((kind, v), Target(kind, v, float(t), float(dt)))
-    if not out:
-        raise InvalidValueError("no target given: pass sigma_rels, gammas, betas or halflives")
-    if len(out) > MAX_TARGETS:
-        raise InvalidValueError(f"{len(out)} targets: at most {MAX_TARGETS} are taken at once")
-    return list(out.values())
-
-
-def _check_decay(kind: str, value: float, dt: float) -> None:
-    """A classic EMA whose decay rate per time unit overflows (a halflife of 1e-320) would
-    never finish integrating; other range checks are the core's."""
-    rate = 1.0
-    if kind == "beta" and 0 < value < 1:
-        rate = -math.log(value) / dt
-    elif kind == "halflife" and value > 0:
-        rate = math.log(2) / value
-    if not math.isfinite(rate):
-        raise InvalidValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
-
-
 # Most targets one solve takes: each is a model-sized output, and a typo in a range
 # (`0.0001:0.28:1e-9`) would otherwise ask for hundreds of millions.
 MAX_TARGETS = 10_000
 
 
-def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
-    """`values` (one number or several) as finite floats, at most MAX_TARGETS of them."""
-    if values is None:
-        return []
-    out: list[float] = []
-    for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
-        if len(out) == MAX_TARGETS:
-            raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise InvalidValueError(f"{what}: {v!r} is not a number") from None
-        if not math.isfinite(x):
-            raise InvalidValueError(f"{what}: {x} is not a finite number")
-        out.append(x)
-    return out
-
-
-def solve(
+def solve_targets(
     snapshots: Any,
+    targets: Sequence[tuple[str, Any]],
     *,
-    targets: Any = None,
-    sigma_rels: Iterable[float] | float | None = None,
-    gammas: Iterable[float] | float | None = None,
-    betas: Iterable[float] | float | None = None,
-    halflives: Iterable[float] | float | None = None,
     dt: float = 1.0,
     at: float | None = None,
     noise: float | str = "auto",
     causal: bool = False,
-    windows: Iterable[float | str] | float | str | None = None,
-    last: Iterable[int] | int | None = None,
-    merges: Iterable[Any] | None = None,
-    bema: Iterable[Any] | Mapping[str, float] | None = None,
-    mixes: Iterable[Any] | Mapping[Any, float] | None = None,
-    allow_extrapolation: bool = False,
 ) -> Solution:
-    """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target;
-    every target's weights sum to 1.
-
-    Beside EMA lengths, the kernels of docs/kernels.md: `windows` (lengths, or "20%" of the
-    time), `last` (counts of checkpoints), `merges` ((shape, window) pairs or "shape:window"),
-    `bema` (mappings of tau, phi, kappa, eta, rho, gamma), `mixes` (explicit `{snapshot:
-    weight}`; negative weights or a sum off 1 need `allow_extrapolation`).
-
-    `at` is the target time (default: the last snapshot's). Every snapshot contributes, also
-    those after `at`; with `causal` only those at or before it ("what could have been known at
-    `at`"). `noise` is the relative rounding noise of the snapshots: "auto" takes it from their
-    dtype (fp16 when unknown); 0 gives the plain mass-preserving least-squares solution. Targets
-    phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`). The
-    targets are `targets` (a `phema.Targets`, which then also gives the time, noise and mode) or
-    the keywords.
-    """
-    if targets is not None:
-        if not callable(getattr(targets, "solve", None)):
-            raise InvalidTypeError(f"targets={targets!r}: expected a phema.Targets")
-        given = (sigma_rels, gammas, betas, halflives, at, windows, last, merges, bema, mixes)
-        if any(v is not None for v in given):
-            raise InvalidValueError("targets= is given: leave out the target keywords")
-        return targets.solve(snapshots)
+    """Weights on `snapshots` (a store, its directory, or records with `t` and `gamma`) for
+    every `(kind, value)` target, values as `phema.Targets` checked them, in order (see
+    `phema.solve`); the time, noise and snapshots are checked here, where they are known."""
     records = _records(snapshots)
     if not records:
         raise InvalidValueError("no snapshots to solve with")
+    if not targets:
+        raise InvalidValueError("no target given: pass sigma_rels, gammas, betas or halflives")
     kinds = {_field(r, "kind") or "power" for r in records}
-    kernels = kernel_pairs(windows, last, merges, bema, mixes, allow_extrapolation)
-    if kernels or len(kinds) > 1 or "steps" in kinds:
-        ts = [float(_field(r, "t")) for r in records]
-        at = _target_time(ts, at)
-        targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt, kernels)
-        return _solve_kernels(records, targets, _noise(records, noise), causal)
-    if kinds == {"raw"}:
-        return _solve_raw(records, sigma_rels, gammas, betas, halflives, dt, at, causal)
-    ts, gs = [], []
     for r in records:
-        t, g = _field(r, "t"), _field(r, "gamma")
-        if t is None or g is None:
+        if (
+            _field(r, "t") is None
+            or (_field(r, "kind") or "power") == "power"
+            and (_field(r, "gamma") is None)
+        ):
             raise InvalidValueError(f"snapshot {_field(r, 'path') or r!r} has no t/gamma")
-        ts.append(float(t))
-        gs.append(float(g))
+    ts = [float(_field(r, "t")) for r in records]
     at = _target_time(ts, at)
-    targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
+    made = [Target(kind, value, at, float(dt)) for kind, value in targets]
+    if len(kinds) > 1 or "steps" in kinds or any(tg.kind not in KINDS for tg in made):
+        return _solve_kernels(records, made, _noise(records, noise), causal)
+    if kinds == {"raw"}:
+        return _solve_raw(records, made, causal)
+    gs = [float(_field(r, "gamma")) for r in records]
     noise = _noise(records, noise)
-    raw = _core.solve(ts, gs, [tg.spec() for tg in targets], float(noise), causal)
-    notes = _initial_mass_notes(targets, raw["initial_mass"])
-    for k, tg in enumerate(targets):
+    raw = _core.solve(ts, gs, [tg.spec() for tg in made], float(noise), causal)
+    notes = _initial_mass_notes(made, raw["initial_mass"])
+    for k, tg in enumerate(made):
         if raw["rank_deficient"][k]:
             notes.append(
                 f"{tg.label}: the snapshots are linearly dependent; minimum-norm weights used"
             )
         if not math.isfinite(raw["fit_error"][k]):
             raise InvalidValueError(f"{tg.label}: the solver produced a non-finite fit")
-    return Solution(targets=targets, snapshots=records, noise=float(noise), notes=notes, **raw)
+    return Solution(targets=made, snapshots=records, noise=float(noise), notes=notes, **raw)
 
 
 def _noise(records: list[Any], noise: float | str) -> float:
@@ -627,52 +457,6 @@ def _noise(records: list[Any], noise: float | str) -> float:
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
     return float(noise)
-
-
-def kernel_pairs(
-    windows: Any = None,
-    last: Any = None,
-    merges: Any = None,
-    bema: Any = None,
-    mixes: Any = None,
-    allow_extrapolation: bool = False,
-) -> list[tuple[str, Any]]:
-    """The kernels of docs/kernels.md as checked `(kind, value)` pairs, in this order."""
-    out: list[tuple[str, Any]] = []
-    for v in _many(windows):
-        out.append(("window", window_value(v, "windows")))
-    for v in _many(last):
-        [x] = _as_list(v, "last")
-        if not (x >= 1 and x == int(x)):
-            raise InvalidValueError(f"last={v!r}: expected a whole number of checkpoints >= 1")
-        out.append(("last", int(x)))
-    out.extend(("merge", merge_value(v)) for v in _many(merges, pair=True))
-    out.extend(("bema", bema_value(v)) for v in _many(bema, mapping=True))
-    out.extend(
-        ("mix", mix_value(v, allow_extrapolation)) for v in _many(mixes, mapping=True, pair=True)
-    )
-    return out
-
-
-def _many(values: Any, pair: bool = False, mapping: bool = False) -> list[Any]:
-    """One value or several: a string, a mapping (with `mapping`) or a (shape, window) pair
-    (with `pair`) is one."""
-    if values is None:
-        return []
-    one = (
-        isinstance(values, str | int | float)
-        or (mapping and isinstance(values, Mapping))
-        or (
-            pair
-            and isinstance(values, tuple)
-            and len(values) == 2
-            and (isinstance(values[0], str | UserShape) or callable(values[0]))
-        )
-    )
-    items = [values] if one else list(values)
-    if len(items) > MAX_TARGETS:
-        raise InvalidValueError(f"more than {MAX_TARGETS} targets")
-    return items
 
 
 def _solve_kernels(
@@ -811,20 +595,10 @@ def _initial_mass_notes(targets: list[Target], initial_mass: np.ndarray) -> list
     ]
 
 
-def _solve_raw(
-    records: list[Any],
-    sigma_rels: Iterable[float] | float | None,
-    gammas: Iterable[float] | float | None,
-    betas: Iterable[float] | float | None,
-    halflives: Iterable[float] | float | None,
-    dt: float,
-    at: float | None,
-    causal: bool,
-) -> Solution:
-    """Plain checkpoints: integrate the target against the linearly interpolated trajectory."""
+def _solve_raw(records: list[Any], targets: list[Target], causal: bool) -> Solution:
+    """Plain checkpoints: integrate the target against the linearly interpolated trajectory;
+    the core marks a target poor below its `RAW_MIN_RESOLUTION` checkpoints per width."""
     ts = [float(_field(r, "t")) for r in records]
-    at = _target_time(ts, at)
-    targets = make_targets(at, sigma_rels, gammas, betas, halflives, dt)
     raw = _core.solve_raw(ts, [tg.spec() for tg in targets], causal)
     w = raw["weights"]
     notes = _initial_mass_notes(targets, raw["initial_mass"])
@@ -857,7 +631,7 @@ def _solve_raw(
         noise=0.0,
         noise_error=np.zeros(n),
         cdf_error=np.full(n, np.nan),
-        poor=raw["resolution"] < _RAW_MIN_RESOLUTION,
+        poor=raw["poor"],
         notes=notes,
         resolution=raw["resolution"],
         extrapolated_mass=raw["extrapolated_mass"],

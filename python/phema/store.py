@@ -93,6 +93,24 @@ class Store:
     # `path` is the directory the snapshots were listed from (not the common parent of files
     # given one by one): outputs may not go there either.
     listed: bool = True
+    # Where the store is, as outputs record it (`locations.absolute`).
+    location: str = ""
+    # Made with it (fields, not properties: a reconstruction reads them without calling back).
+    # The paths a writer must not overwrite or write into: the store directory (when the
+    # snapshots were listed from it) and every snapshot's files.
+    inputs: list[str] = field(init=False, repr=False)
+    # The float dtype of a store of ordinary checkpoints, which is the model's own; None for
+    # phema snapshots (their float16 is the snapshot format, not the model's).
+    checkpoints_dtype: str | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = [self.path] if self.listed else []
+        for s in self.snapshots:
+            self.inputs += [s.path, *s.paths]
+        phema = not self.snapshots or any("phema.kind" in s.metadata for s in self.snapshots)
+        self.checkpoints_dtype = (
+            None if phema else dominant_dtype(s.dtype for s in self.snapshots if s.dtype != "F64")
+        )
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -103,15 +121,6 @@ class Store:
         if not self.snapshots:
             return []
         return self.headers.select([0]).describe()[0]["tensors"]
-
-    @property
-    def inputs(self) -> list[str]:
-        """The paths a writer must not overwrite or write into: the store directory (when the
-        snapshots were listed from it) and every snapshot's files."""
-        paths = [self.path] if self.listed else []
-        for s in self.snapshots:
-            paths += [s.path, *s.paths]
-        return paths
 
     @property
     def gammas(self) -> list[float]:
@@ -148,22 +157,22 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     A store an import did not finish (its marker, docs/importers.md) is refused.
     """
     path = os.fspath(path)
-    locations.check(path)
-    marker = locations.join(path, meta.IMPORT_INCOMPLETE)
-    if locations.isfile(marker):
+    location, marker = locations.look_in(path, meta.IMPORT_INCOMPLETE)
+    if marker is not None:
         raise _core.StoreError(
             f"{marker}: an import into this store did not finish; run the same import again "
             "to redo it, or delete the marker and the snapshots it lists"
         )
-    return list_store(path, strict)
+    return list_store(path, strict, location)
 
 
-def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
-    """`open_store` without the check of an unfinished import (for the import itself)."""
+def list_store(
+    path: str | os.PathLike[str], strict: bool = True, location: str | None = None
+) -> Store:
+    """`open_store` without the check of an unfinished import (for the import itself);
+    `location` is the store's as outputs record it, when the caller has it already."""
     headers, records, ignored, problems, incomplete = _core.scan_store(os.fspath(path))
-    mixed = meta.mixed_runs(
-        os.fspath(path), meta.runs([(r["path"], r["metadata"]) for r in records])
-    )
+    mixed = meta.mixed_runs(os.fspath(path), [(r["path"], r["metadata"]) for r in records])
     problems = problems + ([mixed] if mixed else [])
     if strict and problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -175,6 +184,7 @@ def list_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
         problems=problems,
         headers=headers,
         incomplete=incomplete,
+        location=location or locations.absolute(path),
     )
 
 
@@ -335,4 +345,5 @@ def _checkpoint_store(
         problems=[],
         headers=sources.select(order),
         listed=listed,
+        location=locations.absolute(root),
     )

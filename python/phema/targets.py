@@ -1,25 +1,34 @@
-"""What to rebuild, as one value: EMA lengths and decays at one time, optionally a different
-EMA length per group of tensors (docs/sweep.md).
+"""What to rebuild, as one value: EMA lengths, decays and the kernels of docs/kernels.md at one
+time, optionally a different EMA length per group of tensors (docs/sweep.md).
 
 Every entry point (`solve`, `reconstruct*`, `sweep`, the CLI) takes a `Targets` as `targets=`
-or turns its keywords into one, once (`Targets.given`); `Targets.solve` solves once and
-`Targets.outputs` says which solved column each tensor of each output takes.
+or turns its keywords into one, once (`Targets.given`): every value is checked here, before any
+work, and not again. `Targets.columns` are the targets the solver solves, in order; the plan
+(`phema.plan`) says which column each tensor of each output takes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import json
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from phema import naming
 from phema.errors import InvalidTypeError, InvalidValueError
-from phema.solver import KINDS, Solution, _as_list, kernel_pairs, solve
+from phema.solver import (
+    BEMA_DEFAULTS,
+    BEMA_PARAMS,
+    KINDS,
+    MAX_TARGETS,
+    Solution,
+    UserShape,
+    solve_targets,
+)
 
 # Most per-tensor patterns taken: each is matched against every tensor name.
 MAX_PATTERNS = 1000
@@ -41,7 +50,7 @@ class Targets:
     gammas: tuple[float, ...] = ()
     betas: tuple[float, ...] = ()
     halflives: tuple[float, ...] = ()
-    # Kernels of docs/kernels.md, as checked values (see `phema.solver.kernel_pairs`).
+    # Kernels of docs/kernels.md, as checked values (see `kernel_pairs`).
     windows: tuple[Any, ...] = ()
     last: tuple[int, ...] = ()
     merges: tuple[Any, ...] = ()
@@ -55,6 +64,18 @@ class Targets:
     vary: str | None = None
     # Given only a solution: each of its targets is an output, in its order.
     every_solved: bool = False
+    # Made with it: the outputs' own targets as `(kind, value)`, in output order; and every
+    # target the solver solves, in column order (the own ones, the sigma_rels only tensor
+    # patterns take right after the own sigma_rels).
+    own_targets: tuple[tuple[str, Any], ...] = field(init=False, repr=False, compare=False)
+    columns: tuple[tuple[str, Any], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        own = tuple((_KIND_OF[f], v) for f in _KIND_OF for v in getattr(self, f))
+        extra = [("sigma_rel", s) for _, s in self.tensor_sigma_rels if s not in self.sigma_rels]
+        n = len(self.sigma_rels)
+        object.__setattr__(self, "own_targets", own)
+        object.__setattr__(self, "columns", tuple(dict.fromkeys([*own[:n], *extra, *own[n:]])))
 
     @classmethod
     def of(
@@ -88,6 +109,9 @@ class Targets:
             return cls(at=at, causal=bool(causal), noise=noise, every_solved=True)
         if vary is not None and not (isinstance(vary, str) and vary):
             raise InvalidValueError(f"vary={vary!r}: expected a tensor-name pattern")
+        [dt] = _as_list(dt, "dt")
+        if not dt > 0:
+            raise InvalidValueError(f"dt={dt!r}: expected a finite number > 0")
         targets = cls(
             sigma_rels=_distinct(sigma_rels, "sigma_rels"),
             gammas=_distinct(gammas, "gammas"),
@@ -105,9 +129,15 @@ class Targets:
             tensor_sigma_rels=pairs,
             vary=vary,
         )
-        if not targets.own() and not pairs:
+        for kind, value in targets.own_targets:
+            _check_decay(kind, value, dt)
+        if not targets.own_targets and not pairs:
             raise InvalidValueError("no target given: pass sigma_rels, gammas, betas or halflives")
-        if vary is not None and not targets.own():
+        if len(targets.columns) > MAX_TARGETS:
+            raise InvalidValueError(
+                f"{len(targets.columns)} targets: at most {MAX_TARGETS} are taken at once"
+            )
+        if vary is not None and not targets.own_targets:
             raise InvalidValueError(
                 "vary= needs the targets to vary it over (sigma_rels, betas, ...)"
             )
@@ -135,123 +165,20 @@ class Targets:
             )
         return targets
 
-    def own(self) -> dict[str, tuple[Any, ...]]:
-        """The outputs' own targets by field, in output order."""
-        return {f: v for f in _KIND_OF if (v := getattr(self, f))}
-
     def replace(self, **changes: Any) -> Targets:
         """A copy with some fields changed (e.g. another time)."""
-        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        return Targets(**(fields | changes))
+        return dataclasses.replace(self, **changes)
 
     def solve(self, snapshots: Any) -> Solution:
-        """The solution with one column per distinct target (the outputs' own first)."""
-        own = self.own()
-        extra = [s for _, s in self.tensor_sigma_rels if s not in self.sigma_rels]
-        sigma_rels = list(dict.fromkeys([*self.sigma_rels, *extra]))
-        return solve(
+        """The solution with one column per target of `columns`."""
+        return solve_targets(
             snapshots,
-            sigma_rels=sigma_rels or None,
-            gammas=own.get("gammas"),
-            betas=own.get("betas"),
-            halflives=own.get("halflives"),
-            windows=own.get("windows"),
-            last=own.get("last"),
-            merges=own.get("merges"),
-            bema=own.get("bema"),
-            mixes=own.get("mixes"),
+            self.columns,
             dt=self.dt,
             at=self.at,
             noise=self.noise,
             causal=self.causal,
         )
-
-    def outputs(self, sol: Solution, names: Sequence[str]) -> list[Output]:
-        """Every output: its own target's column and, per tensor `names` holds, the column it
-        takes when another. Raises when `sol` lacks a target or a tensor has no target."""
-        if self.every_solved:
-            return [Output(c, {}, self) for c in range(len(sol.targets))]
-        column = {(t.kind, t.value): c for c, t in enumerate(sol.targets)}
-
-        def col(kind: str, value: float) -> int:
-            if (kind, value) not in column:
-                raise InvalidValueError(
-                    f"solution= has no target {kind}={value!r}: solve these targets for it"
-                )
-            return column[(kind, value)]
-
-        own = [(_KIND_OF[f], v) for f, values in self.own().items() for v in values]
-        pattern_cols = [(p, col("sigma_rel", s)) for p, s in self.tensor_sigma_rels]
-        # A pattern that takes no tensor is a typo that would silently leave its length unused.
-        patterns = [p for p, _ in self.tensor_sigma_rels] + (
-            [] if self.vary is None else [self.vary]
-        )
-        idle = [p for p in patterns if not any(naming.matches(n, p) for n in names)]
-        if idle:
-            raise InvalidValueError(
-                f"pattern(s) {', '.join(map(repr, idle))} match no tensor (tensors are named "
-                f"like {', '.join(names[:3])})"
-            )
-        outputs = []
-        for kind, value in own or [(None, None)]:
-            default = None if kind is None else col(kind, value)
-            routes: dict[str, int] = {}
-            unmatched = []
-            for name in names:
-                if self.vary is not None and naming.matches(name, self.vary):
-                    c = default
-                else:
-                    c = next((c for p, c in pattern_cols if naming.matches(name, p)), None)
-                    if c is None and self.vary is None:
-                        c = default
-                if c is None:
-                    unmatched.append(name)
-                elif c != default:
-                    routes[name] = c
-            if unmatched:
-                raise InvalidValueError(
-                    f"{len(unmatched)} tensor(s) match no pattern of tensor_sigma_rels= (e.g. "
-                    f"{', '.join(unmatched[:3])}): add a catch-all '*' pattern"
-                )
-            if default is None:
-                # One output from patterns only: its own column is the most common one.
-                values, counts = np.unique(list(routes.values()), return_counts=True)
-                default = int(values[np.argmax(counts)])
-                routes = {n: c for n, c in routes.items() if c != default}
-            outputs.append(Output(default, routes, self))
-        return outputs
-
-
-@dataclass(frozen=True)
-class Output:
-    """One output of a plan: the solved column most tensors take and the tensors taking
-    another."""
-
-    column: int
-    routes: dict[str, int]
-    targets: Targets
-
-    def label(self, sol: Solution) -> str:
-        """The output's name: its target's label, marked when tensors mix EMA lengths."""
-        own = self.targets.own()
-        if not self.targets.tensor_sigma_rels:
-            return sol.targets[self.column].label
-        if not own:
-            return "per-tensor"
-        return sol.targets[self.column].label + "-per-tensor"
-
-    def metadata(self) -> dict[str, str]:
-        """The per-tensor mapping, recorded in the output (docs/store-format.md)."""
-        if not self.targets.tensor_sigma_rels:
-            return {}
-        meta = {"phema.tensors": json.dumps([[p, s] for p, s in self.targets.tensor_sigma_rels])}
-        if self.targets.vary is not None:
-            meta["phema.vary"] = self.targets.vary
-        return meta
-
-    def columns(self) -> list[int]:
-        """Every column the output reads."""
-        return sorted({self.column, *self.routes.values()})
 
 
 #: The target kind of every field of `Targets` holding outputs' own targets, in output order:
@@ -311,3 +238,235 @@ def _tensor_pairs(
             raise InvalidValueError("tensor_sigma_rels=: an empty pattern")
         pairs.append((item[0], value))
     return tuple(pairs)
+
+
+#: Merge shapes (docs/kernels.md).
+MERGE_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def window_value(value: Any, what: str) -> float | str:
+    """A window length: a finite number > 0, or a string "P%" with 0 < P <= 100."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            pct = float("nan")
+        if not 0 < pct <= 100:
+            raise InvalidValueError(
+                f"{what}: {value!r} is not a length or a percentage in (0, 100]"
+            )
+        return f"{pct:g}%"
+    [x] = _as_list(value, what)
+    if not x > 0:
+        raise InvalidValueError(f"{what}: {x} is not a length > 0")
+    return x
+
+
+def merge_value(value: Any) -> tuple[str | UserShape, float | str]:
+    """A `(shape, window)` pair (a shape's name, or a callable `f` with `f(0) = 1`,
+    non-increasing on [0, 1]), or its text "shape:window"."""
+    if isinstance(value, str):
+        shape, sep, window = value.partition(":")
+        if not sep:
+            raise InvalidValueError(f"merge {value!r}: expected SHAPE:WINDOW, e.g. linear:20%")
+        value = (shape, window)
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        raise InvalidValueError(f"merges=: {value!r} is not a (shape, window) pair")
+    if isinstance(value[0], UserShape):
+        return (value[0], window_value(value[1], f"merge {value[0].name} window"))
+    if callable(value[0]):
+        user = UserShape.of(value[0])
+        return (user, window_value(value[1], f"merge {user.name} window"))
+    shape = value[0] if value[0] != "minus-sqrt" else "1-sqrt"
+    if shape not in MERGE_SHAPES:
+        raise InvalidValueError(
+            f"merge shape {value[0]!r} is unknown ({', '.join(MERGE_SHAPES)}, or a callable)"
+        )
+    return (shape, window_value(value[1], f"merge {shape} window"))
+
+
+def mix_value(value: Any, allow_extrapolation: bool) -> tuple[tuple[Any, ...], bool]:
+    """A mix `{snapshot: weight}` (a snapshot named by its file name or its time), checked: the
+    weights finite; negative weights or a sum outside [0.99, 1.01] only with
+    `allow_extrapolation` (docs/kernels.md)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], bool):
+        return value  # already checked, as `Targets` keeps it
+    if isinstance(value, str):
+        pairs = [p.rpartition("=") for p in value.split(",") if p.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise InvalidValueError(f"mix {value!r}: expected SNAPSHOT=WEIGHT,...")
+        value = {k.strip(): w for k, _, w in pairs}
+    if not (isinstance(value, Mapping) and value):
+        raise InvalidValueError(f"mixes=: {value!r} is not a mapping of snapshots to weights")
+    out = []
+    for key, w in value.items():
+        [x] = _as_list(w, f"mix weight of {key!r}")
+        try:
+            key = float(key)  # a time
+        except (TypeError, ValueError):
+            key = str(key)
+        out.append((key, x))
+    total = sum(x for _, x in out)
+    if not allow_extrapolation and (any(x < 0 for _, x in out) or not 0.99 <= total <= 1.01):
+        raise InvalidValueError(
+            f"mix {dict(out)!r}: weights sum to {total:g}"
+            + (" and include negative ones" if any(x < 0 for _, x in out) else "")
+            + "; an extrapolation needs allow_extrapolation=True (--allow-extrapolation)"
+        )
+    return tuple(out), bool(allow_extrapolation)
+
+
+def bema_value(value: Any) -> tuple[float, ...]:
+    """BEMA's parameters from a mapping (missing ones at TRL's defaults), its text
+    "tau=1000,kappa=0.5", or the ordered tuple this returns."""
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise InvalidValueError(
+                f"bema {value!r}: expected NAME=VALUE,... ({', '.join(BEMA_PARAMS)})"
+            )
+        value = {k.strip(): v for k, _, v in pairs}
+    if isinstance(value, tuple) and len(value) == len(BEMA_PARAMS):
+        value = dict(zip(BEMA_PARAMS, value))  # already in order, as `Targets` keeps it
+    if not isinstance(value, Mapping):
+        raise InvalidValueError(f"bema=: {value!r} is not a mapping of {', '.join(BEMA_PARAMS)}")
+    unknown = [k for k in value if k not in BEMA_DEFAULTS]
+    if unknown:
+        raise InvalidValueError(
+            f"bema: unknown parameter(s) {', '.join(map(repr, unknown))} ({', '.join(BEMA_PARAMS)})"
+        )
+    out = []
+    for name, default in BEMA_DEFAULTS.items():
+        [x] = _as_list(value.get(name, default), f"bema {name}")
+        out.append(x)
+    return tuple(out)
+
+
+def _check_decay(kind: str, value: float, dt: float) -> None:
+    """A classic EMA whose decay rate per time unit overflows (a halflife of 1e-320) would
+    never finish integrating; other range checks are the core's."""
+    rate = 1.0
+    if kind == "beta" and 0 < value < 1:
+        rate = -math.log(value) / dt
+    elif kind == "halflife" and value > 0:
+        rate = math.log(2) / value
+    if not math.isfinite(rate):
+        raise InvalidValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
+
+
+def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
+    """`values` (one number or several) as finite floats, at most MAX_TARGETS of them."""
+    if values is None:
+        return []
+    out: list[float] = []
+    for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
+        if len(out) == MAX_TARGETS:
+            raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise InvalidValueError(f"{what}: {v!r} is not a number") from None
+        if not math.isfinite(x):
+            raise InvalidValueError(f"{what}: {x} is not a finite number")
+        out.append(x)
+    return out
+
+
+def kernel_pairs(
+    windows: Any = None,
+    last: Any = None,
+    merges: Any = None,
+    bema: Any = None,
+    mixes: Any = None,
+    allow_extrapolation: bool = False,
+) -> list[tuple[str, Any]]:
+    """The kernels of docs/kernels.md as checked `(kind, value)` pairs, in this order."""
+    out: list[tuple[str, Any]] = []
+    for v in _many(windows):
+        out.append(("window", window_value(v, "windows")))
+    for v in _many(last):
+        [x] = _as_list(v, "last")
+        if not (x >= 1 and x == int(x)):
+            raise InvalidValueError(f"last={v!r}: expected a whole number of checkpoints >= 1")
+        out.append(("last", int(x)))
+    out.extend(("merge", merge_value(v)) for v in _many(merges, pair=True))
+    out.extend(("bema", bema_value(v)) for v in _many(bema, mapping=True))
+    out.extend(
+        ("mix", mix_value(v, allow_extrapolation)) for v in _many(mixes, mapping=True, pair=True)
+    )
+    return out
+
+
+def _many(values: Any, pair: bool = False, mapping: bool = False) -> list[Any]:
+    """One value or several: a string, a mapping (with `mapping`) or a (shape, window) pair
+    (with `pair`) is one."""
+    if values is None:
+        return []
+    one = (
+        isinstance(values, str | int | float)
+        or (mapping and isinstance(values, Mapping))
+        or (
+            pair
+            and isinstance(values, tuple)
+            and len(values) == 2
+            and (isinstance(values[0], str | UserShape) or callable(values[0]))
+        )
+    )
+    items = [values] if one else list(values)
+    if len(items) > MAX_TARGETS:
+        raise InvalidValueError(f"more than {MAX_TARGETS} targets")
+    return items
+
+
+def solve(
+    snapshots: Any,
+    *,
+    targets: Any = None,
+    sigma_rels: Iterable[float] | float | None = None,
+    gammas: Iterable[float] | float | None = None,
+    betas: Iterable[float] | float | None = None,
+    halflives: Iterable[float] | float | None = None,
+    dt: float = 1.0,
+    at: float | None = None,
+    noise: float | str = "auto",
+    causal: bool = False,
+    windows: Iterable[float | str] | float | str | None = None,
+    last: Iterable[int] | int | None = None,
+    merges: Iterable[Any] | None = None,
+    bema: Iterable[Any] | Mapping[str, float] | None = None,
+    mixes: Iterable[Any] | Mapping[Any, float] | None = None,
+    allow_extrapolation: bool = False,
+) -> Solution:
+    """Weights on `snapshots` (a store, or records with `t` and `gamma`) synthesizing each target;
+    every target's weights sum to 1.
+
+    Beside EMA lengths, the kernels of docs/kernels.md: `windows` (lengths, or "20%" of the
+    time), `last` (counts of checkpoints), `merges` ((shape, window) pairs or "shape:window"),
+    `bema` (mappings of tau, phi, kappa, eta, rho, gamma), `mixes` (explicit `{snapshot:
+    weight}`; negative weights or a sum off 1 need `allow_extrapolation`).
+
+    `at` is the target time (default: the last snapshot's). Every snapshot contributes, also
+    those after `at`; with `causal` only those at or before it ("what could have been known at
+    `at`"). `noise` is the relative rounding noise of the snapshots: "auto" takes it from their
+    dtype (fp16 when unknown); 0 gives the plain mass-preserving least-squares solution. Targets
+    phema cannot stand behind are marked in `Solution.poor` (see `Solution.check`). The
+    targets are `targets` (a `phema.Targets`, which then also gives the time, noise and mode) or
+    the keywords.
+    """
+    return Targets.given(
+        targets,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        betas=betas,
+        halflives=halflives,
+        windows=windows,
+        last=last,
+        merges=merges,
+        bema=bema,
+        mixes=mixes,
+        allow_extrapolation=allow_extrapolation,
+        dt=dt,
+        at=at,
+        noise=noise,
+        causal=causal,
+    ).solve(snapshots)

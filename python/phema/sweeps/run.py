@@ -29,14 +29,14 @@ from phema import _core, files, locations
 from phema.engine import show_progress
 from phema.errors import InvalidTypeError, InvalidValueError
 from phema.load import _PlainReader, load_into
-from phema.plan import Plan, make_plan
+from phema.plan import Output, Plan, make_plan
 from phema.reconstruction import _as_store, state_dicts
 from phema.solver import KINDS, MAX_TARGETS, Solution
 from phema.store import Store
 from phema.sweeps.log import log_sweep, require
 from phema.sweeps.result import SweepResult, _best_text
 from phema.sweeps.rows import _RAW, COLUMNS, SweepRow
-from phema.targets import Output, Targets
+from phema.targets import Targets
 from phema.tracker.model import unwrap
 
 # Largest sigma_rel a power profile can have (gamma > -1 ... 0 gives sigma_rel < 1/sqrt(12)).
@@ -477,7 +477,7 @@ def _row(plan: Plan, output: Output, store: Store, targets: Targets) -> SweepRow
         ).encode()
     ).hexdigest()[:16]
     return SweepRow(
-        label=output.label(sol),
+        label=output.label,
         kind=tg.kind,
         # A kernel's parameters are in its label (docs/kernels.md); `value` is an EMA length's.
         value=float(tg.value) if tg.kind in KINDS else math.nan,
