@@ -17,6 +17,9 @@ from phema import _core, naming
 VERSION = "1"
 RUN_ID = "phema.run_id"
 TIED = "phema.tied"
+#: The dtype of the tracked model's floats (`float32`, `bfloat16`, ...), so that outputs can
+#: default to it: the snapshots themselves are float16, their storage format.
+MODEL_DTYPE = "phema.model_dtype"
 
 
 def header(kind: str) -> dict[str, str]:
@@ -67,6 +70,16 @@ def snapshot_metadata(
         meta["phema.gamma"] = repr(float(gamma))
         meta["phema.sigma_rel"] = repr(float(sigma_rel))
     return meta
+
+
+def model_dtype(metadata: Iterable[Mapping[str, str]]) -> str | None:
+    """The model dtype these snapshots record (the first that records one), as an output dtype:
+    float64 is written as float32, the widest output; None when none records it."""
+    for m in metadata:
+        recorded = m.get(MODEL_DTYPE)
+        if recorded is not None:
+            return "float32" if recorded == "float64" else recorded
+    return None
 
 
 #: Where a checkpoint's training time is found, in order (then the last number in its name).

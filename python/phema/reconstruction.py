@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phema import _core, naming
+from phema import _core, meta, naming
 from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
 from phema.files import copy_like_files, like_layout
@@ -130,7 +130,8 @@ def reconstruct(
     unless `verify` is False.
 
     `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
-    of a store of ordinary checkpoints; phema snapshots give float16, their format.
+    of a store of ordinary checkpoints, or the one the tracker recorded (`phema.model_dtype`);
+    phema snapshots that record none give float16, their format.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -196,7 +197,7 @@ def write_outputs(
         layout = like_layout(like)
         like_dtype = check_like(store, layout)
         dtype = dtype or like_dtype
-    dtype = normalize_dtype(dtype or _checkpoints_dtype(store) or "float16")
+    dtype = normalize_dtype(dtype or _model_dtype(store) or "float16")
     labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
@@ -267,11 +268,14 @@ def write_outputs(
     return _result(plan, labels, paths, run_stats, copied)
 
 
-def _checkpoints_dtype(store: Store) -> str | None:
-    """The float dtype of a store of ordinary checkpoints, which is the model's own; None for
-    phema snapshots (their float16 is the snapshot format, not the model's)."""
-    if not store.snapshots or any("phema.kind" in s.metadata for s in store.snapshots):
+def _model_dtype(store: Store) -> str | None:
+    """The model's own float dtype: the one its phema snapshots record (their float16 is the
+    snapshot format, not the model's), or for ordinary checkpoints theirs; None for snapshots
+    that record none (older stores, imports)."""
+    if not store.snapshots:
         return None
+    if any("phema.kind" in s.metadata for s in store.snapshots):
+        return meta.model_dtype(s.metadata for s in store.snapshots)
     return dominant_dtype(s.dtype for s in store.snapshots if s.dtype != "F64")
 
 
