@@ -49,6 +49,29 @@ def test_short_demo_names_the_best_of_its_csv_and_draws_the_heatmap(tmp_path):
     assert result.best.label == winner["label"]
     report = (out / "report.md").read_text()
     assert f"winner: {winner['label']} (sigma_rel" in report
+    # Every metric has its standard error; the plateau, recomputed from the CSV, is named with
+    # the winner: the lengths within 2 standard errors of the difference.
+    for line in lines:
+        for m in result.truth:
+            assert 0 < float(line[f"{m}.spread"]) < 1, (line["label"], m)
+    top, top_se = float(winner[PRIMARY]), float(winner[f"{PRIMARY}.spread"])
+    plateau = [
+        line["label"]
+        for line in final
+        if line is not winner
+        and abs(float(line[PRIMARY]) - top)
+        <= 2 * math.hypot(top_se, float(line[f"{PRIMARY}.spread"]))
+    ]
+    [sentence] = [x for x in report.splitlines() if x.startswith("winner:")]
+    if plateau:
+        named = sentence.split("a plateau rather than one winner: ")[1].split(" (")[0]
+        assert sorted(named.split(", ")) == sorted(plateau)
+    else:
+        assert "plateau" not in sentence
+    assert "use later snapshots too" in report
+    # Targets left out for a poor fit are kept as such (the figure marks them), one per note.
+    left = [f"t={r.t:g}: {r.label} left out" for r in result.sweep.left_out]
+    assert left and all(any(note.startswith(x) for note in result.sweep.notes) for x in left)
     assert f"| {winner['label']} * |" in report
     # Every column of the table is explained.
     for column, _ in LEGEND:

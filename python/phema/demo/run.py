@@ -31,6 +31,8 @@ from phema.errors import InvalidValueError
 from phema.files import write_atomically
 from phema.solver import Solution
 from phema.sweeps import SweepResult, SweepRow
+from phema.sweeps.result import PLATEAU_SE
+from phema.sweeps.rows import SPREAD
 from phema.tracker import PostHocEMA
 
 SIGMA_RELS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
@@ -47,6 +49,9 @@ PRIMARY, MODE = "tail_recall", "max"
 # Heatmap rows: the ends of the run's quarters.
 HEATMAP_TIMES = 4
 SAMPLES = 4096
+# Bootstrap resamples of the samples for twig coverage's standard error (the other metrics are
+# means: theirs is std / sqrt(n)).
+DRAWS = 100
 CSV = "sweep.csv"
 
 
@@ -109,7 +114,7 @@ class _Sampler:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         self.last = edm_sample(model, self.noise)
-        return evaluate(self.last, self.reference).as_dict()
+        return evaluate(self.last, self.reference, draws=DRAWS).as_dict()
 
 
 def _heatmap_times(store: phema.Store) -> list[float]:
@@ -228,7 +233,13 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
             metric=PRIMARY,
             mode=MODE,
         )
-    result = SweepResult(early.rows + final.rows, early.notes + final.notes, store, final.raw)
+    result = SweepResult(
+        early.rows + final.rows,
+        early.notes + final.notes,
+        store,
+        final.raw,
+        left_out=early.left_out + final.left_out,
+    )
     for note in result.notes:
         # A run this short cannot resolve the narrowest lengths early on: phema sweeps only what
         # it stands behind.
@@ -413,13 +424,21 @@ def _rows(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> list[l
                 fit or f"{row.sigma_rel:.3f}",  # type: ignore[union-attr]
                 fit or f"{row.fit_error:.1e}",  # type: ignore[union-attr]
                 fit or f"{row.gain:.2f}",  # type: ignore[union-attr]
-                f"{d['precision']:.3f}",
-                f"{d['tail_recall']:.3f}",
-                f"{d['mean_log_density']:.2f}",
-                f"{d['twig_coverage']:.2f}",
+                _pm(d, "precision", 3),
+                _pm(d, "tail_recall", 3),
+                _pm(d, "mean_log_density", 2),
+                _pm(d, "twig_coverage", 2),
             ]
         )
     return out
+
+
+def _pm(metrics: dict[str, float], name: str, digits: int) -> str:
+    """A metric with its standard error, where one is known (not for exact samples)."""
+    text = f"{metrics[name]:.{digits}f}"
+    if name + SPREAD in metrics:
+        text += f" ± {metrics[name + SPREAD]:.{digits}f}"
+    return text
 
 
 def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
@@ -430,14 +449,25 @@ def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
 
 
 def _winner(final: SweepResult, best: SweepRow) -> str:
-    """One sentence naming the winner and what it beats."""
+    """Names the winner, what it beats, and the lengths the spread cannot tell from it."""
     label = METRIC_LABELS[PRIMARY].split(" (")[0]
+    se = best.spread(PRIMARY)
     text = (
         f"winner: {best.label} (sigma_rel {best.sigma_rel:.3f}), the highest {label} at the end "
-        f"of training, {best.metrics[PRIMARY]:.3f}"
+        f"of training, {best.metrics[PRIMARY]:.3f} ± {se:.3f}"
     )
     if final.raw is not None:
-        text += f" against {final.raw.metrics[PRIMARY]:.3f} for the raw weights"
+        raw = final.raw
+        text += (
+            f" against {raw.metrics[PRIMARY]:.3f} ± {raw.spread(PRIMARY):.3f} for the raw weights"
+        )
+    others = final.plateau(PRIMARY, MODE, best)[1:]
+    if others:
+        text += (
+            f"; a plateau rather than one winner: {', '.join(r.label for r in others)} "
+            f"({', '.join(f'{r.metrics[PRIMARY]:.3f}' for r in others)}) are within "
+            f"{PLATEAU_SE:g} standard errors of the difference"
+        )
     return text
 
 
@@ -467,6 +497,10 @@ def _report(
         "",
         _winner(final, best) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
         "",
+        f"± is one standard error over the {samples} samples (the standard error of a mean; "
+        f"twig coverage: {DRAWS} bootstrap resamples). The samples of every length come from "
+        "the same noise, so differences between lengths are less noisy than that.",
+        "",
         "Tail recall decides because the rare twigs are what the EMA length trades: averaging "
         "takes out the noise of the raw weights that scatters samples off them, and too long an "
         "average reaches back to weights that had not learnt them yet. Compare the raw row "
@@ -492,6 +526,11 @@ def _report(
             f"| {r.t:g} | {r.sigma_rel:.3f} | {r.metrics[PRIMARY]:.3f} |"
             for r in result.best_by_time(PRIMARY, MODE)
         ),
+        "",
+        "Each earlier time is rebuilt from every snapshot, also those written after it (as "
+        "`phema.sweep(at=...)` does unless `causal=True`): the rows of earlier times use later "
+        "snapshots too, so they say which length is best at that time, not what could have been "
+        "known then.",
         "",
         f"Reconstruction at sigma_rel {TRACKED[1]} vs the tracker's own average rounded to fp16: "
         f"max |diff| {diff:.1e}.",
