@@ -42,9 +42,11 @@ demo: build
 # compiles again: Cargo.toml's dev-dependencies make the features match, and `--lib` leaves out the
 # fuzz corpus example, whose plain rlib would need every dependency again as object code instead of
 # the extension's LTO bitcode (`make lint` and `make fuzz` build the example).
+# pytest runs on two workers, a test file each at a time (module fixtures are made once): the
+# tests are single-threaded, so two cores nearly halve the wall time.
 test: build $(DEV_DEPS)
 	cargo test --release --lib --quiet
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(DEV_DEPS)
 	cargo fmt --check
