@@ -16,6 +16,7 @@ use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, open_regular, read_header, read_open, Header, TensorEntry};
 use crate::meta::{shard_id, CHECKSUM};
+use crate::remote::{is_url, Object};
 use crate::shard::{assemble, order_ranks, Assembled, RankSetError, Segment};
 
 /// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
@@ -305,11 +306,32 @@ struct Opened {
 /// An input file held open for the whole run, with the check of its checksum when it is read
 /// whole.
 struct OpenFile {
-    file: File,
+    backing: Backing,
     path: PathBuf,
     /// Its header JSON as stored.
     json: Vec<u8>,
     check: Option<Checker>,
+}
+
+/// Where an input's bytes come from.
+enum Backing {
+    /// A local file, held open.
+    Local(File),
+    /// An object, read by ranged requests from the version listed, of this size.
+    Remote(Object, Option<String>, u64),
+}
+
+impl OpenFile {
+    /// Its size now (a local file may have grown or shrunk since it was listed).
+    fn size(&self) -> Result<u64> {
+        match &self.backing {
+            Backing::Local(file) => Ok(file
+                .metadata()
+                .map_err(|e| PhemaError::io(&self.path, e))?
+                .len()),
+            Backing::Remote(_, _, size) => Ok(*size),
+        }
+    }
 }
 
 impl Opened {
@@ -346,11 +368,17 @@ impl Opened {
 
 /// Fills `buf` from byte `at` of `f`.
 fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
-    f.file.read_exact_at(buf, at).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => changed(&f.path),
-        _ => PhemaError::io(&f.path, e),
-    })
+    match &f.backing {
+        Backing::Local(file) => file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => changed(&f.path),
+            _ => PhemaError::io(&f.path, e),
+        }),
+        Backing::Remote(object, version, _) => object.read_at(at, buf, version.as_deref()),
+    }
 }
+
+/// Work items in flight when inputs are on object storage (one ranged read each at a time).
+const REMOTE_READS: usize = 16;
 
 /// Bytes of data read ahead of the hashed prefix that the checkers of one run may hold; beyond
 /// it, such a range is read again when the prefix reaches it.
@@ -443,11 +471,7 @@ impl Checker {
     fn finish(&self, f: &OpenFile) -> Result<()> {
         let held = &*self.held;
         let mut st = self.state.lock().map_err(|_| poisoned())?;
-        let size = f
-            .file
-            .metadata()
-            .map_err(|e| PhemaError::io(&f.path, e))?
-            .len();
+        let size = f.size()?;
         loop {
             st.drain(f, held)?;
             if st.cursor >= size {
@@ -528,8 +552,24 @@ fn changed(path: &Path) -> PhemaError {
 /// Opens the file `header` was listed from. It may have been changed or replaced since: its
 /// header is read again from the opened file (all later reads are of that file) and must be the
 /// one listed, its metadata (with the checksum of its contents) included.
+///
+/// An object is read from the version its header was listed from, which nothing can change: its
+/// header JSON (for the checksum) is one ranged read.
 fn open(header: &Header) -> Result<OpenFile> {
     let path = &header.path;
+    if let Some(url) = path.to_str().filter(|p| is_url(p)) {
+        let object = Object::parse(url)?;
+        let data: u64 = header.tensors.iter().map(|t| t.nbytes).sum();
+        let end = header.file_size.saturating_sub(data);
+        let mut json = vec![0u8; end.saturating_sub(8) as usize];
+        object.read_at(8, &mut json, header.version.as_deref())?;
+        return Ok(OpenFile {
+            backing: Backing::Remote(object, header.version.clone(), header.file_size),
+            path: path.clone(),
+            json,
+            check: None,
+        });
+    }
     let file = open_regular(path)?;
     let (now, json) = read_open(path, &file)?;
     if now.tensors != header.tensors
@@ -539,7 +579,7 @@ fn open(header: &Header) -> Result<OpenFile> {
         return Err(changed(path));
     }
     Ok(OpenFile {
-        file,
+        backing: Backing::Local(file),
         path: path.clone(),
         json,
         check: None,
@@ -723,18 +763,35 @@ pub fn combine(
     // is read, holding only those few items' bytes.
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    (0..rayon::current_num_threads())
-        .into_par_iter()
-        .try_for_each(|_| -> Result<()> {
-            while !failed.load(Ordering::Relaxed) {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(item) = items.get(index) else {
-                    break;
-                };
-                run(index, item).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
-            }
-            Ok(())
+    let worker = || -> Result<()> {
+        while !failed.load(Ordering::Relaxed) {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(index) else {
+                break;
+            };
+            run(index, item).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+        }
+        Ok(())
+    };
+    let remote = opened
+        .iter()
+        .flat_map(|o| &o.files)
+        .any(|f| matches!(f.backing, Backing::Remote(..)));
+    if remote {
+        // Object storage answers each request after a round trip: its throughput needs many
+        // requests in flight, more than there are cores; each worker waits on one at a time.
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..REMOTE_READS).map(|_| scope.spawn(worker)).collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(PhemaError::Invalid("a reader thread failed".into())))
+            })
         })?;
+    } else {
+        (0..rayon::current_num_threads())
+            .into_par_iter()
+            .try_for_each(|_| worker())?;
+    }
     opened
         .par_iter()
         .flat_map(|o| &o.files)

@@ -59,6 +59,14 @@ pub enum PhemaError {
         /// What was being computed.
         what: String,
     },
+    /// An object-storage request failed (after its retries) or found the object changed.
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The object or prefix at fault.
+        url: String,
+        /// What the store said.
+        reason: String,
+    },
     /// The caller asked the work to stop; nothing was committed.
     #[error("cancelled")]
     Cancelled,

@@ -43,6 +43,9 @@ pub struct Header {
     pub tensors: Vec<TensorEntry>,
     /// File size in bytes.
     pub file_size: u64,
+    /// On object storage, the version (ETag) the header was read from: the data is read from
+    /// that version only (docs/storage.md).
+    pub version: Option<String>,
 }
 
 /// Headers larger than this are refused (safetensors uses the same bound).
@@ -61,7 +64,7 @@ fn corrupt(path: &Path, reason: String) -> PhemaError {
 }
 
 /// The header length a file of `file_size` bytes starting with `prefix` declares, checked to fit.
-fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
+pub(crate) fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER || n > file_size.saturating_sub(8) {
         return Err(corrupt(
@@ -73,8 +76,12 @@ fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
 }
 
 /// Reads and validates the header of a safetensors file without touching its data. Anything
-/// but a regular file (a FIFO, a device) is refused without blocking on it.
+/// but a regular file (a FIFO, a device) is refused without blocking on it. An object-storage
+/// URL is read by two ranged reads.
 pub fn read_header(path: &Path) -> Result<Header> {
+    if let Some(url) = path.to_str().filter(|p| crate::remote::is_url(p)) {
+        return crate::remote::Object::parse(url)?.read_header();
+    }
     Ok(read_open(path, &open_regular(path)?)?.0)
 }
 
@@ -128,7 +135,7 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
 }
 
 /// The header from its JSON (`n` bytes, after the 8-byte length) in a file of `file_size` bytes.
-fn parse(path: &Path, n: u64, json: &[u8], file_size: u64) -> Result<Header> {
+pub(crate) fn parse(path: &Path, n: u64, json: &[u8], file_size: u64) -> Result<Header> {
     let corrupt = |reason: String| corrupt(path, reason);
     let raw: HashMap<String, serde_json::Value> =
         serde_json::from_slice(json).map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
@@ -206,6 +213,7 @@ fn parse(path: &Path, n: u64, json: &[u8], file_size: u64) -> Result<Header> {
         metadata,
         tensors,
         file_size,
+        version: None,
     })
 }
 

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod meta;
 pub mod ops;
 pub mod profile;
+pub mod remote;
 pub mod shard;
 pub mod solve;
 pub mod store;

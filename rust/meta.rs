@@ -244,6 +244,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             tensors: Vec::new(),
             file_size: 8,
+            version: None,
         }
     }
 

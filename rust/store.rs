@@ -11,6 +11,7 @@ pub use crate::header::{is_float, read_header, Header, TensorEntry};
 pub use crate::meta::Kind;
 use crate::meta::ShardId;
 use crate::profile::Profile;
+use crate::remote::{is_url, Object};
 use crate::shard::{assemble, order_ranks, RankSetError};
 
 /// One snapshot of a store.
@@ -72,6 +73,68 @@ pub fn snapshot_from_header(header: Header) -> Result<Option<(Snapshot, Option<S
 
 /// Lists a store directory: every `*.safetensors` file's header, in parallel.
 pub fn scan(dir: &Path) -> Result<Scan> {
+    let (files, mut out) = match dir.to_str().filter(|d| is_url(d)) {
+        Some(url) => list_remote(url)?,
+        None => list_local(dir)?,
+    };
+    let read = |files: Vec<PathBuf>| -> Vec<(PathBuf, Parsed)> {
+        files
+            .into_par_iter()
+            .map(|p| {
+                let r = read_header(&p).and_then(snapshot_from_header);
+                (p, r)
+            })
+            .collect()
+    };
+    let parsed = if dir.to_str().is_some_and(is_url) {
+        // Two ranged reads per header, each a round trip: many in flight.
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(REMOTE_LISTING)
+            .build()
+            .map_err(|e| PhemaError::Invalid(format!("no threads to list with: {e}")))?
+            .install(|| read(files))
+    } else {
+        read(files)
+    };
+    gather(parsed, &mut out);
+    Ok(out)
+}
+
+/// A file's header read as a snapshot (None: no phema metadata).
+type Parsed = Result<Option<(Snapshot, Option<ShardId>)>>;
+
+/// Headers read at once when listing object storage.
+const REMOTE_LISTING: usize = 16;
+
+/// The `*.safetensors` objects under a prefix (their headers are read next); other objects and
+/// sub-prefixes are ignored with a reason, as in a directory.
+fn list_remote(url: &str) -> Result<(Vec<PathBuf>, Scan)> {
+    let listing = Object::parse(url)?.list()?;
+    let mut out = Scan::default();
+    if listing.files.is_empty() && listing.dirs.is_empty() {
+        return Err(PhemaError::Store(format!(
+            "{url}: nothing there (a store is a prefix holding snapshots)"
+        )));
+    }
+    let base = url.trim_end_matches('/');
+    let mut files = Vec::new();
+    for d in listing.dirs {
+        out.ignored
+            .push((PathBuf::from(format!("{base}/{d}")), "directory".into()));
+    }
+    for (name, _, _) in listing.files {
+        let path = PathBuf::from(format!("{base}/{name}"));
+        if !name.ends_with(".safetensors") {
+            out.ignored.push((path, "not a .safetensors file".into()));
+        } else {
+            files.push(path);
+        }
+    }
+    Ok((files, out))
+}
+
+/// The `*.safetensors` files of a store directory; the rest is ignored with a reason.
+fn list_local(dir: &Path) -> Result<(Vec<PathBuf>, Scan)> {
     if !dir.is_dir() {
         return Err(PhemaError::Store(format!(
             "{}: not a directory (a store is a directory of snapshots)",
@@ -106,14 +169,12 @@ pub fn scan(dir: &Path) -> Result<Scan> {
             }
         }
     }
-    type Parsed = Result<Option<(Snapshot, Option<ShardId>)>>;
-    let parsed: Vec<(PathBuf, Parsed)> = files
-        .into_par_iter()
-        .map(|p| {
-            let r = read_header(&p).and_then(snapshot_from_header);
-            (p, r)
-        })
-        .collect();
+    Ok((files, out))
+}
+
+/// Sorts read headers into snapshots (joining the ranks of sharded ones), ignored files and
+/// problems.
+fn gather(parsed: Vec<(PathBuf, Parsed)>, out: &mut Scan) {
     let mut ranked: BTreeMap<(u64, u64), Vec<(ShardId, Snapshot)>> = BTreeMap::new();
     for (path, r) in parsed {
         let (s, id) = match r {
@@ -152,7 +213,6 @@ pub fn scan(dir: &Path) -> Result<Scan> {
     out.problems.extend(check_consistency(&out.snapshots));
     out.problems.sort();
     out.incomplete.sort();
-    Ok(out)
 }
 
 /// One snapshot of sharded training from its ranks' files (same `t` and profile).

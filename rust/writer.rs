@@ -19,6 +19,7 @@ use crate::engine::Sink;
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, TensorEntry};
 use crate::meta::CHECKSUM;
+use crate::remote::{is_url, Object};
 
 /// Name, dtype and shape of one tensor to be written.
 #[derive(Clone, Debug)]
@@ -586,6 +587,10 @@ pub fn output_files(layout: &[TensorEntry], req: &OutputRequest) -> Result<Outpu
 /// write leaves the old file whole and no partial one. Dead writers' temporaries in the
 /// directory are removed first. For small files (an index, a results table, a figure).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(url) = path.to_str().filter(|p| is_url(p)) {
+        // One PUT replaces an object whole: no partial object is ever visible.
+        return Object::parse(url)?.put(bytes.to_vec(), false);
+    }
     commit_file(path, |f| f.write_all(bytes))
 }
 
@@ -754,9 +759,10 @@ impl Commit {
 /// The crash tests' kill -9 at a chosen step (`tests/test_crash.py`): with
 /// `PHEMA_FAILPOINT=NAME:N` in the environment the process aborts, as if killed, when it reaches
 /// step `NAME` for the `N`th time (`commit`: before a file takes its final name in a commit;
-/// `file`: a small file or copy written but not yet renamed). Read once; unset, it costs one
+/// `file`: a small file or copy written but not yet renamed; `upload`: before an object is
+/// uploaded). Read once; unset, it costs one
 /// atomic load per step.
-fn failpoint(name: &str) {
+pub(crate) fn failpoint(name: &str) {
     static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
     static SEEN: AtomicU64 = AtomicU64::new(0);
     let spec = SPEC.get_or_init(|| {
@@ -798,7 +804,28 @@ pub fn commit_files(moves: &[(PathBuf, PathBuf)], indexes: &[(PathBuf, Vec<u8>)]
 /// Moves files into the directory `dir` (made if missing) under their own names, never
 /// replacing a file there, and syncs both directories: how a resumed run sets aside the
 /// snapshots its interrupted attempt wrote after the resume point (docs/runs.md).
+///
+/// On object storage (no rename there) each object is copied, then deleted.
 pub fn move_files(paths: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(url) = dir.to_str().filter(|d| is_url(d)) {
+        let to = Object::parse(url)?;
+        return paths
+            .iter()
+            .map(|path| {
+                let from = Object::parse(&path.to_string_lossy())?;
+                let name = from
+                    .url()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let dst = to.child(&name);
+                from.copy_to(&dst)?;
+                from.delete()?;
+                Ok(PathBuf::from(dst.url()))
+            })
+            .collect();
+    }
     std::fs::create_dir_all(dir).map_err(|e| PhemaError::io(dir, e))?;
     let mut moved = Vec::with_capacity(paths.len());
     for path in paths {
@@ -818,7 +845,13 @@ pub fn move_files(paths: &[PathBuf], dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Copies the file `from` to `to` by the rule of [`write_file`] (a configuration file beside an
 /// output: never a partial copy under the final name).
+///
+/// `from` may be an object (a configuration beside a checkpoint on object storage).
 pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    if let Some(url) = from.to_str().filter(|f| is_url(f)) {
+        let bytes = Object::parse(url)?.read_small()?;
+        return write_file(to, &bytes);
+    }
     let mut source = File::open(from).map_err(|e| PhemaError::io(from, e))?;
     commit_file(to, |f| std::io::copy(&mut source, f).map(|_| ()))
 }

@@ -19,6 +19,7 @@ FLOORS = {
     "phema.naming": 1,
     "phema.meta": 1,
     "phema.files": 1,
+    "phema.locations": 1,
     "phema.dcp": 1,
     "phema.store": 2,
     "phema.solver": 2,

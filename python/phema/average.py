@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core, meta, naming
+from phema import _core, locations, meta, naming
 from phema.dcp import Staging, is_dcp, stored_files
 from phema.engine import combine_to_files
 from phema.errors import InvalidTypeError, InvalidValueError
@@ -129,7 +129,7 @@ def average(
             out_dtype = normalize_dtype(dtype)
         if shard_size is None and any(len(f) > 1 and not d for f, d in zip(inputs, dcps)):
             shard_size = max(
-                os.path.getsize(p) for f, d in zip(inputs, dcps) if len(f) > 1 and not d for p in f
+                locations.size(p) for f, d in zip(inputs, dcps) if len(f) > 1 and not d for p in f
             )
         first_read = int(np.flatnonzero(w)[0]) if np.any(w) else 0
         output = {
@@ -143,17 +143,24 @@ def average(
             "shard_size": shard_size or 2**63,
         }
         matrix = np.ascontiguousarray(w[:, None])
-        paths_out, run_stats = combine_to_files(
-            sources,
-            matrix,
-            [output],
-            first_read,
-            None,
-            total_bytes=int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
-            progress=progress,
-            desc="average",
-            client=client,
-        )
+        if client is not None and locations.is_remote(out):
+            raise InvalidValueError(
+                f"out={out}: a cluster's workers write to a shared directory; with client= "
+                "give a local or shared output directory"
+            )
+        with locations.staged_output(out) as (local, final):
+            paths_out, run_stats = combine_to_files(
+                sources,
+                matrix,
+                [output | {"path": local}],
+                first_read,
+                None,
+                total_bytes=int(sum(d["file_size"] for d, x in zip(described, w) if x != 0)),
+                progress=progress,
+                desc="average",
+                client=client,
+            )
+            written = paths_out[0] + (copy_like_files(layout, local) if layout else [])
     finally:
         if staging is not None:
             staging.close()
@@ -165,4 +172,4 @@ def average(
         )
     if stats is not None:
         stats.update(run_stats)
-    return paths_out[0] + (copy_like_files(layout, os.fspath(out)) if layout else [])
+    return [final(p) for p in written]

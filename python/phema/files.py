@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from phema import _core, naming
+from phema import _core, locations, naming
 from phema.errors import InvalidValueError
 from phema.naming import _NEVER_COPIED, LIKE_COPIED, LIKE_WEIGHTS
 
@@ -38,9 +38,11 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
     """The layout of the checkpoint directory `like` (a transformers or diffusers
     `save_pretrained` directory, or a Trainer's `checkpoint-N/`) for outputs that load like it."""
     like = os.fspath(like)
-    if not os.path.isdir(like):
+    locations.check(like)
+    if not locations.isdir(like):
         raise InvalidValueError(f"like={like}: not a checkpoint directory")
-    names = sorted(n for n in os.listdir(like) if os.path.isfile(os.path.join(like, n)))
+    sizes = locations.files_in(like)
+    names = sorted(sizes)
     weights = [n for n in LIKE_WEIGHTS if n in names]
     indexes = [n for n in LIKE_WEIGHTS if n + ".index.json" in names]
     shard_size = None
@@ -49,7 +51,7 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
         stem = weights[0].removesuffix(".safetensors")
         shards = [n for n in names if fnmatch.fnmatchcase(n, f"{stem}-*-of-*.safetensors")]
         if shards:
-            shard_size = max(os.path.getsize(os.path.join(like, n)) for n in shards)
+            shard_size = max(sizes[n] for n in shards)
     if not weights:
         found = [n for n in names if n.endswith(".safetensors")]
         if len(found) != 1:
@@ -69,7 +71,7 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
         weights=weights[0],
         shard_size=shard_size,
         copied=copied,
-        inputs=(like, *(os.path.join(like, n) for n in names)),
+        inputs=(like, *(locations.join(like, n) for n in names)),
     )
 
 
@@ -91,6 +93,9 @@ def check_outputs(
         raise InvalidValueError(f"out={out!r}: expected a directory path") from None
     if not out:
         raise InvalidValueError("the output directory is an empty name")
+    if locations.is_remote(out):
+        _check_remote_outputs(out, written, [os.fspath(p) for p in inputs])
+        return
     real_out = os.path.realpath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out}: exists and is not a directory (the output directory)")
@@ -119,9 +124,29 @@ def check_outputs(
             raise FileExistsError(f"{path}: exists and is a directory; the output is a file")
 
 
-def _within(path: str, root: str) -> bool:
+def _check_remote_outputs(out: str, written: Iterable[str], inputs: list[str]) -> None:
+    """`check_outputs` for a prefix on object storage: outputs never replace an object there
+    (docs/storage.md), so an output name already taken is refused before any work."""
+    locations.check(out)
+    out = out.rstrip("/")
+    for given in inputs:
+        if _within(out, given.rstrip("/"), "/"):
+            raise InvalidValueError(f"output prefix {out} is the input {given} or inside it")
+    for name in written:
+        name = name.rstrip("/")
+        if "*" in name:
+            continue
+        path = locations.join(out, name)
+        if locations.exists(path):
+            raise FileExistsError(
+                f"{path}: exists; on object storage phema only writes new objects (remove it, "
+                "or write to another prefix)"
+            )
+
+
+def _within(path: str, root: str, sep: str = os.sep) -> bool:
     """`path` is `root` or inside it (both resolved)."""
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    return path == root or path.startswith(root.rstrip(sep) + sep)
 
 
 def _parents(path: str, top: str) -> list[str]:
@@ -165,31 +190,30 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     """The safetensors files of one checkpoint: a `.safetensors` file, or a directory holding a
     sharded `model.safetensors.index.json` (or diffusers' index), a `model.safetensors`, or
-    exactly one `.safetensors`."""
+    exactly one `.safetensors`. Local or on object storage (docs/storage.md)."""
     path = os.fspath(path)
-    if os.path.isfile(path):
+    locations.check(path)
+    if locations.isfile(path):
         return [path]
-    if not os.path.isdir(path):
+    if not locations.isdir(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    index = os.path.join(path, INDEX)
-    if not os.path.exists(index):
-        index = os.path.join(path, DIFFUSERS_INDEX)
-    if os.path.exists(index):
+    present = locations.files_in(path)
+    index = next((n for n in (INDEX, DIFFUSERS_INDEX) if n in present), None)
+    if index is not None:
+        index = locations.join(path, index)
         try:
-            with open(index, "rb") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(locations.read_bytes(index))["weight_map"]
             names = list(dict.fromkeys(weight_map.values()))
             if not names or not all(isinstance(n, str) and n == os.path.basename(n) for n in names):
                 raise InvalidValueError("weight_map must name files in its directory")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidValueError(f"{index}: not a valid safetensors index ({e})") from None
-        return [os.path.join(path, name) for name in names]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        return [locations.join(path, name) for name in names]
+    if "model.safetensors" in present:
+        return [locations.join(path, "model.safetensors")]
+    found = sorted(n for n in present if n.endswith(".safetensors"))
     if len(found) == 1 and not naming.is_partial_shard(found[0]):
-        return [os.path.join(path, found[0])]
+        return [locations.join(path, found[0])]
     if found and all(naming.is_partial_shard(n) for n in found):
         raise InvalidValueError(
             f"{path}: shards of a sharded checkpoint without its index ({found[0]}, ...): an "
@@ -206,16 +230,16 @@ def not_a_checkpoint(path: str) -> str | None:
 
     A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
     callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
-    # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
-    if not os.path.isdir(path) or any(
-        os.path.exists(os.path.join(path, n))
-        for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")
-    ):
+    if not locations.isdir(path):
         return None
-    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    present = locations.files_in(path)
+    # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
+    if any(n in present for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")):
+        return None
+    found = sorted(n for n in present if n.endswith(".safetensors"))
     if not found:
         return "no .safetensors file: not a checkpoint"
-    [described] = _core.Sources([[os.path.join(path, found[0])]]).describe()
+    [described] = _core.Sources([[locations.join(path, found[0])]]).describe()
     if "phema.kind" in described["metadata"]:
         return "a phema store (its files are phema snapshots), not a checkpoint"
     return None
@@ -227,6 +251,6 @@ def copy_like_files(layout: LikeLayout, target: str) -> list[str]:
     copied = []
     for name in layout.copied:
         dst = os.path.join(target, name)
-        _core.copy_file(os.path.join(layout.source, name), dst)
+        _core.copy_file(locations.join(layout.source, name), dst)
         copied.append(dst)
     return copied

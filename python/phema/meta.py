@@ -16,6 +16,8 @@ from phema import _core, naming
 #: The store format's version, written into every file phema makes.
 VERSION = "1"
 RUN_ID = "phema.run_id"
+# On object storage, the object a store's one run creates first (docs/storage.md).
+RUN_CLAIM = "phema-run-claim.txt"
 TIED = "phema.tied"
 #: The dtype of the tracked model's floats (`float32`, `bfloat16`, ...), so that outputs can
 #: default to it: the snapshots themselves are float16, their storage format.

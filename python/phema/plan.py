@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phema import _core, files, meta, naming
+from phema import _core, files, locations, meta, naming
 from phema.errors import InvalidValueError
 from phema.files import checkpoint_files
 from phema.solver import Solution, _field
@@ -85,7 +85,7 @@ def output_metadata(plan: Plan, o: int, store: Store) -> dict[str, str]:
         "phema.fit_error": repr(float(sol.fit_error[k])),
         "phema.gain": repr(float(sol.gain[k])),
         "phema.mass": repr(float(sol.mass[k])),
-        "phema.store": os.path.abspath(store.path),
+        "phema.store": locations.absolute(store.path),
         "phema.snapshots": json.dumps(
             {store.snapshots[i].name: float(sol.weights[i, k]) for i in used}
         ),

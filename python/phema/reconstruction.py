@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phema import _core, meta, naming
+from phema import _core, locations, meta, naming
 from phema.engine import combine_to_files, run_engine, warn_nonfinite
 from phema.errors import InvalidValueError
 from phema.files import copy_like_files, like_layout
@@ -71,6 +71,12 @@ class Reconstruction(list[str]):
         self.outputs = outputs
         self.solution = solution
         self.stats = stats
+        self._extra = extra
+
+    def relocated(self, final: Callable[[str], str]) -> Reconstruction:
+        """The same outputs with every path mapped by `final` (staged files to their URLs)."""
+        outputs = [Output(o.label, o.column, tuple(map(final, o.paths))) for o in self.outputs]
+        return Reconstruction(outputs, self.solution, self.stats, list(map(final, self._extra)))
 
 
 def reconstruct(
@@ -201,6 +207,44 @@ def write_outputs(
     labels, shard_size = output_stems(
         store, plan, out, plan.targets.at, shard_size, per_rank, layout
     )
+    if client is not None and locations.is_remote(out):
+        raise InvalidValueError(
+            f"out={out}: a cluster's workers write to a shared directory; with client= give a "
+            "local or shared output directory (reading a store on object storage works)"
+        )
+    with locations.staged_output(out) as (local, final):
+        result = _write_files(
+            store,
+            plan,
+            labels,
+            local,
+            dtype,
+            shard_size,
+            layout,
+            progress,
+            stats,
+            per_rank,
+            client,
+            verify,
+        )
+    return result.relocated(final)
+
+
+def _write_files(
+    store: Store,
+    plan: Plan,
+    labels: list[str],
+    out: str,
+    dtype: str,
+    shard_size: int | None,
+    layout: Any,
+    progress: bool | None,
+    stats: dict[str, Any] | None,
+    per_rank: bool,
+    client: Any,
+    verify: bool,
+) -> Reconstruction:
+    """Writes the outputs named `labels` into the local directory `out`."""
     if per_rank:
         if shard_size:
             raise InvalidValueError(

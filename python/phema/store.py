@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import weakref
 from collections import Counter
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core, meta
+from phema import _core, locations, meta
 from phema.dcp import Staging, is_dcp
 from phema.errors import InvalidValueError
 from phema.files import checkpoint_files, not_a_checkpoint
@@ -143,8 +144,10 @@ def open_store(path: str | os.PathLike[str], strict: bool = True) -> Store:
     out either way and listed in `Store.incomplete`: a run still writing is not an error.
     A store an import did not finish (its marker, docs/importers.md) is refused.
     """
-    marker = os.path.join(path, meta.IMPORT_INCOMPLETE)
-    if os.path.exists(marker):
+    path = os.fspath(path)
+    locations.check(path)
+    marker = locations.join(path, meta.IMPORT_INCOMPLETE)
+    if locations.isfile(marker):
         raise _core.StoreError(
             f"{marker}: an import into this store did not finish; run the same import again "
             "to redo it, or delete the marker and the snapshots it lists"
@@ -184,7 +187,13 @@ def write_snapshot(
     # num_batches_tracked) into shape (1,).
     items = [(name, np.require(a, requirements="C")) for name, a in tensors.items()]
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    return _core.write_snapshot(os.fspath(path), items, normalize_dtype(dtype), meta)
+    path = os.fspath(path)
+    if not locations.is_remote(path):
+        return _core.write_snapshot(path, items, normalize_dtype(dtype), meta)
+    # Written whole locally, then created under its name (never replacing one; docs/storage.md).
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    with locations.staged_output(parent) as (local, _):
+        return _core.write_snapshot(os.path.join(local, name), items, normalize_dtype(dtype), meta)
 
 
 # Most checkpoints one average or store takes (each is opened while the engine runs).
@@ -223,19 +232,33 @@ def open_checkpoints(
     listed = isinstance(path_or_paths, (str, os.PathLike))
     if listed:
         root = os.fspath(path_or_paths)
-        if not os.path.isdir(root):
+        locations.check(root)
+        if not locations.isdir(root):
             raise FileNotFoundError(f"{root}: not a directory of checkpoints")
+        names = locations.listdir(root)
+        plain = locations.files_in(root)
         entries = [
-            os.path.join(root, n)
-            for n in sorted(os.listdir(root))
-            if not n.startswith(".")
-            and (n.endswith(".safetensors") or os.path.isdir(os.path.join(root, n)))
+            locations.join(root, n)
+            for n in sorted(names)
+            if not n.startswith(".") and (n.endswith(".safetensors") or n not in plain)
         ]
         ignored = [(e, why) for e in entries if (why := not_a_checkpoint(e)) is not None]
         entries = [e for e in entries if e not in dict(ignored)]
     else:
-        root = os.path.commonpath([os.fspath(p) for p in path_or_paths]) if path_or_paths else "."
         entries = [os.fspath(p) for p in path_or_paths]
+        for e in entries:
+            locations.check(e)
+        remote = [e for e in entries if locations.is_remote(e)]
+        if remote:
+            root = posixpath.commonpath([e.split("://", 1)[1] for e in remote])
+            root = remote[0].split("://", 1)[0] + "://" + root
+        else:
+            root = os.path.commonpath(entries) if entries else "."
+        if remote and len(remote) != len(entries):
+            raise InvalidValueError(
+                f"{remote[0]}: checkpoints on object storage and on local disk are not mixed "
+                "in one call"
+            )
         ignored = []
     if not entries:
         raise InvalidValueError(f"{root}: no checkpoints found")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from phema import _core, dcp, files, meta, naming
+from phema import _core, dcp, files, locations, meta, naming
 from phema.engine import run_engine
 from phema.errors import InvalidTypeError, InvalidValueError, SourceError
 from phema.importers._unpickle import _Inert, _is_count, _torch_load, load_edm2_pickle
@@ -102,6 +102,12 @@ def import_store(
         raise InvalidValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     src = os.fspath(src)
     store = os.fspath(store)
+    for where in (store, src):
+        if locations.is_remote(where):
+            raise InvalidValueError(
+                f"{where}: imports read and write local files; import into a local store and "
+                "upload it (or track into the bucket directly), docs/storage.md"
+            )
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or directory")
     out_dtype = None if dtype is None else normalize_dtype(dtype)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from phema import _core, files
+from phema import _core, files, locations
 from phema.engine import show_progress
 from phema.errors import InvalidTypeError, InvalidValueError
 from phema.load import _PlainReader, load_into
@@ -135,6 +135,11 @@ def sweep(
     names = [n for n, _, _ in store.tensors]
     _check_model(model, names, store)
     batch = _batch_size(batch, store)
+    if results is not None and locations.is_remote(os.fspath(results)):
+        raise InvalidValueError(
+            f"results={results}: the results file is local (it is locked and rewritten as rows "
+            "come in); the store may be on object storage"
+        )
     done, _ = _read_results(results)
     rows: list[SweepRow] = []
     left_out: list[SweepRow] = []

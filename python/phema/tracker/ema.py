@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from phema import meta, naming
+from phema import locations, meta, naming
 from phema.errors import InvalidTypeError, InvalidValueError
 from phema.reconstruction import reconstruct_state_dict
 from phema.store import normalize_dtype
@@ -172,7 +172,8 @@ class PostHocEMA:
             metadata["phema.shards"] = json.dumps(
                 self._sharding.shards, sort_keys=True, separators=(",", ":")
             )
-        os.makedirs(store, exist_ok=True)
+        if not locations.is_remote(store):
+            os.makedirs(store, exist_ok=True)
         profiles = list(zip(self.gammas, self.sigma_rels, self._profiles.labels(), strict=True))
         return SnapshotWriter(
             store,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from phema import _core, naming
+from phema import _core, locations, naming
 from phema import meta as phema_meta
 from phema.errors import InvalidValueError, PhemaError
 from phema.meta import snapshot_metadata
@@ -125,38 +125,51 @@ class SnapshotWriter:
 
         Another run's snapshots are refused. This run's own snapshots after `resumed_t` were
         written by an interrupted attempt that a resumed tracker replaces: moved into
-        `superseded/`."""
+        `superseded/`. On object storage the run also creates the store's claim object, which
+        only one run can create (docs/storage.md)."""
+        remote = locations.is_remote(self.directory)
+        if remote:
+            claim = locations.join(self.directory, phema_meta.RUN_CLAIM)
+            found = _core.claim(claim, run_id.encode())
+            holder = None if found is None else bytes(found).decode(errors="replace").strip()
+            if holder is not None and holder != run_id:
+                raise InvalidValueError(
+                    f"{self.directory} is claimed by run {holder!r} ({claim}); this tracker is "
+                    f"run {run_id}: a store holds one run, so write to another prefix, or resume "
+                    "that run with load_state_dict()"
+                )
         later, others = [], set()
-        for name in sorted(os.listdir(self.directory)):
+        for name in sorted(locations.listdir(self.directory)):
             if not name.endswith(self.suffix + ".safetensors") or name.startswith("."):
                 continue
             if not self.suffix and naming.has_rank_suffix(name):
                 continue
-            path = os.path.join(self.directory, name)
+            path = locations.join(self.directory, name)
             meta = _metadata_of(path)
-            found = meta.get(phema_meta.RUN_ID)
-            if found is None:  # written before run ids, or not a snapshot
+            found_id = meta.get(phema_meta.RUN_ID)
+            if found_id is None:  # written before run ids, or not a snapshot
                 continue
-            if found != run_id:
-                others.add((found, name))
+            if found_id != run_id:
+                others.add((found_id, name))
             elif resumed_t is not None and _float_or_nan(meta.get("phema.t")) > resumed_t:
                 later.append(name)
         if others:
-            found, name = sorted(others)[0]
+            found_id, name = sorted(others)[0]
             raise InvalidValueError(
-                f"{self.directory} holds snapshots of another run (phema.run_id {found}, "
+                f"{self.directory} holds snapshots of another run (phema.run_id {found_id}, "
                 f"e.g. {name}); this tracker is run {run_id}: a store holds one run, so "
                 "write to another directory, or resume that run with load_state_dict()"
             )
         if later:
-            aside = os.path.join(self.directory, "superseded")
-            os.makedirs(aside, exist_ok=True)
-            _core.move_files([os.path.join(self.directory, name) for name in later], aside)
-            with open(os.path.join(aside, "NOTE.txt"), "a") as f:
-                f.write(
-                    f"run {run_id} resumed at t={naming.format_t(resumed_t)}: the snapshots "
-                    f"an interrupted attempt wrote after it were moved here: {', '.join(later)}\n"
-                )
+            aside = locations.join(self.directory, "superseded")
+            _core.move_files([locations.join(self.directory, name) for name in later], aside)
+            note = locations.join(aside, "NOTE.txt")
+            before = locations.read_bytes(note) if locations.isfile(note) else b""
+            line = (
+                f"run {run_id} resumed at t={naming.format_t(resumed_t)}: the snapshots "
+                f"an interrupted attempt wrote after it were moved here: {', '.join(later)}\n"
+            )
+            _core.write_file(note, before + line.encode())
             log.warning("moved %d superseded snapshots into %s", len(later), aside)
 
     def _run(self) -> None:
@@ -205,13 +218,11 @@ class SnapshotWriter:
 def _metadata_of(path: str) -> dict[str, str]:
     """The metadata of a safetensors file; empty when it cannot be read (its problem is for
     open_store to report)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, "np") as f:
-            return dict(f.metadata() or {})
-    except Exception:
+        [described] = _core.Sources([[path]]).describe()
+    except (PhemaError, OSError):
         return {}
+    return dict(described["metadata"])
 
 
 def _float_or_nan(text: str | None) -> float:
