@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -49,19 +50,23 @@ def test_short_demo_names_the_best_of_its_csv_and_draws_the_heatmap(tmp_path):
     assert result.best.label == winner["label"]
     report = (out / "report.md").read_text()
     assert f"winner: {winner['label']} (sigma_rel" in report
-    # Every metric has its standard error; the plateau, recomputed from the CSV, is named with
-    # the winner: the lengths within 2 standard errors of the difference.
+    # Every metric has its standard error.
     for line in lines:
         for m in result.truth:
             assert 0 < float(line[f"{m}.spread"]) < 1, (line["label"], m)
-    top, top_se = float(winner[PRIMARY]), float(winner[f"{PRIMARY}.spread"])
-    plateau = [
-        line["label"]
-        for line in final
-        if line is not winner
-        and abs(float(line[PRIMARY]) - top)
-        <= 2 * math.hypot(top_se, float(line[f"{PRIMARY}.spread"]))
-    ]
+    # The plateau, recomputed from the samples' twig hits: every length whose mean per-sample
+    # difference from the winner is within 2 standard errors of that mean (same noise: paired).
+    hits = {label: v.numpy() for label, v in result.on_twig.items()}
+    assert hits.keys() == {line["label"] for line in final}
+    # Tail recall is the share of samples on a twig over the truth's: one ratio for every row.
+    ratios = [hits[line["label"]].mean() / float(line[PRIMARY]) for line in final]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
+    plateau = []
+    for label, h in hits.items():
+        d = hits[winner["label"]] - h
+        if label != winner["label"] and abs(d.mean()) <= 2 * d.std(ddof=1) / len(d) ** 0.5:
+            plateau.append(label)
+    assert sorted(result.plateau) == sorted([winner["label"], *plateau])
     [sentence] = [x for x in report.splitlines() if x.startswith("winner:")]
     if plateau:
         named = sentence.split("a plateau rather than one winner: ")[1].split(" (")[0]

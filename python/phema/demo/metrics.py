@@ -41,12 +41,15 @@ class SampleQuality:
     depth_recall: tuple[float, ...]  # per depth: share of samples there relative to the truth
     # Standard error of each scalar metric (bootstrap over the samples); empty unless asked.
     spread: dict[str, float] = field(default_factory=dict)
+    # Per sample: 1 where it lands on a twig, else 0 (tail recall is their mean over the truth's):
+    # samples of two models from the same noise compare pairwise.
+    on_twig: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float]:
         """The scalar metrics by name (for tables and plots), each spread as `NAME.spread`."""
         d = asdict(self)
-        d.pop("depth_recall")
-        d.pop("spread")
+        for name in ("depth_recall", "spread", "on_twig"):
+            d.pop(name)
         return d | {name + SPREAD: se for name, se in self.spread.items()}
 
 
@@ -148,4 +151,5 @@ def evaluate(
         twig_coverage=float(coverage(torch.arange(n)[None])[0]),
         depth_recall=tuple(float(c) for c in counts / truth),
         spread=spread,
+        on_twig=on_twig,
     )

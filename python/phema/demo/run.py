@@ -68,6 +68,8 @@ class DemoResult:
     fit_error: dict[str, float]
     gain: dict[str, float]
     tracked_max_diff: float  # reconstruction at a tracked sigma_rel vs the tracker's own average
+    plateau: list[str]  # the winner and the lengths its samples cannot tell from it, by label
+    on_twig: dict[str, torch.Tensor]  # per label at the end: which samples landed on a twig
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -105,16 +107,20 @@ def _train(
 
 class _Sampler:
     """`evaluate` for `phema.sweep`: samples the model from fixed noise (common random numbers
-    for every EMA length) and scores the samples; the last samples are kept for the figure."""
+    for every EMA length) and scores the samples; the last samples and which of them landed on a
+    twig are kept for the figure and the plateau."""
 
     def __init__(self, noise: torch.Tensor, reference: Reference) -> None:
         self.noise = noise
         self.reference = reference
         self.last = noise
+        self.on_twig: torch.Tensor | None = None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         self.last = edm_sample(model, self.noise)
-        return evaluate(self.last, self.reference, draws=DRAWS).as_dict()
+        quality = evaluate(self.last, self.reference, draws=DRAWS)
+        self.on_twig = quality.on_twig
+        return quality.as_dict()
 
 
 def _heatmap_times(store: phema.Store) -> list[float]:
@@ -196,10 +202,13 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
     noise = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     sampler = _Sampler(noise, reference)
     shown = {"raw": edm_sample(model, noise)}
+    on_twig: dict[str, torch.Tensor] = {}
 
     def keep(row: SweepRow) -> None:
         if row.t == end:  # the winner's samples too, before it is known
             shown[row.label] = sampler.last
+            assert sampler.on_twig is not None
+            on_twig[row.label] = sampler.on_twig
 
     print(
         f"sweep: {len(SIGMA_RELS) + len(BETAS)} EMA lengths at the end of training (t={end:g}), "
@@ -245,6 +254,7 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
         # it stands behind.
         print(f"  left out: {note}")
     best = final.best(PRIMARY, MODE)
+    plateau = _plateau(final, best, on_twig)
     saved = final.save_best(recon_dir, PRIMARY, MODE, dtype="float32")
     truth = evaluate(mixture.sample(samples, torch.Generator().manual_seed(seed + 2)), reference)
 
@@ -257,11 +267,13 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
     ema.close()
 
     print("figures: samples, metrics, heatmap, profiles")
-    files = _figures(out, mixture, shown, result, final, truth.as_dict(), store, steps)
+    files = _figures(out, mixture, shown, result, final, plateau, truth.as_dict(), store, steps)
     metrics = {r.label: r.metrics for r in final.rows}
     if result.raw is not None:
         metrics["raw"] = result.raw.metrics
-    report = _report(out, result, final, best, truth.as_dict(), steps, diff, files, saved, samples)
+    report = _report(
+        out, result, final, plateau, truth.as_dict(), steps, diff, files, saved, samples
+    )
     demo = DemoResult(
         out=out,
         sweep=result,
@@ -272,6 +284,8 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
         fit_error={r.label: r.fit_error for r in final.rows},
         gain={r.label: r.gain for r in final.rows},
         tracked_max_diff=diff,
+        plateau=[r.label for r in plateau],
+        on_twig=on_twig,
         files=[*files, report, csv, *map(Path, saved)],
         seconds=time.perf_counter() - start,
     )
@@ -280,7 +294,7 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
         f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: "
         f"max |diff| {diff:.1e}"
     )
-    print(_winner(final, best))
+    print(_winner(final, plateau))
     print(f"figures and report in {out}/ ({demo.seconds:.0f} s)")
     return demo
 
@@ -291,6 +305,7 @@ def _figures(
     samples: dict[str, torch.Tensor],
     result: SweepResult,
     final: SweepResult,
+    plateau: list[SweepRow],
     truth: dict[str, float],
     store: phema.Store,
     steps: int,
@@ -322,6 +337,7 @@ def _figures(
                 labels=METRIC_LABELS,
                 title="Sample quality against EMA length (reconstructed post hoc)",
                 best=winner,
+                plateau=plateau,
             )
         )
     )
@@ -334,6 +350,7 @@ def _figures(
                 labels=METRIC_LABELS,
                 title="Tail recall by training time and EMA length (power EMAs)",
                 best=winner,  # the winner the text and metrics.png name: one star, one row
+                plateau=plateau,
             )
         )
     )
@@ -448,8 +465,27 @@ def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
     return "\n".join([line(HEADER), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _winner(final: SweepResult, best: SweepRow) -> str:
-    """Names the winner, what it beats, and the lengths the spread cannot tell from it."""
+def _plateau(
+    final: SweepResult, best: SweepRow, on_twig: dict[str, torch.Tensor]
+) -> list[SweepRow]:
+    """The winner, then every length at the end its samples cannot tell from it, by value. The
+    samples of all lengths come from the same noise, so they compare pairwise: a length is on
+    the plateau when the mean of its per-sample differences from the winner (on a twig or not)
+    is within PLATEAU_SE standard errors of that mean, a much finer test than the two metrics'
+    own spreads combined."""
+    near = []
+    for r in final.rows:
+        if r is best or r.label not in on_twig:
+            continue
+        d = on_twig[best.label] - on_twig[r.label]
+        if abs(float(d.mean())) <= PLATEAU_SE * float(d.std()) / len(d) ** 0.5:
+            near.append(r)
+    return [best, *sorted(near, key=lambda r: (-1 if MODE == "max" else 1) * r.metrics[PRIMARY])]
+
+
+def _winner(final: SweepResult, plateau: list[SweepRow]) -> str:
+    """Names the winner, what it beats, and the lengths its samples cannot tell from it."""
+    best, others = plateau[0], plateau[1:]
     label = METRIC_LABELS[PRIMARY].split(" (")[0]
     se = best.spread(PRIMARY)
     text = (
@@ -461,12 +497,11 @@ def _winner(final: SweepResult, best: SweepRow) -> str:
         text += (
             f" against {raw.metrics[PRIMARY]:.3f} ± {raw.spread(PRIMARY):.3f} for the raw weights"
         )
-    others = final.plateau(PRIMARY, MODE, best)[1:]
     if others:
         text += (
             f"; a plateau rather than one winner: {', '.join(r.label for r in others)} "
             f"({', '.join(f'{r.metrics[PRIMARY]:.3f}' for r in others)}) are within "
-            f"{PLATEAU_SE:g} standard errors of the difference"
+            f"{PLATEAU_SE:g} standard errors of it, compared sample by sample"
         )
     return text
 
@@ -475,7 +510,7 @@ def _report(
     out: Path,
     result: SweepResult,
     final: SweepResult,
-    best: SweepRow,
+    plateau: list[SweepRow],
     truth: dict[str, float],
     steps: int,
     diff: float,
@@ -483,6 +518,7 @@ def _report(
     saved: Sequence[str],
     samples: int,
 ) -> Path:
+    best = plateau[0]
     rows = _rows(final, best, truth)
     md = [
         "# phema demo",
@@ -495,11 +531,12 @@ def _report(
         "",
         "## Winner",
         "",
-        _winner(final, best) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
+        _winner(final, plateau) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
         "",
         f"± is one standard error over the {samples} samples (the standard error of a mean; "
         f"twig coverage: {DRAWS} bootstrap resamples). The samples of every length come from "
-        "the same noise, so differences between lengths are less noisy than that.",
+        "the same noise, so differences between lengths are less noisy than that: the plateau "
+        "compares each length with the winner sample by sample.",
         "",
         "Tail recall decides because the rare twigs are what the EMA length trades: averaging "
         "takes out the noise of the raw weights that scatters samples off them, and too long an "

@@ -135,13 +135,15 @@ class SweepResult:
         labels: Mapping[str, str] | None = None,
         title: str | None = None,
         best: SweepRow | None = None,
+        plateau: Sequence[SweepRow] | None = None,
     ) -> str:
         """Draws the sweep to `path` (see `plot_sweep`): one panel per metric of `metric` (a name
         or several; the best is by the first, `mode` "min" or "max"), `references` (name ->
         metric values) as horizontal lines, `labels` as panel titles; returns the path. `best`
         stars a row chosen elsewhere (the winner another figure or the text names), else the
-        best of the rows drawn; the rows of its plateau (`plateau`) are ringed and named with
-        it, spreads drawn as error bars, targets left out for a poor fit marked as such."""
+        best of the rows drawn; the rows of its plateau are ringed and named with it (`plateau`:
+        rows judged elsewhere, e.g. by a paired comparison; default `self.plateau`), spreads
+        drawn as error bars, targets left out for a poor fit marked as such."""
         names = [metric] if metric is None or isinstance(metric, str) else list(metric)
         metrics = [self._metric(m) for m in names] if self.rows else []
         rows = [r for r in self.rows if metrics and metrics[0] in r.metrics]
@@ -150,7 +152,8 @@ class SweepResult:
         if best is None or best not in rows:
             best = SweepResult(rows, [], self.store).best(metrics[0], mode) if rows else None
         per_time = self.best_by_time(metrics[0], mode) if rows else []
-        plateau = SweepResult(rows, [], self.store).plateau(metrics[0], mode, best) if best else []
+        if plateau is None and best is not None:
+            plateau = SweepResult(rows, [], self.store).plateau(metrics[0], mode, best)
         return plot_sweep(
             rows,
             os.fspath(path),
@@ -159,7 +162,7 @@ class SweepResult:
             raw=self.raw,
             best=best,
             per_time=per_time,
-            plateau=plateau,
+            plateau=plateau or [],
             left_out=self.left_out,
             references=references,
             labels=labels,
