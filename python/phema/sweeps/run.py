@@ -269,8 +269,10 @@ def _run(
         raise
     finally:
         stop.set()
-        # A waiting worker sees `stop` within 0.1 s; a pass under way ends at its cancel.
-        worker.join()
+        # A waiting worker sees `stop` within 0.1 s; a pass under way ends at its cancel. One
+        # that could not start (no thread left) has nothing to wait for: its error propagates.
+        if worker.ident is not None:
+            worker.join()
         if bar is not None:
             bar.close()
         saved.restore()
