@@ -18,33 +18,67 @@ import phema
 from conftest import make_store
 from phema.files import checkpoint_files
 
-SCRIPT = textwrap.dedent(
+# One process imports phema (and Dask) once, then forks a child per run, which aborts at its
+# failpoint: a fresh process per run would spend most of the test importing. The server itself
+# never writes, so each child reads PHEMA_FAILPOINT afresh (the Rust side reads it once).
+SERVER = textwrap.dedent(
     """
-    import sys
+    import os, sys, traceback
     import phema
-    store, out, like, cluster = sys.argv[1:5]
-    client = None
+    store, like, cluster = sys.argv[1:4]
     if cluster == "dask":
         from distributed import Client
-        client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
-    phema.reconstruct(
-        store, sigma_rels=[0.06, 0.09], out=out, client=client,
-        shard_size=None if like != "-" else 20, like=None if like == "-" else like,
-    )
+    for line in sys.stdin:
+        out, failpoint = line.split()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                if failpoint != "-":
+                    os.environ["PHEMA_FAILPOINT"] = failpoint
+                client = None
+                if cluster == "dask":
+                    client = Client(
+                        processes=False, n_workers=1, threads_per_worker=1,
+                        dashboard_address=None,
+                    )
+                phema.reconstruct(
+                    store, sigma_rels=[0.06, 0.09], out=out, client=client,
+                    shard_size=None if like != "-" else 20, like=None if like == "-" else like,
+                )
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
     """
 )
 LABELS = ("sigma_rel-0.060", "sigma_rel-0.090")
 
 
-def _run(store, out, like="-", cluster="-", failpoint=None) -> int:
-    env = dict(os.environ)
-    env.pop("PHEMA_FAILPOINT", None)
-    if failpoint is not None:
-        env["PHEMA_FAILPOINT"] = failpoint
-    args = [sys.executable, "-c", SCRIPT, str(store), str(out), str(like), cluster]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, -signal.SIGABRT), done.stderr
-    return done.returncode
+class Runs:
+    """The server above for one store: `run(out, failpoint)` is a reconstruction's exit code."""
+
+    def __init__(self, store, like="-", cluster="-") -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PHEMA_FAILPOINT"}
+        args = [sys.executable, "-c", SERVER, str(store), str(like), cluster]
+        self.server = subprocess.Popen(
+            args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def run(self, out, failpoint: str = "-") -> int:
+        self.server.stdin.write(f"{out} {failpoint}\n")
+        self.server.stdin.flush()
+        line = self.server.stdout.readline()
+        if line.strip() not in ("0", str(-signal.SIGABRT)):
+            self.server.kill()
+            raise AssertionError(f"run {failpoint}: exit {line!r}\n{self.server.stderr.read()}")
+        return int(line)
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        assert self.server.wait(timeout=60) == 0, self.server.stderr.read()
 
 
 def _weights(directory) -> dict[str, np.ndarray]:
@@ -57,13 +91,15 @@ def _weights(directory) -> dict[str, np.ndarray]:
 def _killed_at_every_step(tmp_path, like="-", cluster="-", step="commit") -> int:
     store = tmp_path / "store"
     make_store(store, [100, 200, 300, 400], {"w": (6, 3), "b": (3,), "c": (5,)})
-    assert _run(store, tmp_path / "clean", like, cluster) == 0
+    runs = Runs(store, like, cluster)
+    assert runs.run(tmp_path / "clean") == 0
     clean = {label: _weights(tmp_path / "clean" / label) for label in LABELS}
     n = 0
     while True:
         n += 1
         out = tmp_path / f"killed-{n}"
-        if _run(store, out, like, cluster, failpoint=f"{step}:{n}") == 0:
+        if runs.run(out, failpoint=f"{step}:{n}") == 0:
+            runs.close()
             return n - 1
         for label in LABELS:
             target = out / label

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -49,6 +50,33 @@ def test_short_demo_names_the_best_of_its_csv_and_draws_the_heatmap(tmp_path):
     assert result.best.label == winner["label"]
     report = (out / "report.md").read_text()
     assert f"winner: {winner['label']} (sigma_rel" in report
+    # Every metric has its standard error.
+    for line in lines:
+        for m in result.truth:
+            assert 0 < float(line[f"{m}.spread"]) < 1, (line["label"], m)
+    # The plateau, recomputed from the samples' twig hits: every length whose mean per-sample
+    # difference from the winner is within 2 standard errors of that mean (same noise: paired).
+    hits = {label: v.numpy() for label, v in result.on_twig.items()}
+    assert hits.keys() == {line["label"] for line in final}
+    # Tail recall is the share of samples on a twig over the truth's: one ratio for every row.
+    ratios = [hits[line["label"]].mean() / float(line[PRIMARY]) for line in final]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
+    plateau = []
+    for label, h in hits.items():
+        d = hits[winner["label"]] - h
+        if label != winner["label"] and abs(d.mean()) <= 2 * d.std(ddof=1) / len(d) ** 0.5:
+            plateau.append(label)
+    assert sorted(result.plateau) == sorted([winner["label"], *plateau])
+    [sentence] = [x for x in report.splitlines() if x.startswith("winner:")]
+    if plateau:
+        named = sentence.split("a plateau rather than one winner: ")[1].split(" (")[0]
+        assert sorted(named.split(", ")) == sorted(plateau)
+    else:
+        assert "plateau" not in sentence
+    assert "use later snapshots too" in report
+    # Targets left out for a poor fit are kept as such (the figure marks them), one per note.
+    left = [f"t={r.t:g}: {r.label} left out" for r in result.sweep.left_out]
+    assert left and all(any(note.startswith(x) for note in result.sweep.notes) for x in left)
     assert f"| {winner['label']} * |" in report
     # Every column of the table is explained.
     for column, _ in LEGEND:

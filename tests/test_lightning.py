@@ -73,9 +73,8 @@ def trainer(root, callbacks, max_steps: int = STEPS, **kw) -> pl.Trainer:
         accumulate_grad_batches=2,
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger=False,
         callbacks=callbacks,
-        **kw,
+        **{"logger": False, **kw},
     )
 
 
@@ -184,3 +183,54 @@ def test_a_damaged_checkpoint_entry_is_refused():
         cb.load_state_dict({"tracker": {}})
     with pytest.raises(ValueError, match="global_step=-1"):
         cb.load_state_dict({"tracker": {}, "global_step": -1, "samples": 0})
+
+
+class Logged(Net):
+    """Logs its validation loss with `self.log` and keeps the weights each validation ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated_on: dict[int, dict[str, torch.Tensor]] = {}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("val_loss", loss)
+        if not self.trainer.sanity_checking:
+            self.validated_on[self.global_step] = {
+                k: v.clone() for k, v in self.state_dict().items()
+            }
+        return loss
+
+
+def test_validation_on_the_average_goes_to_the_trainers_logger(tmp_path):
+    """`self.log` in validation reaches the Lightning logger (TensorBoard's event files, read
+    back with TensorBoard's own reader) with the score of the average: the loss the weights
+    recorded during validation give, computed again here, and the last of them the tracker's
+    final average."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = PostHocEMACallback(snapshot_every=5)
+    model = Logged()
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(
+        tmp_path, [cb], enable_checkpointing=False, check_val_every_n_epoch=1, logger=logger,
+        num_sanity_val_steps=0,
+    ).fit(model, loader(), loader(8, 2))  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    events.Reload()
+    # One validation per epoch, after optimizer steps 4, 8 and 12; Lightning writes each at the
+    # index of the last step (counting from 0).
+    logged = {e.step + 1: e.value for e in events.Scalars("val_loss")}
+    assert sorted(logged) == sorted(model.validated_on) == [4, 8, 12]
+    (x, y), (x2, y2) = loader(8, 2)  # both validation batches, of 4 each
+    probe = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    for step, weights in model.validated_on.items():
+        probe.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+        with torch.no_grad():
+            # The epoch's value: the mean of the two batches' losses (equal batch sizes).
+            want = (((probe(x) - y) ** 2).mean() + ((probe(x2) - y2) ** 2).mean()) / 2
+        assert logged[step] == pytest.approx(float(want), rel=1e-6), step
+    final = cb.ema.state_dict()["averages"][0]
+    assert all(torch.equal(model.validated_on[STEPS][k], v) for k, v in final.items())

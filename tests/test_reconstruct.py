@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import phema
 from conftest import SIGMA_RELS, snapshot_metadata
+from phema.cli import main
 from phema.store import write_snapshot
 
 
@@ -235,3 +236,46 @@ def test_load_into_takes_numpy_arrays_and_names_an_entry_that_is_not_a_tensor():
     ):
         with pytest.raises(phema.InvalidTypeError, match=what):
             phema.load_into(m, bad)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float32])
+def test_outputs_default_to_the_dtype_of_the_tracked_model(tmp_path, model_dtype, capsys):
+    """Snapshots are float16 whatever the model; the tracker records the model's dtype and
+    reconstructions and averages of the store are written in it unless told otherwise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2)).to(model_dtype)
+    store = tmp_path / "ema"
+    with phema.PostHocEMA(model, store, sigma_rels=(0.05, 0.1), snapshot_every=4) as ema:
+        for _ in range(12):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+            ema.update()
+    opened = phema.open_store(store)
+    assert {s.dtype for s in opened.snapshots} == {"F16"}
+    name = str(model_dtype).removeprefix("torch.")
+    assert {s.metadata["phema.model_dtype"] for s in opened.snapshots} == {name}
+
+    phema.reconstruct(store, sigma_rels=[0.07], out=tmp_path / "rec")
+    written = load_file(tmp_path / "rec" / "sigma_rel-0.070.safetensors")
+    # The expectation another way: the float32 reconstruction in memory, cast to the model's.
+    want = phema.reconstruct_state_dict(store, sigma_rel=0.07)
+    assert written.keys() == want.keys()
+    for k, v in written.items():
+        assert v.dtype == model_dtype, k
+        assert torch.equal(v, want[k].to(model_dtype)), k
+    phema.reconstruct(store, sigma_rels=[0.07], out=tmp_path / "f16", dtype="float16")
+    assert load_file(tmp_path / "f16" / "sigma_rel-0.070.safetensors")["0.weight"].dtype == (
+        torch.float16
+    )
+    # The CLI's average of two snapshots: the mean of the stored values, in the model's dtype.
+    a, b = opened.snapshots[-2:]
+    assert main(["average", a.path, b.path, "--out", str(tmp_path / "avg")]) == 0
+    capsys.readouterr()
+    [avg] = [f for f in os.listdir(tmp_path / "avg") if f.endswith(".safetensors")]
+    averaged = load_file(tmp_path / "avg" / avg)
+    first, second = load_file(a.path), load_file(b.path)
+    for k, v in averaged.items():
+        assert v.dtype == model_dtype, k
+        mean = (first[k].double() + second[k].double()) / 2
+        torch.testing.assert_close(v, mean.to(model_dtype), rtol=0, atol=0)

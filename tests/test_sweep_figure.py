@@ -9,6 +9,7 @@ import matplotlib
 import torch
 
 import phema
+from phema.sweeps import SweepRow
 from phema.sweeps.plot import _curve, _heatmap
 
 matplotlib.use("Agg")
@@ -114,4 +115,47 @@ def test_a_sweep_over_kinds_draws_each_kind_in_its_own_panel(tmp_path):
     stars = [ax.get_title() for ax in fig.axes for x in ax.get_lines() if x.get_marker() == "*"]
     kind = "EMA lengths" if best.kind in ("sigma_rel", "beta") else best.kind
     assert stars == [f"{kind}: mse", f"{kind}: bias"]
+
+
+def row(label: str, sigma_rel: float, value: float, se: float | None, t: float = 100.0):
+    metrics = {"m": value} | ({} if se is None else {"m.spread": se})
+    return SweepRow(
+        label=label, kind="sigma_rel", value=sigma_rel, sigma_rel=sigma_rel, t=t, fit_error=0.01,
+        cdf_error=0.0, gain=1.0, tensors="", vary="", snapshots="", metrics=metrics,
+    )  # fmt: skip
+
+
+def test_a_plateau_is_every_row_the_spreads_cannot_tell_from_the_best():
+    best, near, far = (
+        row("a", 0.05, 1.00, 0.01),
+        row("b", 0.1, 0.98, 0.01),
+        row("c", 0.2, 0.95, 0.01),
+    )
+    later = row("d", 0.1, 0.999, 0.01, t=200.0)  # another time: not on this time's plateau
+    result = phema.SweepResult([far, near, best, later], [], store=None)
+    # |1.00 - 0.98| = 0.02 <= 2 * hypot(0.01, 0.01) = 0.028 < |1.00 - 0.95|
+    assert result.at(100).plateau("m", "max") == [best, near]
+    assert result.metric_names == ["m"]  # a spread is not a metric of its own
+    plain = phema.SweepResult([row("a", 0.05, 1.0, None), row("b", 0.1, 0.999, None)], [], None)
+    assert [r.label for r in plain.plateau("m", "max")] == ["a"]  # no spread: the best alone
+
+
+def test_spreads_plateau_and_left_out_targets_are_drawn():
+    best, near, far = (
+        row("a", 0.05, 1.00, 0.01),
+        row("b", 0.1, 0.98, 0.01),
+        row("c", 0.2, 0.95, 0.01),
+    )
+    rows = [best, near, far]
+    left = row("poor", 0.01, math.nan, None)
+    fig = _curve(plt, rows, None, ["m"], best, {}, {}, [best, near], [left])
+    top = fig.axes[0]
+    lines = {line.get_label(): line for line in top.get_lines()}
+    ring = lines["within the spread of the best by m"]
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([0.1], [0.98])
+    assert list(lines["left out (poor fit)"].get_xdata()) == [0.01]
+    # The band of one standard error around the power curve.
+    [band] = [c for c in top.collections if hasattr(c, "get_paths") and c.get_paths()]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert math.isclose(ys.min(), 0.94) and math.isclose(ys.max(), 1.01)
     plt.close(fig)

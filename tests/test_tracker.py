@@ -478,6 +478,7 @@ def test_metadata_and_file_names(tmp_path):
         "phema.step": "2",
         "phema.run": "exp1",
         "phema.model": "Linear",
+        "phema.model_dtype": "float32",
         "phema.run_id": ema.run_id,
         "phema.checksum": meta["phema.checksum"],
     }

@@ -52,13 +52,11 @@ def trainer(out, callbacks, max_steps: int = STEPS, **kw) -> transformers.Traine
         learning_rate=1e-2,
         save_strategy="steps",
         save_steps=4,
-        logging_strategy="no",
-        report_to="none",
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
-        **kw,
+        **{"logging_strategy": "no", "report_to": "none", **kw},
     )
     return transformers.Trainer(
         model=gpt2(), args=args, train_dataset=Tokens(64, 1), eval_dataset=Tokens(4, 2),
@@ -210,3 +208,63 @@ def test_bad_options_fail_at_construction():
         PostHocEMACallback(snapshot_evry=3)
     with pytest.raises(ValueError, match="sigma_rel=0.3 is not tracked"):
         PostHocEMACallback(eval_sigma_rel=0.3)
+
+
+def test_evaluations_on_the_average_go_to_the_trainers_report_to_loggers(tmp_path):
+    """report_to="tensorboard": the eval loss the Trainer logs is that of the average (the
+    weights recorded during each evaluation, scored again here by a fresh model), read back from
+    the event files with TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Record(transformers.TrainerCallback):
+        """The weights each evaluation runs on."""
+
+        def __init__(self) -> None:
+            self.evaluated: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_prediction_step(self, args, state, control, model=None, **kw):
+            self.evaluated[state.global_step] = {
+                k: v.clone() for k, v in model.state_dict().items()
+            }
+
+    class FirstLabelIgnored(Tokens):
+        """The first token is never predicted: its label -100 makes the Trainer's token count
+        (labels other than -100) that of the predicted tokens, the count a mean divides by."""
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            labels = self.ids[i].clone()
+            labels[0] = -100
+            return {"input_ids": self.ids[i], "labels": labels}
+
+    cb = PostHocEMACallback(snapshot_every=4)
+    record = Record()
+    t = trainer(
+        tmp_path, [cb, record], eval_strategy="steps", eval_steps=3, report_to="tensorboard"
+    )
+    t.eval_dataset = FirstLabelIgnored(4, 2)  # one batch
+    t.train()
+    # The Trainer's TensorBoard directory: output_dir/runs/<date and host>/.
+    [event_file] = tmp_path.glob("runs/*/events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("eval/loss")}
+    assert sorted(logged) == sorted(record.evaluated) == [3, 6, 9, 10]
+    ids = t.eval_dataset.ids
+    model = gpt2().eval()
+
+    def loss(weights: dict[str, torch.Tensor]) -> float:
+        """Next-token cross-entropy, averaged over every predicted token."""
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            logits = model(ids).logits[:, :-1]
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+
+    # The last evaluation ran on the tracker's final average of the first profile.
+    for k, v in cb.ema.state_dict()["averages"][0].items():
+        assert torch.equal(record.evaluated[STEPS][k], v), k
+    for step, weights in record.evaluated.items():
+        assert logged[step] == pytest.approx(loss(weights), rel=1e-5), step
+    # The trained weights are back in the model after training, and they are not the average.
+    trained = t.model.state_dict()
+    assert not all(torch.equal(trained[k], v) for k, v in record.evaluated[STEPS].items())

@@ -23,7 +23,13 @@ from phema.files import (
     model_card,
     write_atomically,
 )
-from phema.store import _check_count, _check_dtypes, dominant_dtype, normalize_dtype
+from phema.store import (
+    _check_count,
+    _check_dtypes,
+    dominant_dtype,
+    normalize_dtype,
+    recorded_model_dtype,
+)
 
 
 def average(
@@ -43,8 +49,9 @@ def average(
 
     A checkpoint is a `.safetensors` file, a checkpoint directory (`files.checkpoint_files`) or
     a PyTorch DCP directory (`.metadata` + `*.distcp`, read one tensor at a time; docs/importers.md).
-    Weights default to uniform. Float tensors keep the inputs' dtype unless `dtype` is given;
-    non-float tensors are copied from the first checkpoint (a warning names those that differ).
+    Weights default to uniform. Float tensors keep the inputs' dtype (phema snapshots: the
+    model's, `phema.model_dtype`) unless `dtype` is given; non-float tensors are copied from the
+    first checkpoint (a warning names those that differ).
     Sharded inputs give sharded outputs (same shard size) unless `shard_size` says otherwise.
     Returns the written paths (the index first when sharded); a `stats` dict, if given, receives
     what was read (`read`, `bytes_read`, `raw_mismatch`).
@@ -124,7 +131,10 @@ def average(
         described = sources.describe()
         _check_dtypes(described)
         if dtype is None:
-            out_dtype = dominant_dtype(d for _, d, _ in described[0]["tensors"] if d != "F64")
+            # phema snapshots are float16 whatever the model: the dtype they record, if any.
+            out_dtype = recorded_model_dtype(d["metadata"] for d in described) or dominant_dtype(
+                d for _, d, _ in described[0]["tensors"] if d != "F64"
+            )
         else:
             out_dtype = normalize_dtype(dtype)
         if shard_size is None and any(len(f) > 1 and not d for f, d in zip(inputs, dcps)):

@@ -740,7 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("reconstruct", "write the averaged weights for every target")
     targets(s)
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--dtype", help="f16 (default; with --like: the checkpoint's), bf16 or f32")
+    s.add_argument(
+        "--dtype",
+        help="f16, bf16 or f32 (default: the model's, as the store or checkpoints record it, "
+        "else f16; with --like: the checkpoint's)",
+    )
     s.add_argument(
         "--no-verify",
         action="store_true",
@@ -793,7 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--weights", help="w1,w2,... (default: uniform)")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--dtype", help="f16, bf16 or f32 (default: the inputs')")
+    s.add_argument(
+        "--dtype",
+        help="f16, bf16 or f32 (default: the inputs', or the model's that phema snapshots record)",
+    )
     s.add_argument("--shard-size", help="shard the output, e.g. 5GB (default: as the inputs)")
     like(s, "write the average")
     engine(s)

@@ -23,6 +23,9 @@ TIED = "phema.tied"
 #: An output's recipe as JSON: its target, the snapshots with their weights, the fit, phema's
 #: version (docs/store-format.md).
 PROVENANCE = "phema.provenance"
+#: The dtype of the tracked model's floats (`float32`, `bfloat16`, ...), so that outputs can
+#: default to it: the snapshots themselves are float16, their storage format.
+MODEL_DTYPE = "phema.model_dtype"
 
 
 def header(kind: str) -> dict[str, str]:

@@ -127,7 +127,8 @@ def reconstruct(
     unless `verify` is False.
 
     `dtype` defaults to the model's own where it is recorded: the `like` checkpoint's, or that
-    of a store of ordinary checkpoints; phema snapshots give float16, their format.
+    of a store of ordinary checkpoints, or the one the tracker recorded (`phema.model_dtype`);
+    phema snapshots that record none give float16, their format.
     """
     store = _as_store(store)
     targets = Targets.given(
@@ -222,7 +223,7 @@ def _write(
     store of ordinary checkpoints); phema snapshots give float16, their format."""
     if layout is not None:
         dtype = dtype or check_like(store, layout)
-    dtype = normalize_dtype(dtype) if dtype is not None else store.checkpoints_dtype or "F16"
+    dtype = normalize_dtype(dtype) if dtype is not None else store.model_dtype or "F16"
     if not locations.is_remote(out):
         return _write_files(
             store, plan, out, dtype, layout, per_rank, progress, stats, client, verify

@@ -42,6 +42,17 @@ def normalize_dtype(name: str) -> str:
     return _DTYPES[key]
 
 
+def recorded_model_dtype(metadata: Iterable[Mapping[str, str]]) -> str | None:
+    """The model dtype phema snapshots record (`meta.MODEL_DTYPE`, the first that records one)
+    as an output dtype (`F32`, `BF16`, ...): float64 is written as float32, the widest output;
+    None when none records it."""
+    for m in metadata:
+        recorded = m.get(meta.MODEL_DTYPE)
+        if recorded is not None:
+            return "F32" if recorded == "float64" else normalize_dtype(recorded)
+    return None
+
+
 def dominant_dtype(dtypes: Iterable[str], default: str = "F32") -> str:
     """The float dtype most of these safetensors dtypes are (the first seen on a tie); non-float
     ones do not count, and with none, `default`. The one rule for a file's or an output's dtype."""
@@ -99,18 +110,21 @@ class Store:
     # The paths a writer must not overwrite or write into: the store directory (when the
     # snapshots were listed from it) and every snapshot's files.
     inputs: list[str] = field(init=False, repr=False)
-    # The float dtype of a store of ordinary checkpoints, which is the model's own; None for
-    # phema snapshots (their float16 is the snapshot format, not the model's).
-    checkpoints_dtype: str | None = field(init=False, repr=False)
+    # The model's own float dtype, outputs' default: that of a store of ordinary checkpoints, or
+    # the one phema snapshots record (their float16 is the snapshot format, not the model's);
+    # None for snapshots that record none (older stores, imports).
+    model_dtype: str | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.inputs = [self.path] if self.listed else []
         for s in self.snapshots:
             self.inputs += [s.path, *s.paths]
-        phema = not self.snapshots or any("phema.kind" in s.metadata for s in self.snapshots)
-        self.checkpoints_dtype = (
-            None if phema else dominant_dtype(s.dtype for s in self.snapshots if s.dtype != "F64")
-        )
+        if not self.snapshots:
+            self.model_dtype = None
+        elif any("phema.kind" in s.metadata for s in self.snapshots):
+            self.model_dtype = recorded_model_dtype(s.metadata for s in self.snapshots)
+        else:
+            self.model_dtype = dominant_dtype(s.dtype for s in self.snapshots if s.dtype != "F64")
 
     def __len__(self) -> int:
         return len(self.snapshots)

@@ -6,10 +6,12 @@ light deep twigs fade (tail recall and twig coverage go down); these numbers mak
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
+from phema.sweeps.rows import SPREAD
 
 from .tree import TAIL_DEPTH, GaussianMixture
 
@@ -37,12 +39,18 @@ class SampleQuality:
     tail_recall: float  # share of samples on twigs relative to the truth (1 = as often as true)
     twig_coverage: float  # fraction of twig branches with at least one sample on them
     depth_recall: tuple[float, ...]  # per depth: share of samples there relative to the truth
+    # Standard error of each scalar metric (bootstrap over the samples); empty unless asked.
+    spread: dict[str, float] = field(default_factory=dict)
+    # Per sample: 1 where it lands on a twig, else 0 (tail recall is their mean over the truth's):
+    # samples of two models from the same noise compare pairwise.
+    on_twig: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float]:
-        """The scalar metrics by name (for tables and plots)."""
+        """The scalar metrics by name (for tables and plots), each spread as `NAME.spread`."""
         d = asdict(self)
-        d.pop("depth_recall")
-        return d
+        for name in ("depth_recall", "spread", "on_twig"):
+            d.pop(name)
+        return d | {name + SPREAD: se for name, se in self.spread.items()}
 
 
 METRIC_LABELS = {
@@ -93,8 +101,12 @@ def make_reference(
     )
 
 
-def evaluate(samples: torch.Tensor | np.ndarray, reference: Reference) -> SampleQuality:
-    """Score samples [N, 2] against the true mixture described by `reference`."""
+def evaluate(
+    samples: torch.Tensor | np.ndarray, reference: Reference, draws: int = 0, seed: int = 0
+) -> SampleQuality:
+    """Score samples [N, 2] against the true mixture described by `reference`; with `draws`,
+    also each scalar metric's standard error (`SampleQuality.spread`): that of a mean for the
+    means, the spread over `draws` bootstrap resamples of the samples for twig coverage."""
     mix = reference.mixture
     x = torch.as_tensor(samples, device=mix.device, dtype=mix.dtype)
     # A diverged model can emit NaN/Inf: count such samples as off-distribution, not as errors.
@@ -109,12 +121,35 @@ def evaluate(samples: torch.Tensor | np.ndarray, reference: Reference) -> Sample
     counts = torch.bincount(depth[on], minlength=len(reference.depth_fraction)).double() / n
     truth = torch.tensor(reference.depth_fraction, dtype=torch.float64)
     is_twig = branch_depth >= reference.tail_depth
-    hit = torch.zeros(mix.num_branches, dtype=torch.bool, device=mix.device)
-    hit[branch[on]] = True
+    # Per sample: what each scalar metric averages (twig coverage: which twig it lands on).
+    clipped = logp.clamp_min(reference.floor)
+    inside = (logp >= reference.threshold).double()
+    on_twig = (on & (depth >= reference.tail_depth)).double()
+    twig = torch.where(on & is_twig[branch], branch, -1)
+
+    def coverage(rows: torch.Tensor) -> torch.Tensor:
+        """Share of twigs hit by each row of sample indices."""
+        hit = torch.zeros(rows.shape[0], mix.num_branches + 1, dtype=torch.bool)
+        hit.scatter_(1, twig[rows] + 1, True)  # column 0 collects the samples on no twig
+        return hit[:, 1:][:, is_twig].double().mean(1)
+
+    spread = {}
+    if draws:
+        # Means of per-sample values: their standard error is std / sqrt(n), what a bootstrap
+        # estimates too; twig coverage is no mean, so it is bootstrapped.
+        rows = torch.randint(0, n, (draws, n), generator=torch.Generator().manual_seed(seed))
+        spread = {
+            "mean_log_density": float(clipped.std()) / n**0.5,
+            "precision": float(inside.std()) / n**0.5,
+            "tail_recall": float(on_twig.std()) / n**0.5 / reference.tail_fraction,
+            "twig_coverage": float(coverage(rows).std()),
+        }
     return SampleQuality(
-        mean_log_density=float(logp.clamp_min(reference.floor).mean()),
-        precision=float((logp >= reference.threshold).double().mean()),
+        mean_log_density=float(clipped.mean()),
+        precision=float(inside.mean()),
         tail_recall=float(counts[reference.tail_depth :].sum()) / reference.tail_fraction,
-        twig_coverage=float(hit[is_twig].double().mean()),
+        twig_coverage=float(coverage(torch.arange(n)[None])[0]),
         depth_recall=tuple(float(c) for c in counts / truth),
+        spread=spread,
+        on_twig=on_twig,
     )

@@ -31,6 +31,8 @@ from phema.errors import InvalidValueError
 from phema.files import write_atomically
 from phema.solver import Solution
 from phema.sweeps import SweepResult, SweepRow
+from phema.sweeps.result import PLATEAU_SE
+from phema.sweeps.rows import SPREAD
 from phema.tracker import PostHocEMA
 
 SIGMA_RELS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
@@ -47,6 +49,9 @@ PRIMARY, MODE = "tail_recall", "max"
 # Heatmap rows: the ends of the run's quarters.
 HEATMAP_TIMES = 4
 SAMPLES = 4096
+# Bootstrap resamples of the samples for twig coverage's standard error (the other metrics are
+# means: theirs is std / sqrt(n)).
+DRAWS = 100
 CSV = "sweep.csv"
 
 
@@ -63,6 +68,8 @@ class DemoResult:
     fit_error: dict[str, float]
     gain: dict[str, float]
     tracked_max_diff: float  # reconstruction at a tracked sigma_rel vs the tracker's own average
+    plateau: list[str]  # the winner and the lengths its samples cannot tell from it, by label
+    on_twig: dict[str, torch.Tensor]  # per label at the end: which samples landed on a twig
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -100,16 +107,20 @@ def _train(
 
 class _Sampler:
     """`evaluate` for `phema.sweep`: samples the model from fixed noise (common random numbers
-    for every EMA length) and scores the samples; the last samples are kept for the figure."""
+    for every EMA length) and scores the samples; the last samples and which of them landed on a
+    twig are kept for the figure and the plateau."""
 
     def __init__(self, noise: torch.Tensor, reference: Reference) -> None:
         self.noise = noise
         self.reference = reference
         self.last = noise
+        self.on_twig: torch.Tensor | None = None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         self.last = edm_sample(model, self.noise)
-        return evaluate(self.last, self.reference).as_dict()
+        quality = evaluate(self.last, self.reference, draws=DRAWS)
+        self.on_twig = quality.on_twig
+        return quality.as_dict()
 
 
 def _heatmap_times(store: phema.Store) -> list[float]:
@@ -191,10 +202,13 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
     noise = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 1))
     sampler = _Sampler(noise, reference)
     shown = {"raw": edm_sample(model, noise)}
+    on_twig: dict[str, torch.Tensor] = {}
 
     def keep(row: SweepRow) -> None:
         if row.t == end:  # the winner's samples too, before it is known
             shown[row.label] = sampler.last
+            assert sampler.on_twig is not None
+            on_twig[row.label] = sampler.on_twig
 
     print(
         f"sweep: {len(SIGMA_RELS) + len(BETAS)} EMA lengths at the end of training (t={end:g}), "
@@ -228,12 +242,19 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
             metric=PRIMARY,
             mode=MODE,
         )
-    result = SweepResult(early.rows + final.rows, early.notes + final.notes, store, final.raw)
+    result = SweepResult(
+        early.rows + final.rows,
+        early.notes + final.notes,
+        store,
+        final.raw,
+        left_out=early.left_out + final.left_out,
+    )
     for note in result.notes:
         # A run this short cannot resolve the narrowest lengths early on: phema sweeps only what
         # it stands behind.
         print(f"  left out: {note}")
     best = final.best(PRIMARY, MODE)
+    plateau = _plateau(final, best, on_twig)
     saved = final.save_best(recon_dir, PRIMARY, MODE, dtype="float32")
     truth = evaluate(mixture.sample(samples, torch.Generator().manual_seed(seed + 2)), reference)
 
@@ -246,11 +267,13 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
     ema.close()
 
     print("figures: samples, metrics, heatmap, profiles")
-    files = _figures(out, mixture, shown, result, final, truth.as_dict(), store, steps)
+    files = _figures(out, mixture, shown, result, final, plateau, truth.as_dict(), store, steps)
     metrics = {r.label: r.metrics for r in final.rows}
     if result.raw is not None:
         metrics["raw"] = result.raw.metrics
-    report = _report(out, result, final, best, truth.as_dict(), steps, diff, files, saved, samples)
+    report = _report(
+        out, result, final, plateau, truth.as_dict(), steps, diff, files, saved, samples
+    )
     demo = DemoResult(
         out=out,
         sweep=result,
@@ -261,6 +284,8 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
         fit_error={r.label: r.fit_error for r in final.rows},
         gain={r.label: r.gain for r in final.rows},
         tracked_max_diff=diff,
+        plateau=[r.label for r in plateau],
+        on_twig=on_twig,
         files=[*files, report, csv, *map(Path, saved)],
         seconds=time.perf_counter() - start,
     )
@@ -269,7 +294,7 @@ def _run_demo(out: Path, steps: int | None, seed: int, samples: int) -> DemoResu
         f"\nreconstruction at sigma_rel {TRACKED[1]} vs the fp16-rounded tracked average: "
         f"max |diff| {diff:.1e}"
     )
-    print(_winner(final, best))
+    print(_winner(final, plateau))
     print(f"figures and report in {out}/ ({demo.seconds:.0f} s)")
     return demo
 
@@ -280,6 +305,7 @@ def _figures(
     samples: dict[str, torch.Tensor],
     result: SweepResult,
     final: SweepResult,
+    plateau: list[SweepRow],
     truth: dict[str, float],
     store: phema.Store,
     steps: int,
@@ -311,6 +337,7 @@ def _figures(
                 labels=METRIC_LABELS,
                 title="Sample quality against EMA length (reconstructed post hoc)",
                 best=winner,
+                plateau=plateau,
             )
         )
     )
@@ -323,6 +350,7 @@ def _figures(
                 labels=METRIC_LABELS,
                 title="Tail recall by training time and EMA length (power EMAs)",
                 best=winner,  # the winner the text and metrics.png name: one star, one row
+                plateau=plateau,
             )
         )
     )
@@ -413,13 +441,21 @@ def _rows(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> list[l
                 fit or f"{row.sigma_rel:.3f}",  # type: ignore[union-attr]
                 fit or f"{row.fit_error:.1e}",  # type: ignore[union-attr]
                 fit or f"{row.gain:.2f}",  # type: ignore[union-attr]
-                f"{d['precision']:.3f}",
-                f"{d['tail_recall']:.3f}",
-                f"{d['mean_log_density']:.2f}",
-                f"{d['twig_coverage']:.2f}",
+                _pm(d, "precision", 3),
+                _pm(d, "tail_recall", 3),
+                _pm(d, "mean_log_density", 2),
+                _pm(d, "twig_coverage", 2),
             ]
         )
     return out
+
+
+def _pm(metrics: dict[str, float], name: str, digits: int) -> str:
+    """A metric with its standard error, where one is known (not for exact samples)."""
+    text = f"{metrics[name]:.{digits}f}"
+    if name + SPREAD in metrics:
+        text += f" ± {metrics[name + SPREAD]:.{digits}f}"
+    return text
 
 
 def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
@@ -429,15 +465,44 @@ def _table(final: SweepResult, best: SweepRow, truth: dict[str, float]) -> str:
     return "\n".join([line(HEADER), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _winner(final: SweepResult, best: SweepRow) -> str:
-    """One sentence naming the winner and what it beats."""
+def _plateau(
+    final: SweepResult, best: SweepRow, on_twig: dict[str, torch.Tensor]
+) -> list[SweepRow]:
+    """The winner, then every length at the end its samples cannot tell from it, by value. The
+    samples of all lengths come from the same noise, so they compare pairwise: a length is on
+    the plateau when the mean of its per-sample differences from the winner (on a twig or not)
+    is within PLATEAU_SE standard errors of that mean, a much finer test than the two metrics'
+    own spreads combined."""
+    near = []
+    for r in final.rows:
+        if r is best or r.label not in on_twig:
+            continue
+        d = on_twig[best.label] - on_twig[r.label]
+        if abs(float(d.mean())) <= PLATEAU_SE * float(d.std()) / len(d) ** 0.5:
+            near.append(r)
+    return [best, *sorted(near, key=lambda r: (-1 if MODE == "max" else 1) * r.metrics[PRIMARY])]
+
+
+def _winner(final: SweepResult, plateau: list[SweepRow]) -> str:
+    """Names the winner, what it beats, and the lengths its samples cannot tell from it."""
+    best, others = plateau[0], plateau[1:]
     label = METRIC_LABELS[PRIMARY].split(" (")[0]
+    se = best.spread(PRIMARY)
     text = (
         f"winner: {best.label} (sigma_rel {best.sigma_rel:.3f}), the highest {label} at the end "
-        f"of training, {best.metrics[PRIMARY]:.3f}"
+        f"of training, {best.metrics[PRIMARY]:.3f} ± {se:.3f}"
     )
     if final.raw is not None:
-        text += f" against {final.raw.metrics[PRIMARY]:.3f} for the raw weights"
+        raw = final.raw
+        text += (
+            f" against {raw.metrics[PRIMARY]:.3f} ± {raw.spread(PRIMARY):.3f} for the raw weights"
+        )
+    if others:
+        text += (
+            f"; a plateau rather than one winner: {', '.join(r.label for r in others)} "
+            f"({', '.join(f'{r.metrics[PRIMARY]:.3f}' for r in others)}) are within "
+            f"{PLATEAU_SE:g} standard errors of it, compared sample by sample"
+        )
     return text
 
 
@@ -445,7 +510,7 @@ def _report(
     out: Path,
     result: SweepResult,
     final: SweepResult,
-    best: SweepRow,
+    plateau: list[SweepRow],
     truth: dict[str, float],
     steps: int,
     diff: float,
@@ -453,6 +518,7 @@ def _report(
     saved: Sequence[str],
     samples: int,
 ) -> Path:
+    best = plateau[0]
     rows = _rows(final, best, truth)
     md = [
         "# phema demo",
@@ -465,7 +531,12 @@ def _report(
         "",
         "## Winner",
         "",
-        _winner(final, best) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
+        _winner(final, plateau) + f"; saved as `reconstructions/{Path(saved[0]).name}`.",
+        "",
+        f"± is one standard error over the {samples} samples (the standard error of a mean; "
+        f"twig coverage: {DRAWS} bootstrap resamples). The samples of every length come from "
+        "the same noise, so differences between lengths are less noisy than that: the plateau "
+        "compares each length with the winner sample by sample.",
         "",
         "Tail recall decides because the rare twigs are what the EMA length trades: averaging "
         "takes out the noise of the raw weights that scatters samples off them, and too long an "
@@ -492,6 +563,11 @@ def _report(
             f"| {r.t:g} | {r.sigma_rel:.3f} | {r.metrics[PRIMARY]:.3f} |"
             for r in result.best_by_time(PRIMARY, MODE)
         ),
+        "",
+        "Each earlier time is rebuilt from every snapshot, also those written after it (as "
+        "`phema.sweep(at=...)` does unless `causal=True`): the rows of earlier times use later "
+        "snapshots too, so they say which length is best at that time, not what could have been "
+        "known then.",
         "",
         f"Reconstruction at sigma_rel {TRACKED[1]} vs the tracker's own average rounded to fp16: "
         f"max |diff| {diff:.1e}.",

@@ -26,14 +26,16 @@ def plot_sweep(
     raw: SweepRow | None = None,
     best: SweepRow | None = None,
     per_time: Sequence[SweepRow] = (),
+    plateau: Sequence[SweepRow] = (),
+    left_out: Sequence[SweepRow] = (),
     references: Mapping[str, Mapping[str, float]] | None = None,
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> str:
     """Draws `sweep_figure` to `path` (PNG) and returns the path."""
     fig = sweep_figure(
-        rows, metrics, mode, raw=raw, best=best, per_time=per_time, references=references,
-        labels=labels, title=title,
+        rows, metrics, mode, raw=raw, best=best, per_time=per_time, plateau=plateau,
+        left_out=left_out, references=references, labels=labels, title=title,
     )  # fmt: skip
     return files.save_figure(fig, path, dpi=120, bbox_inches="tight", facecolor="white")
 
@@ -46,6 +48,8 @@ def sweep_figure(
     raw: SweepRow | None = None,
     best: SweepRow | None = None,
     per_time: Sequence[SweepRow] = (),
+    plateau: Sequence[SweepRow] = (),
+    left_out: Sequence[SweepRow] = (),
     references: Mapping[str, Mapping[str, float]] | None = None,
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
@@ -53,10 +57,13 @@ def sweep_figure(
     """The figure: every metric of `metrics` in a panel of its own, power targets as a line over
     their sigma_rel, classic decays as markers at their equivalent sigma_rel, the `raw` weights
     and each of `references` (name -> metric values) as horizontal lines, the `best` row starred
-    in every panel; the fit error and gain of every target below. Kernels of docs/kernels.md
-    (windows, merges, ...) among the rows: a panel per kind and metric instead, EMA lengths in
-    one of them. Rows of several times: a heatmap per metric, `per_time` (the best of each time)
-    circled."""
+    in every panel and the rest of its `plateau` (rows the spreads cannot tell from it) ringed
+    and named with it, spreads (`NAME.spread`) as bands and error bars, `left_out` targets (poor
+    fit) as crosses on the bottom edge; the fit error and gain of every target below. Kernels of
+    docs/kernels.md (windows, merges, ...) among the rows: a panel per kind and metric instead,
+    EMA lengths in one of them. Rows of several times: a heatmap per metric, `per_time` (the
+    best of each time) circled, and a note when earlier times were rebuilt from later snapshots
+    too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,13 +77,18 @@ def sweep_figure(
     elif any(_panel(r) != _EMA for r in rows):
         fig = _kinds(plt, rows, raw, metrics, best, dict(references or {}), names)
     else:
-        fig = _curve(plt, rows, raw, metrics, best, dict(references or {}), names)
+        out = [r for r in left_out if r.t in times and math.isfinite(r.sigma_rel)]
+        fig = _curve(plt, rows, raw, metrics, best, dict(references or {}), names, plateau, out)
     head = ""
     if best is not None:
         head = (
             f"best {metrics[0]} {best.metrics[metrics[0]]:.4g} at {best.label}, t={best.t:g}"
             f" ({'lowest' if mode == 'min' else 'highest'})"
         )
+        others = [r.label for r in plateau if r is not best]
+        if others:
+            shown = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if others[6:] else "")
+            head += f"; a plateau: {shown} within its spread"
     fig.suptitle("\n".join(s for s in (title, head) if s), fontsize=11)
     return fig
 
@@ -129,6 +141,12 @@ def _references(ax, references, metric, shown, first_color) -> None:  # noqa: AN
         ax.text(0.02, 0.03, "\n".join(far), transform=ax.transAxes, fontsize=7, va="bottom")
 
 
+def _spreads(rows: Sequence[SweepRow], metric: str) -> np.ndarray | None:
+    """The rows' standard errors of `metric`, or None when none is known."""
+    se = np.array([r.spread(metric) for r in rows])
+    return se if np.any(se > 0) else None
+
+
 # matplotlib objects are untyped here (noqa: ANN001, ANN202).
 def _kinds(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, ANN202
     """A row of panels per metric, a panel per kind: EMA lengths over their sigma_rel (log x),
@@ -174,10 +192,18 @@ def _kinds(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, 
 
 
 def _draw_ema(ax, groups, metric) -> None:  # noqa: ANN001
-    """Power targets as a line over their sigma_rel, classic decays as labelled markers."""
+    """Power targets as a line over their sigma_rel, classic decays as labelled markers; their
+    spreads (one standard error either side) as a band along a line, bars on markers."""
     for c, (name, members) in enumerate(groups.items()):
         x = [r.sigma_rel for r in members]
         y = [r.metrics[metric] for r in members]
+        se = _spreads(members, metric)
+        if se is not None:
+            if name.startswith("power"):
+                ax.fill_between(x, np.subtract(y, se), np.add(y, se), color=f"C{c}", alpha=0.2,
+                                lw=0)  # fmt: skip
+            else:
+                ax.errorbar(x, y, yerr=se, fmt="none", color=f"C{c}", capsize=2)
         if name.startswith("power"):
             ax.plot(x, y, "o-", ms=3, color=f"C{c}", label=name)
         else:
@@ -186,7 +212,7 @@ def _draw_ema(ax, groups, metric) -> None:  # noqa: ANN001
                 ax.annotate(f"{r.value:g}", (r.sigma_rel, r.metrics[metric]), fontsize=7)
 
 
-def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, ANN202
+def _curve(plt, rows, raw, metrics, best, references, labels, plateau=(), left_out=()):  # noqa: ANN001, ANN202
     n = max(len(metrics), 1)
     fig = plt.figure(figsize=(7, 6) if n == 1 else (4.2 * n, 6.4), layout="constrained")
     grid = fig.add_gridspec(2, n, height_ratios=[3, 1.3])
@@ -198,12 +224,29 @@ def _curve(plt, rows, raw, metrics, best, references, labels):  # noqa: ANN001, 
         shown = [r.metrics[metric] for r in rows]
         if raw is not None and metric in raw.metrics:
             top.axhline(raw.metrics[metric], color="gray", ls="--", label="raw weights")
+            if raw.spread(metric) > 0:
+                v, se = raw.metrics[metric], raw.spread(metric)
+                top.axhspan(v - se, v + se, color="gray", alpha=0.12, lw=0)
             shown.append(raw.metrics[metric])
         _references(top, references, metric, shown, len(groups))
         if best is not None and metric in best.metrics:
             top.plot(
                 [best.sigma_rel], [best.metrics[metric]], "*", ms=16, color=_BEST,
                 label=f"best by {metrics[0]}: {best.label}", linestyle="none",
+            )  # fmt: skip
+            near = [r for r in plateau if r is not best and metric in r.metrics]
+            if near:
+                top.plot(
+                    [r.sigma_rel for r in near], [r.metrics[metric] for r in near], "o", ms=10,
+                    mfc="none", mec=_BEST, mew=1.2, linestyle="none",
+                    label=f"within the spread of the best by {metrics[0]}",
+                )  # fmt: skip
+        if left_out:
+            # No value to draw: a cross on the bottom edge where each left-out target lies.
+            top.plot(
+                [r.sigma_rel for r in left_out], [0.0] * len(left_out), "x", ms=7, color="gray",
+                clip_on=False, transform=top.get_xaxis_transform(), linestyle="none",
+                label="left out (poor fit)",
             )  # fmt: skip
         _log_x(top)
         top.set_title(labels.get(metric, metric), fontsize=10)
@@ -269,6 +312,12 @@ def _heatmap(plt, rows, per_time, times, metrics, best, labels):  # noqa: ANN001
         ax.set_title(labels.get(metric, metric), fontsize=10)
         ax.set_xlabel("sigma_rel (white: left out, poor fit)")
         ax.set_ylabel("training time t")
+    if any(r.targets is not None and not r.targets.causal for r in rows):
+        fig.supxlabel(
+            "Each time is rebuilt from every snapshot, also those written after it: earlier "
+            "times use later snapshots too (causal=True: only those up to the time).",
+            fontsize=8,
+        )
     return fig
 
 

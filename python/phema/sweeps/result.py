@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from phema.errors import InvalidValueError
@@ -14,7 +14,11 @@ from phema.plan import make_plan
 from phema.reconstruction import write_outputs
 from phema.store import Store
 from phema.sweeps.plot import plot_sweep
-from phema.sweeps.rows import SweepRow
+from phema.sweeps.rows import SPREAD, SweepRow
+
+# Rows whose value differs from the best's by less than this many standard errors of the
+# difference are on its plateau: about 95 % of such differences are noise.
+PLATEAU_SE = 2.0
 
 
 @dataclass
@@ -26,6 +30,8 @@ class SweepResult:
     store: Store
     raw: SweepRow | None = None
     dtype: str | None = None  # the model's own (float) dtype: what `save_best` writes
+    # Targets left out for a poor fit (no metrics): figures show them as such.
+    left_out: list[SweepRow] = field(default_factory=list)
 
     @property
     def table(self) -> list[dict[str, Any]]:
@@ -34,8 +40,11 @@ class SweepResult:
 
     @property
     def metric_names(self) -> list[str]:
-        """Every metric name, in order of first appearance."""
-        return list(dict.fromkeys(m for r in self.rows for m in r.metrics))
+        """Every metric name, in order of first appearance (spreads, `NAME.spread`, are not
+        metrics of their own)."""
+        return list(
+            dict.fromkeys(m for r in self.rows for m in r.metrics if not m.endswith(SPREAD))
+        )
 
     def best(self, metric: str | None = None, mode: str = "min") -> SweepRow:
         """The row with the lowest (`mode="min"`) or highest (`"max"`) `metric` (default: the
@@ -48,6 +57,26 @@ class SweepResult:
             raise InvalidValueError(f"no row has a finite value of {metric!r}")
         sign = 1 if mode == "min" else -1
         return min(scored, key=lambda r: sign * r.metrics[metric])
+
+    def plateau(
+        self, metric: str | None = None, mode: str = "min", best: SweepRow | None = None
+    ) -> list[SweepRow]:
+        """The rows at the best's time that the spreads cannot tell from `best` (default: the
+        best row): the difference of their values is under `PLATEAU_SE` standard errors of it
+        (the rows' spreads combined as independent; without spreads only equal values). Best
+        first, then by value."""
+        metric = self._metric(metric)
+        best = best or self.best(metric, mode)
+        top, top_se = best.metrics[metric], best.spread(metric)
+        near = []
+        for r in self.rows:
+            v = r.metrics.get(metric, math.nan)
+            if r is best or r.t != best.t or not math.isfinite(v):
+                continue
+            if abs(v - top) <= PLATEAU_SE * math.hypot(top_se, r.spread(metric)):
+                near.append(r)
+        near.sort(key=lambda r: (-1 if mode == "max" else 1) * r.metrics[metric])
+        return [best, *near]
 
     def best_by_time(self, metric: str | None = None, mode: str = "min") -> list[SweepRow]:
         """The best power-EMA row (`sigma_rel` or `gamma` targets) of each time, by time: how
@@ -86,8 +115,14 @@ class SweepResult:
             raise InvalidValueError(
                 f"t={t:g}: the sweep has rows at t={', '.join(f'{x:g}' for x in times)}"
             )
+        left_out = [r for r in self.left_out if math.isclose(r.t, t, rel_tol=1e-12)]
         return SweepResult(
-            rows=rows, notes=self.notes, store=self.store, raw=self.raw, dtype=self.dtype
+            rows=rows,
+            notes=self.notes,
+            store=self.store,
+            raw=self.raw,
+            dtype=self.dtype,
+            left_out=left_out,
         )
 
     def plot(
@@ -100,12 +135,15 @@ class SweepResult:
         labels: Mapping[str, str] | None = None,
         title: str | None = None,
         best: SweepRow | None = None,
+        plateau: Sequence[SweepRow] | None = None,
     ) -> str:
         """Draws the sweep to `path` (see `plot_sweep`): one panel per metric of `metric` (a name
         or several; the best is by the first, `mode` "min" or "max"), `references` (name ->
         metric values) as horizontal lines, `labels` as panel titles; returns the path. `best`
         stars a row chosen elsewhere (the winner another figure or the text names), else the
-        best of the rows drawn."""
+        best of the rows drawn; the rows of its plateau are ringed and named with it (`plateau`:
+        rows judged elsewhere, e.g. by a paired comparison; default `self.plateau`), spreads
+        drawn as error bars, targets left out for a poor fit marked as such."""
         names = [metric] if metric is None or isinstance(metric, str) else list(metric)
         metrics = [self._metric(m) for m in names] if self.rows else []
         rows = [r for r in self.rows if metrics and metrics[0] in r.metrics]
@@ -114,6 +152,8 @@ class SweepResult:
         if best is None or best not in rows:
             best = SweepResult(rows, [], self.store).best(metrics[0], mode) if rows else None
         per_time = self.best_by_time(metrics[0], mode) if rows else []
+        if plateau is None and best is not None:
+            plateau = SweepResult(rows, [], self.store).plateau(metrics[0], mode, best)
         return plot_sweep(
             rows,
             os.fspath(path),
@@ -122,6 +162,8 @@ class SweepResult:
             raw=self.raw,
             best=best,
             per_time=per_time,
+            plateau=plateau or [],
+            left_out=self.left_out,
             references=references,
             labels=labels,
             title=title,

@@ -32,6 +32,10 @@ COLUMNS = (
 
 
 _RAW = "raw"
+#: An `evaluate` that returns `NAME + SPREAD` beside `NAME` gives that metric's spread: one
+#: standard error of its value (a bootstrap over samples, or the spread over seeds). Figures draw
+#: it and `SweepResult.plateau` uses it.
+SPREAD = ".spread"
 
 
 @dataclass
@@ -57,6 +61,11 @@ class SweepRow:
     def key(self) -> tuple[str, ...]:
         """What a result is for: target kind and value, time, per-tensor mapping, snapshots."""
         return (self.kind, repr(self.value), repr(self.t), self.tensors, self.vary, self.snapshots)
+
+    def spread(self, metric: str) -> float:
+        """The standard error `evaluate` gave for `metric` (`metric + SPREAD`), else 0."""
+        value = self.metrics.get(metric + SPREAD, 0.0)
+        return value if value == value else 0.0  # NaN: none known
 
     def as_dict(self) -> dict[str, Any]:
         """The row as CSV columns."""

@@ -142,6 +142,7 @@ def sweep(
         )
     done, _ = _read_results(results)
     rows: list[SweepRow] = []
+    left_out: list[SweepRow] = []
     jobs: list[tuple[Plan, list[int], list[SweepRow]]] = []
     for t in _times(store, at):
         targets = base.replace(at=t)
@@ -152,6 +153,7 @@ def sweep(
             poor = [plan.sol.targets[c].label for c in output.columns() if plan.sol.poor[c]]
             if poor:
                 notes.append(f"t={row.t:g}: {row.label} left out (poor fit of {', '.join(poor)})")
+                left_out.append(row)
             elif row.key in done:
                 row.metrics = done[row.key]
                 rows.append(row)
@@ -188,7 +190,9 @@ def sweep(
         saved.restore()
     floats = (p.dtype for p in model.parameters() if p.is_floating_point())
     dtype = str(next(floats, "float16")).removeprefix("torch.")
-    result = SweepResult(rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype)
+    result = SweepResult(
+        rows=rows, notes=notes, store=store, raw=raw_row, dtype=dtype, left_out=left_out
+    )
     if log_to is not None:
         log_sweep(result, log_to, log_dir)
     return result
@@ -265,8 +269,10 @@ def _run(
         raise
     finally:
         stop.set()
-        # A waiting worker sees `stop` within 0.1 s; a pass under way ends at its cancel.
-        worker.join()
+        # A waiting worker sees `stop` within 0.1 s; a pass under way ends at its cancel. One
+        # that could not start (no thread left) has nothing to wait for: its error propagates.
+        if worker.ident is not None:
+            worker.join()
         if bar is not None:
             bar.close()
         saved.restore()

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,9 @@ class PostHocEMA:
             "phema.model": model_name(module),
             meta.RUN_ID: self.run_id,
         }
+        floats = Counter(x.dtype for x in self._tracked.floats)
+        if floats:
+            metadata[meta.MODEL_DTYPE] = str(floats.most_common(1)[0][0]).removeprefix("torch.")
         if run is not None:
             metadata["phema.run"] = run
         if self._tracked.tied:
