@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_128;
 
 use crate::error::{PhemaError, Result};
 use crate::header::{parse_header, read_header};
@@ -26,24 +26,24 @@ pub fn placeholder() -> String {
 }
 
 /// Hashes a file's bytes in the order they are written.
-pub struct Hasher(Xxh3);
+pub struct Hasher(XxHash3_128);
 
 impl Hasher {
     /// A hasher started on the header JSON (holding the placeholder).
     pub fn new(header_json: &[u8]) -> Self {
-        let mut h = Xxh3::new();
-        h.update(header_json);
+        let mut h = XxHash3_128::new();
+        h.write(header_json);
         Hasher(h)
     }
 
     /// Adds the next bytes of data.
     pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        self.0.write(bytes);
     }
 
     /// The value to record.
     pub fn value(&self) -> String {
-        format!("{ALGORITHM}{:0width$x}", self.0.digest128(), width = DIGITS)
+        format!("{ALGORITHM}{:0width$x}", self.0.finish_128(), width = DIGITS)
     }
 }
 
@@ -204,6 +204,41 @@ mod tests {
             ));
             f.write_all_at(&original[at..at + 1], at as u64).unwrap();
             assert_eq!(verify(&p).unwrap(), Verified::Ok);
+        }
+    }
+
+    /// XXH3-128 (seed 0) of `(31 i + 7) mod 256` for `i < n`, from the reference C library
+    /// (xxHash 0.8, `XXH3_128bits`): the values every stored checksum was computed as.
+    const REFERENCE: [(usize, &str); 12] = [
+        (0, "99aa06d3014798d86001c324468d497f"),
+        (1, "495b62073ef70ca44c5cca45d0f4811f"),
+        (3, "46f66cb93538156515f7093b173d005c"),
+        (16, "650fe308c566747df853dd94614dfa07"),
+        (17, "18217300b5132d5a78c349fe81b2f26c"),
+        (128, "b4f87b99d2db8a511e04fad9f0cacb4d"),
+        (129, "6881633650cd8924c51bc887976aef63"),
+        (240, "de57aab31e77a2ff93e173833f75ab66"),
+        (241, "92b991a7192f3f080b3b630948ce4a00"),
+        (1024, "4c17271c906df79223bc880ebf0d29c6"),
+        (1025, "70a4eb1b9691d77fc09fdfbc398c7d82"),
+        (100_003, "cb5ebd34f7252f19e0950e66cf107fe8"),
+    ];
+
+    #[test]
+    fn the_hash_is_the_reference_xxh3_128_fed_whole_or_in_any_pieces() {
+        for (n, want) in REFERENCE {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 31 + 7) as u8).collect();
+            let want = format!("{ALGORITHM}{want}");
+            assert_eq!(Hasher::new(&bytes).value(), want, "{n} bytes whole");
+            // Pieces that straddle the 64-byte stripes and 1024-byte blocks of XXH3.
+            for piece in [1, 7, 63, 65, 1000, 4099] {
+                let first = piece.min(n);
+                let mut h = Hasher::new(&bytes[..first]);
+                for chunk in bytes[first..].chunks(piece) {
+                    h.update(chunk);
+                }
+                assert_eq!(h.value(), want, "{n} bytes in pieces of {piece}");
+            }
         }
     }
 
