@@ -462,10 +462,14 @@ def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
     for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
         if len(out) == MAX_TARGETS:
             raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
+        if isinstance(v, (bool, np.bool_)):
+            raise InvalidValueError(f"{what}: {v!r} is a boolean, not a number")
         try:
             x = float(v)
         except (TypeError, ValueError):
             raise InvalidValueError(f"{what}: {v!r} is not a number") from None
+        except OverflowError:
+            raise InvalidValueError(f"{what}: {v!r} is not a finite number") from None
         if not math.isfinite(x):
             raise InvalidValueError(f"{what}: {x} is not a finite number")
         out.append(x)
@@ -555,9 +559,10 @@ def _noise(records: list[Any], noise: float | str) -> float:
             raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+    [x] = _as_list(noise, "noise")
+    if not x >= 0:
         raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
-    return float(noise)
+    return x
 
 
 def kernel_pairs(
@@ -716,10 +721,7 @@ def _target_time(ts: list[float], at: float | None) -> float:
     t_last = max(ts)
     if at is None:
         return t_last
-    try:
-        at = float(at)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"at={at!r}: expected a time") from None
+    [at] = _as_list(at, f"at={at!r}")
     if not (0 < at <= t_last * (1 + 1e-12)):
         raise InvalidValueError(
             f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})"

@@ -1,0 +1,117 @@
+"""Hostile values and conditions (issue 23's classes): numbers at the edges of every parameter,
+files changed under a running job, concurrent writers, closed pipes and terminals, resource
+limits. Each is one clear error naming the value or file, with nothing partial left behind."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import phema
+
+HUGE = 10**400  # an int with no float
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"sigma_rels": HUGE}, "not a finite number"),
+        ({"gammas": [0.5, HUGE]}, "not a finite number"),
+        ({"betas": True}, "boolean"),
+        ({"halflives": HUGE}, "not a finite number"),
+        ({"sigma_rels": 0.1, "dt": HUGE}, "dt"),
+        ({"sigma_rels": 0.1, "at": HUGE}, "at="),
+        ({"sigma_rels": 0.1, "at": True}, "boolean"),
+        ({"sigma_rels": 0.1, "noise": HUGE}, "noise"),
+        ({"sigma_rels": 0.1, "noise": True}, "boolean"),
+        ({"windows": HUGE}, "windows"),
+        ({"last": HUGE}, "last"),
+        ({"merges": [("linear", True)]}, "boolean"),
+        ({"bema": {"gamma": True}}, "boolean"),
+        # Below the width of any representable gamma: no exponent to average with.
+        ({"sigma_rels": 1e-300}, "sigma_rel=1e-300"),
+    ],
+)
+def test_numbers_without_a_float_and_booleans_are_refused_by_solve(small_store, kwargs, needle):
+    path, _ = small_store
+    with pytest.raises(ValueError, match=needle):
+        phema.solve(path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"gammas": 1e308},  # gave NaN weights
+        {"gammas": 1e200},  # gave fit error 0
+        {"halflives": 1e-300},  # gave fit error 0
+        {"windows": 1e-300},  # gave fit error inf
+        {"merges": [("cosine", 5e-324)]},  # gave fit error inf
+        {"sigma_rels": 0.1, "at": 5e-324},  # gave fit error 0
+    ],
+)
+def test_targets_too_narrow_for_double_precision_are_refused_not_fitted(small_store, kwargs):
+    path, _ = small_store
+    with pytest.raises(ValueError, match="too narrow for double precision"):
+        phema.solve(path, **kwargs)
+
+
+def test_targets_at_the_edge_still_give_a_meaningful_fit(small_store):
+    """What stays accepted gives finite weights summing to 1 and a fit error in [0, 1+]: a
+    very narrow target is a poor fit (error ~1), not a perfect one."""
+    path, _ = small_store
+    sol = phema.solve(path, gammas=[0.0, 1e20], halflives=1e-3, windows=1e-6)
+    assert np.isfinite(sol.weights).all()
+    np.testing.assert_allclose(sol.weights.sum(axis=0), 1.0, atol=1e-9)
+    assert sol.fit_error[0] < 0.9 and (sol.fit_error[1:] > 0.9).all() and sol.poor[1:].all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"sigma_rels": HUGE}, "sigma_rels"),
+        ({"sigma_rels": [0.05, True]}, "boolean"),
+        ({"gammas": HUGE}, "gammas"),
+        ({"sigma_rels": 1e-300}, "sigma_rel=1e-300"),
+        ({"snapshot_every": True}, "snapshot_every"),
+        ({"snapshot_every": HUGE}, "snapshot_every"),
+        ({"snapshot_every": "10"}, "snapshot_every"),
+        ({"max_pending": True}, "max_pending"),
+    ],
+)
+def test_tracker_parameters_at_the_edges_are_refused(tmp_path, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        phema.PostHocEMA(torch.nn.Linear(2, 2), tmp_path / "s", final_snapshot=False, **kwargs)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+
+
+def test_update_times_without_a_float_or_too_fine_for_snapshot_every_are_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ema = phema.PostHocEMA(model, tmp_path / "a", sigma_rels=0.1, final_snapshot=False)
+    ema.update(t=1)
+    for t in (HUGE, math.inf, math.nan):
+        with pytest.raises(ValueError, match="update"):
+            ema.update(t=t)
+    ema.update(t=2)  # the refused times changed nothing
+    ema.close()
+    # t / snapshot_every overflows: no interval count to tell when to write.
+    tiny = phema.PostHocEMA(
+        model, tmp_path / "b", sigma_rels=0.1, snapshot_every=5e-324, final_snapshot=False
+    )
+    with pytest.raises(ValueError, match="snapshot_every=5e-324"):
+        tiny.update()
+    tiny.close()
+
+
+def test_output_sizes_and_weights_without_a_float_are_refused(small_store, tmp_path):
+    path, _ = small_store
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="shard_size"):
+        phema.reconstruct(path, sigma_rels=0.1, out=out, shard_size=HUGE)
+    files = [s.path for s in phema.open_store(path).snapshots[:2]]
+    for weights in ([HUGE, 1.0], [True, 0.0]):
+        with pytest.raises(ValueError, match="weights"):
+            phema.average(files, weights=weights, out=out)
+    assert not out.exists()
