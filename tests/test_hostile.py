@@ -5,10 +5,14 @@ limits. Each is one clear error naming the value or file, with nothing partial l
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import phema
 
@@ -115,3 +119,25 @@ def test_output_sizes_and_weights_without_a_float_are_refused(small_store, tmp_p
         with pytest.raises(ValueError, match="weights"):
             phema.average(files, weights=weights, out=out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_command_run_with_stdout_or_stderr_closed_still_does_its_work(
+    small_store, tmp_path, closed
+):
+    """`phema reconstruct ... 2>&-` (a cron job, a detached terminal): Python sees the closed
+    stream as None; the outputs are written all the same, and a refused value still exits 2."""
+    path, data = small_store
+    out = tmp_path / "out"
+
+    def run(*args: str) -> int:
+        cmd = [sys.executable, "-m", "phema", "reconstruct", str(path), *args, "--out", str(out)]
+        return subprocess.run(
+            cmd, preexec_fn=lambda: os.close(closed), stdin=subprocess.DEVNULL, timeout=120
+        ).returncode
+
+    assert run("--sigma-rel", "nan") == 2 and not out.exists()
+    assert run("--sigma-rel", "0.1", "--dtype", "f32") == 0
+    got = load_file(out / "sigma_rel-0.100.safetensors")
+    want = phema.reconstruct_state_dict(path, sigma_rel=0.1)
+    np.testing.assert_array_equal(got["layer.bias"].numpy(), want["layer.bias"])

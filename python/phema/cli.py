@@ -840,6 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `phema` and `python -m phema`."""
+    # A standard stream closed before phema started (`2>&-`) is None in Python: its messages
+    # go nowhere rather than failing the command at the first one.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
