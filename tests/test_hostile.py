@@ -141,3 +141,45 @@ def test_a_command_run_with_stdout_or_stderr_closed_still_does_its_work(
     got = load_file(out / "sigma_rel-0.100.safetensors")
     want = phema.reconstruct_state_dict(path, sigma_rel=0.1)
     np.testing.assert_array_equal(got["layer.bias"].numpy(), want["layer.bias"])
+
+
+@pytest.mark.parametrize("change", ["same size, other data", "truncated", "deleted"])
+def test_a_snapshot_changed_during_a_sweep_stops_it_naming_the_file(small_store, tmp_path, change):
+    """Between two targets of a sweep a listed snapshot changes: the sweep stops with one error
+    naming it, the model holds its own weights again and only finished rows are in the results."""
+    path, _ = small_store
+    store = phema.open_store(path)
+    victim = max(store.snapshots, key=lambda s: s.t).path  # every target reads the last time
+    model = torch.nn.Module()
+    model.layer = torch.nn.Module()
+    model.layer.weight = torch.nn.Parameter(torch.zeros(64, 33))
+    model.layer.bias = torch.nn.Parameter(torch.zeros(33))
+    model.big = torch.nn.Parameter(torch.zeros(phema._core.CHUNK + 77))
+    model.register_buffer("step", torch.zeros(1, dtype=torch.int64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[float] = []
+
+    def evaluate(m: torch.nn.Module) -> float:
+        seen.append(float(m.layer.bias.detach().sum()))
+        if len(seen) == 1:
+            data = bytearray(open(victim, "rb").read())
+            if change == "deleted":
+                os.remove(victim)
+                return seen[-1]
+            if change == "truncated":
+                data = data[:-64]
+            else:
+                data[-100] ^= 0x55
+            open(f"{victim}.new", "wb").write(bytes(data))
+            os.replace(f"{victim}.new", victim)  # no moment without the file
+        return seen[-1]
+
+    results = tmp_path / "results.csv"
+    with pytest.raises((phema.StoreError, OSError), match=os.path.basename(victim)):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.05, 0.07, 0.09], results=results, batch=1)
+    # The next target is read while one is evaluated: it may have been read before the change.
+    assert len(seen) in (1, 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    rows = results.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["sigma_rel-0.050", "sigma_rel-0.070"][: len(seen)]
