@@ -183,3 +183,38 @@ def test_a_snapshot_changed_during_a_sweep_stops_it_naming_the_file(small_store,
         assert torch.equal(v, before[k]), k
     rows = results.read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["sigma_rel-0.050", "sigma_rel-0.070"][: len(seen)]
+
+
+def test_a_full_disk_fails_the_reconstruction_naming_the_output_and_keeps_what_was_there(
+    small_store, tmp_path
+):
+    """A real ENOSPC (a 1.5 MiB tmpfs, where mounting is allowed): exit 2 naming the output,
+    no partial file, the output already there and the snapshots untouched."""
+    path, _ = small_store
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store_before = {p.name: p.read_bytes() for p in path.iterdir()}
+        out = disk / "out"
+
+        def cli(sigma_rel: str) -> subprocess.CompletedProcess[str]:
+            argv = ["reconstruct", str(path), "--sigma-rel", sigma_rel, "--out", str(out)]
+            return subprocess.run(
+                [sys.executable, "-m", "phema", *argv, "-q", "--dtype", "f32"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        assert cli("0.07").returncode == 0  # ~1.06 MB in fp32: fits once
+        kept = (out / "sigma_rel-0.070.safetensors").read_bytes()
+        r = cli("0.08")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "sigma_rel-0.080" in r.stderr and "No space left" in r.stderr, r.stderr
+        assert sorted(os.listdir(out)) == ["sigma_rel-0.070.safetensors"]
+        assert (out / "sigma_rel-0.070.safetensors").read_bytes() == kept
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == store_before
+    finally:
+        subprocess.run(["umount", str(disk)])
