@@ -4,6 +4,7 @@ limits. Each is one clear error naming the value or file, with nothing partial l
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import phema
+from phema.cli import main
 
 HUGE = 10**400  # an int with no float
 
@@ -218,3 +220,14 @@ def test_a_full_disk_fails_the_reconstruction_naming_the_output_and_keeps_what_w
         assert {p.name: p.read_bytes() for p in path.iterdir()} == store_before
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_a_target_option_given_twice_means_both_lists(small_store, capsys):
+    """`--sigma-rel 0.07 --sigma-rel 0.08` solved for 0.08 alone: the first value was dropped
+    without a word."""
+    path, _ = small_store
+    assert main(["solve", str(path), "--sigma-rel", "0.07", "--sigma-rel", "0.08", "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert main(["solve", str(path), "--sigma-rel", "0.07,0.08", "--json"]) == 0
+    assert twice == json.loads(capsys.readouterr().out)
+    assert [t["sigma_rel"] for t in twice["targets"]] == pytest.approx([0.07, 0.08])
