@@ -1,17 +1,16 @@
 //! The reconstruction engine (docs/design.md): `out_k[name] = sum_i x[i, k] * snapshot_i[name]` for all
 //! targets in one pass over the snapshots, read in bounded chunks, spread over all cores.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use crate::checksum::{resume, Hasher, NOT_IN_PLACE};
+use crate::checksum::{InOrder, Verified, NOT_IN_PLACE};
 use crate::codec::{decode, encode_into, has_nonfinite};
 use crate::error::{PhemaError, Result};
 use crate::header::{is_float, open_regular, read_header, read_open, Header, TensorEntry};
@@ -312,7 +311,7 @@ struct OpenFile {
     path: PathBuf,
     /// Its header JSON as stored.
     json: Vec<u8>,
-    check: Option<Checker>,
+    check: Option<InOrder>,
 }
 
 /// Where an input's bytes come from.
@@ -345,7 +344,7 @@ impl Opened {
         let f = &self.files[file];
         read_at(f, at, buf)?;
         if let Some(check) = &f.check {
-            check.take(f, at, buf)?;
+            check.take(at, buf, |at, b| read_at(f, at, b))?;
         }
         Ok(s.dtype)
     }
@@ -425,155 +424,6 @@ fn plan_read_ahead(opened: &mut [Opened], items: &[(usize, usize, usize)]) {
 /// Work items in flight when inputs are on object storage (one ranged read each at a time).
 const REMOTE_READS: usize = 16;
 
-/// Bytes of data read ahead of the hashed prefix that the checkers of one run may hold; beyond
-/// it, such a range is read again when the prefix reaches it.
-const HOLD: usize = 64 << 20;
-
-/// Verifies the checksum a file records (docs/store-format.md) from the byte ranges the engine
-/// reads of it, in whatever order and from whatever thread they come: the checksum is a hash of
-/// the bytes in file order, so a range that starts where the hashed prefix ends is hashed at
-/// once, and one further on is kept until the prefix reaches it (within [`HOLD`]; beyond it,
-/// read again then). Bytes no work item reads (tensors nobody takes, gaps) are read when the
-/// prefix reaches them.
-struct Checker {
-    recorded: String,
-    /// Bytes all checkers of the run hold.
-    held: Arc<AtomicUsize>,
-    state: Mutex<Ordered>,
-}
-
-/// The hashed prefix of a file and the ranges beyond it.
-struct Ordered {
-    hasher: Hasher,
-    /// Where the hashed prefix ends.
-    cursor: u64,
-    ahead: BTreeMap<u64, Piece>,
-}
-
-/// A range beyond the hashed prefix: its bytes, or its length when they are to be read again.
-enum Piece {
-    Held(Vec<u8>),
-    Later(u64),
-}
-
-impl Checker {
-    /// The check of `f` when it records a checksum; `covered` are the byte ranges `(start, len)`
-    /// the work items read of it.
-    fn new(
-        f: &OpenFile,
-        recorded: String,
-        mut covered: Vec<(u64, u64)>,
-        held: Arc<AtomicUsize>,
-    ) -> Result<Self> {
-        let mut json = f.json.clone();
-        let hasher = resume(&mut json).ok_or_else(|| mismatch(&f.path, &recorded, NOT_IN_PLACE))?;
-        let mut ahead = BTreeMap::new();
-        let mut end = 8 + f.json.len() as u64;
-        covered.sort_unstable();
-        for (start, len) in covered {
-            if start > end {
-                ahead.insert(end, Piece::Later(start - end));
-            }
-            end = end.max(start + len);
-        }
-        Ok(Checker {
-            recorded,
-            held,
-            state: Mutex::new(Ordered {
-                hasher,
-                cursor: 8 + f.json.len() as u64,
-                ahead,
-            }),
-        })
-    }
-
-    /// Takes the bytes `bytes` read at `at` of `f`.
-    fn take(&self, f: &OpenFile, at: u64, bytes: &[u8]) -> Result<()> {
-        let held = &*self.held;
-        let mut st = self.state.lock().map_err(|_| poisoned())?;
-        st.drain(f, held)?;
-        // A range read twice (a non-float tensor compared across inputs) is taken once.
-        if bytes.is_empty() || at < st.cursor || st.ahead.contains_key(&at) {
-            return Ok(());
-        }
-        let len = bytes.len() as u64;
-        if at == st.cursor {
-            st.hasher.update(bytes);
-            st.cursor += len;
-            return st.drain(f, held);
-        }
-        let piece = if held.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len() <= HOLD {
-            Piece::Held(bytes.to_vec())
-        } else {
-            held.fetch_sub(bytes.len(), Ordering::Relaxed);
-            Piece::Later(len)
-        };
-        st.ahead.insert(at, piece);
-        Ok(())
-    }
-
-    /// Hashes the rest of `f` and compares with the recorded value.
-    fn finish(&self, f: &OpenFile) -> Result<()> {
-        let held = &*self.held;
-        let mut st = self.state.lock().map_err(|_| poisoned())?;
-        let size = f.size()?;
-        loop {
-            st.drain(f, held)?;
-            if st.cursor >= size {
-                break;
-            }
-            // A range that was to be read but was not (an early end of a comparison).
-            let next = st.ahead.keys().next().copied().unwrap_or(size);
-            let at = st.cursor;
-            st.hash_from(f, at, next - at)?;
-        }
-        let computed = st.hasher.value();
-        if computed != self.recorded {
-            return Err(mismatch(&f.path, &self.recorded, &computed));
-        }
-        Ok(())
-    }
-}
-
-impl Ordered {
-    /// Hashes the ranges that continue the prefix.
-    fn drain(&mut self, f: &OpenFile, held: &AtomicUsize) -> Result<()> {
-        while let Some(entry) = self.ahead.first_entry() {
-            let at = *entry.key();
-            if at > self.cursor {
-                break;
-            }
-            let piece = entry.remove();
-            if at < self.cursor {
-                continue;
-            }
-            match piece {
-                Piece::Held(bytes) => {
-                    self.hasher.update(&bytes);
-                    self.cursor += bytes.len() as u64;
-                    held.fetch_sub(bytes.len(), Ordering::Relaxed);
-                }
-                Piece::Later(len) => self.hash_from(f, at, len)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads `len` bytes of `f` from `at` (the cursor) into the hash.
-    fn hash_from(&mut self, f: &OpenFile, at: u64, len: u64) -> Result<()> {
-        let mut buf = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            read_at(f, at + done, &mut buf[..n])?;
-            self.hasher.update(&buf[..n]);
-            done += n as u64;
-        }
-        self.cursor = at + len;
-        Ok(())
-    }
-}
-
 fn mismatch(path: &Path, recorded: &str, computed: &str) -> PhemaError {
     PhemaError::Store(format!(
         "{}: the data differ from the checksum recorded when it was written (recorded \
@@ -581,10 +431,6 @@ fn mismatch(path: &Path, recorded: &str, computed: &str) -> PhemaError {
          verify=False (--no-verify) to read it anyway",
         path.display()
     ))
-}
-
-fn poisoned() -> PhemaError {
-    PhemaError::Invalid("a checksum check failed in another thread".into())
 }
 
 fn changed(path: &Path) -> PhemaError {
@@ -634,26 +480,24 @@ fn open(header: &Header) -> Result<OpenFile> {
 }
 
 /// Starts the checksum check of every file of `o` that records one: `o` is read whole.
-fn check_all(o: &mut Opened, headers: &[Header], held: &Arc<AtomicUsize>) -> Result<()> {
-    for (fi, (f, h)) in o.files.iter_mut().zip(headers).enumerate() {
+fn check_all(o: &mut Opened, headers: &[Header]) -> Result<()> {
+    for (f, h) in o.files.iter_mut().zip(headers) {
         let Some(recorded) = h.metadata.get(CHECKSUM) else {
             continue;
         };
-        let covered = o
-            .segments
-            .iter()
-            .flatten()
-            .filter(|s| s.file == fi)
-            .map(|s| (s.byte_offset, (s.len * (s.dtype.bitsize() / 8)) as u64))
-            .collect();
-        f.check = Some(Checker::new(
-            f,
-            recorded.clone(),
-            covered,
-            Arc::clone(held),
-        )?);
+        let check = InOrder::new(&f.json, recorded.clone())
+            .ok_or_else(|| mismatch(&f.path, recorded, NOT_IN_PLACE))?;
+        f.check = Some(check);
     }
     Ok(())
+}
+
+/// Hashes the rest of `f`, whose checksum is being checked, and compares.
+fn finish_check(f: &OpenFile, check: &InOrder) -> Result<()> {
+    match check.finish(f.size()?, |at, b| read_at(f, at, b))? {
+        Verified::Mismatch { recorded, computed } => Err(mismatch(&f.path, &recorded, &computed)),
+        Verified::Ok | Verified::NotRecorded => Ok(()),
+    }
 }
 
 /// Lets this process hold `needed` more open files: every input stays open for the whole run,
@@ -716,7 +560,6 @@ pub fn combine(
     let read_all = wanted.iter().all(|o| !o.is_empty());
     // Checksums are verified where whole files are read anyway: when every tensor is wanted.
     let verify = read_all && !plan.skip_verify;
-    let held = Arc::new(AtomicUsize::new(0));
     let mut opened = Vec::with_capacity(used.len());
     for &i in &used {
         let segments = inputs[i].align(&layout)?;
@@ -727,7 +570,7 @@ pub fn combine(
             .collect::<Result<Vec<_>>>()?;
         let mut o = Opened { files, segments };
         if verify {
-            check_all(&mut o, &inputs[i].files, &held)?;
+            check_all(&mut o, &inputs[i].files)?;
         }
         opened.push(o);
     }
@@ -808,7 +651,7 @@ pub fn combine(
     };
     // Items are handed out in order, one at a time to whichever thread is free, so each file is
     // read front to back but for the few items in flight: its checksum is then computed as it
-    // is read, holding only those few items' bytes.
+    // is read.
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let worker = || -> Result<()> {
@@ -843,7 +686,7 @@ pub fn combine(
     opened
         .par_iter()
         .flat_map(|o| &o.files)
-        .try_for_each(|f| f.check.as_ref().map_or(Ok(()), |c| c.finish(f)))?;
+        .try_for_each(|f| f.check.as_ref().map_or(Ok(()), |c| finish_check(f, c)))?;
     // A cancel that came after the last item still means: commit nothing.
     if progress.cancel.load(Ordering::Relaxed) {
         return Err(PhemaError::Cancelled);
@@ -1014,11 +857,13 @@ fn combine_chunk(
     raw.resize_with(nm, Vec::new);
     staged.resize(nm * bs, 0.0);
     block.resize(kk * bs, 0.0);
-    // Each item starts reading at another input: threads working on neighbouring items then
-    // rarely wait for the same file's checksum at once.
+    // Each item starts reading one input before the previous item did: a thread on the next
+    // item, started at the same time, reads every file but one a step after this one, so the
+    // pieces of each file mostly reach its checksum in file order (not read again for it) and
+    // the threads seldom want the same file's lock at once.
     let mut dtypes = vec![Dtype::F32; nm];
     for j in 0..nm {
-        let i = (index * 7 + j) % nm;
+        let i = (j + nm - index % nm) % nm;
         dtypes[i] = opened[i].read(ti, start, len, &mut raw[i])?;
     }
     // Where each output's encoded item starts in `out`, and the column it takes.
@@ -1541,46 +1386,6 @@ pub(crate) mod tests {
         let dirty = run(true).unwrap();
         let i = 70000 - a.offset as usize % 2;
         assert_ne!(clean[0][0][i], dirty[0][0][i]);
-    }
-
-    #[test]
-    fn the_checksum_is_computed_from_ranges_taken_in_any_order_held_or_read_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let source = two_tensor_snapshot(&dir.path().join("s.st"), 0.5);
-        let h = &source.files[0];
-        let ranges: Vec<(u64, u64)> = h
-            .tensors
-            .iter()
-            .flat_map(|t| {
-                (0..t.nbytes)
-                    .step_by(40_000)
-                    .map(move |o| (t.offset + o, (t.nbytes - o).min(40_000)))
-            })
-            .collect();
-        let bytes = std::fs::read(&h.path).unwrap();
-        // Held in memory, and (the budget spent) read again from the file.
-        for spent in [0, HOLD] {
-            for flip in [false, true] {
-                let mut o = Opened {
-                    files: vec![open(h).unwrap()],
-                    segments: source.align(&layout_of(&source).unwrap()).unwrap(),
-                };
-                check_all(&mut o, &source.files, &Arc::new(AtomicUsize::new(spent))).unwrap();
-                let f = &o.files[0];
-                let check = f.check.as_ref().unwrap();
-                // Last range first, the others backwards and one taken twice; a flipped bit in
-                // a range held in memory is found.
-                for &(at, len) in ranges.iter().rev().chain(&ranges[2..3]) {
-                    let mut piece = bytes[at as usize..(at + len) as usize].to_vec();
-                    if flip && at == ranges[1].0 && spent == 0 {
-                        piece[5] ^= 1;
-                    }
-                    check.take(f, at, &piece).unwrap();
-                }
-                let found = check.finish(f);
-                assert_eq!(found.is_err(), flip && spent == 0, "{spent} {flip}");
-            }
-        }
     }
 
     #[test]

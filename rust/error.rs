@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PhemaError {
     /// A numeric argument outside its valid range (or NaN).
-    #[error("{name}={value} is out of range: {expected}")]
+    #[error("{name}={} is out of range: {expected}", number(*value))]
     OutOfRange {
         /// The argument's name as the user wrote it.
         name: &'static str,
@@ -82,5 +82,15 @@ impl PhemaError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// `x` as people write it: plain digits in the usual range, an exponent for the very small or
+/// large (1e-300, not 300 zeros).
+pub fn number(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-5..1e16).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
     }
 }

@@ -28,11 +28,15 @@ fn sigma_rel_of(gamma: f64) -> f64 {
 /// Exponent `gamma` of the power profile whose relative width is `sigma_rel`: the largest real
 /// root of `g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0`.
 pub fn sigma_rel_to_gamma(sigma_rel: f64) -> Result<f64> {
-    if !(sigma_rel > 0.0 && sigma_rel < SIGMA_REL_MAX) {
+    // Below the width of gamma = e^60 (~9e-27) the bisection below has no root to find.
+    let sigma_min = sigma_rel_of(60.0_f64.exp());
+    if !(sigma_rel >= sigma_min && sigma_rel < SIGMA_REL_MAX) {
         return Err(PhemaError::OutOfRange {
             name: "sigma_rel",
             value: sigma_rel,
-            expected: format!("must lie in (0, {SIGMA_REL_MAX:.4}) (12^-0.5 is gamma = 0)"),
+            expected: format!(
+                "must lie in [{sigma_min:.3e}, {SIGMA_REL_MAX:.4}) (12^-0.5 is gamma = 0)"
+            ),
         });
     }
     // sigma_rel(gamma) falls monotonically on (0, inf): bisect in log(gamma), which converges for

@@ -5,7 +5,7 @@ use faer::prelude::Solve;
 use faer::{Mat, Side};
 use rayon::prelude::*;
 
-use crate::error::{PhemaError, Result};
+use crate::error::{number, PhemaError, Result};
 use crate::kernel::{self, inner, Density, Kernel};
 use crate::profile::{integrate, Profile};
 
@@ -123,6 +123,21 @@ pub fn solve_densities(
             "the target ending at t={} is not square-integrable: no least-squares fit exists",
             t.t()
         )));
+    }
+    // A profile so narrow (or so early) that its squared norm overflows double precision, or a
+    // window below the resolution of its end time, would give a fit error of 0, inf or NaN.
+    for (what, set) in [("target", targets), ("snapshot", snapshots)] {
+        for d in set {
+            let norm2 = inner(d, d);
+            if !(norm2.is_finite() && norm2 > 0.0) {
+                return Err(PhemaError::Unsolvable(format!(
+                    "the {what} ending at t={} is too narrow for double precision (its squared \
+                     norm is {}): no fit can be computed; give a wider target or a later time",
+                    number(d.t()),
+                    number(norm2)
+                )));
+            }
+        }
     }
     let first = snapshots
         .iter()

@@ -104,12 +104,14 @@ def average(
         ],
     )
     try:
+        if weights is not None and any(isinstance(x, (bool, np.bool_)) for x in weights):
+            raise TypeError
         w = (
             np.full(len(inputs), 1.0 / len(inputs))
             if weights is None
             else np.asarray(weights, float)
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidValueError(
             f"weights={weights!r}: expected one number per checkpoint"
         ) from None

@@ -37,6 +37,21 @@ MAX_THREADS = 1024
 MAX_DEMO_STEPS = 10_000_000
 
 
+class Joined(argparse.Action):
+    """A list option given more than once means all its lists (`--sigma-rel 0.05 --sigma-rel
+    0.1` is `--sigma-rel 0.05,0.1`), not the last one alone."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
 def parse_list(text: str) -> list[float]:
     """`0.05,0.1` or an inclusive range `a:b:step` (both may be mixed: `0.01:0.05:0.01,0.2`);
     finite numbers only, at most MAX_LIST of them."""
@@ -659,13 +674,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def targets(s: argparse.ArgumentParser, times: str = "one") -> None:
         s.add_argument("store", metavar="STORE", help=STORE_HELP)
-        s.add_argument("--sigma-rel", help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)")
-        s.add_argument("--gamma", help="power-function exponents, e.g. 6.94,16.97")
-        s.add_argument("--beta", help="classic EMA decays per --dt, e.g. 0.999,0.9999")
-        s.add_argument("--halflife", help="classic EMA half-lives in time units")
+        s.add_argument(
+            "--sigma-rel",
+            action=Joined,
+            help="list, e.g. 0.05,0.1 or 0.01:0.25:0.01 (inclusive)",
+        )
+        s.add_argument("--gamma", action=Joined, help="power-function exponents, e.g. 6.94,16.97")
+        s.add_argument(
+            "--beta", action=Joined, help="classic EMA decays per --dt, e.g. 0.999,0.9999"
+        )
+        s.add_argument("--halflife", action=Joined, help="classic EMA half-lives in time units")
         s.add_argument("--dt", type=float, default=1.0, help="time units per update for --beta")
-        s.add_argument("--window", help="uniform averages over these lengths, e.g. 2000,20%%")
-        s.add_argument("--last", help="averages of the last N checkpoints, e.g. 4,8")
+        s.add_argument(
+            "--window", action=Joined, help="uniform averages over these lengths, e.g. 2000,20%%"
+        )
+        s.add_argument("--last", action=Joined, help="averages of the last N checkpoints, e.g. 4,8")
         s.add_argument(
             "--merge",
             action="append",
@@ -850,6 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `phema` and `python -m phema`."""
+    # A standard stream closed before phema started (`2>&-`) is None in Python: its messages
+    # go nowhere rather than failing the command at the first one.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -17,6 +17,8 @@ from phema.cluster import combine_on_cluster
 def show_progress(progress: bool | None) -> bool:
     """Whether to show a progress bar: as asked, or by default when standard error is a
     terminal (every entry point's one default)."""
+    if sys.stderr is None:  # closed (pythonw, a daemon): nowhere to draw one
+        return False
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 

@@ -15,7 +15,6 @@ output replaces something of another kind: every writer calls it before doing an
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -123,6 +122,7 @@ def check_shard_size(shard_size: object) -> int | None:
         return None
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, float)):
         raise InvalidValueError(f"shard_size={shard_size!r}: expected a number of bytes")
-    if not (math.isfinite(shard_size) and 1 <= shard_size <= MAX_SHARD_SIZE):
+    # Compared as given: a huge int has no float, and nan compares false.
+    if not 1 <= shard_size <= MAX_SHARD_SIZE:
         raise InvalidValueError(f"shard_size={shard_size!r}: expected 1 to 2**63 bytes")
     return int(shard_size)

@@ -454,9 +454,11 @@ def _noise(records: list[Any], noise: float | str) -> float:
             raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
         dtypes = {_field(r, "dtype") or "F16" for r in records}
         noise = max(NOISE_BY_DTYPE.get(d, _core.NOISE_FLOAT16) for d in dtypes)
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise InvalidValueError(f"noise={noise!r}: expected a number >= 0 or 'auto'")
-    return float(noise)
+    x = _finite(noise)
+    if x is None or not x >= 0:
+        what = " (a boolean)" if isinstance(noise, bool | np.bool_) else ""
+        raise InvalidValueError(f"noise={noise!r}{what}: expected a number >= 0 or 'auto'")
+    return x
 
 
 def _solve_kernels(
@@ -571,14 +573,26 @@ def _records(snapshots: Any) -> list[Any]:
         ) from None
 
 
+def _finite(value: Any) -> float | None:
+    """`value` as a finite float; None for anything else (booleans, text, overflowing ints).
+    Entry points check their values in `targets`; this guards direct callers."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _target_time(ts: list[float], at: float | None) -> float:
     t_last = max(ts)
     if at is None:
         return t_last
-    try:
-        at = float(at)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"at={at!r}: expected a time") from None
+    given, at = at, _finite(at)
+    if at is None:
+        what = "a boolean" if isinstance(given, bool | np.bool_) else "not a finite number"
+        raise InvalidValueError(f"at={given!r} is {what}: expected a time (a finite number)")
     if not (0 < at <= t_last * (1 + 1e-12)):
         raise InvalidValueError(
             f"at={at} is outside (0, {t_last}] (the last snapshot is at t={t_last})"

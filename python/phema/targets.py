@@ -354,24 +354,6 @@ def _check_decay(kind: str, value: float, dt: float) -> None:
         raise InvalidValueError(f"{kind}={value!r} (dt={dt!r}): a decay too fast to represent")
 
 
-def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
-    """`values` (one number or several) as finite floats, at most MAX_TARGETS of them."""
-    if values is None:
-        return []
-    out: list[float] = []
-    for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
-        if len(out) == MAX_TARGETS:
-            raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise InvalidValueError(f"{what}: {v!r} is not a number") from None
-        if not math.isfinite(x):
-            raise InvalidValueError(f"{what}: {x} is not a finite number")
-        out.append(x)
-    return out
-
-
 def kernel_pairs(
     windows: Any = None,
     last: Any = None,
@@ -394,6 +376,28 @@ def kernel_pairs(
     out.extend(
         ("mix", mix_value(v, allow_extrapolation)) for v in _many(mixes, mapping=True, pair=True)
     )
+    return out
+
+
+def _as_list(values: Iterable[float] | float | None, what: str) -> list[float]:
+    """`values` (one number or several) as finite floats, at most MAX_TARGETS of them."""
+    if values is None:
+        return []
+    out: list[float] = []
+    for v in [values] if np.ndim(values) == 0 else values:  # type: ignore[union-attr]
+        if len(out) == MAX_TARGETS:
+            raise InvalidValueError(f"{what}: more than {MAX_TARGETS} targets")
+        if isinstance(v, (bool, np.bool_)):
+            raise InvalidValueError(f"{what}: {v!r} is a boolean, not a number")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise InvalidValueError(f"{what}: {v!r} is not a number") from None
+        except OverflowError:
+            raise InvalidValueError(f"{what}: {v!r} is not a finite number") from None
+        if not math.isfinite(x):
+            raise InvalidValueError(f"{what}: {x} is not a finite number")
+        out.append(x)
     return out
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,7 +24,7 @@ from phema.store import normalize_dtype
 from phema.tracker.accumulators import Accumulators
 from phema.tracker.distributed import agreed_run_id, other_rank, sharding
 from phema.tracker.model import Tracked, model_name, unwrap
-from phema.tracker.profiles import Profiles, next_time
+from phema.tracker.profiles import Profiles, is_number, next_time
 from phema.tracker.state import Resume, checked_state, make_state
 from phema.tracker.writer import MAX_PENDING, SnapshotWriteError, SnapshotWriter
 
@@ -110,10 +112,16 @@ class PostHocEMA:
         self._profiles = Profiles.of(sigma_rels, gammas, cumulative)
         self.sigma_rels = self._profiles.sigma_rels
         self.gammas = self._profiles.gammas
-        if snapshot_every is not None and not snapshot_every > 0:
-            raise InvalidValueError(f"snapshot_every must be > 0 (or None), got {snapshot_every!r}")
+        if snapshot_every is not None and not (
+            is_number(snapshot_every) and 0 < snapshot_every <= sys.float_info.max
+        ):
+            raise InvalidValueError(
+                f"snapshot_every must be a finite number > 0 (or None), got {snapshot_every!r}"
+            )
         dtype = normalize_dtype(str(dtype))
-        if not (isinstance(max_pending, int) and 1 <= max_pending <= MAX_PENDING):
+        if not (is_number(max_pending) and isinstance(max_pending, int)) or not (
+            1 <= max_pending <= MAX_PENDING
+        ):
             raise InvalidValueError(f"max_pending must be 1 to {MAX_PENDING}, got {max_pending!r}")
         if not isinstance(final_snapshot, bool):
             raise InvalidTypeError(f"final_snapshot={final_snapshot!r}: expected True or False")
@@ -215,6 +223,11 @@ class PostHocEMA:
         self._tracked.check(full=False)
         t_prev = self._t
         t = next_time(t_prev, t)
+        if self._every is not None and t // self._every == math.inf:
+            raise InvalidValueError(
+                f"update(t={t!r}): snapshot_every={self._every!r} is too small to count "
+                "intervals up to it"
+            )
         try:
             self._accs.update(self._profiles.lerp_weights(t_prev, t))
         except RuntimeError:

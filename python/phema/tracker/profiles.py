@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from phema import naming
 from phema.errors import InvalidValueError
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
+from phema.targets import _as_list as numbers
 
 # Each profile is a model-sized accumulator.
 MAX_PROFILES = 64
@@ -34,12 +36,10 @@ class Profiles:
         if gammas is not None:
             if sigma_rels is not None:
                 raise InvalidValueError("give sigma_rels or gammas, not both")
-            gs = tuple(float(g) for g in as_tuple(gammas))
+            gs = tuple(numbers(gammas, "gammas"))
             profiles = cls(tuple(float(gamma_to_sigma_rel(g)) for g in gs), gs)
         else:
-            srs = tuple(
-                float(s) for s in as_tuple((0.05, 0.10) if sigma_rels is None else sigma_rels)
-            )
+            srs = tuple(numbers((0.05, 0.10) if sigma_rels is None else sigma_rels, "sigma_rels"))
             profiles = cls(srs, tuple(float(sigma_rel_to_gamma(s)) for s in srs))
         if cumulative:
             profiles = cls((*profiles.sigma_rels, gamma_to_sigma_rel(0.0)), (*profiles.gammas, 0.0))
@@ -104,7 +104,7 @@ def next_time(t_prev: int | float, t: Any) -> int | float:
     if not is_number(t):
         raise InvalidValueError(f"update(t={t!r}): t must be a number")
     t = t if isinstance(t, int) else float(t)
-    if not (t > t_prev and math.isfinite(t)):
+    if not (t > t_prev and t <= sys.float_info.max):  # a huge int has no float
         raise InvalidValueError(f"update(t={t!r}): t must be finite and > the last t={t_prev!r}")
     return t
 

@@ -1,0 +1,233 @@
+"""Hostile values and conditions (issue 23's classes): numbers at the edges of every parameter,
+files changed under a running job, concurrent writers, closed pipes and terminals, resource
+limits. Each is one clear error naming the value or file, with nothing partial left behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import phema
+from phema.cli import main
+
+HUGE = 10**400  # an int with no float
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"sigma_rels": HUGE}, "not a finite number"),
+        ({"gammas": [0.5, HUGE]}, "not a finite number"),
+        ({"betas": True}, "boolean"),
+        ({"halflives": HUGE}, "not a finite number"),
+        ({"sigma_rels": 0.1, "dt": HUGE}, "dt"),
+        ({"sigma_rels": 0.1, "at": HUGE}, "at="),
+        ({"sigma_rels": 0.1, "at": True}, "boolean"),
+        ({"sigma_rels": 0.1, "noise": HUGE}, "noise"),
+        ({"sigma_rels": 0.1, "noise": True}, "boolean"),
+        ({"windows": HUGE}, "windows"),
+        ({"last": HUGE}, "last"),
+        ({"merges": [("linear", True)]}, "boolean"),
+        ({"bema": {"gamma": True}}, "boolean"),
+        # Below the width of any representable gamma: no exponent to average with.
+        ({"sigma_rels": 1e-300}, "sigma_rel=1e-300"),
+    ],
+)
+def test_numbers_without_a_float_and_booleans_are_refused_by_solve(small_store, kwargs, needle):
+    path, _ = small_store
+    with pytest.raises(ValueError, match=needle):
+        phema.solve(path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"gammas": 1e308},  # gave NaN weights
+        {"gammas": 1e200},  # gave fit error 0
+        {"halflives": 1e-300},  # gave fit error 0
+        {"windows": 1e-300},  # gave fit error inf
+        {"merges": [("cosine", 5e-324)]},  # gave fit error inf
+        {"sigma_rels": 0.1, "at": 5e-324},  # gave fit error 0
+    ],
+)
+def test_targets_too_narrow_for_double_precision_are_refused_not_fitted(small_store, kwargs):
+    path, _ = small_store
+    with pytest.raises(ValueError, match="too narrow for double precision"):
+        phema.solve(path, **kwargs)
+
+
+def test_targets_at_the_edge_still_give_a_meaningful_fit(small_store):
+    """What stays accepted gives finite weights summing to 1 and a fit error in [0, 1+]: a
+    very narrow target is a poor fit (error ~1), not a perfect one."""
+    path, _ = small_store
+    sol = phema.solve(path, gammas=[0.0, 1e20], halflives=1e-3, windows=1e-6)
+    assert np.isfinite(sol.weights).all()
+    np.testing.assert_allclose(sol.weights.sum(axis=0), 1.0, atol=1e-9)
+    assert sol.fit_error[0] < 0.9 and (sol.fit_error[1:] > 0.9).all() and sol.poor[1:].all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"sigma_rels": HUGE}, "sigma_rels"),
+        ({"sigma_rels": [0.05, True]}, "boolean"),
+        ({"gammas": HUGE}, "gammas"),
+        ({"sigma_rels": 1e-300}, "sigma_rel=1e-300"),
+        ({"snapshot_every": True}, "snapshot_every"),
+        ({"snapshot_every": HUGE}, "snapshot_every"),
+        ({"snapshot_every": "10"}, "snapshot_every"),
+        ({"max_pending": True}, "max_pending"),
+    ],
+)
+def test_tracker_parameters_at_the_edges_are_refused(tmp_path, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        phema.PostHocEMA(torch.nn.Linear(2, 2), tmp_path / "s", final_snapshot=False, **kwargs)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+
+
+def test_update_times_without_a_float_or_too_fine_for_snapshot_every_are_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ema = phema.PostHocEMA(model, tmp_path / "a", sigma_rels=0.1, final_snapshot=False)
+    ema.update(t=1)
+    for t in (HUGE, math.inf, math.nan):
+        with pytest.raises(ValueError, match="update"):
+            ema.update(t=t)
+    ema.update(t=2)  # the refused times changed nothing
+    ema.close()
+    # t / snapshot_every overflows: no interval count to tell when to write.
+    tiny = phema.PostHocEMA(
+        model, tmp_path / "b", sigma_rels=0.1, snapshot_every=5e-324, final_snapshot=False
+    )
+    with pytest.raises(ValueError, match="snapshot_every=5e-324"):
+        tiny.update()
+    tiny.close()
+
+
+def test_output_sizes_and_weights_without_a_float_are_refused(small_store, tmp_path):
+    path, _ = small_store
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="shard_size"):
+        phema.reconstruct(path, sigma_rels=0.1, out=out, shard_size=HUGE)
+    files = [s.path for s in phema.open_store(path).snapshots[:2]]
+    for weights in ([HUGE, 1.0], [True, 0.0]):
+        with pytest.raises(ValueError, match="weights"):
+            phema.average(files, weights=weights, out=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_command_run_with_stdout_or_stderr_closed_still_does_its_work(
+    small_store, tmp_path, closed
+):
+    """`phema reconstruct ... 2>&-` (a cron job, a detached terminal): Python sees the closed
+    stream as None; the outputs are written all the same, and a refused value still exits 2."""
+    path, data = small_store
+    out = tmp_path / "out"
+
+    def run(*args: str) -> int:
+        cmd = [sys.executable, "-m", "phema", "reconstruct", str(path), *args, "--out", str(out)]
+        return subprocess.run(
+            cmd, preexec_fn=lambda: os.close(closed), stdin=subprocess.DEVNULL, timeout=120
+        ).returncode
+
+    assert run("--sigma-rel", "nan") == 2 and not out.exists()
+    assert run("--sigma-rel", "0.1", "--dtype", "f32") == 0
+    got = load_file(out / "sigma_rel-0.100.safetensors")
+    want = phema.reconstruct_state_dict(path, sigma_rel=0.1)
+    np.testing.assert_array_equal(got["layer.bias"].numpy(), want["layer.bias"])
+
+
+@pytest.mark.parametrize("change", ["same size, other data", "truncated", "deleted"])
+def test_a_snapshot_changed_during_a_sweep_stops_it_naming_the_file(small_store, tmp_path, change):
+    """Between two targets of a sweep a listed snapshot changes: the sweep stops with one error
+    naming it, the model holds its own weights again and only finished rows are in the results."""
+    path, _ = small_store
+    store = phema.open_store(path)
+    victim = max(store.snapshots, key=lambda s: s.t).path  # every target reads the last time
+    model = torch.nn.Module()
+    model.layer = torch.nn.Module()
+    model.layer.weight = torch.nn.Parameter(torch.zeros(64, 33))
+    model.layer.bias = torch.nn.Parameter(torch.zeros(33))
+    model.big = torch.nn.Parameter(torch.zeros(phema._core.CHUNK + 77))
+    model.register_buffer("step", torch.zeros(1, dtype=torch.int64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[float] = []
+
+    def evaluate(m: torch.nn.Module) -> float:
+        seen.append(float(m.layer.bias.detach().sum()))
+        if len(seen) == 1:
+            data = bytearray(open(victim, "rb").read())
+            if change == "deleted":
+                os.remove(victim)
+                return seen[-1]
+            if change == "truncated":
+                data = data[:-64]
+            else:
+                data[-100] ^= 0x55
+            open(f"{victim}.new", "wb").write(bytes(data))
+            os.replace(f"{victim}.new", victim)  # no moment without the file
+        return seen[-1]
+
+    results = tmp_path / "results.csv"
+    with pytest.raises((phema.StoreError, OSError), match=os.path.basename(victim)):
+        phema.sweep(store, model, evaluate, sigma_rels=[0.05, 0.07, 0.09], results=results, batch=1)
+    # The next target is read while one is evaluated: it may have been read before the change.
+    assert len(seen) in (1, 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    rows = results.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["sigma_rel-0.050", "sigma_rel-0.070"][: len(seen)]
+
+
+def test_a_full_disk_fails_the_reconstruction_naming_the_output_and_keeps_what_was_there(
+    small_store, tmp_path
+):
+    """A real ENOSPC (a 1.5 MiB tmpfs, where mounting is allowed): exit 2 naming the output,
+    no partial file, the output already there and the snapshots untouched."""
+    path, _ = small_store
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store_before = {p.name: p.read_bytes() for p in path.iterdir()}
+        out = disk / "out"
+
+        def cli(sigma_rel: str) -> subprocess.CompletedProcess[str]:
+            argv = ["reconstruct", str(path), "--sigma-rel", sigma_rel, "--out", str(out)]
+            return subprocess.run(
+                [sys.executable, "-m", "phema", *argv, "-q", "--dtype", "f32"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        assert cli("0.07").returncode == 0  # ~1.06 MB in fp32: fits once
+        kept = (out / "sigma_rel-0.070.safetensors").read_bytes()
+        r = cli("0.08")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "sigma_rel-0.080" in r.stderr and "No space left" in r.stderr, r.stderr
+        assert sorted(os.listdir(out)) == ["sigma_rel-0.070.safetensors"]
+        assert (out / "sigma_rel-0.070.safetensors").read_bytes() == kept
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == store_before
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_target_option_given_twice_means_both_lists(small_store, capsys):
+    """`--sigma-rel 0.07 --sigma-rel 0.08` solved for 0.08 alone: the first value was dropped
+    without a word."""
+    path, _ = small_store
+    assert main(["solve", str(path), "--sigma-rel", "0.07", "--sigma-rel", "0.08", "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert main(["solve", str(path), "--sigma-rel", "0.07,0.08", "--json"]) == 0
+    assert twice == json.loads(capsys.readouterr().out)
+    assert [t["sigma_rel"] for t in twice["targets"]] == pytest.approx([0.07, 0.08])
