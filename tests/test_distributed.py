@@ -159,6 +159,11 @@ def test_cli_workers_and_scheduler(client, tmp_path, capsys):
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
     assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err
+    # More local processes than cores only compete for them (a thousand exhaust the machine):
+    # refused before any is started.
+    many = str((os.cpu_count() or 1) + 1)
+    assert main([*args, "--out", str(tmp_path / "c"), "--workers", many]) == 2
+    assert f"--workers {many}" in capsys.readouterr().err and not (tmp_path / "c").exists()
     # Two one-file outputs, one per worker, each task reading every snapshot: the summary gives
     # the store's size on disk, and the tasks' total apart from it.
     both = ["reconstruct", str(store), "--sigma-rel", "0.07,0.09", "--out", str(tmp_path / "d")]

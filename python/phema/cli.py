@@ -358,8 +358,14 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         return
     if args.scheduler is not None and args.workers is not None:
         raise UserError("give --scheduler or --workers, not both")
-    if args.workers is not None and not 1 <= args.workers <= MAX_THREADS:
-        raise UserError(f"--workers {args.workers}: need 1 to {MAX_THREADS}")
+    cores = os.cpu_count() or 1
+    if args.workers is not None and not 1 <= args.workers <= cores:
+        # Each worker is a process with its own engine: more than the cores only compete for them
+        # (a thousand of them exhaust the machine).
+        raise UserError(
+            f"--workers {args.workers}: a local cluster takes 1 to {cores} processes, one per "
+            "core of this machine; for more machines give --scheduler"
+        )
     from phema.cluster import connect
 
     try:
