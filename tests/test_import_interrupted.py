@@ -32,6 +32,10 @@ def source(tmp_path_factory):
     return src
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(src, stores: dict[int, object]) -> None:
     """Runs one import per store at once, each in a process sent its signal once its first
     snapshot is committed (processes start slowly: they run side by side)."""
@@ -42,6 +46,8 @@ def interrupted(src, stores: dict[int, object]) -> None:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # As from a terminal: pytest-xdist's workers ignore SIGINT, and children inherit it.
+            preexec_fn=_default_sigint,
         )
         for sig, store in stores.items()
     }

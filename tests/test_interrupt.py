@@ -33,12 +33,15 @@ def test_ctrl_c_mid_reconstruction_leaves_nothing_behind(tmp_path, capsys):
     args = ["reconstruct", str(tmp_path / "store"), "--sigma-rel", sigmas, "--out"]
     stop = threading.Event()
     watcher = threading.Thread(target=_interrupt_when_writing, args=(tmp_path / "out", stop))
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal (pytest-xdist's workers ignore SIGINT).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher.start()
     try:
         code = main([*args, str(tmp_path / "out"), "--dtype", "f32", "-q"])
     finally:
         stop.set()
         watcher.join()
+        signal.signal(signal.SIGINT, before)
     assert code == 130, capsys.readouterr()
     assert "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "out")) == ["earlier.safetensors"]
