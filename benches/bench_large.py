@@ -63,11 +63,13 @@ def read_floor(paths: list[str], threads: int) -> float:
 def run_measured(code: str, *args: str) -> tuple[float, float]:
     """Runs `code` in a fresh process after dropping the cache: (seconds, peak RSS in MB)."""
     drop_caches()
+    # VmHWM, not ru_maxrss: Linux copies the parent's high-water mark into ru_maxrss across
+    # fork+exec, and this process held a snapshot's arrays while writing the store.
     probe = (
-        "import resource, sys, time, json\n"
+        "import sys, time, json\n"
         "t0 = time.perf_counter()\n" + code + "\n"
-        "print(json.dumps([time.perf_counter() - t0, "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print(json.dumps([time.perf_counter() - t0, int(hwm.split()[1]) / 1024]))"
     )
     out = subprocess.check_output([sys.executable, "-c", probe, *args], text=True)
     seconds, rss = json.loads(out.strip().splitlines()[-1])
