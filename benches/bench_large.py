@@ -117,6 +117,33 @@ def report(name: str, phema_s: float, rss: float, floors: dict[int, float], nbyt
           f"(goal <= {GOAL_RSS_MB:.0f} MB)")  # fmt: skip
 
 
+def one_target(args: argparse.Namespace, mem: int, out: str) -> None:
+    """The store part: one target against the cold read floors of the snapshots it reads."""
+    store = os.path.join(args.dir, "store")
+    t0 = time.perf_counter()
+    make_store(store, int(args.params))
+    st = phema.open_store(store)
+    print(f"store: {len(st.snapshots)} snapshots, {sum(s.size for s in st.snapshots) / 1e9:.1f}"
+          f" GB (RAM {mem / 1e9:.1f} GB), written in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    stats: dict = {}
+    phema.reconstruct(st, sigma_rels=0.08, out=out, stats=stats, progress=False)
+    used = [st.snapshots[i].path for i in stats["read"]]
+    nbytes = sum(os.path.getsize(p) for p in used)
+    floors = {k: read_floor(used, k) for k in (1, 2, 4)}
+    shutil.rmtree(out)
+    seconds, rss = run_measured(
+        "import phema; phema.reconstruct(sys.argv[1], sigma_rels=0.08, out=sys.argv[2], "
+        "progress=False)",
+        store,
+        out,
+    )
+    print(f"one target: {len(used)} snapshots read, {nbytes / 1e9:.1f} GB")
+    report("phema, 1 target", seconds, rss, floors, nbytes)
+    shutil.rmtree(out, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(store)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=os.path.join(ROOT, "bench-data", "large"))
@@ -124,33 +151,13 @@ def main() -> None:
     ap.add_argument("--avg-params", type=float, default=2.5e9)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--skip-average", action="store_true")
+    ap.add_argument("--skip-store", action="store_true")
     args = ap.parse_args()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = os.path.join(args.dir, "out")
     try:
-        store = os.path.join(args.dir, "store")
-        t0 = time.perf_counter()
-        make_store(store, int(args.params))
-        st = phema.open_store(store)
-        print(f"store: {len(st.snapshots)} snapshots, {sum(s.size for s in st.snapshots) / 1e9:.1f}"
-              f" GB (RAM {mem / 1e9:.1f} GB), written in {time.perf_counter() - t0:.0f} s")  # fmt: skip
-        stats: dict = {}
-        out = os.path.join(args.dir, "out")
-        phema.reconstruct(st, sigma_rels=0.08, out=out, stats=stats, progress=False)
-        used = [st.snapshots[i].path for i in stats["read"]]
-        nbytes = sum(os.path.getsize(p) for p in used)
-        floors = {k: read_floor(used, k) for k in (1, 2, 4)}
-        shutil.rmtree(out)
-        seconds, rss = run_measured(
-            "import phema; phema.reconstruct(sys.argv[1], sigma_rels=0.08, out=sys.argv[2], "
-            "progress=False)",
-            store,
-            out,
-        )
-        print(f"one target: {len(used)} snapshots read, {nbytes / 1e9:.1f} GB")
-        report("phema, 1 target", seconds, rss, floors, nbytes)
-        shutil.rmtree(out, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(store)
+        if not args.skip_store:
+            one_target(args, mem, out)
         if args.skip_average:
             return
         ckpts = make_checkpoints(os.path.join(args.dir, "ckpts"), int(args.avg_params))
