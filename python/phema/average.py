@@ -163,12 +163,7 @@ def average(
             "shard_size": shard_size or 2**63,
         }
         matrix = np.ascontiguousarray(w[:, None])
-        if client is not None and locations.is_remote(out):
-            raise InvalidValueError(
-                f"out={out}: a cluster's workers write to a shared directory; with client= "
-                "give a local or shared output directory"
-            )
-        with locations.staged_output(out) as (local, final):
+        with locations.staged_output(out, cluster=client is not None) as (local, final):
             paths_out, run_stats = combine_to_files(
                 sources,
                 matrix,

@@ -127,19 +127,25 @@ def _publish_order(path: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+def staged_output(out: str | os.PathLike[str], cluster: bool = False) -> Iterator[tuple[str, Any]]:
     """The local directory to write the outputs of `out` into, and a function mapping a local
     path written there to where it ends up.
 
     For a local `out` that is `out` itself. For a URL it is a fresh staging directory (under
     `PHEMA_STAGING`, else the system's temporary directory) whose files are uploaded under `out`
     when the block ends without error, each only when whole and none replacing an object that is
-    there; the staging directory is removed in any case."""
+    there; the staging directory is removed in any case. A `cluster`'s workers write to a shared
+    directory, which a staging directory on this machine is not: refused for a URL."""
     out = os.fspath(out)
     if not is_remote(out):
         yield out, lambda p: p
         return
     check(out)
+    if cluster:
+        raise InvalidValueError(
+            f"out={out}: a cluster's workers write to a shared directory; with client= give a "
+            "local or shared output directory (reading a store on object storage works)"
+        )
     root = os.environ.get("PHEMA_STAGING") or None
     stage = tempfile.mkdtemp(prefix="phema-staging-", dir=root)
 

@@ -228,13 +228,8 @@ def _write(
         return _write_files(
             store, plan, out, dtype, layout, per_rank, progress, stats, client, verify
         )
-    if client is not None:
-        raise InvalidValueError(
-            f"out={out}: a cluster's workers write to a shared directory; with client= give a "
-            "local or shared output directory (reading a store on object storage works)"
-        )
     # On object storage: written whole into a staging directory, then published.
-    with locations.staged_output(out) as (local, final):
+    with locations.staged_output(out, cluster=client is not None) as (local, final):
         result = _write_files(
             store, plan, local, dtype, layout, per_rank, progress, stats, client, verify
         )
