@@ -43,9 +43,10 @@ def like_layout(like: str | os.PathLike[str]) -> LikeLayout:
     `save_pretrained` directory, or a Trainer's `checkpoint-N/`) for outputs that load like it."""
     like = os.fspath(like)
     locations.check(like)
-    if not locations.isdir(like):
+    found = locations.entries(like)
+    if found is None:
         raise InvalidValueError(f"like={like}: not a checkpoint directory")
-    sizes = locations.files_in(like)
+    sizes = found[0]
     names = sorted(sizes)
     weights = [n for n in LIKE_WEIGHTS if n in names]
     indexes = [n for n in LIKE_WEIGHTS if n + ".index.json" in names]
@@ -258,9 +259,10 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
     locations.check(path)
     if locations.isfile(path):
         return [path]
-    if not locations.isdir(path):
+    found = locations.entries(path)
+    if found is None:
         raise FileNotFoundError(f"{path}: no such file or directory")
-    present = locations.files_in(path)
+    present = found[0]
     index = next((n for n in (INDEX, DIFFUSERS_INDEX) if n in present), None)
     if index is not None:
         index = locations.join(path, index)
@@ -293,9 +295,10 @@ def not_a_checkpoint(path: str) -> str | None:
 
     A Trainer's output directory holds `checkpoint-N/` directories beside others: the phema
     callback's store (snapshots carry `phema.kind`), logs with no weights at all."""
-    if not locations.isdir(path):
+    found = locations.entries(path)
+    if found is None:
         return None
-    present = locations.files_in(path)
+    present = found[0]
     # `.metadata`: a PyTorch DCP checkpoint, which holds no safetensors file.
     if any(n in present for n in (INDEX, DIFFUSERS_INDEX, *LIKE_WEIGHTS, ".metadata")):
         return None

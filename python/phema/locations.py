@@ -55,15 +55,29 @@ def absolute(location: str | os.PathLike[str]) -> str:
     return location.rstrip("/") if is_remote(location) else os.path.abspath(location)
 
 
-def _listing(url: str) -> tuple[list[tuple[str, int]], list[str]]:
-    return _core.remote_list(url)
+def entries(location: str) -> tuple[dict[str, int], list[str]] | None:
+    """What a directory holds in one look (one listing on object storage): its files with their
+    sizes and its sub-directories; None when `location` is no directory (or an empty prefix)."""
+    if is_remote(location):
+        files, dirs = _core.remote_list(location)
+        return (dict(files), list(dirs)) if files or dirs else None
+    if not os.path.isdir(location):
+        return None
+    found: dict[str, int] = {}
+    dirs = []
+    for n in os.listdir(location):
+        path = os.path.join(location, n)
+        if os.path.isfile(path):
+            found[n] = os.path.getsize(path)
+        elif os.path.isdir(path):
+            dirs.append(n)
+    return found, dirs
 
 
 def isdir(location: str) -> bool:
     """A directory, or a prefix with something under it."""
     if is_remote(location):
-        files, dirs = _listing(location)
-        return bool(files or dirs)
+        return entries(location) is not None
     return os.path.isdir(location)
 
 
@@ -82,20 +96,14 @@ def exists(location: str) -> bool:
 def listdir(location: str) -> list[str]:
     """The names directly in a directory (objects and sub-prefixes under a prefix)."""
     if is_remote(location):
-        files, dirs = _listing(location)
-        return sorted([n for n, _ in files] + dirs)
+        files, dirs = entries(location) or ({}, [])
+        return sorted([*files, *dirs])
     return os.listdir(location)
 
 
 def files_in(location: str) -> dict[str, int]:
     """The files directly in a directory with their sizes (no sub-directories)."""
-    if is_remote(location):
-        return dict(_listing(location)[0])
-    return {
-        n: os.path.getsize(os.path.join(location, n))
-        for n in os.listdir(location)
-        if os.path.isfile(os.path.join(location, n))
-    }
+    return (entries(location) or ({}, []))[0]
 
 
 def size(location: str) -> int:
