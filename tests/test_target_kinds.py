@@ -2,7 +2,8 @@
 sweep, the CLI and Dask all rebuild sum_i w_i * snapshot_i (computed here with numpy from the
 stored snapshots) for the weights solve gives, and solve's weights for a gamma or a halflife are
 those of the sigma_rel or beta it converts to (docs/sweep.md: sigma_rel <-> gamma, beta =
-0.5 ** (1 / halflife))."""
+0.5 ** (1 / halflife)). The kernels of docs/kernels.md (windows, last, merges, bema, mixes) are
+solved from the store's raw snapshots; a mix takes exactly the weights it names."""
 
 from __future__ import annotations
 
@@ -17,16 +18,37 @@ from torch import nn
 import phema
 from conftest import make_store
 from phema.cli import main
+from phema.naming import snapshot_name
+from phema.store import write_snapshot
 
 HALFLIFE = 69.0
+# By file name: each time holds an average of each profile and the raw weights.
+MIX = {snapshot_name(800, "raw"): 0.25, snapshot_name(600, "raw"): 0.75}
 # kind, argument, value, and the same target as another kind (or None)
 KINDS = [
     ("sigma_rel", "sigma_rels", 0.1, None),
     ("gamma", "gammas", phema.sigma_rel_to_gamma(0.1), ("sigma_rels", 0.1)),
     ("beta", "betas", 0.99, None),
     ("halflife", "halflives", HALFLIFE, ("betas", 0.5 ** (1 / HALFLIFE))),
+    ("window", "windows", 300.0, None),
+    ("last", "last", 3, ("mixes", {snapshot_name(t, "raw"): 1 / 3 for t in (600, 700, 800)})),
+    ("merge", "merges", ("linear", 400.0), None),
+    ("bema", "bema", {"tau": 100, "phi": 200}, None),
+    ("mix", "mixes", MIX, None),
 ]
-FLAGS = {"sigma_rel": "--sigma-rel", "gamma": "--gamma", "beta": "--beta", "halflife": "--halflife"}
+# The same targets on the command line, and as reconstruct_state_dict's one-target keyword.
+CLI = {
+    "sigma_rel": ["--sigma-rel", "0.1"],
+    "gamma": ["--gamma", repr(phema.sigma_rel_to_gamma(0.1))],
+    "beta": ["--beta", "0.99"],
+    "halflife": ["--halflife", repr(HALFLIFE)],
+    "window": ["--window", "300"],
+    "last": ["--last", "3"],
+    "merge": ["--merge", "linear:400"],
+    "bema": ["--bema", "tau=100,phi=200"],
+    "mix": ["--mix", ",".join(f"{name}={w}" for name, w in MIX.items())],
+}
+ONE = {"mix": "mixes"}
 
 
 class Tiny(nn.Module):
@@ -40,7 +62,15 @@ class Tiny(nn.Module):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("kinds") / "store"
-    make_store(path, [100 * i for i in range(1, 9)], {"weight": (4, 3), "bias": (4,)})
+    times = [100 * i for i in range(1, 9)]
+    make_store(path, times, {"weight": (4, 3), "bias": (4,)})
+    rng = np.random.default_rng(1)
+    for t in times:  # the weights themselves beside the averages: what the kernels are made of
+        tensors = {"weight": rng.standard_normal((4, 3)), "bias": rng.standard_normal(4)}
+        tensors = {n: x.astype(np.float32) for n, x in tensors.items()}
+        tensors["step"] = np.array([t], dtype=np.int64)
+        meta = {"phema.version": "1", "phema.kind": "raw", "phema.t": str(t)}
+        write_snapshot(path / snapshot_name(t, "raw"), tensors, "float32", meta)
     return path
 
 
@@ -64,11 +94,21 @@ def close(got: dict, want: dict, tol: float) -> None:
 @pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
 def test_solve(store, kind, arg, value, same):
     sol = phema.solve(store, **{arg: [value]})
-    assert (sol.targets[0].kind, sol.targets[0].value) == (kind, value)
+    assert sol.targets[0].kind == kind
+    if isinstance(value, float):
+        assert sol.targets[0].value == value
     assert np.isfinite(sol.weights).all() and abs(sol.weights.sum() - 1) < 1e-6
     if same is not None:
         other = phema.solve(store, **{same[0]: [same[1]]})
         np.testing.assert_allclose(sol.weights, other.weights, atol=1e-9)
+    if kind == "mix":  # exactly the weights named, on the raw snapshots of those times
+        st = phema.open_store(store)
+        named = {
+            os.path.basename(s.path): w
+            for s, w in zip(st.snapshots, sol.weights[:, 0], strict=True)
+            if w != 0
+        }
+        assert named == pytest.approx(MIX)
 
 
 @pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
@@ -76,7 +116,7 @@ def test_reconstruct_and_state_dicts(store, tmp_path, kind, arg, value, same):
     want = expected(store, arg, value)
     [path] = phema.reconstruct(store, out=tmp_path / "r", dtype="f32", **{arg: [value]})
     close(load_file(path), want, 1e-5)
-    close(phema.reconstruct_state_dict(store, **{kind: value}), want, 1e-5)
+    close(phema.reconstruct_state_dict(store, **{ONE.get(kind, kind): value}), want, 1e-5)
     [sd] = phema.reconstruct_state_dicts(store, **{arg: [value]})
     close(sd, want, 1e-5)
 
@@ -92,7 +132,7 @@ def test_sweep(store, tmp_path, kind, arg, value, same):
         **{arg: [value]},
     )
     [row] = result.rows
-    assert (row.kind, row.value) == (kind, value)
+    assert row.kind == kind
     assert row.metrics["w"] == pytest.approx(want["weight"][1, 2], abs=1e-5)
     assert row.metrics["b"] == pytest.approx(want["bias"][3], abs=1e-5)
     assert not model.weight.any()  # restored
@@ -102,7 +142,7 @@ def test_sweep(store, tmp_path, kind, arg, value, same):
 def test_cli(store, tmp_path, kind, arg, value, same, capsys):
     want = expected(store, arg, value)
     out = tmp_path / "cli"
-    code = main(["reconstruct", str(store), FLAGS[kind], repr(value), "--out", str(out)])
+    code = main(["reconstruct", str(store), *CLI[kind], "--out", str(out)])
     assert code in (0, None), capsys.readouterr().err
     [name] = [f for f in os.listdir(out) if f.endswith(".safetensors")]
     close(load_file(out / name), want, 2e-3)  # float16 output
