@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -110,3 +111,84 @@ def test_a_killed_import_is_refused_by_every_reader_until_run_again(
     for name in want:
         assert (got[name]["fc.weight"] == want[name]["fc.weight"]).all()
     assert len(phema.open_store(store).snapshots) == N
+
+
+class Fc(torch.nn.Module):
+    """The model the source's checkpoints are of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(256, 256, bias=False)
+
+
+def listing(store) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in store.iterdir()}
+
+
+def test_an_import_into_a_store_a_live_tracker_writes_is_refused_until_it_is_closed(
+    source, tmp_path, capsys
+):
+    """Appended while the tracker runs, imported snapshots would take its run id under its
+    feet; once it is closed the same import is taken."""
+    store = tmp_path / "live"
+    ema = phema.PostHocEMA(Fc(), store, sigma_rels=0.1, final_snapshot=False)
+    ema.update(t=100)
+    ema.snapshot()
+    ema.flush()
+    before = listing(store)
+    assert main(["import", "timm", str(source), str(store), "--append"]) == 2
+    err = capsys.readouterr().err
+    assert "a live tracker" in err and str(store) in err and "Traceback" not in err
+    with pytest.raises(phema.InvalidValueError, match="a live tracker"):
+        phema.import_store(store, source, kind="timm", append=True)
+    assert listing(store) == before
+    # A sweep's results file may sit in the live store: its lock is the file's, not the store's.
+    swept = threading.Thread(
+        target=phema.sweep,
+        args=(store, Fc(), lambda m: float(m.fc.weight.detach().sum())),
+        kwargs={"sigma_rels": [0.1], "results": store / "results.csv"},
+        daemon=True,
+    )
+    swept.start()
+    swept.join(60)
+    assert not swept.is_alive() and (store / "results.csv").exists()
+    ema.close()
+    assert main(["import", "timm", str(source), str(store), "--append"]) == 0
+    assert len(phema.open_store(store).snapshots) == 1 + N
+
+
+def test_a_tracker_is_refused_a_store_an_import_is_writing(source, tmp_path):
+    store = tmp_path / "importing"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phema", "import", "timm", str(source), str(store)],
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not (store.is_dir() and any(p.suffix == ".safetensors" for p in store.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)  # mid-import, for as long as the tracker takes
+    try:
+        with pytest.raises(phema.InvalidValueError, match="an import is writing"):
+            phema.PostHocEMA(Fc(), store, sigma_rels=0.1, final_snapshot=False)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(60) == 0, proc.stderr.read()
+    assert len(phema.open_store(store).snapshots) == N
+
+
+def test_appending_to_a_store_claimed_by_another_run_is_refused(source, tmp_path):
+    """A store copied down from object storage keeps its claim (docs/storage.md)."""
+    store = tmp_path / "claimed"
+    assert main(["import", "timm", str(source), str(store)]) == 0
+    (store / phema.meta.RUN_CLAIM).write_text("0123456789abcdef\n")
+    before = listing(store)
+    more = tmp_path / "more"
+    more.mkdir()
+    sd = {"fc.weight": torch.zeros(256, 256)}
+    torch.save({"epoch": 99, "state_dict": sd}, more / "checkpoint-99.pth.tar")
+    with pytest.raises(phema.InvalidValueError, match="claimed by run '0123456789abcdef'"):
+        phema.import_store(store, more, kind="timm", append=True)
+    assert listing(store) == before

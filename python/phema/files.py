@@ -5,6 +5,7 @@ core's one commit rule, docs/store-format.md).
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import glob
 import io
@@ -221,6 +222,32 @@ def _parents(path: str, top: str) -> list[str]:
         out.append(parent)
         parent = os.path.dirname(parent)
     return out
+
+
+def hold_store(directory: str, *, importing: bool) -> int | None:
+    """Marks the local store `directory` as being written until the returned descriptor is
+    closed (by the process's end at the latest): live trackers share the mark (every rank of a
+    run writes the same store), an import holds it alone, so neither writes a store the other
+    is writing. Refuses, naming the store, while the other holds it. None where the file system
+    has no such locks on directories: then nothing is checked."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if importing else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if importing:
+            raise InvalidValueError(
+                f"{directory}: a live tracker (or another import) is writing this store; import "
+                "once it is closed, or into another directory"
+            ) from None
+        raise InvalidValueError(
+            f"{directory}: an import is writing this store; track into another directory, or "
+            "once the import is done resume that run with load_state_dict()"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from phema import _core, dcp, files, locations, meta, naming
 from phema.engine import run_engine
-from phema.errors import InvalidTypeError, InvalidValueError, SourceError
+from phema.errors import InvalidTypeError, InvalidValueError, PhemaError, SourceError
 from phema.importers._unpickle import _Inert, _is_count, _torch_load, load_edm2_pickle
 from phema.meta import snapshot_metadata
 from phema.solver import gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -142,17 +142,47 @@ def import_store(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise SourceError(f"{src}: two files give the same snapshot {dup}")
+    # Held to the end: no tracker starts writing the store meanwhile, and none is (the lock of a
+    # store this import makes is taken once it exists).
+    hold = files.hold_store(store, importing=True) if os.path.isdir(store) else None
+    try:
+        return _import(store, src, kind, items, names, append, out_dtype, strip_prefix)
+    finally:
+        if hold is not None:
+            os.close(hold)
+
+
+def _import(
+    store: str,
+    src: str,
+    kind: str,
+    items: list[_Item],
+    names: list[str],
+    append: bool,
+    out_dtype: str | None,
+    strip_prefix: str | None,
+) -> list[str]:
+    """Writes the snapshots `names` of `items` into `store`, all or none (import_store)."""
     marker = os.path.join(store, meta.IMPORT_INCOMPLETE)
     _redo(marker, src, kind)
     files.check_outputs(store, names, [src, *(it.path for it in items)])
     run_id = _claim(store, items, append)
     created = not os.path.exists(store)
     os.makedirs(store, exist_ok=True)
+    hold = None
+    if created:
+        try:
+            hold = files.hold_store(store, importing=True)
+        except PhemaError:
+            with contextlib.suppress(OSError):
+                os.rmdir(store)
+            raise
     written = [os.path.join(store, name) for name in names]
-    # Until the last snapshot is in, the marker makes every reader refuse the store: a kill
-    # (SIGTERM, SIGKILL, power loss) that skips the clean-up below leaves nothing usable.
-    _core.write_file(marker, json.dumps({"source": src, "kind": kind, "snapshots": names}).encode())
     try:
+        # Until the last snapshot is in, the marker makes every reader refuse the store: a kill
+        # (SIGTERM, SIGKILL, power loss) that skips the clean-up below leaves nothing usable.
+        record = {"source": src, "kind": kind, "snapshots": names}
+        _core.write_file(marker, json.dumps(record).encode())
         for item, name in zip(items, names, strict=True):
             path = os.path.join(store, name)
             metadata = {
@@ -185,6 +215,9 @@ def import_store(
             with contextlib.suppress(OSError):
                 os.rmdir(store)
         raise
+    finally:
+        if hold is not None:
+            os.close(hold)
     return written
 
 
@@ -249,7 +282,18 @@ def _claim(store: str, items: list[_Item], append: bool) -> str:
                 + f" that {it.path} would give"
             )
     ids = meta.runs((s.path, s.metadata) for s in existing.snapshots)
-    return next(iter(ids)) if ids else meta.new_run_id()
+    run_id = next(iter(ids)) if ids else meta.new_run_id()
+    # A store copied from object storage keeps the claim of the run that tracked it there.
+    claim = os.path.join(store, meta.RUN_CLAIM)
+    if os.path.isfile(claim):
+        with open(claim, encoding="utf-8", errors="replace") as f:
+            holder = f.read().strip()
+        if holder != run_id:
+            raise InvalidValueError(
+                f"{claim}: the store is claimed by run {holder!r}, not the run {run_id} its "
+                "snapshots hold; import into another directory"
+            )
+    return run_id
 
 
 def _arrays(

@@ -8,6 +8,7 @@ bounded by two batches of float32 state dicts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -586,8 +587,8 @@ def _read_results(
     path: str | os.PathLike[str] | None,
 ) -> tuple[dict[tuple[str, ...], dict[str, float]], dict[tuple[str, ...], dict[str, str]]]:
     """The metrics of the rows a results file already holds, and its lines, by row key."""
-    if path is None or not os.path.exists(path):
-        return {}, {}
+    if path is None or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return {}, {}  # an empty file: made by another sweep's lock, not yet written
     done, lines = {}, {}
     try:
         with open(path, newline="") as f:
@@ -618,14 +619,12 @@ def _write_results(
 ) -> None:
     """Writes every row so far to `path` with the rows the file holds for other targets and
     times (replaced atomically, so a kill keeps the old file). The file is read again under a
-    lock of its directory, so two sweeps sharing a results file keep each other's rows."""
+    lock of it, so two sweeps sharing a results file keep each other's rows."""
     everything = rows + ([raw_row] if raw_row is not None and raw_row.metrics else [])
     own = {r.key for r in everything}
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    directory = os.open(parent, os.O_RDONLY)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lock = _lock_results(path)
     try:
-        fcntl.flock(directory, fcntl.LOCK_EX)
         _, lines = _read_results(path)
         kept = [line for key, line in lines.items() if key not in own]
         lines = kept + [{k: _cell(v) for k, v in r.as_dict().items()} for r in everything]
@@ -635,8 +634,27 @@ def _write_results(
         w.writeheader()
         w.writerows(lines)
         files.write_atomically(path, buf.getvalue().encode())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if os.fstat(lock).st_size == 0:  # made by the lock, never written
+                os.remove(path)
+        raise
     finally:
-        os.close(directory)  # releases the lock
+        os.close(lock)  # releases the lock
+
+
+def _lock_results(path: str | os.PathLike[str]) -> int:
+    """An exclusive lock of the results file `path` (made empty if missing), held until the
+    returned descriptor is closed. The file itself, not its directory: a live tracker holds its
+    store's directory (files.hold_store), and a results file may sit in the store. A writer
+    replaces the file by a rename, so a lock won on the replaced file is taken again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
 
 
 def _cell(v: Any) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from phema import _core, locations, naming
+from phema import _core, files, locations, naming
 from phema import meta as phema_meta
 from phema.errors import InvalidValueError, PhemaError
 from phema.meta import snapshot_metadata
@@ -80,6 +80,10 @@ class SnapshotWriter:
         `suffix` goes between the label and `.safetensors` (a sharded run's rank part).
         """
         self.directory = directory
+        # Held while the tracker lives: an import into this store is refused meanwhile.
+        self._hold = (
+            None if locations.is_remote(directory) else files.hold_store(directory, importing=False)
+        )
         self.suffix = suffix
         self.profiles = profiles
         self.names = names
@@ -120,6 +124,9 @@ class SnapshotWriter:
         """Write what is queued, then stop the thread."""
         self._jobs.put(None)
         self._thread.join()
+        if self._hold is not None:
+            os.close(self._hold)
+            self._hold = None
 
     def claim(self, run_id: str, resumed_t: int | float | None) -> None:
         """Before the first write: the store must hold this run's snapshots only (docs/runs.md).
