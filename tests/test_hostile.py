@@ -231,3 +231,57 @@ def test_a_target_option_given_twice_means_both_lists(small_store, capsys):
     assert main(["solve", str(path), "--sigma-rel", "0.07,0.08", "--json"]) == 0
     assert twice == json.loads(capsys.readouterr().out)
     assert [t["sigma_rel"] for t in twice["targets"]] == pytest.approx([0.07, 0.08])
+
+
+@pytest.mark.parametrize("sighup", ["default", "ignored"])
+def test_a_terminal_closed_mid_write_is_as_sigterm_or_goes_unnoticed(tmp_path, sighup):
+    """The window of `phema reconstruct` closes while it writes: SIGHUP ends it as SIGTERM does
+    (temporaries only, which the next run removes); a disowned or nohup'd run (SIGHUP ignored),
+    whose every later write to the terminal fails with EIO, finishes its work and exits 0."""
+    import fcntl
+    import pty
+    import signal
+    import termios
+    import time
+
+    from conftest import make_store
+
+    store = tmp_path / "store"
+    make_store(store, [100 * i for i in range(1, 9)], {"w": (1 << 18,)})
+    out = tmp_path / "out"
+    sigmas = ",".join(f"{0.05 + 0.01 * i:.3f}" for i in range(12))
+    argv = [sys.executable, "-m", "phema", "reconstruct", str(store), "--sigma-rel", sigmas]
+    argv += ["--out", str(out), "--dtype", "f32"]
+    master, slave = pty.openpty()
+
+    def in_the_terminal() -> None:  # its session leader, as a shell's job is
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        if sighup == "ignored":
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=in_the_terminal
+    )
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(".tmp-" in n for n in os.listdir(out))):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGSTOP)  # mid-write while the terminal goes
+    finally:
+        os.close(master)
+        proc.send_signal(signal.SIGCONT)
+    code = proc.wait(120)
+    labels = [f"sigma_rel-{s}.safetensors" for s in sigmas.split(",")]
+    if sighup == "default":
+        assert code == -signal.SIGHUP
+        assert not [n for n in os.listdir(out) if not n.startswith(".")]  # nothing committed
+        rerun = subprocess.run(argv, capture_output=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+    else:
+        assert code == 0
+    assert sorted(os.listdir(out)) == sorted(labels)  # whole outputs, no temporaries
+    want = phema.reconstruct_state_dict(store, sigma_rel=0.05)
+    np.testing.assert_array_equal(load_file(out / labels[0])["w"].numpy(), want["w"])

@@ -1,6 +1,7 @@
-"""`phema import` interrupted: Ctrl-C leaves no store; SIGTERM or SIGKILL leave a store carrying
-the named "import incomplete" marker that every reader refuses until the same import is run
-again, which then gives the store an uninterrupted import gives (docs/importers.md)."""
+"""`phema import` interrupted: Ctrl-C leaves no store; SIGTERM, SIGHUP or SIGKILL leave a store
+carrying the named "import incomplete" marker that every reader refuses until the same import is
+run again, which then gives the store an uninterrupted import gives (docs/importers.md). A store
+is written by one import, or by the live trackers of one run, at a time."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def interrupted(src, stores: dict[int, object]) -> None:
 @pytest.fixture(scope="module")
 def stores(source, tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
-    out = {sig: root / sig.name for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL)
+    out = {sig: root / sig.name for sig in sigs}
     interrupted(source, out)
     return out
 
@@ -84,7 +86,8 @@ def test_ctrl_c_leaves_no_store(stores):
     assert not stores[signal.SIGINT].exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+# SIGHUP: the terminal of the import closed.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_a_killed_import_is_refused_by_every_reader_until_run_again(
     source, stores, tmp_path, sig, capsys
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import re
@@ -877,6 +878,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Quiet:
+    """A standard stream that goes quiet once its terminal is gone (the window closed while
+    SIGHUP is ignored, a disowned job: every write fails with EIO), so the command still
+    finishes its work and says so by its exit status."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _gone(self, e: OSError) -> None:
+        if e.errno != errno.EIO:
+            raise e
+        # What is buffered and all that follows goes to /dev/null, the last flush included.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            self._gone(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._gone(e)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `phema` and `python -m phema`."""
     # A standard stream closed before phema started (`2>&-`) is None in Python: its messages
@@ -884,6 +916,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Quiet(sys.stdout), _Quiet(sys.stderr)
+    try:
+        return _run(argv)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BrokenPipeError:  # the reader left before the last flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        sys.stdout, sys.stderr = streams
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """main() once its standard streams are set up."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -4,6 +4,7 @@ cluster; warnings for non-finite outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import warnings
@@ -58,8 +59,13 @@ def run_engine(
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
         while not done.wait(0.05):
             if bar is not None:
-                bar.update(handle.bytes_done - bar.n)
-    except KeyboardInterrupt:
+                try:
+                    bar.update(handle.bytes_done - bar.n)
+                except OSError:  # the terminal is gone (a closed window): the work goes on
+                    bar = None
+    except BaseException:
+        # Ctrl-C, or anything else raised here (a signal handler's exception): the engine
+        # stops and removes its temporaries before the exception goes on.
         handle.cancel()
         while thread.ident is not None:
             try:
@@ -70,7 +76,8 @@ def run_engine(
         raise
     finally:
         if bar is not None:
-            bar.close()
+            with contextlib.suppress(OSError):
+                bar.close()
     if "error" in result:
         raise result["error"]
     value = result["value"]
