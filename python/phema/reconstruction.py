@@ -267,6 +267,9 @@ def _write_files(
         for o in plan.outputs:
             if layout is None:
                 path = os.path.join(out, o.stem if shard_size else o.stem + ".safetensors")
+                if shard_size and not os.path.isdir(path):  # made here, so removed on failure
+                    os.mkdir(path)
+                    made.append(os.path.abspath(path))
             else:
                 target = os.path.join(out, o.stem)
                 if not os.path.isdir(target):
