@@ -43,6 +43,26 @@ def test_a_fresh_tracker_refuses_a_store_of_another_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_resume_state_of_another_run_is_refused_at_its_first_snapshot(tmp_path):
+    """A state copied from another run (its run id) resumed onto this run's store: nothing of
+    either run is mixed, the store is as it was."""
+    m = nn.Linear(2, 2)
+    with phema.PostHocEMA(m, tmp_path / "a", snapshot_every=2) as a:
+        train(a, m, 4)
+    with phema.PostHocEMA(m, tmp_path / "b", snapshot_every=2) as b:
+        train(b, m, 4)
+    before = sorted(os.listdir(tmp_path / "b"))
+    resumed = phema.PostHocEMA(m, tmp_path / "b", snapshot_every=2)
+    resumed.load_state_dict(a.state_dict())
+    assert resumed.run_id == a.run_id
+    with pytest.raises(
+        ValueError, match=f"another run .*{b.run_id}.*this tracker is run {a.run_id}"
+    ):
+        train(resumed, m, 2)  # the first snapshot
+    resumed.close(snapshot=False)
+    assert sorted(os.listdir(tmp_path / "b")) == before and run_ids(tmp_path / "b") == {b.run_id}
+
+
 def test_a_resumed_run_supersedes_what_its_interrupted_attempt_wrote_later(tmp_path):
     store = tmp_path / "store"
     m = nn.Linear(2, 2)
