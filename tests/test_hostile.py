@@ -285,3 +285,87 @@ def test_a_terminal_closed_mid_write_is_as_sigterm_or_goes_unnoticed(tmp_path, s
     assert sorted(os.listdir(out)) == sorted(labels)  # whole outputs, no temporaries
     want = phema.reconstruct_state_dict(store, sigma_rel=0.05)
     np.testing.assert_array_equal(load_file(out / labels[0])["w"].numpy(), want["w"])
+
+
+LIMITED = """
+import os, resource, sys
+from phema.cli import main
+limit, value = sys.argv[1], int(sys.argv[2])
+if limit == "as":  # address space: what this process uses now, and `value` MiB more
+    pages = int(open("/proc/self/statm").read().split()[0])
+    value = pages * os.sysconf("SC_PAGE_SIZE") + (value << 20)
+resource.setrlimit({"as": resource.RLIMIT_AS, "nofile": resource.RLIMIT_NOFILE}[limit], (value, value))
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _limited(limit: str, value: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", LIMITED, limit, str(value), *argv]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("shard_size", [None, "3000"])
+def test_too_few_open_files_is_one_error_naming_the_limit_and_leaves_nothing(tmp_path, shard_size):
+    """Every output file of a run is open at once: 40 of them under `ulimit -n 24`."""
+    from conftest import make_store
+
+    make_store(tmp_path / "store", [100, 200, 300], {"w": (1 << 11,), "b": (3,)})
+    out = tmp_path / "out"
+    sigmas = ",".join(f"{0.05 + 0.002 * i:.3f}" for i in range(40))
+    argv = ["reconstruct", str(tmp_path / "store"), "--sigma-rel", sigmas, "--out", str(out)]
+    r = _limited("nofile", 24, *argv, *(["--shard-size", shard_size] if shard_size else []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert "Too many open files" in line and "ulimit -n" in line and ".tmp-" not in line, line
+    assert not out.exists() or os.listdir(out) == [], os.listdir(out)
+
+
+@pytest.mark.parametrize("margin_mib", [16, 48])
+def test_an_address_space_limit_gives_whole_outputs_or_one_error_never_a_crash(
+    small_store, tmp_path, margin_mib
+):
+    """`ulimit -v` a little above what the process uses when it starts the work: threads that
+    cannot start are done without; an allocation that fails is one error, nothing written."""
+    path, _ = small_store
+    out = tmp_path / "out"
+    argv = ["reconstruct", str(path), "--sigma-rel", "0.05,0.07", "--out", str(out), "--dtype"]
+    r = _limited("as", margin_mib, *argv, "f32")
+    assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr
+    assert "panicked" not in r.stderr, r.stderr
+    if r.returncode == 2:
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() or os.listdir(out) == []
+    else:
+        got = load_file(out / "sigma_rel-0.070.safetensors")
+        want = phema.reconstruct_state_dict(path, sigma_rel=0.07)
+        np.testing.assert_array_equal(got["big"].numpy(), want["big"])
+
+
+def test_an_index_copied_from_another_output_is_refused_by_every_reader(tmp_path, capsys):
+    """Shards of one output beside the index of another (same file names, other tensors): phema
+    reads the files, loaders that follow the index would read other weights. Refused, naming
+    the index; the output's own index is taken."""
+    import shutil
+
+    from conftest import make_store
+
+    for name, shapes in (("a", {"w": (6, 3), "b": (3,), "c": (5,)}), ("b", {"q": (6, 3), "r": (3,), "s": (5,)})):
+        make_store(tmp_path / name, [100, 200], shapes | {"y": (3,), "z": (5,)})
+        phema.reconstruct(
+            tmp_path / name, sigma_rels=[0.06], out=tmp_path / f"o{name}", shard_size=20
+        )
+    target = tmp_path / "oa" / "sigma_rel-0.060"
+    own = (target / "model.safetensors.index.json").read_bytes()
+    assert len(phema.files.checkpoint_files(target)) > 2
+    shutil.copy(tmp_path / "ob" / "sigma_rel-0.060" / "model.safetensors.index.json", target)
+    index = str(target / "model.safetensors.index.json")
+    with pytest.raises(phema.InvalidValueError, match=f"{index}: .*not of these files"):
+        phema.average([target, target], out=tmp_path / "avg")
+    with pytest.raises(phema.InvalidValueError, match="not of these files"):
+        phema.load_into(torch.nn.Module(), target)
+    assert main(["average", str(target), str(target), "--out", str(tmp_path / "avg")]) == 2
+    assert "not of these files" in capsys.readouterr().err and not (tmp_path / "avg").exists()
+    (target / "model.safetensors.index.json").write_bytes(own)
+    [out] = phema.average([target, target], out=tmp_path / "avg")
+    assert load_file(out).keys() == {"w", "b", "c", "y", "z", "step"}

@@ -300,7 +300,10 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
                 raise InvalidValueError("weight_map must name files in its directory")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidValueError(f"{index}: not a valid safetensors index ({e})") from None
-        return [locations.join(path, name) for name in names]
+        paths = [locations.join(path, name) for name in names]
+        if not locations.is_remote(path):
+            _check_index(index, weight_map, paths)
+        return paths
     if "model.safetensors" in present:
         return [locations.join(path, "model.safetensors")]
     found = sorted(n for n in present if n.endswith(".safetensors"))
@@ -315,6 +318,27 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[str]:
         f"{path}: expected model.safetensors, {INDEX} or a single .safetensors file "
         f"(found {len(found)} .safetensors files)"
     )
+
+
+def _check_index(index: str, weight_map: dict[str, str], paths: list[str]) -> None:
+    """Refuses an index that is not of the shards beside it (copied from another output, or
+    left by one with another shard count): each file must hold exactly the tensors it maps to
+    that file, or loaders that follow the map and phema, which reads the files, would see
+    different weights. Headers only."""
+    for path, described in zip(paths, _core.Sources([[p] for p in paths]).describe(), strict=True):
+        name = os.path.basename(path)
+        held = {t for t, _, _ in described["tensors"]}
+        mapped = {t for t, f in weight_map.items() if f == name}
+        if held != mapped:
+            which = sorted(held ^ mapped)[0]
+            says = (
+                f"maps `{which}` to {name}, which does not hold it"
+                if which in mapped
+                else f"does not map `{which}` to {name}, which holds it"
+            )
+            raise InvalidValueError(
+                f"{index}: {says}: the index is not of these files (copied from another output?)"
+            )
 
 
 def not_a_checkpoint(path: str) -> str | None:
