@@ -78,6 +78,17 @@ pub type Result<T> = std::result::Result<T, PhemaError>;
 impl PhemaError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let source = match source.raw_os_error() {
+            Some(libc::EMFILE) => std::io::Error::new(
+                source.kind(),
+                format!(
+                    "{source}: a run holds each output file and each input open at once; raise \
+                     the open-file limit (ulimit -n, now {}) or write fewer targets per run",
+                    open_file_limit()
+                ),
+            ),
+            _ => source,
+        };
         PhemaError::Io {
             path: path.into(),
             source,
@@ -92,5 +103,22 @@ pub fn number(x: f64) -> String {
         format!("{x:e}")
     } else {
         format!("{x}")
+    }
+}
+
+/// This process's limit on open files (`RLIMIT_NOFILE`, soft), as `ulimit -n` shows it.
+fn open_file_limit() -> String {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return "unknown".into();
+    }
+    if limit.rlim_cur == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        limit.rlim_cur.to_string()
     }
 }

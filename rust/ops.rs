@@ -158,7 +158,8 @@ pub fn commit_staged(
         }
         written.push(paths);
     }
-    output::commit_files(&moves, &indexes)?;
+    let dirs: Vec<_> = finals.iter().filter_map(|f| f.checkpoint_dir()).collect();
+    output::commit_files(&moves, &indexes, &dirs)?;
     Ok(written)
 }
 

@@ -29,7 +29,7 @@ SERVER = textwrap.dedent(
     if cluster == "dask":
         from distributed import Client
     for line in sys.stdin:
-        out, failpoint = line.split()
+        out, failpoint, shard_size, dtype = line.split()
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -44,7 +44,8 @@ SERVER = textwrap.dedent(
                     )
                 phema.reconstruct(
                     store, sigma_rels=[0.06, 0.09], out=out, client=client,
-                    shard_size=None if like != "-" else 20, like=None if like == "-" else like,
+                    shard_size=None if like != "-" else int(shard_size),
+                    like=None if like == "-" else like, dtype=dtype,
                 )
             except BaseException:
                 traceback.print_exc()
@@ -67,8 +68,8 @@ class Runs:
             text=True,
         )  # fmt: skip
 
-    def run(self, out, failpoint: str = "-") -> int:
-        self.server.stdin.write(f"{out} {failpoint}\n")
+    def run(self, out, failpoint: str = "-", shard_size: int = 20, dtype: str = "f16") -> int:
+        self.server.stdin.write(f"{out} {failpoint} {shard_size} {dtype}\n")
         self.server.stdin.flush()
         line = self.server.stdout.readline()
         if line.strip() not in ("0", str(-signal.SIGABRT)):
@@ -136,3 +137,57 @@ def test_a_like_output_killed_at_each_step_is_whole_or_has_no_weights(tmp_path):
 def test_the_dask_commit_killed_at_each_step_leaves_whole_outputs_or_none(tmp_path):
     pytest.importorskip("distributed")
     assert _killed_at_every_step(tmp_path, cluster="dask") >= 2 * 3
+
+
+@pytest.mark.parametrize("cluster", ["-", "dask"])
+def test_a_rerun_with_other_shards_killed_at_each_step_leaves_old_or_new_output_or_none(
+    tmp_path, cluster
+):
+    """A sharded output written again with another shard count (here: one file where there were
+    several): the old output's files are set aside as one unit, so at every step of the commit
+    a listing finds the old output whole, the new one whole or nothing, and a finished run
+    leaves no file of the old one (an old index beside the new weights named the old shards)."""
+    if cluster == "dask":
+        pytest.importorskip("distributed")
+    store = tmp_path / "store"
+    make_store(store, [100, 200, 300, 400], {"w": (6, 3), "b": (3,), "c": (5,)})
+    runs = Runs(store, cluster=cluster)
+    old, new = {"shard_size": 20, "dtype": "f32"}, {"shard_size": 10**6, "dtype": "f16"}
+    for name, how in (("old", old), ("new", new)):
+        assert runs.run(tmp_path / name, **how) == 0
+    want = {
+        name: {label: _weights(tmp_path / name / label) for label in LABELS}
+        for name in ("old", "new")
+    }
+    files = {label: sorted(os.listdir(tmp_path / "new" / label)) for label in LABELS}
+    assert all(len(os.listdir(tmp_path / "old" / label)) > 2 for label in LABELS)
+    n = 0
+    while True:
+        n += 1
+        out = tmp_path / f"killed-{n}"
+        assert runs.run(out, **old) == 0
+        # The commit's steps are the core's, whoever calls it: through Dask, the finished run.
+        failpoint = f"commit:{n}" if cluster == "-" else "-"
+        killed = runs.run(out, failpoint=failpoint, **new) != 0
+        for label in LABELS:
+            try:
+                got = _weights(out / label)
+            except (phema.PhemaError, OSError):
+                continue  # nothing a listing accepts
+            assert any(
+                got.keys() == w[label].keys()
+                and all(np.array_equal(got[k], w[label][k]) for k in got)
+                for w in want.values()
+            ), (n, label)
+        if killed:  # the next run clears what the killed one left
+            assert runs.run(out, **new) == 0
+        for label in LABELS:
+            names = sorted(os.listdir(out / label))
+            if cluster == "dask":  # a killed client's staging directory is hidden
+                names = [name for name in names if not name.startswith(".phema-staging-")]
+            assert names == files[label], (n, label)
+        if not killed:
+            break
+    runs.close()
+    if cluster == "-":
+        assert n > 2 * 3  # at least each old file set aside and the new file placed, per output

@@ -350,7 +350,10 @@ def test_an_index_copied_from_another_output_is_refused_by_every_reader(tmp_path
 
     from conftest import make_store
 
-    for name, shapes in (("a", {"w": (6, 3), "b": (3,), "c": (5,)}), ("b", {"q": (6, 3), "r": (3,), "s": (5,)})):
+    for name, shapes in (
+        ("a", {"w": (6, 3), "b": (3,), "c": (5,)}),
+        ("b", {"q": (6, 3), "r": (3,), "s": (5,)}),
+    ):
         make_store(tmp_path / name, [100, 200], shapes | {"y": (3,), "z": (5,)})
         phema.reconstruct(
             tmp_path / name, sigma_rels=[0.06], out=tmp_path / f"o{name}", shard_size=20

@@ -290,7 +290,14 @@ pub fn combine(
         // Object storage answers each request after a round trip: its throughput needs many
         // requests in flight, more than there are cores; each worker waits on one at a time.
         std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..REMOTE_READS).map(|_| scope.spawn(worker)).collect();
+            // As many as start (the process or address-space limit may stop some); with none,
+            // this thread reads.
+            let workers: Vec<_> = (0..REMOTE_READS)
+                .map_while(|_| std::thread::Builder::new().spawn_scoped(scope, worker).ok())
+                .collect();
+            if workers.is_empty() {
+                return worker();
+            }
             workers.into_iter().try_for_each(|w| {
                 w.join()
                     .unwrap_or_else(|_| Err(PhemaError::Invalid("a reader thread failed".into())))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use super::layout::is_checkpoint_file;
 use crate::error::{PhemaError, Result};
 use crate::remote::{is_url, Object};
 
@@ -209,6 +210,28 @@ impl Commit {
         Ok(placed)
     }
 
+    /// Sets aside every file of the checkpoint already in the directory `dir`
+    /// ([`is_checkpoint_file`]), the index first: no file of an earlier output stays beside the
+    /// new one (shards of another count, a weights file a loader prefers to the new index), and
+    /// from the first step on no listing takes what is left for a whole checkpoint.
+    pub(super) fn clear(&mut self, dir: &Path, stem: &str) -> Result<()> {
+        // What a commit killed here set aside (or a writer left) goes first.
+        remove_stale_temporaries(dir);
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(()); // a new directory
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| is_checkpoint_file(n, stem))
+            .collect();
+        names.sort_by_key(|n| (!n.ends_with(".index.json"), n.clone()));
+        for name in names {
+            crate::failpoint::reach("commit");
+            set_aside(&dir.join(name), &mut self.aside)?;
+        }
+        Ok(())
+    }
+
     /// Keeps the commit if `result` is Ok (the set-aside files go), else rolls it back.
     pub(super) fn end(self, result: Result<()>) -> Result<()> {
         if let Err(e) = result {
@@ -228,11 +251,19 @@ impl Commit {
 }
 
 /// Moves finished files (already synced, e.g. written by a distributed run's workers) to their
-/// final names and then writes `indexes`, as one commit (see [`Commit`]); each directory is
-/// synced so the renames survive a crash.
-pub fn commit_files(moves: &[(PathBuf, PathBuf)], indexes: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+/// final names and then writes `indexes`, as one commit (see [`Commit`]), after setting aside
+/// the checkpoint files already in each of `dirs` (directory and stem, [`Commit::clear`]); each
+/// directory is synced so the renames survive a crash.
+pub fn commit_files(
+    moves: &[(PathBuf, PathBuf)],
+    indexes: &[(PathBuf, Vec<u8>)],
+    dirs: &[(PathBuf, String)],
+) -> Result<()> {
     let mut commit = Commit::default();
     let result = (|| {
+        for (dir, stem) in dirs {
+            commit.clear(dir, stem)?;
+        }
         for (from, to) in moves {
             if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| PhemaError::io(parent, e))?;

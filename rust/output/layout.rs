@@ -2,7 +2,7 @@
 //! their index.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
@@ -45,6 +45,51 @@ impl OutputRequest {
         }
         Ok(stem)
     }
+}
+
+impl OutputRequest {
+    /// The directory this output has to itself, and its stem: a sharded output's directory, or
+    /// that of a weights file named `{stem}.safetensors` (a `like=` output). None for a file
+    /// beside other outputs (`out/sigma_rel-0.050.safetensors`) and for one shard of a
+    /// distributed run. Its commit sets aside the checkpoint files already there
+    /// (`commit::Commit::clear`).
+    pub fn checkpoint_dir(&self) -> Option<(PathBuf, String)> {
+        if self.shard.is_some() {
+            return None;
+        }
+        let stem = self.stem.clone().unwrap_or_else(|| "model".into());
+        if self.shard_size.is_some() {
+            return Some((self.path.clone(), stem));
+        }
+        let own = self.path.file_name()? == format!("{stem}.safetensors").as_str();
+        own.then(|| {
+            (
+                self.path.parent().unwrap_or(Path::new("")).to_path_buf(),
+                stem,
+            )
+        })
+    }
+}
+
+/// Whether `name` is a file of a checkpoint of stem `stem`, or of transformers' or diffusers'
+/// stems (which a loader takes for the checkpoint just as well): the weights file, the index, a
+/// shard of any count.
+pub(super) fn is_checkpoint_file(name: &str, stem: &str) -> bool {
+    [stem, "model", "diffusion_pytorch_model"].iter().any(|s| {
+        let Some(rest) = name.strip_prefix(s) else {
+            return false;
+        };
+        if rest == ".safetensors" || rest == ".safetensors.index.json" {
+            return true;
+        }
+        // -NNNNN-of-NNNNN.safetensors
+        let b = rest.as_bytes();
+        b.len() == 27
+            && rest.ends_with(".safetensors")
+            && b[0] == b'-'
+            && &rest[6..10] == "-of-"
+            && b[1..6].iter().chain(&b[10..15]).all(u8::is_ascii_digit)
+    })
 }
 
 /// Name of shard `i` (0-based) of `n`, as Hugging Face names them.

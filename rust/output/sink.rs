@@ -20,6 +20,8 @@ pub(super) struct TargetFiles {
     /// The dtype of float tensors.
     pub(super) dtype: Dtype,
     pub(super) index: Option<(PathBuf, Vec<u8>)>,
+    /// The directory the output has to itself and its stem (`OutputRequest::checkpoint_dir`).
+    pub(super) dir: Option<(PathBuf, String)>,
 }
 
 /// Output files of every target, filled by the engine through [`Sink`].
@@ -65,6 +67,7 @@ impl FileSink {
                 } else {
                     files.index
                 },
+                dir: req.checkpoint_dir(),
             });
         }
         Ok(FileSink { targets })
@@ -97,6 +100,9 @@ impl FileSink {
         let mut out = Vec::with_capacity(self.targets.len());
         let result = (|| {
             for t in &mut self.targets {
+                if let Some((dir, stem)) = &t.dir {
+                    commit.clear(dir, stem)?;
+                }
                 let mut paths = Vec::new();
                 for w in &mut t.writers {
                     let path = w.path.clone();

@@ -217,3 +217,47 @@ fn a_failed_commit_puts_back_the_outputs_it_replaced() {
         b"earlier output"
     );
 }
+
+#[test]
+fn a_checkpoints_files_are_its_weights_index_and_shards_of_any_count_and_nothing_else() {
+    for name in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "model-00001-of-00003.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet.safetensors.index.json",
+    ] {
+        assert!(is_checkpoint_file(name, "unet"), "{name}");
+    }
+    for name in [
+        "config.json",
+        "sigma_rel-0.050.safetensors",
+        "model-0001-of-0003.safetensors",
+        "model-00001-of-00003.safetensors.tmp",
+        ".model.safetensors.tmp-host-1-0",
+        "model-0000a-of-00003.safetensors",
+    ] {
+        assert!(!is_checkpoint_file(name, "unet"), "{name}");
+    }
+    let req = |path: &str, shard_size: Option<u64>, shard: Option<usize>| OutputRequest {
+        path: PathBuf::from(path),
+        dtype: Dtype::F32,
+        metadata: meta(),
+        shard_size,
+        shard,
+        stem: None,
+    };
+    assert_eq!(
+        req("o/a", Some(10), None).checkpoint_dir(),
+        Some((PathBuf::from("o/a"), "model".into()))
+    );
+    assert_eq!(
+        req("o/a/model.safetensors", None, None).checkpoint_dir(),
+        Some((PathBuf::from("o/a"), "model".into()))
+    );
+    assert_eq!(
+        req("o/sigma_rel-0.050.safetensors", None, None).checkpoint_dir(),
+        None
+    );
+    assert_eq!(req("o/a", Some(10), Some(0)).checkpoint_dir(), None);
+}

@@ -94,23 +94,26 @@ impl SafetensorsWriter {
         let data_start = 8 + json.len() as u64;
         remove_stale_temporaries(path.parent().unwrap_or(Path::new(".")));
         let tmp = temporary_path(path);
-        let io = |e| PhemaError::io(&tmp, e);
-        let mut file = OpenOptions::new()
+        // Errors name the output, which the caller knows, not its temporary name.
+        let io = |e| PhemaError::io(path, e);
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| PhemaError::io(&tmp, e))?;
+            .map_err(io)?;
+        // The writer owns the file from here on: a failure below drops it, removing the file.
         let writer = SafetensorsWriter {
             path: path.to_path_buf(),
-            tmp: tmp.clone(),
-            file: file.try_clone().map_err(io)?,
+            tmp,
+            file,
             offsets: relative.iter().map(|&o| data_start + o as u64).collect(),
-            header: json.clone(),
+            header: json,
             finished: false,
         };
-        file.write_all(&(json.len() as u64).to_le_bytes())
-            .and_then(|_| file.write_all(&json))
+        let mut file = &writer.file;
+        file.write_all(&(writer.header.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(&writer.header))
             .and_then(|_| file.set_len(data_start + offset as u64))
             .map_err(io)?;
         Ok(writer)
@@ -121,7 +124,7 @@ impl SafetensorsWriter {
     pub fn write_at(&self, index: usize, byte_offset: usize, bytes: &[u8]) -> Result<()> {
         self.file
             .write_all_at(bytes, self.offsets[index] + byte_offset as u64)
-            .map_err(|e| PhemaError::io(&self.tmp, e))
+            .map_err(|e| PhemaError::io(&self.path, e))
     }
 
     /// Fills in the checksum the header holds as a placeholder (`checksum::placeholder`), in
@@ -133,7 +136,7 @@ impl SafetensorsWriter {
         let digits = &value.as_bytes()[value.len().saturating_sub(32)..];
         self.file
             .write_all_at(digits, 8 + at as u64)
-            .map_err(|e| PhemaError::io(&self.tmp, e))
+            .map_err(|e| PhemaError::io(&self.path, e))
     }
 
     /// Syncs the data, renames the file to its final name and syncs the directory.
@@ -153,7 +156,7 @@ impl SafetensorsWriter {
     pub(super) fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
-            .map_err(|e| PhemaError::io(&self.tmp, e))
+            .map_err(|e| PhemaError::io(&self.path, e))
     }
 
     /// Renames the synced file to its final name, replacing a file there only if `replace`.
@@ -190,20 +193,26 @@ pub(super) fn sync_all(writers: &[&SafetensorsWriter]) -> Result<()> {
         .collect();
     std::thread::scope(|s| {
         for _ in 0..writers.len().min(16) {
-            s.spawn(|| loop {
+            let work = || loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(w) = writers.get(i) else { break };
                 let r = w.sync();
                 if let Ok(mut slot) = results[i].lock() {
                     *slot = Some(r);
                 }
-            });
+            };
+            // A thread that cannot start (the process or address-space limit reached) is done
+            // without: what no thread synced is synced below.
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
         }
     });
     for (w, slot) in writers.iter().zip(results) {
         match slot.into_inner().ok().flatten() {
             Some(r) => r?,
-            // A syncing thread panicked: sync again here so nothing is committed unsynced.
+            // No thread synced it (none started, or one panicked): sync it here, so nothing is
+            // committed unsynced.
             None => w.sync()?,
         }
     }
