@@ -180,7 +180,8 @@ def _import(
     written = [os.path.join(store, name) for name in names]
     try:
         # Until the last snapshot is in, the marker makes every reader refuse the store: a kill
-        # (SIGTERM, SIGKILL, power loss) that skips the clean-up below leaves nothing usable.
+        # (SIGTERM, SIGHUP, SIGKILL, power loss) that skips the clean-up below leaves nothing
+        # usable.
         record = {"source": src, "kind": kind, "snapshots": names}
         _core.write_file(marker, json.dumps(record).encode())
         for item, name in zip(items, names, strict=True):
