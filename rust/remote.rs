@@ -183,8 +183,14 @@ fn remote(url: &str, e: &object_store::Error) -> PhemaError {
             // endpoint for some, which fails off the cloud with a message that does not say so.
             let asked_metadata = ["/latest/api/token", "token request", "169.254.169.254"];
             if asked_metadata.iter().any(|m| full.contains(m)) {
+                // Credentials are the bucket's concern, not the object's.
+                let bucket = url
+                    .split_once("://")
+                    .map_or(url.to_string(), |(scheme, rest)| {
+                        format!("{scheme}://{}", rest.split('/').next().unwrap_or_default())
+                    });
                 return PhemaError::Remote {
-                    url: url.to_string(),
+                    url: bucket,
                     reason: "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
                              (S3) or GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS (GCS) (docs/storage.md)"
                         .into(),

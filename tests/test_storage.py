@@ -394,5 +394,7 @@ def test_missing_credentials_are_named_as_such(
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("PHEMA_STORAGE_RETRIES", "0")
-    with pytest.raises(phema.StorageError, match="no credentials: set AWS_ACCESS_KEY_ID"):
+    with pytest.raises(
+        phema.StorageError, match=f"^s3://{bucket}: no credentials: set AWS_ACCESS_KEY_ID"
+    ):
         phema.open_store(f"s3://{bucket}/store")
