@@ -59,12 +59,26 @@ pub fn is_url(location: &str) -> bool {
 }
 
 /// Whether `location` has a scheme phema does not read (`http://`, `az://`, ...).
-pub fn unsupported_scheme(location: &str) -> Option<&str> {
+fn unsupported_scheme(location: &str) -> Option<&str> {
     let (scheme, _) = location.split_once("://")?;
     let plain = scheme
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '+');
     (plain && !is_url(location)).then_some(scheme)
+}
+
+/// Refuses a location phema cannot read, naming it: a URL of another scheme (`http://`,
+/// `az://`), or an object-storage URL without a bucket.
+pub fn check_location(location: &str) -> Result<()> {
+    if let Some(scheme) = unsupported_scheme(location) {
+        return Err(PhemaError::Invalid(format!(
+            "{location}: {scheme}:// is not a storage phema reads (local paths, s3:// and gs://)"
+        )));
+    }
+    if is_url(location) {
+        Object::parse(location)?;
+    }
+    Ok(())
 }
 
 /// An object (or a prefix) in a bucket.
@@ -165,6 +179,23 @@ fn remote(url: &str, e: &object_store::Error) -> PhemaError {
         other => {
             // The crate's messages nest the cause; its last line names it.
             let full = other.to_string();
+            // Without credentials in the environment the crate asks the cloud's metadata
+            // endpoint for some, which fails off the cloud with a message that does not say so.
+            let asked_metadata = ["/latest/api/token", "token request", "169.254.169.254"];
+            if asked_metadata.iter().any(|m| full.contains(m)) {
+                // Credentials are the bucket's concern, not the object's.
+                let bucket = url
+                    .split_once("://")
+                    .map_or(url.to_string(), |(scheme, rest)| {
+                        format!("{scheme}://{}", rest.split('/').next().unwrap_or_default())
+                    });
+                return PhemaError::Remote {
+                    url: bucket,
+                    reason: "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                             (S3) or GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS (GCS) (docs/storage.md)"
+                        .into(),
+                };
+            }
             let mut text = full.replace('\n', " ");
             if text.len() > 400 {
                 text.truncate(400);

@@ -373,6 +373,9 @@ def test_locations_phema_does_not_read_are_one_clear_error(bucket: str) -> None:
             phema.open_store(url)
     with pytest.raises(phema.StorageError, match="s3://no-such-bucket-here/store"):
         phema.open_store("s3://no-such-bucket-here/store")
+    for url in ("s3:///store", "gs://"):
+        with pytest.raises(phema.InvalidValueError, match=f"^{url}: no bucket named"):
+            phema.open_store(url)
     env = os.environ | {"PYTHONPATH": str(Path(phema.__file__).parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "phema", "inspect", f"s3://{bucket}/nothing-here"],
@@ -380,3 +383,18 @@ def test_locations_phema_does_not_read_are_one_clear_error(bucket: str) -> None:
     )  # fmt: skip
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and f"s3://{bucket}/nothing-here" in done.stderr
+
+
+def test_missing_credentials_are_named_as_such(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the cloud, without keys in the environment, the error says what to set rather than
+    which metadata endpoint refused (a closed local port stands for the unreachable endpoint)."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("PHEMA_STORAGE_RETRIES", "0")
+    with pytest.raises(
+        phema.StorageError, match=f"^s3://{bucket}: no credentials: set AWS_ACCESS_KEY_ID"
+    ):
+        phema.open_store(f"s3://{bucket}/store")

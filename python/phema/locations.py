@@ -26,12 +26,9 @@ is_remote: Callable[[Any], bool] = _core.is_url
 
 
 def check(location: str) -> None:
-    """Refuses a URL of a scheme phema does not read (`http://`, `az://`), naming it."""
-    scheme = _core.unsupported_scheme(location) if isinstance(location, str) else None
-    if scheme is not None:
-        raise InvalidValueError(
-            f"{location}: {scheme}:// is not a storage phema reads (local paths, s3:// and gs://)"
-        )
+    """Refuses a URL phema does not read (`http://`, `az://`, no bucket), naming it."""
+    if isinstance(location, str):
+        _core.check_location(location)
 
 
 def join(base: str, *names: str) -> str:

@@ -25,10 +25,10 @@ fn is_url(location: &Bound<'_, PyAny>) -> bool {
         .is_ok_and(|s| crate::remote::is_url(&s))
 }
 
-/// The scheme of a URL phema does not read (`http`, `az`, ...), or None.
+/// Refuses a location phema cannot read (`remote::check_location`).
 #[pyfunction]
-fn unsupported_scheme(location: &str) -> Option<String> {
-    crate::remote::unsupported_scheme(location).map(str::to_string)
+fn check_location(location: &str) -> PyResult<()> {
+    crate::remote::check_location(location).map_err(err)
 }
 
 /// Objects `(name, size)` and sub-prefixes under a prefix.
@@ -113,7 +113,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
     m.add_function(wrap_pyfunction!(is_url, m)?)?;
-    m.add_function(wrap_pyfunction!(unsupported_scheme, m)?)?;
+    m.add_function(wrap_pyfunction!(check_location, m)?)?;
     m.add_function(wrap_pyfunction!(remote_list, m)?)?;
     m.add_function(wrap_pyfunction!(remote_read, m)?)?;
     m.add_function(wrap_pyfunction!(remote_exists, m)?)?;
