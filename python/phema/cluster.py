@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -45,7 +47,8 @@ def combine_on_cluster(
     _check_client(client)
     sources = _core.Sources([list(i) for i in inputs])
     mix = mix if mix is not None else [(k, {}) for k in range(len(outputs))]
-    run = uuid.uuid4().hex[:12]
+    # This host and process in the name: a later run removes what a killed client left.
+    run = f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
     staged = [_staged(o, run) for o in outputs]
     tasks = _tasks(client, sources, weights, staged)
     futures = [
@@ -96,12 +99,36 @@ def _staging_root(output: dict[str, Any], run: str) -> str:
     so that the commit is a rename."""
     path = os.path.abspath(output["path"])
     where = path if output.get("shard_size") else os.path.dirname(path)
-    return os.path.join(where, f".phema-staging-{run}")
+    return os.path.join(where, f"{_STAGING}{run}")
+
+
+_STAGING = ".phema-staging-"
+# This machine's name as staging directories carry it (no dots: they separate the parts).
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "localhost"
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process
+        return False
+    return False
 
 
 def _staged(output: dict[str, Any], run: str) -> dict[str, Any]:
-    """The output written into the run's staging directory (same file names)."""
+    """The output written into the run's staging directory (same file names). Staging
+    directories beside it of a client on this host that no longer runs (killed before it could
+    remove them) go first."""
     root = _staging_root(output, run)
+    parent = os.path.dirname(root)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            host, _, pid = name.removeprefix(_STAGING).rpartition(".")[0].rpartition(".")
+            if name.startswith(_STAGING) and host == _HOST and pid.isdigit() and _dead(int(pid)):
+                _remove(os.path.join(parent, name))
     os.makedirs(root, exist_ok=True)
     return output | {"path": os.path.join(root, os.path.basename(os.path.abspath(output["path"])))}
 
