@@ -574,17 +574,40 @@ impl ReadAhead {
     }
 
     /// Fills `buf` from byte `at`, from the pieces where planned: one of the planned reads.
-    pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<()> {
-        self.fill(at, buf, true)
+    /// `then` is given the bytes before they count as read, so that reads it makes meanwhile
+    /// (a checksum catching up on bytes other readers are about to count) find their pieces.
+    pub fn read(
+        &self,
+        at: u64,
+        buf: &mut [u8],
+        then: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.fill(at, buf)?;
+        then(buf)?;
+        self.each_piece(at, buf.len() as u64, |_, p, lo, hi| {
+            let n = hi - lo;
+            let before = p
+                .left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(n))
+                })
+                .unwrap_or(0);
+            if before <= n {
+                if let Ok(mut cell) = p.cell.lock() {
+                    *cell = None;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Fills `buf` from byte `at` as [`ReadAhead::read`] does, but as a read outside the plan
     /// (a checksum catching up): the pieces' planned reads are left to their readers.
     pub fn peek(&self, at: u64, buf: &mut [u8]) -> Result<()> {
-        self.fill(at, buf, false)
+        self.fill(at, buf)
     }
 
-    fn fill(&self, at: u64, buf: &mut [u8], planned: bool) -> Result<()> {
+    fn fill(&self, at: u64, buf: &mut [u8]) -> Result<()> {
         let mut covered = 0u64;
         let mut failed = None;
         self.each_piece(at, buf.len() as u64, |i, p, lo, hi| {
@@ -600,25 +623,9 @@ impl ReadAhead {
                 Ok(None) => self.object.read_at(lo, dst, self.version.as_deref()),
                 Err(e) => Err(e),
             };
-            if let Err(e) = filled {
-                failed = Some(e);
-                return;
-            }
-            let n = hi - lo;
-            covered += n;
-            if !planned {
-                return;
-            }
-            let before = p
-                .left
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-                    Some(l.saturating_sub(n))
-                })
-                .unwrap_or(0);
-            if before <= n {
-                if let Ok(mut cell) = p.cell.lock() {
-                    *cell = None;
-                }
+            match filled {
+                Ok(()) => covered += hi - lo,
+                Err(e) => failed = Some(e),
             }
         });
         if let Some(e) = failed {

@@ -233,9 +233,16 @@ impl Opened {
         let (file, at, s) = self.locate(tensor, start);
         buf.resize(len * (s.dtype.bitsize() / 8), 0);
         let f = &self.files[file];
-        read_at(f, at, buf)?;
-        if let Some(check) = &f.check {
-            check.take(at, buf, |at, b| reread_at(f, at, b))?;
+        let check = |b: &[u8]| match &f.check {
+            Some(check) => check.take(at, b, |at, b| reread_at(f, at, b)),
+            None => Ok(()),
+        };
+        match &f.ahead {
+            Some(ahead) => ahead.read(at, buf, check)?,
+            None => {
+                read_at(f, at, buf)?;
+                check(buf)?;
+            }
         }
         Ok(s.dtype)
     }
@@ -271,15 +278,15 @@ pub(super) fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
             _ => PhemaError::io(&f.path, e),
         }),
         Backing::Remote(object, version, _) => match &f.ahead {
-            Some(ahead) => ahead.read(at, buf),
+            Some(ahead) => ahead.read(at, buf, |_| Ok(())),
             None => object.read_at(at, buf, version.as_deref()),
         },
     }
 }
 
-/// Fills `buf` from byte `at` of `f` for a checksum catching up: bytes that a work item reads
-/// (or read) too, so not one of the read-ahead's planned reads, which would otherwise count
-/// them and drop a piece before its reader came.
+/// Fills `buf` from byte `at` of `f` for a checksum catching up: bytes that other work items
+/// read and have not counted yet, so not one of the read-ahead's planned reads, which would
+/// count them again and drop a piece before its readers are done.
 fn reread_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
     match &f.ahead {
         Some(ahead) => ahead.peek(at, buf),
