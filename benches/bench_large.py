@@ -7,7 +7,8 @@
    buffer by 1, 2 and 4 threads, the best of the three. The page cache is dropped before every
    measurement (`echo 3 > /proc/sys/vm/drop_caches`: run as root).
 2. `phema average` of three checkpoints of --avg-params parameters in fp32 (default 2.5G: 10 GB
-   each) against the cold read floor of the three.
+   each) against the cold read floor of the three, and (for information) against the three
+   read while an output of one checkpoint's size is written and fsynced, as the average does.
 Peak RSS of each phema run is measured in a fresh process.
 
 Run (root): .venv/bin/python benches/bench_large.py [--dir bench-data/large] [--keep]
@@ -58,6 +59,41 @@ def read_floor(paths: list[str], threads: int) -> float:
         total = sum(pool.map(read, paths))
     assert total == sum(os.path.getsize(p) for p in paths)
     return time.perf_counter() - t0
+
+
+def read_write_floor(paths: list[str], out: str, nbytes: int) -> float:
+    """Reads every file once, each by its own thread, while another writes `nbytes` to `out`
+    and fsyncs it: the least an average must do, reading its inputs and writing its output
+    (of the size of one input) on the same device."""
+    drop_caches()
+
+    def read(path: str) -> int:
+        buf = bytearray(64 << 20)
+        view, n = memoryview(buf), 0
+        with open(path, "rb", buffering=0) as f:
+            while k := f.readinto(view):
+                n += k
+        return n
+
+    def write() -> int:
+        buf = memoryview(bytearray(64 << 20))
+        n = 0
+        with open(out, "wb", buffering=0) as f:
+            while n < nbytes:
+                n += f.write(buf[: min(len(buf), nbytes - n)])
+            os.fsync(f.fileno())
+        return n
+
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(len(paths) + 1) as pool:
+            reads = [pool.submit(read, p) for p in paths]
+            written = pool.submit(write)
+            assert sum(r.result() for r in reads) == sum(os.path.getsize(p) for p in paths)
+            assert written.result() == nbytes
+        return time.perf_counter() - t0
+    finally:
+        os.remove(out)
 
 
 def run_measured(code: str, *args: str) -> tuple[float, float]:
@@ -163,6 +199,9 @@ def main() -> None:
         ckpts = make_checkpoints(os.path.join(args.dir, "ckpts"), int(args.avg_params))
         nbytes = sum(os.path.getsize(p) for p in ckpts)
         floors = {k: read_floor(ckpts, k) for k in (1, 2, 4)}
+        both = read_write_floor(
+            ckpts, os.path.join(args.dir, "floor.bin"), os.path.getsize(ckpts[0])
+        )
         seconds, rss = run_measured(
             "import phema; phema.average(sys.argv[1:4], out=sys.argv[4], progress=False)",
             *ckpts,
@@ -170,6 +209,8 @@ def main() -> None:
         )
         print(f"average: 3 checkpoints, {nbytes / 1e9:.1f} GB")
         report("phema average", seconds, rss, floors, nbytes)
+        print(f"  (info) cold read floor with the output written and fsynced alongside: "
+              f"{both:.2f}s; phema average / that = {seconds / both:.2f}x")  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

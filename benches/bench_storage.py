@@ -8,6 +8,7 @@ Measured, each the median of --repeats interleaved rounds:
    by a pool of 16 threads with boto3 in ranges of the size phema's read-ahead uses for this
    many snapshots (what any client must at least fetch, request for request), and in 8 MiB
    ranges (fewer, larger requests: this server's cost is per request and per object size);
+   and the same ranges plus the two ranged reads of every header that listing the store makes;
 2. phema.reconstruct of one target (sigma_rel 0.08) from the bucket into a local directory;
 3. the same from the same store on local disk (for scale);
 4. peak RSS of the reconstruction from the bucket, in a fresh process.
@@ -119,6 +120,11 @@ def main() -> None:
 
         same, large = plan(piece(len(used))), plan(8 << 20)
         fetched_bytes = sum(b - a for _, a, b in same)
+        # What listing the store adds: two ranged reads per header (its length, then its JSON).
+        heads = []
+        for s in store.snapshots:
+            n = int.from_bytes(open(os.path.join(local, s.name), "rb").read(8), "little")
+            heads += [(f"store/{s.name}", 0, 8), (f"store/{s.name}", 8, 8 + n)]
 
         def floor(ranges: list[tuple[str, int, int]]) -> None:
             def get(r: tuple[str, int, int]) -> int:
@@ -127,27 +133,32 @@ def main() -> None:
                 return len(got["Body"].read())
 
             with ThreadPoolExecutor(16) as pool:
-                assert sum(pool.map(get, ranges)) == fetched_bytes
+                assert sum(pool.map(get, ranges)) == sum(b - a for _, a, b in ranges)
 
         def one(src: str) -> None:
             out = tempfile.mkdtemp(dir=work)
             phema.reconstruct(src, sigma_rels=ONE, out=out, progress=False)
             shutil.rmtree(out)
 
+        with_heads = "range-GET floor + header reads"
         rows: dict[str, list[float]] = {"range-GET floor": [], "range-GET floor, 8 MiB": [],
-                                        "phema, 1 target": [],
+                                        with_heads: [], "phema, 1 target": [],
                                         "phema, 1 target, local disk": []}  # fmt: skip
         for _ in range(args.repeats):
             rows["range-GET floor"].append(timed(lambda: floor(same)))
             rows["range-GET floor, 8 MiB"].append(timed(lambda: floor(large)))
+            rows[with_heads].append(timed(lambda: floor(heads + same)))
             rows["phema, 1 target"].append(timed(lambda: one(url)))
             rows["phema, 1 target, local disk"].append(timed(lambda: one(local)))
+        # VmHWM, not ru_maxrss: Linux copies the parent's high-water mark (this process held the
+        # ranges the floor fetched) into the child's ru_maxrss across fork+exec.
         code = (
-            "import phema, resource, sys, tempfile; "
-            "phema.reconstruct(sys.argv[1], sigma_rels=0.08, out=tempfile.mkdtemp(), "
-            "progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "import phema, sys, tempfile; "
+            "out = tempfile.mkdtemp(dir=sys.argv[2]); "
+            "phema.reconstruct(sys.argv[1], sigma_rels=0.08, out=out, progress=False); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
         )
-        rss_mb = int(subprocess.check_output([sys.executable, "-c", code, url])) / 1024
+        rss_mb = int(subprocess.check_output([sys.executable, "-c", code, url, work])) / 1024
         base = statistics.median(rows["range-GET floor"])
         print(f"{len(used)} snapshots read, {fetched_bytes / 1e6:.0f} MB of tensor data, "
               f"{len(same)} requests of {piece(len(used)) >> 10} KiB")  # fmt: skip
@@ -155,9 +166,14 @@ def main() -> None:
         for name, xs in rows.items():
             m = statistics.median(xs)
             print(f"{name:36}{m:8.3f}s{min(xs):8.3f}s{fetched_bytes / m / 1e6:8.0f}{m / base:9.2f}")
-        ratio = statistics.median(rows["phema, 1 target"]) / base
+        # The median of the ratios within each round: what survives a shared machine.
+        ratio = statistics.median(
+            p / f for p, f in zip(rows["phema, 1 target"], rows["range-GET floor"])
+        )
         tag = "met" if ratio <= GOAL else "MISSED"
         print(f"  [{tag}] 1 target from S3 / range-GET floor = {ratio:.2f}x (goal <= {GOAL}x)")
+        ratio = statistics.median(p / f for p, f in zip(rows["phema, 1 target"], rows[with_heads]))
+        print(f"  (info) 1 target from S3 / (range-GET floor + the headers' reads) = {ratio:.2f}x")
         tag = "met" if rss_mb <= GOAL_RSS_MB else "MISSED"
         print(f"  [{tag}] peak RSS, 1 target from S3 = {rss_mb:.0f} MB (goal <= {GOAL_RSS_MB:.0f})")
         print(f"  (info) bench process peak RSS {resource.getrusage(0).ru_maxrss / 1024:.0f} MB")

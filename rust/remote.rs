@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
 use std::path::Path as FsPath;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -472,6 +472,8 @@ struct Piece {
     left: AtomicU64,
     /// None once dropped.
     cell: Mutex<Option<Cell>>,
+    /// Whether a request for it was made (or its data is being fetched by a reader).
+    requested: AtomicBool,
 }
 
 impl ReadAhead {
@@ -496,6 +498,7 @@ impl ReadAhead {
                     len,
                     left: AtomicU64::new(0),
                     cell: Mutex::new(Some(Cell::default())),
+                    requested: AtomicBool::new(false),
                 });
                 s += len;
             }
@@ -561,31 +564,81 @@ impl ReadAhead {
         }
     }
 
+    /// Requests piece `i` in the background unless it was requested before.
+    fn request(&self, i: usize) -> Result<()> {
+        let Some(p) = self.pieces.get(i) else {
+            return Ok(());
+        };
+        if p.requested.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some(c) = self.cell(p)? {
+            let fetch = self.fetch(p);
+            // A failed read-ahead leaves the piece empty: its reader fetches it again and
+            // reports the error.
+            runtime()?.spawn(async move {
+                let _ = c.get_or_try_init(|| fetch).await;
+            });
+        }
+        Ok(())
+    }
+
     /// The data of piece `i`, fetched now unless a request for it is done or under way (then
-    /// waited for); the next piece is requested in the background. None once it was dropped.
+    /// waited for); the next piece is requested in the background when this one is first
+    /// wanted, so it is on its way while this one is read. None once it was dropped.
     fn data(&self, i: usize) -> Result<Option<bytes::Bytes>> {
         let p = &self.pieces[i];
         let Some(cell) = self.cell(p)? else {
             return Ok(None);
         };
-        if !cell.initialized() {
-            if let Some(next) = self.pieces.get(i + 1) {
-                if let Some(c) = self.cell(next)?.filter(|c| !c.initialized()) {
-                    let fetch = self.fetch(next);
-                    // A failed read-ahead leaves the piece empty: its reader fetches it again
-                    // and reports the error.
-                    runtime()?.spawn(async move {
-                        let _ = c.get_or_try_init(|| fetch).await;
-                    });
-                }
-            }
-        }
+        p.requested.store(true, Ordering::Release);
+        self.request(i + 1)?;
         let fetch = self.fetch(p);
         Ok(Some(block_on(cell.get_or_try_init(|| fetch))??.clone()))
     }
 
-    /// Fills `buf` from byte `at`, from the pieces where planned.
-    pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+    /// Requests the first two pieces in the background, so that the run does not start with
+    /// every reader waiting on its first request.
+    pub fn start(&self) -> Result<()> {
+        self.request(0)?;
+        self.request(1)
+    }
+
+    /// Fills `buf` from byte `at`, from the pieces where planned: one of the planned reads.
+    /// `then` is given the bytes before they count as read, so that reads it makes meanwhile
+    /// (a checksum catching up on bytes other readers are about to count) find their pieces.
+    pub fn read(
+        &self,
+        at: u64,
+        buf: &mut [u8],
+        then: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.fill(at, buf)?;
+        then(buf)?;
+        self.each_piece(at, buf.len() as u64, |_, p, lo, hi| {
+            let n = hi - lo;
+            let before = p
+                .left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(n))
+                })
+                .unwrap_or(0);
+            if before <= n {
+                if let Ok(mut cell) = p.cell.lock() {
+                    *cell = None;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Fills `buf` from byte `at` as [`ReadAhead::read`] does, but as a read outside the plan
+    /// (a checksum catching up): the pieces' planned reads are left to their readers.
+    pub fn peek(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.fill(at, buf)
+    }
+
+    fn fill(&self, at: u64, buf: &mut [u8]) -> Result<()> {
         let mut covered = 0u64;
         let mut failed = None;
         self.each_piece(at, buf.len() as u64, |i, p, lo, hi| {
@@ -601,22 +654,9 @@ impl ReadAhead {
                 Ok(None) => self.object.read_at(lo, dst, self.version.as_deref()),
                 Err(e) => Err(e),
             };
-            if let Err(e) = filled {
-                failed = Some(e);
-                return;
-            }
-            let n = hi - lo;
-            covered += n;
-            let before = p
-                .left
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-                    Some(l.saturating_sub(n))
-                })
-                .unwrap_or(0);
-            if before <= n {
-                if let Ok(mut cell) = p.cell.lock() {
-                    *cell = None;
-                }
+            match filled {
+                Ok(()) => covered += hi - lo,
+                Err(e) => failed = Some(e),
             }
         });
         if let Some(e) = failed {

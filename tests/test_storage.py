@@ -255,6 +255,40 @@ def test_only_the_bytes_of_what_is_used_are_fetched(s3: S3, bucket: str) -> None
         assert data <= fetched[s] <= data + 2 * headers[s], (s, fetched[s], sizes[s])
 
 
+def test_a_checked_store_is_fetched_once_in_one_piece_per_object(
+    s3: S3, bucket: str, tmp_path: Path
+) -> None:
+    # Snapshots of 2 MiB, checksums recorded: ~20 work items per object for 16 readers, so the
+    # check of each checksum, which reads in file order, often catches up on pieces other
+    # readers fetched but have not counted yet. Each object must still be fetched as its
+    # header (two reads, when listed) and one piece (its data and, for the checksum, its JSON).
+    local = tmp_path / "store"
+    local.mkdir()
+    rng = np.random.default_rng(1)
+    base = {n: rng.standard_normal((1024, 512)).astype(np.float32) for n in ("a", "b")}
+    for t in (1000, 2000):
+        for sigma_rel in (0.05, 0.10):
+            gamma = phema._core.sigma_rel_to_gamma(sigma_rel)
+            m = meta.header("power") | meta.snapshot_metadata(t, gamma, sigma_rel)
+            name = f"{t:012d}-{sigma_rel:.3f}.safetensors"
+            values = {n: v + t * sigma_rel / 1000 for n, v in base.items()}
+            phema.store.write_snapshot(local / name, values, "float16", m)
+            data = (local / name).read_bytes()
+            assert "phema.checksum" in _metadata(data)
+            s3.put(bucket, f"st/{name}", data)
+    s3.proxy.reset()
+    [remote] = phema.reconstruct(f"s3://{bucket}/st", sigma_rels=0.08, out=str(tmp_path / "r"))
+    [here] = phema.reconstruct(str(local), sigma_rels=0.08, out=str(tmp_path / "h"))
+    a, b = _local(remote), _local(here)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for name in sorted(os.listdir(local)):
+        data = (local / name).read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        key = f"/{bucket}/st/{name}"
+        assert s3.proxy.traffic.requests[("GET", key)] == 3, name
+        assert s3.proxy.traffic.fetched(key) <= len(data) + header, name
+
+
 def test_a_burst_of_throttling_is_retried_and_gives_the_same_result(
     s3: S3, bucket: str, run: tuple[str, str], tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ use safetensors::Dtype;
 use crate::error::{PhemaError, Result};
 use crate::format::codec::{decode, encode_into, has_nonfinite};
 use crate::format::header::{is_float, TensorEntry};
+use crate::format::meta::CHECKSUM;
 
 /// Most elements of one tensor handled by one work item: bounds memory per thread, whatever the
 /// size of the largest tensor.
@@ -186,11 +187,7 @@ pub fn combine(
             .iter()
             .map(open)
             .collect::<Result<Vec<_>>>()?;
-        let mut o = Opened { files, segments };
-        if verify {
-            check_all(&mut o, &inputs[i].files)?;
-        }
-        opened.push(o);
+        opened.push(Opened { files, segments });
     }
     // Non-float tensors (step counters, masks) cannot be averaged: they come from one input,
     // read for them alone when none of its float data is needed.
@@ -208,7 +205,13 @@ pub fn combine(
         })
     };
     let items = work_items(&layout, &opened, sink, &wanted);
-    plan_read_ahead(&mut opened, &items);
+    let recorded = |j: usize, f: usize| inputs[used[j]].files[f].metadata.contains_key(CHECKSUM);
+    plan_read_ahead(&mut opened, &items, |j, f| verify && recorded(j, f))?;
+    if verify {
+        for (o, &i) in opened.iter_mut().zip(&used) {
+            check_all(o, &inputs[i].files)?;
+        }
+    }
     let raw_source = match &raw_only {
         Some(o) => o,
         None => &opened[used.iter().position(|&u| u == copy_from).unwrap_or(0)],

@@ -117,21 +117,22 @@ impl Kernel {
                 k0: *k0,
                 dense,
             };
-            // One monomorphized kernel per group width (groups hold 1 to 8 targets).
+            // One monomorphized kernel per group width (groups hold 1 to 8 targets); AVX2 keeps
+            // about eight sums in flight, with `/ V` vectors per target when there are few.
             #[cfg(target_arch = "x86_64")]
             macro_rules! tiled {
-                ($kernel:ident: $($n:literal)*) => {
+                ($kernel:ident: $($n:literal $(/ $v:literal)?)*) => {
                     match width {
                         // SAFETY: `Isa::detect` chose this ISA only where the CPU has its
                         // features; the bounds were checked above and `k0 + width <= kk`.
-                        $($n => unsafe { $kernel::<$n>(&mut b, &g) },)*
+                        $($n => unsafe { $kernel::<$n $(, $v)?>(&mut b, &g) },)*
                         _ => unreachable!("groups hold 1 to 8 targets"),
                     }
                 };
             }
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => tiled!(tile_avx2: 1 2 3 4 5 6 7 8),
+                Isa::Avx2 => tiled!(tile_avx2: 1/8 2/4 3/2 4/2 5/1 6/1 7/1 8/1),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => tiled!(tile_avx512: 1 2 3 4 5 6 7 8),
                 _ => tile_portable(&mut b, &g, *width),
@@ -175,52 +176,80 @@ pub(super) fn tile_portable(b: &mut Block, g: &Group, width: usize) {
     }
 }
 
-/// `T` targets x 8 elements accumulated in registers over every input.
+/// `T` targets x 8 `V` elements accumulated in registers over every input: `V` independent
+/// sums per target hide the FMA latency when few targets share a broadcast weight (one target
+/// with one vector waits on every FMA of its single chain). A block whose length is not a
+/// multiple of 8 `V` ends with 8-element steps.
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `Kernel::run`'s bounds must hold and `k0 + T <= kk`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tile_avx2<const T: usize>(b: &mut Block, g: &Group) {
+pub(super) unsafe fn tile_avx2<const T: usize, const V: usize>(b: &mut Block, g: &Group) {
+    let mut e = 0;
+    while e < b.bl {
+        if e + 8 * V <= b.bs {
+            step_avx2::<T, V>(b, g, e);
+            e += 8 * V;
+        } else {
+            step_avx2::<T, 1>(b, g, e);
+            e += 8;
+        }
+    }
+}
+
+/// Elements `e..e + 8 V` of `T` targets, `V` vectors per target in registers.
+///
+/// # Safety
+/// As [`tile_avx2`], and `e + 8 V <= bs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn step_avx2<const T: usize, const V: usize>(b: &mut Block, g: &Group, e: usize) {
     use std::arch::x86_64::*;
     let xs = b.staged.as_ptr();
     let wp = g.w.as_ptr().add(g.k0);
-    let out = b.rows.as_mut_ptr().add(g.k0 * b.len + b.b0);
-    let mut e = 0;
-    while e < b.bl {
-        let mut acc = [_mm256_setzero_ps(); T];
-        for (m, &dense) in g.dense.iter().enumerate() {
-            // SAFETY: m < n_inputs and e + 8 <= bs (bs is a multiple of 16, e < bl <= bs and
-            // e is a multiple of 8): inside `staged`. The weights read are `w[m*kk + k0 + t]`
-            // with `k0 + t < kk`.
-            let x = _mm256_loadu_ps(xs.add(m * b.bs + e));
-            let wm = wp.add(m * g.kk);
-            if dense {
-                for (t, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*wm.add(t)), x, *a);
+    let mut acc = [[_mm256_setzero_ps(); V]; T];
+    for (m, &dense) in g.dense.iter().enumerate() {
+        // SAFETY: m < n_inputs and e + 8 V <= bs: inside `staged`. The weights read are
+        // `w[m*kk + k0 + t]` with `k0 + t < kk`.
+        let row = xs.add(m * b.bs + e);
+        let x: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(row.add(8 * v)));
+        let wm = wp.add(m * g.kk);
+        if dense {
+            for (t, a) in acc.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(*wm.add(t));
+                for (a, x) in a.iter_mut().zip(&x) {
+                    *a = _mm256_fmadd_ps(w, *x, *a);
                 }
-            } else {
-                for (t, a) in acc.iter_mut().enumerate() {
-                    let wt = *wm.add(t);
-                    if wt != 0.0 {
-                        *a = _mm256_fmadd_ps(_mm256_set1_ps(wt), x, *a);
+            }
+        } else {
+            for (t, a) in acc.iter_mut().enumerate() {
+                let wt = *wm.add(t);
+                if wt != 0.0 {
+                    let w = _mm256_set1_ps(wt);
+                    for (a, x) in a.iter_mut().zip(&x) {
+                        *a = _mm256_fmadd_ps(w, *x, *a);
                     }
                 }
             }
         }
-        let n = (b.bl - e).min(8);
-        for (t, a) in acc.iter().enumerate() {
-            // SAFETY: row k0 + t < kk, elements b0 + e..b0 + e + n <= b0 + bl <= len.
-            let dst = out.add(t * b.len + e);
-            if n == 8 {
+    }
+    let out = b.rows.as_mut_ptr().add(g.k0 * b.len + b.b0 + e);
+    let n = b.bl - e;
+    for (t, a) in acc.iter().enumerate() {
+        for (v, a) in a.iter().enumerate() {
+            // SAFETY: row k0 + t < kk; elements b0 + e + 8 v.. up to b0 + bl <= len.
+            let dst = out.add(t * b.len + 8 * v);
+            let lanes = n.saturating_sub(8 * v);
+            if lanes >= 8 {
                 _mm256_storeu_ps(dst, *a);
-            } else {
+            } else if lanes > 0 {
                 let mut tmp = [0f32; 8];
                 _mm256_storeu_ps(tmp.as_mut_ptr(), *a);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
             }
         }
-        e += 8;
     }
 }
 

@@ -191,8 +191,11 @@ pub(super) struct OpenFile {
     /// For an object: the work items' reads of it, fetched in large pieces.
     pub(super) ahead: Option<ReadAhead>,
     pub(super) path: PathBuf,
-    /// Its header JSON as stored.
+    /// Its header JSON as stored: read when opened for a local file; for an object, fetched
+    /// with its first piece of data when its checksum is checked (empty until then).
     pub(super) json: Vec<u8>,
+    /// Where the data starts: the JSON is bytes `8..data_start`.
+    data_start: u64,
     pub(super) check: Option<InOrder>,
 }
 
@@ -230,9 +233,16 @@ impl Opened {
         let (file, at, s) = self.locate(tensor, start);
         buf.resize(len * (s.dtype.bitsize() / 8), 0);
         let f = &self.files[file];
-        read_at(f, at, buf)?;
-        if let Some(check) = &f.check {
-            check.take(at, buf, |at, b| read_at(f, at, b))?;
+        let check = |b: &[u8]| match &f.check {
+            Some(check) => check.take(at, b, |at, b| reread_at(f, at, b)),
+            None => Ok(()),
+        };
+        match &f.ahead {
+            Some(ahead) => ahead.read(at, buf, check)?,
+            None => {
+                read_at(f, at, buf)?;
+                check(buf)?;
+            }
         }
         Ok(s.dtype)
     }
@@ -268,9 +278,19 @@ pub(super) fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
             _ => PhemaError::io(&f.path, e),
         }),
         Backing::Remote(object, version, _) => match &f.ahead {
-            Some(ahead) => ahead.read(at, buf),
+            Some(ahead) => ahead.read(at, buf, |_| Ok(())),
             None => object.read_at(at, buf, version.as_deref()),
         },
+    }
+}
+
+/// Fills `buf` from byte `at` of `f` for a checksum catching up: bytes that other work items
+/// read and have not counted yet, so not one of the read-ahead's planned reads, which would
+/// count them again and drop a piece before its readers are done.
+fn reread_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
+    match &f.ahead {
+        Some(ahead) => ahead.peek(at, buf),
+        None => read_at(f, at, buf),
     }
 }
 
@@ -278,35 +298,42 @@ pub(super) fn read_at(f: &OpenFile, at: u64, buf: &mut [u8]) -> Result<()> {
 /// one being read, the next one coming, the last one's rest).
 pub(super) const READ_AHEAD: u64 = 128 << 20;
 
-/// Plans the read-ahead of every object among the inputs from the work items' reads: object
-/// storage wants few large requests, the items make many small reads.
-pub(super) fn plan_read_ahead(opened: &mut [Opened], items: &[(usize, usize, usize)]) {
+/// Plans the read-ahead of every object among the inputs from the work items' reads (and, for
+/// the files `checked(input, file)` says are checked, of the header JSON, which then comes
+/// with the first piece of data) and requests the first pieces: object storage wants few large
+/// requests, the items make many small reads.
+pub(super) fn plan_read_ahead(
+    opened: &mut [Opened],
+    items: &[(usize, usize, usize)],
+    checked: impl Fn(usize, usize) -> bool,
+) -> Result<()> {
     let remote: usize = opened
         .iter()
         .flat_map(|o| &o.files)
         .filter(|f| matches!(f.backing, Backing::Remote(..)))
         .count();
     if remote == 0 {
-        return;
+        return Ok(());
     }
     let piece = (READ_AHEAD / (3 * remote as u64)).clamp(1 << 20, 8 << 20);
-    for o in opened.iter_mut() {
+    for (j, o) in opened.iter_mut().enumerate() {
         let mut reads: Vec<Vec<(u64, u64)>> = vec![Vec::new(); o.files.len()];
         for &(ti, start, len) in items.iter().filter(|i| i.2 > 0) {
             let (file, at, s) = o.locate(ti, start);
             reads[file].push((at, (len * (s.dtype.bitsize() / 8)) as u64));
         }
-        for (f, reads) in o.files.iter_mut().zip(reads) {
+        for (fi, (f, mut reads)) in o.files.iter_mut().zip(reads).enumerate() {
             if let Backing::Remote(object, version, _) = &f.backing {
-                f.ahead = Some(ReadAhead::new(
-                    object.clone(),
-                    version.clone(),
-                    reads,
-                    piece,
-                ));
+                if checked(j, fi) {
+                    reads.push((8, f.data_start - 8));
+                }
+                let ahead = ReadAhead::new(object.clone(), version.clone(), reads, piece);
+                ahead.start()?;
+                f.ahead = Some(ahead);
             }
         }
     }
+    Ok(())
 }
 
 /// Work items in flight when inputs are on object storage (one ranged read each at a time).
@@ -333,20 +360,18 @@ pub(super) fn changed(path: &Path) -> PhemaError {
 /// one listed, its metadata (with the checksum of its contents) included.
 ///
 /// An object is read from the version its header was listed from, which nothing can change: its
-/// header JSON (for the checksum) is one ranged read.
+/// header JSON (for the checksum) is fetched later, with its first piece of data.
 pub(super) fn open(header: &Header) -> Result<OpenFile> {
     let path = &header.path;
     if let Some(url) = path.to_str().filter(|p| is_url(p)) {
         let object = Object::parse(url)?;
         let data: u64 = header.tensors.iter().map(|t| t.nbytes).sum();
-        let end = header.file_size.saturating_sub(data);
-        let mut json = vec![0u8; end.saturating_sub(8) as usize];
-        object.read_at(8, &mut json, header.version.as_deref())?;
         return Ok(OpenFile {
             backing: Backing::Remote(object, header.version.clone(), header.file_size),
             ahead: None,
             path: path.clone(),
-            json,
+            json: Vec::new(),
+            data_start: header.file_size.saturating_sub(data).max(8),
             check: None,
         });
     }
@@ -362,17 +387,24 @@ pub(super) fn open(header: &Header) -> Result<OpenFile> {
         backing: Backing::Local(file),
         ahead: None,
         path: path.clone(),
+        data_start: 8 + json.len() as u64,
         json,
         check: None,
     })
 }
 
-/// Starts the checksum check of every file of `o` that records one: `o` is read whole.
+/// Starts the checksum check of every file of `o` that records one: `o` is read whole. An
+/// object's header JSON is read here, through its read-ahead (planned with the first piece).
 pub(super) fn check_all(o: &mut Opened, headers: &[Header]) -> Result<()> {
     for (f, h) in o.files.iter_mut().zip(headers) {
         let Some(recorded) = h.metadata.get(CHECKSUM) else {
             continue;
         };
+        if matches!(f.backing, Backing::Remote(..)) {
+            let mut json = vec![0u8; (f.data_start - 8) as usize];
+            read_at(f, 8, &mut json)?;
+            f.json = json;
+        }
         let check = InOrder::new(&f.json, recorded.clone())
             .ok_or_else(|| mismatch(&f.path, recorded, NOT_IN_PLACE))?;
         f.check = Some(check);
@@ -382,7 +414,7 @@ pub(super) fn check_all(o: &mut Opened, headers: &[Header]) -> Result<()> {
 
 /// Hashes the rest of `f`, whose checksum is being checked, and compares.
 pub(super) fn finish_check(f: &OpenFile, check: &InOrder) -> Result<()> {
-    match check.finish(f.size()?, |at, b| read_at(f, at, b))? {
+    match check.finish(f.size()?, |at, b| reread_at(f, at, b))? {
         Verified::Mismatch { recorded, computed } => Err(mismatch(&f.path, &recorded, &computed)),
         Verified::Ok | Verified::NotRecorded => Ok(()),
     }
