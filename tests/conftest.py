@@ -62,6 +62,19 @@ def listing(root) -> dict[str, bytes]:
     return out
 
 
+@pytest.fixture(scope="session")
+def dask_client():
+    """One Dask cluster of 2 worker processes for the whole session (starting one takes seconds):
+    the tests that kill a worker wait for both again before they end."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    with distributed.Client(cluster) as client:
+        yield client
+    cluster.close()
+
+
 @pytest.fixture
 def small_store(tmp_path):
     """8 times x 2 profiles of a model with a few tensors, one crossing an engine chunk."""
