@@ -130,7 +130,13 @@ fn client(scheme: &str, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>>
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let key = format!("{scheme}{bucket}\n{}", settings.join("\n"));
-    let clients = CLIENTS.get_or_init(Default::default);
+    let clients = CLIENTS.get_or_init(|| {
+        // The HTTP client's TLS (rustls) is built without a crypto library of its own
+        // (Cargo.toml: ring, not aws-lc-rs); this makes ring the process's. An error only says
+        // one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Default::default()
+    });
     if let Some(c) = clients.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(c);
     }
@@ -163,8 +169,17 @@ fn remote(url: &str, e: &object_store::Error) -> PhemaError {
             "changed since it was listed (another version of the object is there now)".to_string()
         }
         other => {
-            // The crate's messages nest the cause; its last line names it.
-            let full = other.to_string();
+            // The crate's messages nest the cause; its last line names it. Causes the message
+            // leaves out (a refused certificate behind "error sending request") are added.
+            let mut full = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let said = c.to_string();
+                if !full.contains(&said) {
+                    full = format!("{full}: {said}");
+                }
+                cause = c.source();
+            }
             let mut text = full.replace('\n', " ");
             if text.len() > 400 {
                 text.truncate(400);
