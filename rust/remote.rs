@@ -133,7 +133,9 @@ fn client(scheme: &str, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>>
     let clients = CLIENTS.get_or_init(|| {
         // The HTTP client's TLS (rustls) is built without a crypto library of its own
         // (Cargo.toml: ring, not aws-lc-rs); this makes ring the process's. An error only says
-        // one is installed already.
+        // one is installed already. rustls marks ring's provider deprecated because it has no
+        // post-quantum key exchange (docs/storage.md).
+        #[allow(deprecated)]
         let _ = rustls::crypto::ring::default_provider().install_default();
         Default::default()
     });
