@@ -28,7 +28,7 @@ $(DEV_DEPS): $(DEMO_DEPS)
 # only the Rust sources and the build settings make it stale). A per-interpreter `_core` left by
 # an earlier build would shadow the abi3 one, so it goes. `--uv` installs it without pip's noise.
 EXT := python/phema/_core.abi3.so
-$(EXT): $(DEMO_DEPS) Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
+$(EXT): $(DEMO_DEPS) Cargo.toml Cargo.lock pyproject.toml $(shell find rust -name '*.rs')
 	rm -f python/phema/_core.cpython-*.so
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --uv --quiet
 	touch $(EXT)

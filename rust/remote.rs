@@ -144,7 +144,15 @@ fn client(scheme: &str, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>>
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let key = format!("{scheme}{bucket}\n{}", settings.join("\n"));
-    let clients = CLIENTS.get_or_init(Default::default);
+    let clients = CLIENTS.get_or_init(|| {
+        // The HTTP client's TLS (rustls) is built without a crypto library of its own
+        // (Cargo.toml: ring, not aws-lc-rs); this makes ring the process's. An error only says
+        // one is installed already. rustls marks ring's provider deprecated because it has no
+        // post-quantum key exchange (docs/storage.md).
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Default::default()
+    });
     if let Some(c) = clients.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(c);
     }
@@ -177,8 +185,17 @@ fn remote(url: &str, e: &object_store::Error) -> PhemaError {
             "changed since it was listed (another version of the object is there now)".to_string()
         }
         other => {
-            // The crate's messages nest the cause; its last line names it.
-            let full = other.to_string();
+            // The crate's messages nest the cause; its last line names it. Causes the message
+            // leaves out (a refused certificate behind "error sending request") are added.
+            let mut full = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let said = c.to_string();
+                if !full.contains(&said) {
+                    full = format!("{full}: {said}");
+                }
+                cause = c.source();
+            }
             // Without credentials in the environment the crate asks the cloud's metadata
             // endpoint for some, which fails off the cloud with a message that does not say so.
             let asked_metadata = ["/latest/api/token", "token request", "169.254.169.254"];
@@ -192,7 +209,8 @@ fn remote(url: &str, e: &object_store::Error) -> PhemaError {
                 return PhemaError::Remote {
                     url: bucket,
                     reason: "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
-                             (S3) or GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS (GCS) (docs/storage.md)"
+                             (S3) or GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS \
+                             (GCS) (docs/storage.md)"
                         .into(),
                 };
             }

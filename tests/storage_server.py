@@ -1,16 +1,21 @@
 """A real S3-compatible server for the tests (moto's standalone server, over HTTP on localhost)
 behind a small proxy of ours that counts what crosses it and injects faults: throttling (503)
-bursts, and a server that stops answering."""
+bursts, and a server that stops answering. The proxy can also serve HTTPS, with a certificate
+for 127.0.0.1 signed by a certificate authority made for the test."""
 
 from __future__ import annotations
 
+import datetime
 import http.client
+import ipaddress
 import re
 import socket
+import ssl
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -38,10 +43,55 @@ class Traffic:
         self.ranges.clear()
 
 
-class Proxy:
-    """Forwards every request to `upstream`, counting and, when told, failing them."""
+def certificate_authority(directory: Path, name: str) -> tuple[Path, ssl.SSLContext]:
+    """A new CA's certificate (DIR/NAME-ca.pem) and a server context whose certificate for
+    127.0.0.1 it signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def __init__(self, upstream_port: int) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def signed(subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool) -> Any:
+        build = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            build = build.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+        return build.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = signed(f"{name} CA", ca_key, f"{name} CA", ca_key, True)
+    cert = signed("127.0.0.1", key, f"{name} CA", ca_key, False)
+    pem = serialization.Encoding.PEM
+    (directory / f"{name}-ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / f"{name}-server.pem").write_bytes(
+        cert.public_bytes(pem)
+        + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / f"{name}-server.pem")
+    return directory / f"{name}-ca.pem", context
+
+
+class Proxy:
+    """Forwards every request to `upstream`, counting and, when told, failing them; over HTTPS
+    with `tls`."""
+
+    def __init__(self, upstream_port: int, tls: ssl.SSLContext | None = None) -> None:
         self.upstream_port = upstream_port
         self.traffic = Traffic()
         self.lock = threading.Lock()
@@ -104,6 +154,8 @@ class Proxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

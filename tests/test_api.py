@@ -111,3 +111,14 @@ def test_renamed_keyword_and_former_argument_orders_still_work_with_a_warning(tm
     keyword = phema.average(inputs, weights=[0.25, 0.75], out=tmp_path / "a2")
     with open(positional[0], "rb") as f1, open(keyword[0], "rb") as f2:
         assert f1.read() == f2.read()
+
+
+def test_dir_lists_the_public_names_the_lazy_ones_too():
+    """`dir(phema)` (tab completion) shows what `phema.X` gives, also the names whose modules
+    load torch on first use, and none of the module's own helpers."""
+    names = {n for n in dir(phema) if not n.startswith("_")}
+    assert {"PostHocEMA", "reconstruct", "sweep", "load_into", "SweepResult"} <= names
+    assert not names & {"Any", "TYPE_CHECKING", "typing", "annotations", "importlib"}
+    assert names == set(phema.__all__)
+    for name in names:
+        assert getattr(phema, name) is not None, name

@@ -1,7 +1,8 @@
 """PyTorch Distributed Checkpoint (DCP) directories as inputs (docs/importers.md): written here by
-`torch.distributed.checkpoint.save`, in one process and by 2 gloo ranks holding sharded DTensors;
-averaged, reconstructed and imported by phema against torch's own loading of the same files; and
-crafted or damaged files refused, naming the file, with nothing run and nothing written."""
+`torch.distributed.checkpoint.save` in one process (tests/test_fsdp.py writes them from 2 gloo
+ranks holding sharded DTensors); averaged, reconstructed and imported by phema against torch's own
+loading of the same files; and crafted or damaged files refused, naming the file, with nothing run
+and nothing written."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import dcp_ranks
 import pytest
-import ranks
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -239,34 +238,6 @@ def test_truncated_files_are_refused(checkpoints, tmp_path, name, capsys) -> Non
     with pytest.raises(SourceError, match=str(bad / name)):
         phema.import_store(tmp_path / "store", bad, kind="dcp")
     assert not out.exists() and not (tmp_path / "store").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# Two gloo ranks holding sharded DTensors
-
-
-def test_ranks_with_sharded_dtensors(tmp_path: Path) -> None:
-    if not torch.distributed.is_gloo_available():
-        pytest.skip("gloo is unavailable")
-    ranks.run_ranks(dcp_ranks.__file__, "save", tmp_path)
-    dirs = [tmp_path / "ckpts" / f"step-{s}" for s in dcp_ranks.STEPS]
-    assert len(list(dirs[0].glob("*.distcp"))) == 2  # each rank wrote its chunks
-    loaded = []
-    for d in dirs:
-        sd = {n: torch.empty(s) for n, s in dcp_ranks.FULL.items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(sd, checkpoint_id=str(d))
-        assert all(
-            torch.equal(sd[n], dcp_ranks.full_state(int(d.name[5:]))[n]) for n in dcp_ranks.FULL
-        )
-        loaded.append(sd)
-    got = tensors(Path(phema.average(dirs, out=tmp_path / "avg")[0]))
-    for name in dcp_ranks.FULL:
-        expect = (loaded[0][name].double() + loaded[1][name].double()) / 2
-        assert torch.equal(got[name], expect.float()), name
-    store = phema.open_checkpoints(tmp_path / "ckpts")
-    assert [s.t for s in store.snapshots] == [100.0, 200.0]
 
 
 def _huge(md) -> None:

@@ -18,30 +18,20 @@ from conftest import SIGMA_RELS, listing, make_store, snapshot_metadata
 from phema.cli import _size, main
 from phema.store import write_snapshot
 
-distributed = pytest.importorskip("distributed")
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    )
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
+pytest.importorskip("distributed")
 
 
 SHAPES = {f"layer{i}.weight": (64, 48) for i in range(6)} | {"bias": (48,)}
 
 
 @pytest.mark.parametrize("shard_size", [None, 8_000])
-def test_same_files_as_one_machine_for_one_and_many_targets(client, tmp_path, shard_size):
+def test_same_files_as_one_machine_for_one_and_many_targets(dask_client, tmp_path, shard_size):
     store = tmp_path / "store"
     make_store(store, [100 * i for i in range(1, 7)], SHAPES)
     for sigmas in ([0.1], [0.06, 0.1, 0.15]):
         kw = {"sigma_rels": sigmas, "betas": [0.99], "shard_size": shard_size}
         here = phema.reconstruct(store, out=tmp_path / "here", **kw)
-        there = phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
+        there = phema.reconstruct(store, out=tmp_path / "there", client=dask_client, **kw)
         rel = sorted(os.path.relpath(p, tmp_path / "there") for p in there)
         assert rel == sorted(os.path.relpath(p, tmp_path / "here") for p in here)
         assert listing(tmp_path / "there") == listing(tmp_path / "here")
@@ -52,7 +42,7 @@ def test_same_files_as_one_machine_for_one_and_many_targets(client, tmp_path, sh
         assert len(set(index["weight_map"].values())) > 2  # several shards, several tasks
 
 
-def test_rank_file_stores_and_per_tensor_targets_distribute_alike(client, tmp_path):
+def test_rank_file_stores_and_per_tensor_targets_distribute_alike(dask_client, tmp_path):
     # A run sharded over 2 ranks along dim 0: each rank file holds half of every matrix.
     store = tmp_path / "ranks"
     os.makedirs(store)
@@ -83,24 +73,24 @@ def test_rank_file_stores_and_per_tensor_targets_distribute_alike(client, tmp_pa
                 write_snapshot(store / name, local, metadata=meta)
     kw = {"sigma_rels": [0.08, 0.12], "tensor_sigma_rels": {"bias": 0.06}, "shard_size": 15_000}
     here = phema.reconstruct(store, out=tmp_path / "here", **kw)
-    phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
+    phema.reconstruct(store, out=tmp_path / "there", client=dask_client, **kw)
     assert len(here) > 4
     assert listing(tmp_path / "there") == listing(tmp_path / "here")
 
 
-def test_average_on_the_cluster_equals_one_machine(client, tmp_path):
+def test_average_on_the_cluster_equals_one_machine(dask_client, tmp_path):
     store = tmp_path / "store"
     make_store(store, [100, 200, 300], SHAPES)
     ckpts = sorted(str(p) for p in store.iterdir())[:3]
     with pytest.warns(UserWarning, match="differ between checkpoints.*step"):
         here = phema.average(ckpts, out=tmp_path / "here", shard_size=20_000)
     with pytest.warns(UserWarning, match="differ between checkpoints.*step"):
-        there = phema.average(ckpts, out=tmp_path / "there", shard_size=20_000, client=client)
+        there = phema.average(ckpts, out=tmp_path / "there", shard_size=20_000, client=dask_client)
     assert [os.path.basename(p) for p in there] == [os.path.basename(p) for p in here]
     assert listing(tmp_path / "there") == listing(tmp_path / "here")
 
 
-def test_a_worker_killed_mid_run_is_survived(client, tmp_path):
+def test_a_worker_killed_mid_run_is_survived(dask_client, tmp_path):
     store = tmp_path / "store"
     make_store(store, [100 * i for i in range(1, 9)], {f"w{i}": (256, 256) for i in range(24)})
     kw = {"sigma_rels": [0.07, 0.1, 0.13], "shard_size": 140_000}
@@ -109,17 +99,21 @@ def test_a_worker_killed_mid_run_is_survived(client, tmp_path):
 
     def run():
         try:
-            done["paths"] = phema.reconstruct(store, out=tmp_path / "there", client=client, **kw)
+            done["paths"] = phema.reconstruct(
+                store, out=tmp_path / "there", client=dask_client, **kw
+            )
         except BaseException as e:  # reported by the assertions below
             done["error"] = e
 
-    pids = client.run(os.getpid)
+    pids = dask_client.run(os.getpid)
     worker = threading.Thread(target=run)
     worker.start()
     killed = None
     deadline = time.monotonic() + 60
     while killed is None and worker.is_alive() and time.monotonic() < deadline:
-        busy = {w: ks for w, ks in client.processing().items() if any("phema" in k for k in ks)}
+        busy = {
+            w: ks for w, ks in dask_client.processing().items() if any("phema" in k for k in ks)
+        }
         if busy:
             killed = next(iter(busy))
             os.kill(pids[killed], signal.SIGKILL)
@@ -129,10 +123,10 @@ def test_a_worker_killed_mid_run_is_survived(client, tmp_path):
     assert "error" not in done, done.get("error")
     assert sorted(map(os.path.basename, done["paths"])) == sorted(map(os.path.basename, here))
     assert listing(tmp_path / "there") == listing(tmp_path / "here")
-    client.wait_for_workers(2, timeout=60)
+    dask_client.wait_for_workers(2, timeout=60)
 
 
-def test_a_corrupt_snapshot_fails_the_run_naming_it_and_commits_nothing(client, tmp_path):
+def test_a_corrupt_snapshot_fails_the_run_naming_it_and_commits_nothing(dask_client, tmp_path):
     store = tmp_path / "store"
     make_store(store, [100 * i for i in range(1, 6)], SHAPES)
     out = tmp_path / "out"
@@ -143,16 +137,16 @@ def test_a_corrupt_snapshot_fails_the_run_naming_it_and_commits_nothing(client, 
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     with pytest.raises(phema.StoreError, match=os.path.basename(victim)):
-        phema.reconstruct(opened, sigma_rels=[0.1], out=out, shard_size=20_000, client=client)
+        phema.reconstruct(opened, sigma_rels=[0.1], out=out, shard_size=20_000, client=dask_client)
     assert sorted(os.listdir(out)) == ["earlier.txt"]
     with pytest.raises(TypeError, match="dask.distributed.Client"):
         phema.reconstruct(opened, sigma_rels=[0.1], out=out, client="tcp://nowhere:1")
 
 
-def test_cli_workers_and_scheduler(client, tmp_path, capsys):
+def test_cli_workers_and_scheduler(dask_client, tmp_path, capsys):
     store = tmp_path / "store"
     make_store(store, [100, 200, 300, 400], SHAPES)
-    address = client.scheduler.address
+    address = dask_client.scheduler.address
     args = ["reconstruct", str(store), "--sigma-rel", "0.1", "--shard-size", "20KB"]
     assert main([*args, "--out", str(tmp_path / "a"), "--scheduler", address]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0

@@ -8,7 +8,9 @@ stitching the blocks with numpy from the `phema.shards` metadata (docs/sharded-s
 
 The ranks are subprocesses running this file as a script (`python test_fsdp.py MODE DIR ...`),
 so they work whatever pytest's import mode; `run_ranks` starts them and
-`make_sharded_and_plain_stores` gives a sharded store and the matching unsharded one.
+`make_sharded_and_plain_stores` gives a sharded store and the matching unsharded one. Starting
+ranks costs seconds, so one launch also reloads the run's reconstructions into FSDP2 models and
+saves DCP checkpoints of sharded DTensors for the tests below.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +240,7 @@ def plain_run(directory: Path, steps: int, every: int) -> None:
 
 def load_worker(rank: int, directory: Path, full: str, rank0_file: str) -> None:
     """Loads a full and a per-rank reconstruction into fresh FSDP2 models; saves what each
-    rank's shards hold and the gathered full tensors."""
+    rank's shards hold and the gathered full tensors in DIR/load-rank{r}.pt."""
     mesh = init_device_mesh("cpu", (WORLD,))
     result = {}
     for case, source in {"full": full, "per_rank": rank0_file}.items():
@@ -275,7 +278,50 @@ def run_id_worker(rank: int, directory: Path) -> None:
     (directory / f"run-id-rank{rank}.json").write_text(json.dumps(ema.run_id))
 
 
-WORKERS = {"train": train_worker, "load": load_worker, "run_id": run_id_worker}
+DCP_FULL = {"w": (5, 3), "v": (4, 6), "r": (3,)}
+DCP_STEPS = (100, 200)
+
+
+def dcp_full_state(step: int) -> dict[str, torch.Tensor]:
+    """The whole tensors of the DCP checkpoint at `step` (the same on every rank)."""
+    g = torch.Generator().manual_seed(step)
+    return {n: torch.randn(s, generator=g) for n, s in DCP_FULL.items()}
+
+
+def dcp_save_worker(rank: int, directory: Path) -> None:
+    """Each rank holds its shards of DTensors and `torch.distributed.checkpoint.save`s them in
+    DIR/ckpts/step-{t} (docs/importers.md: DCP directories as inputs)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    # Rows split 3 + 2, columns 3 + 3, one tensor replicated (stored once).
+    placements = {"w": [Shard(0)], "v": [Shard(1)], "r": [Replicate()]}
+    for step in DCP_STEPS:
+        sd = {n: distribute_tensor(t, mesh, placements[n]) for n, t in dcp_full_state(step).items()}
+        dcp.save(sd, checkpoint_id=str(directory / "ckpts" / f"step-{step}"))
+
+
+def run_worker(rank: int, directory: Path, steps: int, every: int) -> None:
+    """The module's one 2-rank launch (starting ranks costs seconds each time): the FSDP2 run;
+    its reconstructions (full and per rank, by rank 0) reloaded into fresh FSDP2 models in
+    DIR/reload; DCP checkpoints of sharded DTensors."""
+    train_worker(rank, directory, steps, every)
+    reload = directory / "reload"
+    if rank == 0:
+        store = phema.open_store(directory / "sharded")
+        [full] = phema.reconstruct(store, sigma_rels=0.07, out=reload / "full", dtype="float32")
+        per_rank = phema.reconstruct(
+            store, sigma_rels=0.07, out=reload / "ranks", dtype="float32", per_rank=True
+        )
+        (reload / "paths.json").write_text(json.dumps({"full": full, "rank0": per_rank[0]}))
+    torch.distributed.barrier()
+    paths = json.loads((reload / "paths.json").read_text())
+    load_worker(rank, reload, paths["full"], paths["rank0"])
+    dcp_save_worker(rank, directory)
+
+
+WORKERS = {"run": run_worker, "run_id": run_id_worker}
 
 
 def run_ranks(mode: str, directory: Path, *args: Any, world: int = WORLD, timeout: float = 120):
@@ -290,7 +336,7 @@ def make_sharded_and_plain_stores(tmp_path: Path, steps: int = 24, every: int = 
     the same pair for a tensor-parallel model in tmp_path/tp-sharded and tmp_path/tp-plain.
     """
     tmp_path = Path(tmp_path)
-    run_ranks("train", tmp_path, steps, every)
+    run_ranks("run", tmp_path, steps, every)
     plain_run(tmp_path, steps, every)
     return tmp_path / "sharded", tmp_path / "plain"
 
@@ -608,16 +654,12 @@ def test_a_failure_on_one_rank_commits_no_ranks_output(run, tmp_path):
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in earlier)
 
 
-def test_per_rank_and_full_outputs_reload_into_an_fsdp2_model(run, tmp_path):
-    store = phema.open_store(run[4] / "sharded")
-    [full] = phema.reconstruct(store, sigma_rels=0.07, out=tmp_path / "full", dtype="float32")
-    ranks = phema.reconstruct(
-        store, sigma_rels=0.07, out=tmp_path / "ranks", dtype="float32", per_rank=True
-    )
-    run_ranks("load", tmp_path, full, ranks[0])
+def test_per_rank_and_full_outputs_reload_into_an_fsdp2_model(run):
+    reload = run[4] / "reload"
+    full = json.loads((reload / "paths.json").read_text())["full"]
     want = {k: torch.from_numpy(v.astype(np.float32)) for k, v in load_file(full).items()}
     for rank in range(2):
-        result = torch.load(tmp_path / f"load-rank{rank}.pt")
+        result = torch.load(reload / f"load-rank{rank}.pt")
         for case in ("full", "per_rank"):
             for name, value in result[case]["full"].items():
                 torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
@@ -625,6 +667,28 @@ def test_per_rank_and_full_outputs_reload_into_an_fsdp2_model(run, tmp_path):
                 chunk = block(want[name], rank)
                 torch.testing.assert_close(value, chunk, rtol=0, atol=0, msg=name)
             assert torch.equal(result[case]["buffers"]["scale"], want["scale"])
+
+
+def test_dcp_checkpoints_of_sharded_dtensors_average_and_open(run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dirs = [run[4] / "ckpts" / f"step-{s}" for s in DCP_STEPS]
+    assert len(list(dirs[0].glob("*.distcp"))) == WORLD  # each rank wrote its chunks
+    loaded = []
+    for d in dirs:
+        sd = {n: torch.empty(s) for n, s in DCP_FULL.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(sd, checkpoint_id=str(d))
+        assert all(torch.equal(sd[n], dcp_full_state(int(d.name[5:]))[n]) for n in DCP_FULL)
+        loaded.append(sd)
+    [average] = phema.average(dirs, out=tmp_path / "avg")
+    got = load_file(average)
+    for name in DCP_FULL:
+        expect = (loaded[0][name].double() + loaded[1][name].double()) / 2
+        assert np.array_equal(got[name], expect.float().numpy()), name
+    store = phema.open_checkpoints(run[4] / "ckpts")
+    assert [s.t for s in store.snapshots] == [100.0, 200.0]
 
 
 def test_a_missing_rank_file_makes_the_snapshot_incomplete(run, tmp_path, capsys):

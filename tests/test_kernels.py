@@ -246,13 +246,11 @@ def test_mixes_take_the_given_weights_behind_the_extrapolation_guard(tmp_path: P
     assert '"allow_extrapolation": true' in sol.targets[0].metadata()["phema.target"]
 
 
-def test_dask_writes_the_same_kernel_files(tmp_path: Path) -> None:
-    distributed = pytest.importorskip("distributed")
+def test_dask_writes_the_same_kernel_files(tmp_path: Path, dask_client) -> None:
     raw_store(tmp_path / "run", trajectory(), every=5)
     kw = {"windows": ["25%"], "merges": [("1-sqrt", 40)], "bema": [{"tau": 20, "phi": 10}]}
     here = phema.reconstruct(tmp_path / "run", out=tmp_path / "here", **kw)
-    with distributed.Client(processes=False, n_workers=2, dashboard_address=None) as client:
-        there = phema.reconstruct(tmp_path / "run", out=tmp_path / "there", client=client, **kw)
+    there = phema.reconstruct(tmp_path / "run", out=tmp_path / "there", client=dask_client, **kw)
     assert sorted(Path(p).name for p in there) == sorted(Path(p).name for p in here)
     for p in here:
         assert (tmp_path / "there" / Path(p).name).read_bytes() == Path(p).read_bytes()

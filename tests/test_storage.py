@@ -25,7 +25,9 @@ from phema import files, meta
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from storage_server import Proxy, free_port  # noqa: E402
+from storage_server import Proxy, certificate_authority, free_port  # noqa: E402
+
+from conftest import make_store  # noqa: E402
 
 ENV = {
     "AWS_ACCESS_KEY_ID": "test",
@@ -225,6 +227,51 @@ def test_checkpoints_in_a_bucket_through_every_entry_point(
     w3 = load((local / "checkpoint-300" / "model.safetensors").read_bytes())["w"]
     w4 = load((local / "checkpoint-400" / "model.safetensors").read_bytes())["w"]
     np.testing.assert_allclose(got, (w3.astype(np.float64) + w4) / 2, rtol=1e-6)
+
+
+def test_https_with_the_server_certificate_verified(s3: S3, bucket: str, tmp_path: Path) -> None:
+    """S3 and GCS are HTTPS: a store read over TLS from a server whose certificate a test CA
+    signed, trusted through SSL_CERT_FILE (as the system's roots are), and refused under another
+    CA: the certificate is checked, not only the connection encrypted, and the error says so."""
+    local = tmp_path / "store"
+    make_store(local, [100, 200], {"w": (4, 4)})
+    for name in os.listdir(local):
+        s3.put(bucket, f"store/{name}", (local / name).read_bytes())
+    ca, context = certificate_authority(tmp_path, "trusted")
+    other, _ = certificate_authority(tmp_path, "other")
+    tls = Proxy(s3.proxy.upstream_port, context)
+    try:
+        url = f"s3://{bucket}/store"
+        env = (
+            os.environ
+            | ENV
+            | {
+                "PYTHONPATH": str(Path(phema.__file__).parents[1]),
+                "AWS_ENDPOINT_URL": f"https://127.0.0.1:{tls.port}",
+                "AWS_ALLOW_HTTP": "false",
+                "PHEMA_STORAGE_RETRIES": "0",
+            }
+        )
+        cmd = [sys.executable, "-m", "phema", "inspect", url]
+        shown = subprocess.run(
+            cmd, capture_output=True, text=True, env=env | {"SSL_CERT_FILE": str(ca)}, timeout=120
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert f"store {url}: 4 snapshots" in shown.stdout
+        assert tls.traffic.requests[("GET", f"/{bucket}")] >= 1  # the listing went through TLS
+        tls.reset()
+        refused = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=env | {"SSL_CERT_FILE": str(other)},
+            timeout=120,
+        )
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert url in refused.stderr and "invalid peer certificate" in refused.stderr
+        assert not tls.traffic.requests  # no request got past the handshake
+    finally:
+        tls.stop()
 
 
 def test_only_the_bytes_of_what_is_used_are_fetched(s3: S3, bucket: str) -> None:

@@ -148,23 +148,10 @@ def test_cli(store, tmp_path, kind, arg, value, same, capsys):
     close(load_file(out / name), want, 2e-3)  # float16 output
 
 
-distributed = pytest.importorskip("distributed")
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    )
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
-
-
 @pytest.mark.parametrize(("kind", "arg", "value", "same"), KINDS)
-def test_dask(store, tmp_path, client, kind, arg, value, same):
+def test_dask(store, tmp_path, dask_client, kind, arg, value, same):
     want = expected(store, arg, value)
     [path] = phema.reconstruct(
-        store, out=tmp_path / "d", dtype="f32", client=client, **{arg: [value]}
+        store, out=tmp_path / "d", dtype="f32", client=dask_client, **{arg: [value]}
     )
     close(load_file(path), want, 1e-5)
