@@ -39,7 +39,7 @@ GOAL_RSS_MB = 300.0
 ONE = 0.08
 
 
-# phema's read-ahead piece for n objects (rust/engine.rs: READ_AHEAD / (3 n), 1 to 8 MiB).
+# phema's read-ahead piece for n objects (rust/engine/source.rs: READ_AHEAD / (3 n), 1 to 8 MiB).
 def piece(n: int) -> int:
     return min(max((128 << 20) // (3 * n), 1 << 20), 8 << 20)
 

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use phema::engine::{combine, Plan, Progress, Sink, Source};
+use phema::math::profile::{sigma_rel_to_gamma, Profile};
+use phema::math::solve::{solve, SolveOptions};
 use phema::ops;
-use phema::profile::{sigma_rel_to_gamma, Profile};
-use phema::solve::{solve, SolveOptions};
+use phema::output::OutputRequest;
 use phema::store::scan;
-use phema::writer::OutputRequest;
+use phema::{combine, Plan, Progress, Sink, Source};
 use safetensors::Dtype;
 
 const STORE: &str = "bench-data/reconstruct-25M-fp16";

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use phema::writer::{write_snapshot, TensorData};
+use phema::output::{write_snapshot, TensorData};
 use safetensors::Dtype;
 
 fn meta(pairs: &[(&str, String)]) -> BTreeMap<String, String> {

@@ -1,28 +1,29 @@
 //! phema: post-hoc EMA of neural-network weights (Karras et al., EDM2, 2024, appendix C).
 //!
-//! Data flows one way: [`header`] and [`meta`] (what a file holds, validated once) ->
-//! [`store`] (what snapshots exist) and [`solve`] (weights per target, from [`profile`]) ->
-//! [`engine`] (weighted combination, encoding by [`codec`]) -> [`writer`] (safetensors output).
-//! `docs/design.md` draws the modules. The Python binding lives in `bindings` behind the
-//! `python` feature.
+//! Data flows one way, each floor using only those below it (`docs/design.md` draws them):
+//! [`error`], [`failpoint`] -> [`math`] (profiles, averaging kernels, the solver: no files) -> [`format`] (what a
+//! safetensors file of a store holds, validated once: header, metadata, shards, checksums, float
+//! encodings) -> [`remote`] (objects on S3 / GCS) -> [`store`] (what snapshots exist) ->
+//! [`engine`] (the weighted combination, read in bounded chunks) -> [`output`] (safetensors files
+//! and the commit rule) -> [`ops`] (one operation, start to commit). The Python binding lives in
+//! `bindings` behind the `python` feature and only converts types.
 
-pub mod checksum;
-pub mod codec;
 pub mod engine;
 pub mod error;
-pub mod header;
-pub mod kernel;
-pub mod memory;
-pub mod meta;
+pub mod failpoint;
+pub mod format;
+pub mod math;
 pub mod ops;
-pub mod profile;
+pub mod output;
 pub mod remote;
-pub mod shard;
-pub mod solve;
 pub mod store;
-pub mod writer;
 
 #[cfg(feature = "python")]
 mod bindings;
 
+pub use engine::{combine, Plan, Progress, Sink, Source, Stats};
 pub use error::{PhemaError, Result};
+pub use math::profile::Profile;
+pub use math::solve::{solve, SolveOptions};
+pub use output::{write_snapshot, OutputRequest, TensorData};
+pub use store::{scan, Snapshot};

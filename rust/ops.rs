@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::engine::memory::MemorySink;
 use crate::engine::{combine, output_layout, Plan, Progress, Source, Stats};
 use crate::error::{PhemaError, Result};
-use crate::header::TensorEntry;
-use crate::memory::MemorySink;
-use crate::meta::SHARD_KEYS;
-use crate::writer::{self, FileSink, OutputRequest};
+use crate::format::header::TensorEntry;
+use crate::format::meta::SHARD_KEYS;
+use crate::output::{self, FileSink, OutputRequest};
 
 /// Writes every output of `plan` to the file (or directory of shards) its request names; returns
 /// the paths written per output and what was read. Nothing is committed unless all succeed.
@@ -112,7 +112,7 @@ pub fn output_files(
     request: &OutputRequest,
 ) -> Result<(Vec<Shard>, Option<PathBuf>)> {
     let layout = output_layout(inputs, weights)?;
-    let files = writer::output_files(&layout, request)?;
+    let files = output::output_files(&layout, request)?;
     let shards = files
         .shards
         .into_iter()
@@ -123,7 +123,7 @@ pub fn output_files(
 
 /// Commits a distributed run: every shard its workers wrote under `staged` (the same outputs
 /// with other paths) moves to the place `finals` gives it, then each sharded output's index is
-/// written, all as one commit (`writer::commit_files`). Returns each output's paths, the index
+/// written, all as one commit (`output::commit_files`). Returns each output's paths, the index
 /// first when sharded.
 pub fn commit_staged(
     inputs: &[Source],
@@ -143,8 +143,8 @@ pub fn commit_staged(
     let mut indexes = Vec::new();
     let mut written = Vec::with_capacity(finals.len());
     for (final_, stage) in finals.iter().zip(staged) {
-        let to = writer::output_files(&layout, final_)?;
-        let from = writer::output_files(&layout, stage)?;
+        let to = output::output_files(&layout, final_)?;
+        let from = output::output_files(&layout, stage)?;
         let mut paths: Vec<PathBuf> = to.shards.iter().map(|(p, _)| p.clone()).collect();
         moves.extend(
             from.shards
@@ -158,7 +158,7 @@ pub fn commit_staged(
         }
         written.push(paths);
     }
-    writer::commit_files(&moves, &indexes)?;
+    output::commit_files(&moves, &indexes)?;
     Ok(written)
 }
 
@@ -230,8 +230,8 @@ fn check_outputs(plan: &Plan, given: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header::read_header;
-    use crate::writer::{write_snapshot, TensorData};
+    use crate::format::header::read_header;
+    use crate::output::{write_snapshot, TensorData};
     use safetensors::Dtype;
 
     /// Two snapshots holding tensors `a` (3 values) and `b` (2 values), all equal to `v`.

@@ -28,7 +28,7 @@ use object_store::{
 };
 
 use crate::error::{PhemaError, Result};
-use crate::header::{header_len, parse, Header, MAX_HEADER};
+use crate::format::header::{header_len, parse, Header, MAX_HEADER};
 
 /// The schemes phema reads and writes.
 const SCHEMES: [&str; 2] = ["s3://", "gs://"];
@@ -43,6 +43,15 @@ const PARTS_IN_FLIGHT: usize = 4;
 
 /// Small objects read whole (an index, a configuration) are refused beyond this.
 pub const MAX_SMALL: u64 = 64 << 20;
+
+/// Reads and validates the header of a safetensors file at a local path or an object-storage
+/// URL (two ranged reads), without touching its data.
+pub fn read_header(path: &FsPath) -> Result<Header> {
+    match path.to_str().filter(|p| is_url(p)) {
+        Some(url) => Object::parse(url)?.read_header(),
+        None => crate::format::header::read_header(path),
+    }
+}
 
 /// Whether `location` names an object-storage location rather than a local path.
 pub fn is_url(location: &str) -> bool {
@@ -346,7 +355,7 @@ impl Object {
     /// before it starts (object storage has no create-only multipart completion; the store's
     /// claim keeps a second writer out, docs/storage.md).
     pub fn upload(&self, from: &FsPath, create: bool) -> Result<()> {
-        crate::writer::failpoint("upload");
+        crate::failpoint::reach("upload");
         let mut file = File::open(from).map_err(|e| PhemaError::io(from, e))?;
         let size = file.metadata().map_err(|e| PhemaError::io(from, e))?.len();
         if size <= SINGLE_PUT {

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::error::{PhemaError, Result};
-pub use crate::header::{is_float, read_header, Header, TensorEntry};
-pub use crate::meta::Kind;
-use crate::meta::ShardId;
-use crate::profile::Profile;
+pub use crate::format::header::{is_float, Header, TensorEntry};
+pub use crate::format::meta::Kind;
+use crate::format::meta::ShardId;
+use crate::format::shard::{assemble, order_ranks, RankSetError};
+use crate::math::profile::Profile;
+pub use crate::remote::read_header;
 use crate::remote::{is_url, Object};
-use crate::shard::{assemble, order_ranks, RankSetError};
 
 /// One snapshot of a store.
 #[derive(Clone, Debug)]
@@ -59,7 +60,7 @@ pub struct Scan {
 /// Interprets a header as a snapshot (its metadata checked, docs/store-format.md) with its
 /// rank, if it is a rank file; `Ok(None)` when the file is not a phema snapshot.
 pub fn snapshot_from_header(header: Header) -> Result<Option<(Snapshot, Option<ShardId>)>> {
-    let Some(meta) = crate::meta::snapshot(&header)? else {
+    let Some(meta) = crate::format::meta::snapshot(&header)? else {
         return Ok(None);
     };
     let snapshot = Snapshot {
@@ -343,7 +344,7 @@ pub fn check_consistency(snapshots: &[Snapshot]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::writer::{write_snapshot, TensorData};
+    use crate::output::{write_snapshot, TensorData};
     use safetensors::Dtype;
 
     fn write(dir: &Path, name: &str, t: f64, gamma: f64, shape: Vec<usize>) -> PathBuf {

@@ -151,6 +151,46 @@ def test_files_are_committed_by_the_core_alone():
     assert not found, "\n".join(found)
 
 
+RUST = PACKAGE.parent.parent / "rust"
+
+# The Rust core's floors (docs/design.md): a module `use`s only its own floor or those below.
+RUST_FLOORS = {
+    "error": 0,
+    "failpoint": 0,
+    "math": 1,
+    "format": 2,
+    "remote": 3,
+    "store": 4,
+    "engine": 5,
+    "output": 6,
+    "ops": 7,
+    "bindings": 8,
+    "lib": 9,
+}
+
+
+def _rust_top(path: Path) -> str:
+    return path.relative_to(RUST).parts[0].removesuffix(".rs")
+
+
+def test_rust_modules_use_only_their_floor_or_below():
+    """`use crate::X` (and `crate::X::` paths) outside tests point at the same floor or lower;
+    every file of the crate belongs to a floor."""
+    uses = re.compile(r"\bcrate::([a-z_]+)")
+    upward = []
+    for path in sorted(RUST.rglob("*.rs")):
+        top = _rust_top(path)
+        assert top in RUST_FLOORS, f"{path.relative_to(RUST)} belongs to no floor"
+        if path.name == "tests.rs":
+            continue
+        text = path.read_text().split("#[cfg(test)]", 1)[0]
+        for n, line in enumerate(text.splitlines(), 1):
+            for used in uses.findall(line.split("//", 1)[0]):
+                if RUST_FLOORS[used] > RUST_FLOORS[top]:
+                    upward.append(f"{path.relative_to(RUST)}:{n}: {line.strip()}")
+    assert not upward, "\n".join(upward)
+
+
 def test_the_floors_cover_every_module():
     for module in _modules():
         _floor(module)

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
 use phema::engine::Source;
-use phema::header::{is_float, parse_header, Header};
-use phema::{checksum, meta, shard, store};
+use phema::format::header::{is_float, parse_header, Header};
+use phema::format::{checksum, meta, shard};
+use phema::store;
 
 fn files(mut data: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();

@@ -1,5 +1,5 @@
 """Every `phema.*` metadata key Python reads or writes, and the rules tied to them: the twin of
-`rust/meta.rs` (docs/store-format.md). Writers take a file's common keys from `header`, the run
+`rust/format/meta.rs` (docs/store-format.md). Writers take a file's common keys from `header`, the run
 id from `new_run_id`, a snapshot's time and profile from `snapshot_metadata`; readers take the
 one-run-per-store rule from `runs`.
 """

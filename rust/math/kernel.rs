@@ -10,7 +10,7 @@ use std::f64::consts::PI;
 use std::sync::Arc;
 
 use crate::error::{PhemaError, Result};
-use crate::profile::{self, Profile};
+use crate::math::profile::{self, Profile};
 
 /// Most point masses one target may put on the run (a BEMA updating every step of a long run).
 pub const MAX_POINT_MASSES: usize = 10_000_000;
@@ -882,7 +882,7 @@ pub fn point_mass(raw: &[f64], time: f64, weight: f64, out: &mut [f64]) -> Resul
 #[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
-    use crate::profile::tests::simpson;
+    use crate::math::profile::tests::simpson;
 
     fn close(a: f64, b: f64, rel: f64) -> bool {
         (a - b).abs() <= rel * b.abs().max(1e-300)

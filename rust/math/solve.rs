@@ -6,8 +6,8 @@ use faer::{Mat, Side};
 use rayon::prelude::*;
 
 use crate::error::{number, PhemaError, Result};
-use crate::kernel::{self, inner, Density, Kernel};
-use crate::profile::{integrate, Profile};
+use crate::math::kernel::{self, inner, Density, Kernel};
+use crate::math::profile::{integrate, Profile};
 
 /// Relative RMS rounding error of a value stored in fp16 (11-bit significand, uniform error).
 pub const NOISE_FLOAT16: f64 = 2.818_926_596_e-4; // 2^-11 / sqrt(3)
@@ -525,7 +525,7 @@ impl GramSystem {
     /// distribution is smooth; the snapshots' distributions at every node are formed once, in
     /// blocks, and shared by all targets as one matrix product.
     fn cdf_errors(&self, x: &Mat<f64>, targets: &[Density]) -> Vec<f64> {
-        let (nodes, gl_weights) = crate::profile::gauss_legendre_8();
+        let (nodes, gl_weights) = crate::math::profile::gauss_legendre_8();
         let mut knots: Vec<f64> = self.profiles.iter().map(Density::t).collect();
         knots.extend(targets.iter().map(Density::t));
         // Where a window starts or a step ends the distribution has a kink.
@@ -964,8 +964,8 @@ fn point_sigma_rel(masses: &[(f64, f64)], t: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::Shape;
-    use crate::profile::{inner, sigma_rel_to_gamma};
+    use crate::math::kernel::Shape;
+    use crate::math::profile::{inner, sigma_rel_to_gamma};
 
     /// Snapshots as in EDM2: two profiles, `n` times evenly spaced up to `t_end`.
     fn edm2_snapshots(n: usize, t_end: f64) -> Vec<Profile> {

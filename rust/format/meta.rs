@@ -8,9 +8,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::error::{PhemaError, Result};
-use crate::header::Header;
-use crate::kernel::{Density, Steps};
-use crate::profile::SIGMA_REL_MAX;
+use crate::format::header::Header;
+use crate::math::kernel::{Density, Steps};
+use crate::math::profile::SIGMA_REL_MAX;
 
 /// Most ranks a sharded snapshot may have (docs/store-format.md).
 pub const MAX_WORLD_SIZE: usize = 1 << 16;

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use twox_hash::XxHash3_128;
 
 use crate::error::{PhemaError, Result};
-use crate::header::{parse_header, read_header};
-use crate::meta::CHECKSUM;
+use crate::format::header::{parse_header, read_header};
+use crate::format::meta::CHECKSUM;
 
 /// The algorithm named in the recorded value.
 const ALGORITHM: &str = "xxh3-128:";
@@ -244,7 +244,7 @@ fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::writer::{write_snapshot, TensorData};
+    use crate::output::{write_snapshot, TensorData};
     use safetensors::Dtype;
     use std::collections::BTreeMap;
     use std::os::unix::fs::FileExt;

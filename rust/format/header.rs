@@ -75,13 +75,10 @@ pub(crate) fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result
     Ok(n)
 }
 
-/// Reads and validates the header of a safetensors file without touching its data. Anything
-/// but a regular file (a FIFO, a device) is refused without blocking on it. An object-storage
-/// URL is read by two ranged reads.
+/// Reads and validates the header of a local safetensors file without touching its data.
+/// Anything but a regular file (a FIFO, a device) is refused without blocking on it.
+/// (`remote::read_header` takes an object-storage URL too.)
 pub fn read_header(path: &Path) -> Result<Header> {
-    if let Some(url) = path.to_str().filter(|p| crate::remote::is_url(p)) {
-        return crate::remote::Object::parse(url)?.read_header();
-    }
     Ok(read_open(path, &open_regular(path)?)?.0)
 }
 

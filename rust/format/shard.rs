@@ -3,7 +3,7 @@
 //! works out where every element of the full (global) tensors lives, so the engine can assemble
 //! them while streaming, never holding a whole tensor (docs/sharded-snapshots.md).
 //!
-//! Metadata of a rank file, parsed by [`crate::meta`]: `phema.rank`, `phema.world_size`, and
+//! Metadata of a rank file, parsed by [`crate::format::meta`]: `phema.rank`, `phema.world_size`, and
 //! `phema.shards`, a JSON object `{name: {"shape": [global dims], "offset": [global index of the
 //! local block's first element]}}` for the tensors that are sharded; the others are whole in
 //! every rank's file. Every position is computed without overflow (docs/store-format.md).
@@ -14,8 +14,8 @@ use std::path::Path;
 use safetensors::Dtype;
 
 use crate::error::{PhemaError, Result};
-use crate::header::{is_float, Header, TensorEntry};
-use crate::meta::{blocks, Block, ShardId};
+use crate::format::header::{is_float, Header, TensorEntry};
+use crate::format::meta::{blocks, Block, ShardId};
 
 /// Why a set of rank files is not one complete sharded snapshot.
 #[derive(Debug)]
@@ -324,8 +324,8 @@ mod tests {
     use super::*;
     use crate::engine::tests::VecSink;
     use crate::engine::{combine, Progress, Source};
+    use crate::output::{write_snapshot, TensorData};
     use crate::store::{read_header, scan};
-    use crate::writer::{write_snapshot, TensorData};
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;

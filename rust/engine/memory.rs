@@ -7,7 +7,7 @@ use safetensors::Dtype;
 
 use crate::engine::Sink;
 use crate::error::{PhemaError, Result};
-use crate::header::{is_float, TensorEntry};
+use crate::format::header::{is_float, TensorEntry};
 
 /// One buffer: where it starts and how many bytes it holds.
 #[derive(Clone, Copy)]
