@@ -2,8 +2,9 @@
 snapshots (goal: under a second), and of one reconstruction pass with 16 targets of mixed kinds
 against 16 EMA lengths from the same store (goal: at most 1.05x).
 
-The store of the pass holds, per time, power snapshots (sigma_rel 0.05, 0.10; fp16), the running
-mean (gamma 0, fp32) and the raw weights (fp32), as PostHocEMA(cumulative=True, raw=True) would.
+The pass runs on two stores: one holding, per time, power snapshots (sigma_rel 0.05, 0.10; fp16),
+the running mean (gamma 0, fp32) and the raw weights (fp32), as PostHocEMA(cumulative=True,
+raw=True) would, and one of plain fp32 checkpoints only.
 
 Run: .venv/bin/python benches/bench_kernels.py [--repeats 5] [--mb 16] [--times 16]
 """
@@ -64,49 +65,61 @@ def solve_figures(repeats: int) -> None:
     )
 
 
-def pass_figures(repeats: int, mb: int, n_times: int) -> None:
+def write_store(store: Path, mb: int, n_times: int, averages: bool) -> None:
+    """Per time: power snapshots (sigma_rel 0.05, 0.10; fp16) and the running mean (fp32) when
+    `averages`, and the raw weights (fp32) always."""
     rng = np.random.default_rng(0)
     n = mb * 2**20 // 4
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        store.mkdir()
-        theta = rng.normal(size=n).astype(np.float32)
-        for i in range(1, n_times + 1):
-            t = EVERY * i
-            theta += rng.normal(scale=0.01, size=n).astype(np.float32)
-            for g, dtype in (
-                (phema.sigma_rel_to_gamma(0.05), "float16"),
-                (phema.sigma_rel_to_gamma(0.10), "float16"),
-                (0.0, "float32"),
-            ):
-                meta = {"phema.kind": "power", "phema.t": str(t), "phema.gamma": repr(g)}
-                write_snapshot(store / f"p{g:.3f}-{t}.safetensors", {"w": theta}, dtype, meta)
-            meta = {"phema.kind": "raw", "phema.t": str(t)}
-            write_snapshot(store / f"raw-{t}.safetensors", {"w": theta}, "float32", meta)
-        ema = {"sigma_rels": list(np.linspace(0.03, 0.2, 16))}
-        mixed = {
-            "sigma_rels": list(np.linspace(0.03, 0.2, 8)),
-            "windows": ["25%", "50%"],
-            "last": [2, 4],
-            "merges": [("linear", "25%"), ("1-sqrt", "25%")],
-            "bema": [{"tau": float(EVERY), "phi": 1000.0}, {"tau": float(EVERY), "kappa": 0.8}],
-        }
-        runs, read = {}, {}
-        listed = phema.open_store(store)
-        for name, kw in (("16 EMA lengths", ema), ("16 mixed kinds", mixed)):
-            fn = lambda kw=kw: phema.reconstruct_state_dicts(store, allow_poor_fit=True, **kw)  # noqa: E731
-            fn()
-            runs[name] = timed(fn, repeats)
-            # The pass reads every snapshot some target weighs, whole.
-            used = phema.solve(listed, **kw).weights.any(axis=1)
-            read[name] = sum(s.size for s, u in zip(listed.snapshots, used) if u) / 2**20
-            print(
-                f"one pass, {name} ({n_times} times x 4 snapshots of {mb} MB): {runs[name]:.3f} s,"
-                f" {read[name]:.0f} MB read"
-            )
-        ratio = runs["16 mixed kinds"] / runs["16 EMA lengths"]
-        per_byte = ratio / (read["16 mixed kinds"] / read["16 EMA lengths"])
-        print(f"ratio mixed / EMA: {ratio:.3f}; per byte read: {per_byte:.3f}")
+    store.mkdir()
+    theta = rng.normal(size=n).astype(np.float32)
+    for i in range(1, n_times + 1):
+        t = EVERY * i
+        theta += rng.normal(scale=0.01, size=n).astype(np.float32)
+        averaged = (
+            (phema.sigma_rel_to_gamma(0.05), "float16"),
+            (phema.sigma_rel_to_gamma(0.10), "float16"),
+            (0.0, "float32"),
+        )
+        for g, dtype in averaged if averages else ():
+            meta = {"phema.kind": "power", "phema.t": str(t), "phema.gamma": repr(g)}
+            write_snapshot(store / f"p{g:.3f}-{t}.safetensors", {"w": theta}, dtype, meta)
+        meta = {"phema.kind": "raw", "phema.t": str(t)}
+        write_snapshot(store / f"raw-{t}.safetensors", {"w": theta}, "float32", meta)
+
+
+def pass_figures(repeats: int, mb: int, n_times: int) -> None:
+    ema = {"sigma_rels": list(np.linspace(0.03, 0.2, 16))}
+    mixed = {
+        "sigma_rels": list(np.linspace(0.03, 0.2, 8)),
+        "windows": ["25%", "50%"],
+        "last": [2, 4],
+        "merges": [("linear", "25%"), ("1-sqrt", "25%")],
+        "bema": [{"tau": float(EVERY), "phi": 1000.0}, {"tau": float(EVERY), "kappa": 0.8}],
+    }
+    # The tracked store (averages and raw weights): EMA lengths read the averages only, the mixed
+    # kinds the raw weights too. The store of plain checkpoints: both read the same files.
+    for what, averages in (("averages + raw", True), ("plain checkpoints", False)):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(tmp) / "store"
+            write_store(store, mb, n_times, averages)
+            runs, read = {}, {}
+            listed = phema.open_store(store)
+            for name, kw in (("16 EMA lengths", ema), ("16 mixed kinds", mixed)):
+                fn = lambda kw=kw, store=store: phema.reconstruct_state_dicts(  # noqa: E731
+                    store, allow_poor_fit=True, **kw
+                )
+                fn()
+                runs[name] = timed(fn, repeats)
+                # The pass reads every snapshot some target weighs, whole.
+                used = phema.solve(listed, **kw).weights.any(axis=1)
+                read[name] = sum(s.size for s, u in zip(listed.snapshots, used) if u) / 2**20
+                print(
+                    f"one pass, {what}, {name} ({n_times} times, {mb} MB weights): "
+                    f"{runs[name]:.3f} s, {read[name]:.0f} MB read"
+                )
+            ratio = runs["16 mixed kinds"] / runs["16 EMA lengths"]
+            per_byte = ratio / (read["16 mixed kinds"] / read["16 EMA lengths"])
+            print(f"  {what}: ratio mixed / EMA {ratio:.3f}; per byte read {per_byte:.3f}")
 
 
 def main() -> None:

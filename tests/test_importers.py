@@ -583,6 +583,38 @@ def test_ema_pytorch_default_update_every_is_stored_as_its_weights_per_step(tmp_
     assert err["ema-pytorch"] > 50 * err["phema"], err
 
 
+@pytest.mark.parametrize("noise", [0.0, "auto"])
+def test_fit_errors_over_stepwise_profiles_are_their_residual_at_large_gains(noise):
+    """The fit error phema reports over ema-pytorch's stepwise profiles (default update_every
+    100, a snapshot every 200 steps) is the residual of the weights it gives, integrated here
+    over the steps: windows starting on the 100-step grid are exactly representable, with gains
+    in the thousands, where the Gram-matrix formula reads its own rounding (0 or ~1e-5)."""
+    records = []
+    for s in (0.05, 0.28):
+        for t in range(200, 2001, 200):
+            edges, w = importers.ema_pytorch_steps(phema.sigma_rel_to_gamma(s), 100, t)
+            records.append({"t": float(t), "kind": "steps", "steps": (edges, w), "dtype": "F32"})
+    widths = [200.0, 400.0, 1000.0, 400.0 + 1e-6, 400.0 + 1e-2, 250.0]
+    sol = phema.solve(records, windows=widths, noise=noise)
+    cuts = np.union1d(np.arange(0.0, 2001.0, 100.0), [2000.0 - w for w in widths])
+    mid = (cuts[1:] + cuts[:-1]) / 2
+    # Each snapshot's density at the piece midpoints (0 past its end).
+    dens = np.zeros((len(records), len(mid)))
+    for i, r in enumerate(records):
+        edges, w = r["steps"]
+        j = np.searchsorted(edges, mid) - 1
+        inside = (j >= 0) & (j < len(w))
+        dens[i, inside] = (w / np.diff(edges))[j[inside]]
+    for k, width in enumerate(widths):
+        target = np.where(mid > 2000.0 - width, 1.0 / width, 0.0)
+        residual = sol.weights[:, k] @ dens - target
+        want = math.sqrt(np.sum(residual**2 * np.diff(cuts)) * width)
+        got = float(sol.fit_error[k])
+        assert abs(got - want) <= 1e-3 * want + 1e-10, (width, got, want, sol.gain[k])
+    if noise == 0.0:
+        assert sol.gain.max() > 1000 and sol.fit_error[:3].max() < 1e-5
+
+
 def _rel_l2(got: dict, want: dict) -> float:
     num = sum(float(np.sum((got[n] - w) ** 2)) for n, w in want.items())
     return (num / sum(float(np.sum(w**2)) for w in want.values())) ** 0.5

@@ -137,6 +137,8 @@ def test_a_window_from_fp32_running_means_is_exact(tmp_path: Path) -> None:
         ({"merges": [("steep", 20)]}, "'steep'"),
         ({"last": [0]}, "last=0"),
         ({"windows": [-3]}, "-3"),
+        ({"bema": ["kappa=0.5,kappa=0.6"]}, "'kappa' is given twice"),
+        ({"mixes": ["120=0.5,120=0.5"]}, "'120' is given twice"),
     ],
 )
 def test_bad_kernels_are_one_clear_error_and_nothing_is_written(

@@ -295,7 +295,7 @@ def mix_value(value: Any, allow_extrapolation: bool) -> tuple[tuple[Any, ...], b
         pairs = [p.rpartition("=") for p in value.split(",") if p.strip()]
         if not pairs or any(not sep for _, sep, _ in pairs):
             raise InvalidValueError(f"mix {value!r}: expected SNAPSHOT=WEIGHT,...")
-        value = {k.strip(): w for k, _, w in pairs}
+        value = _text_mapping(f"mix {value!r}", pairs)
     if not (isinstance(value, Mapping) and value):
         raise InvalidValueError(f"mixes=: {value!r} is not a mapping of snapshots to weights")
     out = []
@@ -316,6 +316,17 @@ def mix_value(value: Any, allow_extrapolation: bool) -> tuple[tuple[Any, ...], b
     return tuple(out), bool(allow_extrapolation)
 
 
+def _text_mapping(what: str, pairs: list[tuple[str, str, str]]) -> dict[str, str]:
+    """`NAME=VALUE,...` split into `pairs` as a mapping; a name given twice is an error, not
+    the last one silently winning."""
+    out: dict[str, str] = {}
+    for key, _, v in pairs:
+        if key.strip() in out:
+            raise InvalidValueError(f"{what}: {key.strip()!r} is given twice")
+        out[key.strip()] = v
+    return out
+
+
 def bema_value(value: Any) -> tuple[float, ...]:
     """BEMA's parameters from a mapping (missing ones at TRL's defaults), its text
     "tau=1000,kappa=0.5", or the ordered tuple this returns."""
@@ -325,7 +336,7 @@ def bema_value(value: Any) -> tuple[float, ...]:
             raise InvalidValueError(
                 f"bema {value!r}: expected NAME=VALUE,... ({', '.join(BEMA_PARAMS)})"
             )
-        value = {k.strip(): v for k, _, v in pairs}
+        value = _text_mapping(f"bema {value!r}", pairs)
     if isinstance(value, tuple) and len(value) == len(BEMA_PARAMS):
         value = dict(zip(BEMA_PARAMS, value))  # already in order, as `Targets` keeps it
     if not isinstance(value, Mapping):

@@ -179,10 +179,10 @@ impl Profile {
 
     /// Mass of the profile on `(0, tau]` (its cumulative distribution), given `ln(tau)` too:
     /// callers evaluating many profiles at one point take the logarithm once.
-    pub fn cdf_ln(&self, tau: f64, ln_tau: f64) -> f64 {
+    pub fn cdf_ln(&self, tau: f64, ln_tau: f64, ln_t: f64) -> f64 {
         match *self {
             Profile::Power { t, gamma } if tau > 0.0 && tau < t => {
-                ((gamma + 1.0) * (ln_tau - t.ln())).exp()
+                ((gamma + 1.0) * (ln_tau - ln_t)).exp()
             }
             _ => self.cdf(tau),
         }
@@ -204,6 +204,16 @@ impl Profile {
                 let z = -(-rate * t).exp_m1();
                 (-rate * (t - tau)).exp() * -(-rate * tau).exp_m1() / z
             }
+        }
+    }
+
+    /// [`Profile::density`] given `ln(tau)` and `ln(t)` too (cheaper for power profiles).
+    pub fn density_ln(&self, tau: f64, ln_tau: f64, ln_t: f64) -> f64 {
+        match *self {
+            Profile::Power { t, gamma } if tau > 0.0 && tau <= t => {
+                (gamma + 1.0) / t * (gamma * (ln_tau - ln_t)).exp()
+            }
+            _ => self.density(tau),
         }
     }
 
@@ -341,7 +351,7 @@ pub fn integrate(f: impl Fn(f64) -> f64, a: f64, b: f64, panels: usize) -> f64 {
 
 /// Nodes and weights of the 20-point Gauss-Legendre rule on `[-1, 1]`, computed once by Newton
 /// iteration on the Legendre polynomial.
-fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
+pub(crate) fn gauss_legendre_20() -> (&'static [f64; 20], &'static [f64; 20]) {
     static RULE: OnceLock<([f64; 20], [f64; 20])> = OnceLock::new();
     let (x, w) = RULE.get_or_init(gauss_legendre::<20>);
     (x, w)

@@ -309,6 +309,14 @@ const CDF_PANELS: usize = 1;
 /// Quadrature nodes whose snapshot distributions are held at once.
 const CDF_BLOCK: usize = 1024;
 
+/// Relative rounding of the Gram matrix's entries and of `x'Ax`'s sums, with a margin.
+const GRAM_ROUNDING: f64 = 2e-15;
+/// Most e-folds (or radians) any density varies by over one residual quadrature panel.
+const RESIDUAL_EFOLDS: f64 = 4.0;
+/// Halvings toward 0 of the first piece in the residual quadrature: below `2^-60` of it lies
+/// residual no fit error reads.
+const RESIDUAL_LEVELS: i32 = 60;
+
 /// Smallest eigenvalue, relative to the largest, that plain least squares trusts.
 const RCOND: f64 = 1e-13;
 
@@ -410,6 +418,8 @@ impl GramSystem {
             }
         }
         let fit_sq = self.squared_errors(&x, &b, &c);
+        let [fit_sq, ls_sq] =
+            self.stable_squared_errors([(&x, fit_sq), (&lstsq, ls_sq)], &b, &c, targets);
         let cdf = self.cdf_errors(&x, targets);
         (0..kk)
             .map(|k| {
@@ -544,12 +554,14 @@ impl GramSystem {
             }
         }
         let (m, kk) = (self.profiles.len(), targets.len());
+        let ln_t: Vec<f64> = self.profiles.iter().map(|p| p.t().ln()).collect();
+        let ln_tr: Vec<f64> = targets.iter().map(|p| p.t().ln()).collect();
         let sums = points
             .par_chunks(CDF_BLOCK)
             .map(|block| {
                 let ln: Vec<f64> = block.iter().map(|&(tau, _)| tau.ln()).collect();
                 let f = Mat::from_fn(block.len(), m, |j, i| {
-                    self.profiles[i].cdf_ln(block[j].0, ln[j])
+                    self.profiles[i].cdf_ln(block[j].0, ln[j], ln_t[i])
                 });
                 let synth = &f * x;
                 (0..kk)
@@ -559,7 +571,7 @@ impl GramSystem {
                             .zip(&ln)
                             .enumerate()
                             .map(|(j, (&(tau, w), &l))| {
-                                w * (synth[(j, k)] - targets[k].cdf_ln(tau, l)).abs()
+                                w * (synth[(j, k)] - targets[k].cdf_ln(tau, l, ln_tr[k])).abs()
                             })
                             .sum::<f64>()
                     })
@@ -574,6 +586,143 @@ impl GramSystem {
             .zip(sums)
             .map(|(t, s)| s / (t.sigma_rel() * t.t()))
             .collect()
+    }
+
+    /// [`GramSystem::squared_errors`] of two solutions (the chosen one and plain least squares),
+    /// made right where they fall to the rounding of the Gram matrix: its entries carry relative
+    /// errors of a few ulps, so `x'Ax - 2x'b + c` is off by about
+    /// `eps (|x|'|A||x| + 2|x|'|b| + c)`, which grows with the square of the gain (a fit with
+    /// gain 4000 reads 0 or 6e-5 whatever it is). Those columns are integrated instead, in one
+    /// pass: the residual `sum x_i p_i - p_r` evaluated pointwise errs by `eps * gain` only.
+    fn stable_squared_errors(
+        &self,
+        solutions: [(&Mat<f64>, Vec<f64>); 2],
+        b: &Mat<f64>,
+        c: &[f64],
+        targets: &[Density],
+    ) -> [Vec<f64>; 2] {
+        let m = b.nrows();
+        let abs_a = Mat::from_fn(m, m, |i, j| self.a[(i, j)].abs());
+        // (solution, target) pairs to integrate, all in one quadrature pass.
+        let mut redo: Vec<(usize, usize)> = Vec::new();
+        for (s, (x, sq)) in solutions.iter().enumerate() {
+            let abs_x = Mat::from_fn(m, x.ncols(), |i, k| x[(i, k)].abs());
+            let ax = &abs_a * &abs_x;
+            for (k, &sq_k) in sq.iter().enumerate() {
+                let xax: f64 = abs_x
+                    .col(k)
+                    .iter()
+                    .zip(ax.col(k).iter())
+                    .map(|(x, y)| x * y)
+                    .sum();
+                let xb: f64 = abs_x
+                    .col(k)
+                    .iter()
+                    .zip(b.col(k).iter())
+                    .map(|(x, b)| x * b.abs())
+                    .sum();
+                let floor = GRAM_ROUNDING * (xax + 2.0 * xb + c[k]) / c[k];
+                // Within 100 floors the formula's fit error could be off by more than 0.5 %.
+                if sq_k < 100.0 * floor {
+                    redo.push((s, k));
+                }
+            }
+        }
+        let [(x, mut fit_sq), (lstsq, mut ls_sq)] = solutions;
+        if !redo.is_empty() {
+            let cols = Mat::from_fn(m, redo.len(), |i, j| {
+                let (s, k) = redo[j];
+                if s == 0 {
+                    x[(i, k)]
+                } else {
+                    lstsq[(i, k)]
+                }
+            });
+            let picked: Vec<Density> = redo.iter().map(|&(_, k)| targets[k].clone()).collect();
+            for (&(s, k), r2) in redo.iter().zip(self.residual_norms(&cols, &picked)) {
+                let sq = if s == 0 { &mut fit_sq } else { &mut ls_sq };
+                sq[k] = r2 / c[k];
+            }
+        }
+        [fit_sq, ls_sq]
+    }
+
+    /// `||sum x_i p_i - p_r||^2` of every column of `x` by quadrature: Gauss-Legendre (20
+    /// points, 8 on pieces of at most half an e-fold) on the pieces between every density's end
+    /// and breaks, in panels over which no density varies by more than [`RESIDUAL_EFOLDS`] (one
+    /// point where all are constant), and
+    /// halving toward 0 over the first piece, down to `2^-RESIDUAL_LEVELS` of it. Each term's
+    /// quadrature error is then far below rounding, so only the pointwise evaluation's
+    /// `eps * gain` remains.
+    fn residual_norms(&self, x: &Mat<f64>, targets: &[Density]) -> Vec<f64> {
+        let (nodes, gl_weights) = crate::math::profile::gauss_legendre_20();
+        let (short_nodes, short_weights) = crate::math::profile::gauss_legendre_8();
+        let all = || self.profiles.iter().chain(targets);
+        let mut knots: Vec<f64> = all().map(Density::t).collect();
+        knots.extend(all().flat_map(Density::breaks));
+        knots.retain(|&k| k > 0.0);
+        knots.sort_by(f64::total_cmp);
+        knots.dedup();
+        let mut points: Vec<(f64, f64)> = Vec::new();
+        let mut panel = |a: f64, b: f64| {
+            let e = all().map(|d| d.efolds(a, b)).fold(0.0, f64::max);
+            if e == 0.0 {
+                points.push((0.5 * (a + b), b - a));
+                return;
+            }
+            // 8 points integrate a piece of at most half an e-fold to 1e-20 of its terms.
+            let (nodes, gl_weights): (&[f64], &[f64]) = if e <= 0.5 {
+                (short_nodes, short_weights)
+            } else {
+                (nodes, gl_weights)
+            };
+            let n = (e / RESIDUAL_EFOLDS).ceil() as usize;
+            let h = (b - a) / n as f64;
+            for p in 0..n {
+                let c = a + (p as f64 + 0.5) * h;
+                for (z, g) in nodes.iter().zip(gl_weights) {
+                    points.push((c + 0.5 * h * z, 0.5 * h * g));
+                }
+            }
+        };
+        if let Some(&first) = knots.first() {
+            for j in 0..RESIDUAL_LEVELS {
+                let hi = first * 0.5f64.powi(j);
+                panel(0.5 * hi, hi);
+            }
+        }
+        for w in knots.windows(2) {
+            panel(w[0], w[1]);
+        }
+        let (m, kk) = (self.profiles.len(), targets.len());
+        let ln_t: Vec<f64> = self.profiles.iter().map(|p| p.t().ln()).collect();
+        let ln_tr: Vec<f64> = targets.iter().map(|p| p.t().ln()).collect();
+        points
+            .par_chunks(CDF_BLOCK)
+            .map(|block| {
+                let ln: Vec<f64> = block.iter().map(|&(tau, _)| tau.ln()).collect();
+                let d = Mat::from_fn(block.len(), m, |j, i| {
+                    self.profiles[i].density_ln(block[j].0, ln[j], ln_t[i])
+                });
+                let synth = &d * x;
+                (0..kk)
+                    .map(|k| {
+                        block
+                            .iter()
+                            .zip(&ln)
+                            .enumerate()
+                            .map(|(j, (&(tau, w), &l))| {
+                                let r = synth[(j, k)] - targets[k].density_ln(tau, l, ln_tr[k]);
+                                w * r * r
+                            })
+                            .sum::<f64>()
+                    })
+                    .collect::<Vec<f64>>()
+            })
+            .reduce(
+                || vec![0.0; kk],
+                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+            )
     }
 
     /// Squared relative fit errors `||sum x_i p_i - p_r||^2 / ||p_r||^2` of every column of `x`,
@@ -964,6 +1113,7 @@ fn point_sigma_rel(masses: &[(f64, f64)], t: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::math::kernel::inner as inner_d;
     use crate::math::kernel::Shape;
     use crate::math::profile::{inner, sigma_rel_to_gamma};
 
@@ -1518,6 +1668,138 @@ mod tests {
         let w = Kernel::window(2000.0, 1000.0).unwrap();
         let fit = &solve_kernels(&snaps, &[w], &EXACT).unwrap()[0];
         assert!(fit.fit_error < 1e-6 && (fit.weights[2] - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fit_errors_of_large_gains_are_the_residual_not_the_gram_matrix_rounding() {
+        // ema-pytorch's averages (sigma_rel 0.05 and 0.28) updated every 100 steps, a snapshot
+        // every 200 up to 2000: each call's weight `(1 - beta_j) prod_{i > j} beta_i`,
+        // `beta_j = (1 - 1/(100 j + 2))^(gamma + 1)`, over the 100 steps up to the next call.
+        // The twenty span every step function on that grid: a window starting on it is exact,
+        // with weights of gain in the thousands, where x'Ax - 2x'b + c reads ~1e-5.
+        let mut snaps = Vec::new();
+        let mut steps = Vec::new();
+        for end in (200..=2000).step_by(200) {
+            for s in [0.05, 0.28] {
+                let g = sigma_rel_to_gamma(s).unwrap();
+                let n = end / 100;
+                let edges: Vec<f64> = (0..=n).map(|k| 100.0 * k as f64).collect();
+                let beta = |j: usize| (1.0 - 1.0 / (100.0 * j as f64 + 2.0)).powf(g + 1.0);
+                let mass: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let keep: f64 = (j + 1..n).map(beta).product();
+                        if j == 0 {
+                            keep
+                        } else {
+                            (1.0 - beta(j)) * keep
+                        }
+                    })
+                    .collect();
+                steps.push((edges.clone(), mass.clone()));
+                snaps.push(Density::Steps(std::sync::Arc::new(
+                    kernel::Steps::new(edges, mass).unwrap(),
+                )));
+            }
+        }
+        // The residual of weights x against the window (2000 - w, 2000], summed exactly over the
+        // pieces between the grid and the window's start (everything is constant on each).
+        let residual = |x: &[f64], w: f64| {
+            let mut cuts: Vec<f64> = (0..=20).map(|k| 100.0 * k as f64).collect();
+            cuts.push(2000.0 - w);
+            cuts.sort_by(f64::total_cmp);
+            let mut sum = 0.0;
+            for c in cuts.windows(2).filter(|c| c[1] > c[0]) {
+                let mid = 0.5 * (c[0] + c[1]);
+                let k = (mid / 100.0) as usize;
+                let synth: f64 = x
+                    .iter()
+                    .zip(&steps)
+                    .filter(|(_, (e, _))| k + 1 < e.len())
+                    .map(|(xi, (_, m))| xi * m[k] / 100.0)
+                    .sum();
+                let target = if mid > 2000.0 - w { 1.0 / w } else { 0.0 };
+                sum += (synth - target).powi(2) * (c[1] - c[0]);
+            }
+            (sum * w).sqrt()
+        };
+        let widths = [200.0, 600.0, 200.0 + 1e-7, 200.0 + 1e-3, 250.0];
+        let targets: Vec<Density> = widths
+            .iter()
+            .map(|&width| Density::Window { t: 2000.0, width })
+            .collect();
+        for opts in [EXACT, SolveOptions::default()] {
+            let fits = solve_densities(&snaps, &targets, &opts).unwrap();
+            assert!(opts.noise > 0.0 || fits.iter().any(|f| f.gain > 1000.0));
+            for (f, &w) in fits.iter().zip(&widths) {
+                let want = residual(&f.weights, w);
+                assert!(
+                    (f.fit_error - want).abs() <= 1e-3 * want + 1e-11,
+                    "window {w}: fit_error {:e}, residual {want:e}, gain {}",
+                    f.fit_error,
+                    f.gain
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_residual_quadrature_agrees_with_the_gram_formula_where_that_is_accurate() {
+        // Well-conditioned fits (few snapshots, gains near 1) of every density kind against
+        // power snapshots from the running mean to very narrow ones: the Gram formula is right to
+        // ~1e-12 there, so the quadrature must give the same squared error.
+        let mut snaps: Vec<Density> = Vec::new();
+        for (t, g) in [
+            (500.0, 0.0),
+            (1000.0, 0.0),
+            (800.0, 7.0),
+            (1000.0, 17.0),
+            (1000.0, 900.0),
+        ] {
+            snaps.push(Profile::power(t, g).unwrap().into());
+        }
+        snaps.push(Profile::from_beta(1000.0, 0.99, 1.0).unwrap().into());
+        let targets: Vec<Density> = vec![
+            Profile::power(1000.0, 3.0).unwrap().into(),
+            Profile::power(950.0, 40.0).unwrap().into(),
+            Profile::from_beta(990.0, 0.995, 1.0).unwrap().into(),
+            Density::Window {
+                t: 1000.0,
+                width: 230.0,
+            },
+            Density::Merge {
+                t: 1000.0,
+                width: 300.0,
+                shape: Shape::Cosine,
+            },
+        ];
+        let mut system = GramSystem::new(&snaps).unwrap();
+        let fits = system.fit_all(
+            &targets,
+            0.0,
+            &(0..snaps.len()).collect::<Vec<_>>(),
+            snaps.len(),
+        );
+        let x = Mat::from_fn(snaps.len(), targets.len(), |i, k| fits[k].weights[i]);
+        let b = Mat::from_fn(snaps.len(), targets.len(), |i, k| {
+            inner_d(&snaps[i], &targets[k])
+        });
+        let c: Vec<f64> = targets.iter().map(|t| inner_d(t, t)).collect();
+        let formula = system.squared_errors(&x, &b, &c);
+        let quadrature = system.residual_norms(&x, &targets);
+        for k in 0..targets.len() {
+            let q = quadrature[k] / c[k];
+            assert!(
+                fits[k].gain < 50.0 && formula[k] > 1e-8,
+                "{k}: {} {}",
+                fits[k].gain,
+                formula[k]
+            );
+            assert!(
+                (q - formula[k]).abs() < 1e-8 * formula[k],
+                "{k}: {q:e} {:e}",
+                formula[k]
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ from phema.solver import KINDS
 from phema.sweeps.rows import SweepRow
 
 _BEST = "crimson"
+# Fit errors below this are rounding (fp32 snapshots carry 3.4e-8): a target equal to a stored
+# profile reads about 1e-10, the residual of weights 1 +- 1e-8.
+_EXACT_FIT = 1e-9
 
 
 def plot_sweep(
@@ -252,18 +255,18 @@ def _curve(plt, rows, raw, metrics, best, references, labels, plateau=(), left_o
         top.set_title(labels.get(metric, metric), fontsize=10)
         top.set_ylabel(metric if n == 1 else "")
         top.grid(alpha=0.3, which="both")
-    exact = [r.sigma_rel for r in rows if r.fit_error == 0]
+    exact = [r.sigma_rel for r in rows if r.fit_error < _EXACT_FIT]
     for name, members in groups.items():
         x = [r.sigma_rel for r in members]
-        # Zero has no place on a log axis: those points are gaps here, marked below instead.
-        errors = [r.fit_error if r.fit_error > 0 else math.nan for r in members]
+        # Exact fits would sit far below the rest on a log axis: gaps here, marked below instead.
+        errors = [r.fit_error if r.fit_error >= _EXACT_FIT else math.nan for r in members]
         bottom.plot(x, errors, ".-", ms=3, label=f"fit error, {name}")
         bottom.plot(x, [r.gain for r in members], ":", label=f"gain, {name}")
     if exact:
         # A target equal to a stored profile fits exactly: a mark on the bottom edge.
         bottom.plot(
             exact, [0.0] * len(exact), "^", ms=6, color="black", clip_on=False, linestyle="none",
-            transform=bottom.get_xaxis_transform(), label="fit error 0 (a stored profile)",
+            transform=bottom.get_xaxis_transform(), label="exact fit (a stored profile)",
         )  # fmt: skip
     _log_x(bottom)
     bottom.set_yscale("log")
