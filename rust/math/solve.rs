@@ -322,6 +322,7 @@ const RCOND: f64 = 1e-13;
 
 impl GramSystem {
     fn new(profiles: &[Density]) -> Result<Self> {
+        check_headroom()?;
         let m = profiles.len();
         // The lower triangle in parallel (quadrature for some pairs), mirrored.
         let lower: Vec<Vec<f64>> = (0..m)
@@ -738,6 +739,26 @@ impl GramSystem {
             })
             .collect()
     }
+}
+
+/// Address space the matrix products reserve per thread on first use (the gemm workspace of
+/// faer's x86 kernels), an allocation that aborts the process when it fails.
+const GEMM_WORKSPACE: usize = 64 << 20;
+
+/// Refuses a solve, naming the limit, when the address space left (`ulimit -v`) cannot hold
+/// the matrix products' per-thread workspace, instead of aborting in the middle of it. The
+/// probe reserves without touching a page, so it costs a map and an unmap.
+fn check_headroom() -> Result<()> {
+    let threads = rayon::current_num_threads().saturating_add(1);
+    let bytes = GEMM_WORKSPACE.saturating_mul(threads);
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(bytes).map_err(|_| {
+        PhemaError::Unsolvable(format!(
+            "not enough address space left for the solver's matrix products ({} MiB for \
+             {threads} threads): raise the address-space limit (ulimit -v)",
+            bytes >> 20
+        ))
+    })
 }
 
 /// `||x||^2`.
