@@ -1,7 +1,7 @@
 //! phema: post-hoc EMA of neural-network weights (Karras et al., EDM2, 2024, appendix C).
 //!
 //! Data flows one way, each floor using only those below it (`docs/design.md` draws them):
-//! [`error`], [`failpoint`] -> [`math`] (profiles, averaging kernels, the solver: no files) -> [`format`] (what a
+//! [`error`], [`failpoint`], [`threads`] -> [`math`] (profiles, averaging kernels, the solver: no files) -> [`format`] (what a
 //! safetensors file of a store holds, validated once: header, metadata, shards, checksums, float
 //! encodings) -> [`remote`] (objects on S3 / GCS) -> [`store`] (what snapshots exist) ->
 //! [`engine`] (the weighted combination, read in bounded chunks) -> [`output`] (safetensors files
@@ -17,6 +17,7 @@ pub mod ops;
 pub mod output;
 pub mod remote;
 pub mod store;
+pub mod threads;
 
 #[cfg(feature = "python")]
 mod bindings;

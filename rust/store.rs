@@ -74,6 +74,7 @@ pub fn snapshot_from_header(header: Header) -> Result<Option<(Snapshot, Option<S
 
 /// Lists a store directory: every `*.safetensors` file's header, in parallel.
 pub fn scan(dir: &Path) -> Result<Scan> {
+    crate::threads::ensure_pool()?;
     let (files, mut out) = match dir.to_str().filter(|d| is_url(d)) {
         Some(url) => list_remote(url)?,
         None => list_local(dir)?,

@@ -157,6 +157,7 @@ RUST = PACKAGE.parent.parent / "rust"
 RUST_FLOORS = {
     "error": 0,
     "failpoint": 0,
+    "threads": 0,
     "math": 1,
     "format": 2,
     "remote": 3,

@@ -321,7 +321,7 @@ def test_too_few_open_files_is_one_error_naming_the_limit_and_leaves_nothing(tmp
     assert not out.exists() or os.listdir(out) == [], os.listdir(out)
 
 
-@pytest.mark.parametrize("margin_mib", [16, 48])
+@pytest.mark.parametrize("margin_mib", [1, 4, 16, 48])
 def test_an_address_space_limit_gives_whole_outputs_or_one_error_never_a_crash(
     small_store, tmp_path, margin_mib
 ):

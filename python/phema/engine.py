@@ -52,7 +52,10 @@ def run_engine(
     bar = None
     try:
         # Inside the try: a Ctrl-C right after the start must cancel too.
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no room for one more thread (ulimit -v / -u): the work runs here
+            work()
         if progress:
             from tqdm import tqdm
 

@@ -151,6 +151,7 @@ pub fn combine(
     sink: &dyn Sink,
     progress: &Progress,
 ) -> Result<Stats> {
+    crate::threads::ensure_pool()?;
     let weights = &plan.weights;
     let n_columns = plan.columns();
     let n_outputs = plan.outputs();

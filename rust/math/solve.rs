@@ -749,6 +749,7 @@ const GEMM_WORKSPACE: usize = 64 << 20;
 /// the matrix products' per-thread workspace, instead of aborting in the middle of it. The
 /// probe reserves without touching a page, so it costs a map and an unmap.
 fn check_headroom() -> Result<()> {
+    crate::threads::ensure_pool()?;
     let threads = rayon::current_num_threads().saturating_add(1);
     let bytes = GEMM_WORKSPACE.saturating_mul(threads);
     let mut probe: Vec<u8> = Vec::new();
@@ -831,6 +832,7 @@ pub fn solve_raw(times: &[f64], target: &Profile, causal: bool) -> Result<RawFit
 
 /// [`solve_raw`] for every target, in order (in parallel: each target integrates alone).
 pub fn solve_raw_targets(times: &[f64], targets: &[Profile], causal: bool) -> Result<Vec<RawFit>> {
+    crate::threads::ensure_pool()?;
     targets
         .par_iter()
         .map(|t| solve_raw(times, t, causal))
