@@ -554,34 +554,7 @@ impl GramSystem {
                 }
             }
         }
-        let (m, kk) = (self.profiles.len(), targets.len());
-        let ln_t: Vec<f64> = self.profiles.iter().map(|p| p.t().ln()).collect();
-        let ln_tr: Vec<f64> = targets.iter().map(|p| p.t().ln()).collect();
-        let sums = points
-            .par_chunks(CDF_BLOCK)
-            .map(|block| {
-                let ln: Vec<f64> = block.iter().map(|&(tau, _)| tau.ln()).collect();
-                let f = Mat::from_fn(block.len(), m, |j, i| {
-                    self.profiles[i].cdf_ln(block[j].0, ln[j], ln_t[i])
-                });
-                let synth = &f * x;
-                (0..kk)
-                    .map(|k| {
-                        block
-                            .iter()
-                            .zip(&ln)
-                            .enumerate()
-                            .map(|(j, (&(tau, w), &l))| {
-                                w * (synth[(j, k)] - targets[k].cdf_ln(tau, l, ln_tr[k])).abs()
-                            })
-                            .sum::<f64>()
-                    })
-                    .collect::<Vec<f64>>()
-            })
-            .reduce(
-                || vec![0.0; kk],
-                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-            );
+        let sums = self.weighted_misfits(&points, x, targets, Density::cdf_ln, f64::abs);
         targets
             .iter()
             .zip(sums)
@@ -695,6 +668,21 @@ impl GramSystem {
         for w in knots.windows(2) {
             panel(w[0], w[1]);
         }
+        self.weighted_misfits(&points, x, targets, Density::density_ln, |r| r * r)
+    }
+
+    /// `sum_j w_j loss(sum_i x_ik q_i(tau_j) - q_k(tau_j))` for every column `k` of `x` over the
+    /// quadrature `points` `(tau_j, w_j)`, where `q` is `value` of a snapshot's or target's
+    /// density (its distribution, or the density itself). The snapshots' values at the nodes
+    /// are formed once, in blocks, and shared by all targets as one matrix product.
+    fn weighted_misfits(
+        &self,
+        points: &[(f64, f64)],
+        x: &Mat<f64>,
+        targets: &[Density],
+        value: fn(&Density, f64, f64, f64) -> f64,
+        loss: fn(f64) -> f64,
+    ) -> Vec<f64> {
         let (m, kk) = (self.profiles.len(), targets.len());
         let ln_t: Vec<f64> = self.profiles.iter().map(|p| p.t().ln()).collect();
         let ln_tr: Vec<f64> = targets.iter().map(|p| p.t().ln()).collect();
@@ -702,10 +690,10 @@ impl GramSystem {
             .par_chunks(CDF_BLOCK)
             .map(|block| {
                 let ln: Vec<f64> = block.iter().map(|&(tau, _)| tau.ln()).collect();
-                let d = Mat::from_fn(block.len(), m, |j, i| {
-                    self.profiles[i].density_ln(block[j].0, ln[j], ln_t[i])
+                let q = Mat::from_fn(block.len(), m, |j, i| {
+                    value(&self.profiles[i], block[j].0, ln[j], ln_t[i])
                 });
-                let synth = &d * x;
+                let synth = &q * x;
                 (0..kk)
                     .map(|k| {
                         block
@@ -713,8 +701,7 @@ impl GramSystem {
                             .zip(&ln)
                             .enumerate()
                             .map(|(j, (&(tau, w), &l))| {
-                                let r = synth[(j, k)] - targets[k].density_ln(tau, l, ln_tr[k]);
-                                w * r * r
+                                w * loss(synth[(j, k)] - value(&targets[k], tau, l, ln_tr[k]))
                             })
                             .sum::<f64>()
                     })
