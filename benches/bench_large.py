@@ -42,21 +42,23 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def read_file(path: str) -> int:
+    """Reads `path` once, 64 MiB at a time into one buffer; returns the bytes read."""
+    buf = bytearray(64 << 20)
+    view, n = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(view):
+            n += k
+    return n
+
+
 def read_floor(paths: list[str], threads: int) -> float:
     """Reads every file once, `threads` files at a time, 64 MiB at a time into one buffer each."""
     drop_caches()
 
-    def read(path: str) -> int:
-        buf = bytearray(64 << 20)
-        view, n = memoryview(buf), 0
-        with open(path, "rb", buffering=0) as f:
-            while k := f.readinto(view):
-                n += k
-        return n
-
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, paths))
+        total = sum(pool.map(read_file, paths))
     assert total == sum(os.path.getsize(p) for p in paths)
     return time.perf_counter() - t0
 
@@ -66,14 +68,6 @@ def read_write_floor(paths: list[str], out: str, nbytes: int) -> float:
     and fsyncs it: the least an average must do, reading its inputs and writing its output
     (of the size of one input) on the same device."""
     drop_caches()
-
-    def read(path: str) -> int:
-        buf = bytearray(64 << 20)
-        view, n = memoryview(buf), 0
-        with open(path, "rb", buffering=0) as f:
-            while k := f.readinto(view):
-                n += k
-        return n
 
     def write() -> int:
         buf = memoryview(bytearray(64 << 20))
@@ -87,7 +81,7 @@ def read_write_floor(paths: list[str], out: str, nbytes: int) -> float:
     t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(len(paths) + 1) as pool:
-            reads = [pool.submit(read, p) for p in paths]
+            reads = [pool.submit(read_file, p) for p in paths]
             written = pool.submit(write)
             assert sum(r.result() for r in reads) == sum(os.path.getsize(p) for p in paths)
             assert written.result() == nbytes
